@@ -1,0 +1,111 @@
+"""The batch contract shared by every datamodule, plus the dataset error type and collate functions.
+
+Dataset item (``transform=None``): ``image`` (H, W, 3) uint8 RGB numpy, ``mask`` (H, W) int64 numpy
+with 255 = ignore (absent for splits without labels), ``name`` str.
+
+Batch (after transforms and collate):
+
+- ``image``: (B, 3, h, w) float32, normalised.
+- ``mask``: (B, H, W) int64, 255 = ignore. Training: the crop size. Evaluation: the label at its
+  original resolution, padded with 255 to the largest label of the batch.
+- ``orig_size``: (B, 2) int64 ``(H, W)`` of each original image (evaluation batches only).
+- ``name``: list of B sample ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = 255
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DatasetError(ValueError):
+    """A problem with one file of a dataset on disk (missing, unreadable, wrong values or size).
+
+    Args:
+        path: the offending file or directory.
+        problem: what is wrong with it, in words.
+    """
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        # Both go to Exception.args so the error survives pickling out of DataLoader workers.
+        super().__init__(str(path), problem)
+        self.path = str(path)
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+def make_palette(num_classes: int) -> np.ndarray:
+    """The PASCAL-VOC bit-interleaved colour map, the usual palette for parsing visualisations.
+
+    Returns:
+        (num_classes, 3) uint8 RGB; class 0 is black.
+    """
+    palette = np.zeros((num_classes, 3), dtype=np.uint8)
+    for cls in range(num_classes):
+        c, r, g, b = cls, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette[cls] = (r, g, b)
+    return palette
+
+
+def collate_train(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack transformed training items that all have the crop size.
+
+    Returns:
+        ``image`` (B, 3, h, w) float32, ``mask`` (B, h, w) int64, ``name`` list of B str.
+    """
+    out: dict[str, Any] = {
+        "image": torch.stack([item["image"] for item in batch]),
+        "name": [item["name"] for item in batch],
+    }
+    if "mask" in batch[0]:
+        out["mask"] = torch.stack([torch.as_tensor(item["mask"]) for item in batch]).long()
+    return out
+
+
+def collate_eval(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack evaluation items whose labels keep their original, possibly different, sizes.
+
+    Images must already share one size (the eval transform resizes them to ``eval_size``); masks are
+    padded bottom/right with 255 to the largest (H, W) of the batch, so the padding is never scored.
+
+    Returns:
+        ``image`` (B, 3, h, w) float32, ``mask`` (B, H_max, W_max) int64 (only when the items have
+        labels), ``orig_size`` (B, 2) int64 ``(H, W)``, ``name`` list of B str.
+    """
+    sizes = {tuple(item["image"].shape) for item in batch}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"collate_eval got images of different sizes {sorted(sizes)}; resize them to one "
+            "eval_size in the eval transform or use batch size 1"
+        )
+    out: dict[str, Any] = {
+        "image": torch.stack([item["image"] for item in batch]),
+        "orig_size": torch.stack(
+            [torch.as_tensor(item["orig_size"], dtype=torch.int64) for item in batch]
+        ),
+        "name": [item["name"] for item in batch],
+    }
+    if "mask" in batch[0]:
+        masks = [torch.as_tensor(item["mask"]).long() for item in batch]
+        h = max(m.shape[0] for m in masks)
+        w = max(m.shape[1] for m in masks)
+        padded = torch.full((len(masks), h, w), IGNORE_INDEX, dtype=torch.int64)
+        for i, m in enumerate(masks):
+            padded[i, : m.shape[0], : m.shape[1]] = m
+        out["mask"] = padded
+    return out

@@ -1,0 +1,653 @@
+"""LV-MHP-v2 (multi-human parsing, 58 part classes + background): Dataset and LightningDataModule.
+
+Layout (the official release, see DATASETS.md section 2)::
+
+    <root>/list/{train,val,test_all}.txt        one image id per line
+    <root>/{train,val,test}/images/<id>.jpg
+    <root>/{train,val}/parsing_annos/<id>_<N:02d>_<k:02d>.png   one file per person k of N
+
+Each per-person PNG holds the class id in the R channel (PIL channel 0). The persons are merged into
+one semantic map; on overlap the later person (ascending ``k``) wins, as in M-CE2P's converter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.batch import IGNORE_INDEX, DatasetError, collate_eval, collate_train, make_palette
+from datamodules.synthetic import ensure_synthetic_mhp
+from datamodules.transforms import build_eval_transform, build_train_transform
+
+log = logging.getLogger(__name__)
+
+MHP_NUM_CLASSES = 59
+MHP_CLASSES: tuple[str, ...] = (
+    "Background", "Cap/hat", "Helmet", "Face", "Hair", "Left-arm", "Right-arm", "Left-hand",
+    "Right-hand", "Protector", "Bikini/bra", "Jacket/windbreaker/hoodie", "Tee-shirt", "Polo-shirt",
+    "Sweater", "Singlet", "Torso-skin", "Pants", "Shorts/swim-shorts", "Skirt", "Stockings", "Socks",
+    "Left-boot", "Right-boot", "Left-shoe", "Right-shoe", "Left-highheel", "Right-highheel",
+    "Left-sandal", "Right-sandal", "Left-leg", "Right-leg", "Left-foot", "Right-foot", "Coat",
+    "Dress", "Robe", "Jumpsuit", "Other-full-body-clothes", "Headwear", "Backpack", "Ball", "Bats",
+    "Belt", "Bottle", "Carrybag", "Cases", "Sunglasses", "Eyewear", "Glove", "Scarf", "Umbrella",
+    "Wallet/purse", "Watch", "Wristband", "Tie", "Other-accessary", "Other-upper-body-clothes",
+    "Other-lower-body-clothes",
+)  # fmt: skip
+MHP_FLIP_PAIRS: tuple[tuple[int, int], ...] = (
+    (5, 6), (7, 8), (22, 23), (24, 25), (26, 27), (28, 29), (30, 31), (32, 33),
+)  # fmt: skip
+MHP_PALETTE: np.ndarray = make_palette(MHP_NUM_CLASSES)  # (59, 3) uint8 RGB
+
+# Split name -> (list file, image folder). test_* lists all index into test/ (DATASETS.md 2.1).
+_SPLITS = {"train": ("train.txt", "train"), "val": ("val.txt", "val"), "test": ("test_all.txt", "test")}
+# "<id>_<N>_<k>.png"; the id group is matched whole, so "7" never collects "70_01_01.png".
+_ANNO_RE = re.compile(r"^(?P<id>.+)_(?P<n>\d{2})_(?P<k>\d{2})\.png$")
+
+
+def _split_paths(split: str) -> tuple[str, str]:
+    if split in _SPLITS:
+        return _SPLITS[split]
+    if split.startswith("test_"):  # test_all, test_inter_top20, test_inter_top10
+        return f"{split}.txt", "test"
+    raise ValueError(f"unknown MHPv2 split '{split}' (expected train, val, test or test_*)")
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rimlab"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    # Write-then-rename: concurrent workers or a killed process never leave a half-written file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image fully (a truncated JPEG fails here, not later in a worker).
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            # No EXIF transpose: the annotations were drawn on the stored pixel grid.
+            rgb = im.convert("RGB")
+        return np.array(rgb, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:  # missing, unidentified, truncated, corrupt
+        raise DatasetError(path, f"unreadable image ({e})") from e
+
+
+def read_label(path: Path, num_classes: int = MHP_NUM_CLASSES) -> np.ndarray:
+    """Read one per-person MHP annotation: class ids from the R channel (or the only channel).
+
+    Never converts to luminance: ``L`` of ``(v, 0, 0)`` is about ``0.299 * v`` and destroys the ids.
+
+    Returns:
+        (H, W) uint8 class ids in ``0..num_classes-1``.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.array(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(path, f"unreadable annotation PNG ({e})") from e
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise DatasetError(path, f"annotation has unexpected shape {arr.shape}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= num_classes:
+            bad = hi if hi >= num_classes else lo
+            raise DatasetError(path, f"label value {bad} outside 0..{num_classes - 1}")
+    return arr.astype(np.uint8)
+
+
+def merge_person_labels(
+    paths: Sequence[Path], num_classes: int = MHP_NUM_CLASSES
+) -> np.ndarray:
+    """Merge per-person label files into one semantic map, later persons winning on overlap.
+
+    Args:
+        paths: per-person PNGs in ascending person index ``k``.
+
+    Returns:
+        (H, W) uint8 class ids; 0 where no person has a part.
+    """
+    merged: np.ndarray | None = None
+    first: Path | None = None
+    for path in paths:
+        person = read_label(path, num_classes)
+        if merged is None:
+            merged = np.zeros_like(person)
+            first = Path(path)
+        elif person.shape != merged.shape:
+            raise DatasetError(
+                path,
+                f"person label size {person.shape[1]}x{person.shape[0]} (WxH) differs from "
+                f"{merged.shape[1]}x{merged.shape[0]} of {first.name}",
+            )
+        on = person != 0  # an all-zero (empty) person mask simply changes nothing
+        merged[on] = person[on]
+    if merged is None:
+        raise ValueError("merge_person_labels needs at least one path")
+    return merged
+
+
+@dataclass
+class ScanResult:
+    """Outcome of a pass over a split.
+
+    Attributes:
+        counts: (C,) int64 label pixel histogram over the good samples (None without labels).
+        num_ok: number of good samples.
+        problems: sample id -> "file: problem" for every bad sample.
+    """
+
+    counts: np.ndarray | None
+    num_ok: int
+    problems: dict[str, str] = field(default_factory=dict)
+    errors: list[DatasetError] = field(default_factory=list)
+
+
+class MHPv2Dataset(Dataset):
+    """One split of LV-MHP-v2 in its released layout.
+
+    Args:
+        root: the ``LV-MHP-v2`` folder.
+        split: ``train``, ``val`` or ``test`` (``test`` reads ``list/test_all.txt``; other
+            ``test_*`` list names work too).
+        transform: callable taking and returning the item dict; None returns the raw item
+            (``image`` (H, W, 3) uint8, ``mask`` (H, W) int64 with 255 = ignore, ``name``).
+        skip_bad: on a bad sample, log a warning, record it in ``bad_samples`` and return the next
+            good sample instead of raising :class:`DatasetError`. Bad samples found while building
+            the index (missing image or annotations) are dropped from the split up front; others are
+            found when first loaded. Counts live per process, so DataLoader workers keep their own.
+        cache_dir: if set, merged label maps are cached there as single PNGs (so the per-person
+            files are merged once); it also holds the pixel-count cache when ``root`` is read-only.
+        num_classes: valid label ids are ``0..num_classes-1``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        skip_bad: bool = False,
+        cache_dir: str | Path | None = None,
+        num_classes: int = MHP_NUM_CLASSES,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        self.skip_bad = skip_bad
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.num_classes = num_classes
+        self.bad_samples: dict[str, str] = {}
+
+        if not self.root.is_dir():
+            raise DatasetError(self.root, "dataset root not found (expected the LV-MHP-v2 folder)")
+        list_name, folder = _split_paths(split)
+        self.list_file = self.root / "list" / list_name
+        if not self.list_file.is_file():
+            raise DatasetError(self.list_file, f"list file of split '{split}' not found")
+        listed = [ln.strip() for ln in self.list_file.read_text().splitlines() if ln.strip()]
+        if not listed:
+            raise DatasetError(self.list_file, f"split '{split}' is empty")
+
+        self.image_dir = self.root / folder / "images"
+        self.anno_dir = self.root / folder / "parsing_annos"
+        if not self.image_dir.is_dir():
+            raise DatasetError(self.image_dir, "image folder not found")
+        # test/ ships without annotations; train/val must have them.
+        self.has_labels = self.anno_dir.is_dir()
+        if not self.has_labels and not folder.startswith("test"):
+            raise DatasetError(self.anno_dir, "annotation folder not found")
+
+        with os.scandir(self.image_dir) as it:
+            image_names = {e.name for e in it}
+        self._annos = self._index_annotations() if self.has_labels else {}
+
+        self.ids: list[str] = []
+        for name in listed:
+            problem = None
+            if f"{name}.jpg" not in image_names:
+                problem = DatasetError(self.image_dir / f"{name}.jpg", "listed image not found")
+            elif self.has_labels and name not in self._annos:
+                problem = DatasetError(
+                    self.image_dir / f"{name}.jpg",
+                    f"no annotation files {name}_NN_KK.png in {self.anno_dir}",
+                )
+            if problem is None:
+                self.ids.append(name)
+            elif skip_bad:
+                self._mark_bad(name, problem)
+            else:
+                raise problem
+        if not self.ids:
+            raise DatasetError(self.list_file, f"split '{split}' has no usable sample")
+
+    def _index_annotations(self) -> dict[str, list[str]]:
+        """One directory listing for the whole split: id -> per-person file names sorted by k."""
+        found: dict[str, list[tuple[int, int, str]]] = {}
+        with os.scandir(self.anno_dir) as it:
+            for entry in it:
+                m = _ANNO_RE.match(entry.name)
+                if m:
+                    found.setdefault(m["id"], []).append((int(m["k"]), int(m["n"]), entry.name))
+        return {key: [name for _, _, name in sorted(files)] for key, files in found.items()}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of distinct bad samples skipped so far (in this process)."""
+        return len(self.bad_samples)
+
+    @property
+    def bad_ids(self) -> list[str]:
+        return list(self.bad_samples)
+
+    def _mark_bad(self, name: str, err: DatasetError) -> None:
+        if name not in self.bad_samples:
+            log.warning("skipping bad MHPv2 sample %s: %s", name, err)
+            self.bad_samples[name] = str(err)
+
+    def image_path(self, name: str) -> Path:
+        return self.image_dir / f"{name}.jpg"
+
+    def label_paths(self, name: str) -> list[Path]:
+        """Per-person annotation files of sample ``name`` in ascending person index."""
+        return [self.anno_dir / f for f in self._annos.get(name, [])]
+
+    def load_mask(self, name: str) -> np.ndarray:
+        """Merged label map of sample ``name`` (through the merge cache when enabled).
+
+        Returns:
+            (H, W) uint8 class ids.
+        """
+        paths = self.label_paths(name)
+        if not paths:
+            raise DatasetError(self.image_path(name), f"no annotation files in {self.anno_dir}")
+        cached = self._merge_cache_path(name, paths)
+        if cached is not None and cached.is_file():
+            try:
+                with Image.open(cached) as im:
+                    return np.array(im, dtype=np.uint8)
+            except OSError:
+                pass  # a damaged cache entry is rebuilt below
+        merged = merge_person_labels(paths, self.num_classes)
+        if cached is not None:
+            try:
+                buf = _png_bytes(merged)
+                _atomic_write_bytes(cached, buf)
+            except OSError as e:
+                log.debug("could not write merge cache %s: %s", cached, e)
+        return merged
+
+    def _merge_cache_path(self, name: str, paths: Sequence[Path]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        # Keyed by the person files' names, sizes and mtimes: edited annotations miss the cache.
+        sig = hashlib.sha1()
+        for p in paths:
+            try:
+                st = p.stat()
+            except OSError as e:
+                raise DatasetError(p, f"annotation file not readable ({e})") from e
+            sig.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        root_key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
+        sub = self.cache_dir / "mhp_merged" / root_key / self.split
+        return sub / f"{name}_{sig.hexdigest()[:12]}.png"
+
+    def load(self, index: int) -> dict[str, Any]:
+        """Raw item ``index`` without transform; raises :class:`DatasetError` on bad data."""
+        name = self.ids[index]
+        image = read_image(self.image_path(name))
+        item: dict[str, Any] = {"image": image, "name": name}
+        if self.has_labels:
+            mask = self.load_mask(name)
+            if mask.shape != image.shape[:2]:
+                raise DatasetError(
+                    self.label_paths(name)[0],
+                    f"label size {mask.shape[1]}x{mask.shape[0]} (WxH) does not match image size "
+                    f"{image.shape[1]}x{image.shape[0]} of {name}.jpg",
+                )
+            item["mask"] = mask.astype(np.int64)
+        return item
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self._load_skipping(index) if self.skip_bad else self.load(index)
+        return self.transform(item) if self.transform is not None else item
+
+    def _load_skipping(self, index: int) -> dict[str, Any]:
+        # Deterministic substitute: the next good sample (index + 1, wrapping around).
+        n = len(self.ids)
+        for offset in range(n):
+            j = (index + offset) % n
+            name = self.ids[j]
+            if name in self.bad_samples:
+                continue
+            try:
+                return self.load(j)
+            except DatasetError as e:
+                self._mark_bad(name, e)
+        raise DatasetError(self.list_file, f"every sample of split '{self.split}' is bad")
+
+    # -- whole-split passes ---------------------------------------------------------------------
+
+    def scan(
+        self,
+        num_classes: int | None = None,
+        decode_images: bool = True,
+        num_threads: int | None = None,
+    ) -> ScanResult:
+        """Load every sample once, collecting the label histogram and every problem found.
+
+        Args:
+            num_classes: histogram length (default: the dataset's).
+            decode_images: also decode and size-check the images (labels only if False).
+            num_threads: decoding threads (PIL releases the GIL); default min(8, cpu count).
+        """
+        c = num_classes or self.num_classes
+
+        def one(index: int) -> tuple[str, np.ndarray | None, DatasetError | None]:
+            name = self.ids[index]
+            try:
+                if decode_images:
+                    mask = self.load(index).get("mask")
+                else:
+                    mask = self.load_mask(name)
+            except DatasetError as e:
+                return name, None, e
+            if mask is None:
+                return name, None, None
+            return name, np.bincount(mask.ravel(), minlength=c)[:c].astype(np.int64), None
+
+        counts = np.zeros(c, dtype=np.int64) if self.has_labels else None
+        result = ScanResult(counts=counts, num_ok=0, problems=dict(self.bad_samples))
+        threads = num_threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for name, hist, err in pool.map(one, range(len(self))):
+                if err is not None:
+                    result.problems[name] = str(err)
+                    result.errors.append(err)
+                    continue
+                result.num_ok += 1
+                if hist is not None and counts is not None:
+                    counts += hist
+        return result
+
+    def class_pixel_counts(self, num_classes: int | None = None) -> np.ndarray:
+        """Label pixel histogram of the split, cached beside the dataset.
+
+        The cache is ``<root>/<split>_class_counts.json`` keyed by the list file's content hash (so
+        a changed split recomputes); if ``root`` is read-only it goes to ``cache_dir`` (or
+        ``~/.cache/rimlab``). Bad samples raise, or are excluded with ``skip_bad``.
+
+        Returns:
+            (C,) int64 pixel count per class id.
+        """
+        c = num_classes or self.num_classes
+        if not self.has_labels:
+            raise DatasetError(self.anno_dir, f"split '{self.split}' has no labels to count")
+        key = hashlib.sha1(self.list_file.read_bytes()).hexdigest()
+        paths = self._count_cache_paths()
+        for path in paths:
+            try:
+                data = json.loads(path.read_text())
+                if data.get("list_sha1") == key and data.get("num_classes") == c:
+                    return np.asarray(data["counts"], dtype=np.int64)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        result = self.scan(c, decode_images=False)
+        if result.problems:
+            if not self.skip_bad:
+                # Problems found while indexing were raised in __init__, so errors is not empty.
+                raise result.errors[0]
+            for name, problem in result.problems.items():
+                self.bad_samples.setdefault(name, problem)
+        payload = {
+            "list_sha1": key,
+            "num_classes": c,
+            "split": self.split,
+            "skipped": sorted(result.problems),
+            "counts": [int(v) for v in result.counts],
+        }
+        data = json.dumps(payload).encode()
+        for path in paths:
+            try:
+                _atomic_write_bytes(path, data)
+                break
+            except OSError as e:  # read-only dataset folder: fall back to the cache dir
+                log.debug("could not write %s: %s", path, e)
+        return result.counts
+
+    def _count_cache_paths(self) -> list[Path]:
+        root_key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
+        fallback = (self.cache_dir or _default_cache_dir()) / "class_counts"
+        return [
+            self.root / f"{self.split}_class_counts.json",
+            fallback / f"{root_key}_{self.split}_class_counts.json",
+        ]
+
+
+def _png_bytes(label: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(label, mode="L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class MHPv2DataModule(LightningDataModule):
+    """LV-MHP-v2 for Lightning; with ``synthetic`` set it generates and serves the synthetic set.
+
+    Args:
+        root: the ``LV-MHP-v2`` folder (or where the synthetic set is generated).
+        batch_size: training batch size (drop_last, so each batch is full).
+        num_workers: DataLoader workers.
+        crop_size: ``(h, w)`` training crop.
+        scale_range: ``(min, max)`` random scale factor.
+        rotate: maximum absolute rotation in degrees.
+        eval_size: ``(h, w)`` network input size at evaluation (default: ``crop_size``); labels
+            stay at their original resolution.
+        eval_batch_size: evaluation batch size (default: ``batch_size``).
+        skip_bad: skip bad samples with a warning instead of raising.
+        pin_memory: pin host memory (only when CUDA is available).
+        persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
+        num_classes: number of classes including background.
+        class_names: ``num_classes`` names (default: ``MHP_CLASSES``).
+        flip_pairs: left/right class ids swapped by the horizontal flip.
+        color_jitter: colour jitter strength (0 disables).
+        cache_dir: merged-label and count cache folder (None: no merge cache).
+        synthetic: keyword arguments of :func:`ensure_synthetic_mhp`; when given, ``prepare_data``
+            generates the synthetic set under ``root`` first.
+    """
+
+    ignore_index: int = IGNORE_INDEX
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 16,
+        num_workers: int = 4,
+        crop_size: Sequence[int] = (400, 400),
+        scale_range: Sequence[float] = (0.5, 2.0),
+        rotate: float = 10.0,
+        eval_size: Sequence[int] | None = None,
+        eval_batch_size: int | None = None,
+        skip_bad: bool = False,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        num_classes: int = MHP_NUM_CLASSES,
+        class_names: Sequence[str] | None = None,
+        flip_pairs: Sequence[Sequence[int]] = MHP_FLIP_PAIRS,
+        color_jitter: float = 0.2,
+        cache_dir: str | None = None,
+        synthetic: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.root = Path(root)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.crop_size = tuple(int(v) for v in crop_size)
+        self.eval_size = tuple(int(v) for v in (eval_size if eval_size is not None else crop_size))
+        self.scale_range = tuple(float(v) for v in scale_range)
+        self.rotate = float(rotate)
+        self.skip_bad = bool(skip_bad)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.flip_pairs = [tuple(int(v) for v in pair) for pair in flip_pairs]
+        self.color_jitter = float(color_jitter)
+        self.cache_dir = cache_dir
+        self.synthetic = dict(synthetic) if synthetic is not None else None
+        self._num_classes = int(num_classes)
+        names = list(class_names) if class_names is not None else list(MHP_CLASSES)
+        if len(names) != self._num_classes:
+            raise ValueError(f"{len(names)} class_names given for num_classes={num_classes}")
+        self._class_names = names
+        self.palette = make_palette(self._num_classes)  # (C, 3) uint8 RGB
+        self.train_set: MHPv2Dataset | None = None
+        self.val_set: MHPv2Dataset | None = None
+        self.test_set: MHPv2Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._class_names
+
+    @property
+    def has_test_labels(self) -> bool:
+        """Whether ``trainer.test`` can score: the test split exists and has annotations."""
+        return (self.root / "list" / "test_all.txt").is_file() and (
+            self.root / "test" / "parsing_annos"
+        ).is_dir()
+
+    @property
+    def num_skipped(self) -> int:
+        """Bad samples skipped so far by the datasets of this process (workers count their own)."""
+        sets = (self.train_set, self.val_set, self.test_set)
+        return sum(ds.num_skipped for ds in sets if ds is not None)
+
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            ensure_synthetic_mhp(self.root, **self.synthetic)
+
+    def _dataset(self, split: str, transform: Callable | None) -> MHPv2Dataset:
+        return MHPv2Dataset(
+            self.root,
+            split,
+            transform=transform,
+            skip_bad=self.skip_bad,
+            cache_dir=self.cache_dir,
+            num_classes=self._num_classes,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        # Idempotent and cheap once generated; covers setup() called without prepare_data().
+        self.prepare_data()
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._dataset(
+                "train",
+                build_train_transform(
+                    crop_size=self.crop_size,
+                    scale_range=self.scale_range,
+                    rotate=self.rotate,
+                    flip_pairs=self.flip_pairs,
+                    color_jitter=self.color_jitter,
+                ),
+            )
+        eval_tf = build_eval_transform(self.eval_size)
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            self.val_set = self._dataset("val", eval_tf)
+        has_test = (self.root / "list" / "test_all.txt").is_file()
+        if stage in (None, "test", "predict") and self.test_set is None and has_test:
+            self.test_set = self._dataset("test", eval_tf)
+        if self.num_skipped:
+            log.warning("MHPv2: %d bad samples skipped while indexing", self.num_skipped)
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+            collate_fn=collate_train if train else collate_eval,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        if len(self.train_set) < self.batch_size:
+            raise ValueError(
+                f"train split has {len(self.train_set)} samples, fewer than batch_size="
+                f"{self.batch_size}; with drop_last there would be no batch"
+            )
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.has_test_labels:
+            raise RuntimeError(
+                f"{self.root}: the MHPv2 test split has no annotations (test/parsing_annos), so "
+                "trainer.test cannot score it; evaluate on val (trainer.validate) or use "
+                "predict_dataloader for test-set predictions"
+            )
+        if self.test_set is None:
+            self.setup("test")
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Test images (labels only if present) for ``trainer.predict``."""
+        if self.test_set is None:
+            self.setup("predict")
+        if self.test_set is None:
+            raise RuntimeError(f"{self.root / 'list' / 'test_all.txt'} not found")
+        return self._loader(self.test_set, train=False)
+
+    def class_pixel_counts(self) -> np.ndarray:
+        """(C,) int64 label pixel histogram of the train split (cached; see MHPv2Dataset)."""
+        dataset = self.train_set
+        if dataset is None:
+            self.prepare_data()
+            dataset = self._dataset("train", None)
+        return dataset.class_pixel_counts(self._num_classes)

@@ -1,0 +1,138 @@
+"""The RIM two-stage schedule (Li & Han 2023).
+
+Stage 1: the first ``stage1_epochs`` epochs of the ``total_epochs`` baseline (shared between runs, see
+:mod:`experiments.stages`). Stage 2: the remaining epochs from the stage-1 weights with the encoder
+frozen (BatchNorm in eval), the regional sampler on the main loss, the configured loss (ILM with
+``loss=ce_ilm``), no auxiliary head, and the learning rate continuing the same cosine curve.
+With ``schedule.baseline=true`` the baseline's remaining epochs are trained from the same checkpoint
+too, and the run ends with a comparison table.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from experiments.stages import STAGE1_OVERRIDES, Stage1, shared_stage1, stage1_key
+from experiments.train import (
+    ConfigError,
+    build_module,
+    build_trainer,
+    final_scores,
+    summarise,
+)
+
+log = logging.getLogger(__name__)
+
+
+def stage2_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """Config patches that turn the run's config into RIM's stage 2."""
+    schedule = cfg.schedule
+    s1, total = int(schedule.stage1_epochs), int(schedule.total_epochs)
+    restart = bool(schedule.get("lr_restart", False))
+    return {
+        "module.freeze_encoder": True,
+        # Continue the baseline's cosine curve at epoch s1 (or restart it over stage 2).
+        "module.scheduler.total_epochs": total - s1 if restart else total,
+        "module.scheduler.start_epoch": 0 if restart else s1,
+        # The auxiliary head sits on the frozen encoder: it has nothing left to teach.
+        "loss.aux_weight": 0.0,
+    }
+
+
+def continue_baseline(cfg: DictConfig, stage1: Stage1, out_dir: Path) -> dict[str, Any] | None:
+    """Trains the baseline from the end of stage 1 to ``total_epochs`` (full optimizer state)."""
+    pl.seed_everything(cfg.seed + int(cfg.schedule.stage1_epochs), workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = build_module(cfg, STAGE1_OVERRIDES)
+    trainer = build_trainer(cfg, out_dir, max_epochs=int(cfg.schedule.total_epochs))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(stage1.checkpoint))
+    return summarise(module, final_scores(trainer, module, datamodule, "val"),
+                     "baseline (stage 1 continued, whole network)")
+
+
+def _stage1_for_stage2(cfg: DictConfig) -> tuple[Path, Stage1 | None]:
+    init_from = cfg.get("init_from")
+    if init_from:
+        if not Path(init_from).is_file():
+            raise ConfigError(f"init_from={init_from}: no such checkpoint")
+        return Path(init_from), None
+    if cfg.schedule.get("stage") == 2:
+        done = Path(cfg.schedule.stage1_dir) / stage1_key(cfg) / "checkpoints" / "stage1.ckpt"
+        if not done.is_file():
+            raise ConfigError(
+                "schedule.stage=2 needs init_from=<stage-1 checkpoint> or a finished shared stage 1 "
+                f"of this config (looked for {done})"
+            )
+        return done, None
+    stage1 = shared_stage1(cfg)
+    return stage1.checkpoint, stage1
+
+
+def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Runs the configured stages; returns the results.json content."""
+    schedule = cfg.schedule
+    results: dict[str, Any] = {"task_name": cfg.task_name, "schedule": "rim"}
+    if schedule.get("stage") == 1:
+        stage1 = shared_stage1(cfg)
+        results["stage1"] = {"dir": str(stage1.directory), "checkpoint": str(stage1.checkpoint)}
+        results["val"] = stage1.val
+        return results
+
+    init, stage1 = _stage1_for_stage2(cfg)
+    results["stage1"] = {"checkpoint": str(init)}
+    if stage1 is not None:
+        results["stage1"].update(dir=str(stage1.directory), val=stage1.val)
+
+    if schedule.get("baseline") and stage1 is not None and cfg.train:
+        results["baseline"] = {"val": continue_baseline(cfg, stage1, out_dir / "baseline")}
+
+    pl.seed_everything(cfg.seed + int(schedule.stage1_epochs), workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = build_module(cfg, stage2_overrides(cfg))
+    module.load_init_weights(str(init))
+    stage_dir = out_dir / "stage2"
+    trainer = build_trainer(cfg, stage_dir, max_epochs=int(schedule.total_epochs) -
+                            int(schedule.stage1_epochs))
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    results["val"] = summarise(module, final_scores(trainer, module, datamodule, "val"),
+                               "RIM stage 2 (final weights)")
+    if cfg.get("test") and getattr(datamodule, "has_test_labels", False):
+        results["test"] = summarise(module, final_scores(trainer, module, datamodule, "test"),
+                                    "RIM stage 2 on test")
+    if module.sampler is not None and bool(module.sampler.ready):
+        names = module.class_names
+        results["sampling"] = {
+            "source": module.sampler.source,
+            "statistics": dict(zip(names, module.sampler.stats.cpu().tolist(), strict=True)),
+            "keep_probabilities": dict(zip(names, module.sampler.probs.cpu().tolist(), strict=True)),
+        }
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None and cfg.train:
+        results["checkpoints"] = {"best": ckpt_cb.best_model_path, "last": ckpt_cb.last_model_path}
+    print_comparison(results)
+    return results
+
+
+def print_comparison(results: dict[str, Any]) -> None:
+    """The headline metrics of stage 1, the baseline and RIM side by side on the terminal."""
+    rows = [("stage 1 (end)", (results.get("stage1") or {}).get("val")),
+            ("baseline", (results.get("baseline") or {}).get("val")),
+            ("RIM", results.get("val"))]
+    table = Table(title="baseline vs RIM (validation, %)")
+    for col in ("variant", "PA", "MPA", "mIoU", "mAcc"):
+        table.add_column(col, justify="right" if col != "variant" else "left")
+    for name, val in rows:
+        if not val:
+            continue
+        table.add_row(name, *(f"{val[k]:.2f}" if val.get(k) is not None else "-"
+                              for k in ("PA", "MPA", "mIoU", "mAcc")))
+    Console().print(table)

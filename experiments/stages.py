@@ -1,0 +1,130 @@
+"""Shared stage-1 runs: the first ``stage1_epochs`` epochs of the baseline, trained once per config.
+
+The RIM paper starts every stage-2 variant, and the baseline's last 30 epochs, from the baseline's
+epoch-70 checkpoint. A sweep over samplers and losses therefore trains stage 1 once: its directory is
+keyed by a hash of everything that influences stage 1 (data, model, module, main loss, optimizer,
+schedule length, seed, trainer numerics), and later runs find it there. A stage 1 that was killed
+resumes from its ``last.ckpt``; a file lock keeps parallel sweep jobs from training it twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+# Stage 1 trains the whole network on the natural distribution with the main loss only.
+STAGE1_OVERRIDES: dict[str, Any] = {
+    "sampler": None,
+    "loss.ilm": None,
+    "module.freeze_encoder": False,
+    "module.scheduler.start_epoch": 0,
+}
+# Keys that do not change what stage 1 computes.
+_DATA_IGNORED = ("num_workers", "pin_memory", "persistent_workers", "eval_batch_size", "skip_bad")
+_TRAINER_KEPT = ("precision", "devices", "num_nodes", "accumulate_grad_batches", "gradient_clip_val",
+                 "deterministic", "limit_train_batches", "limit_val_batches", "check_val_every_n_epoch")
+
+
+@dataclass
+class Stage1:
+    """A finished shared stage-1 run."""
+
+    directory: Path
+    checkpoint: Path
+    val: dict[str, Any] | None
+
+
+def stage1_config(cfg: DictConfig) -> dict[str, Any]:
+    """The part of ``cfg`` that determines stage 1, with the stage-1 overrides applied."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key, value in STAGE1_OVERRIDES.items():
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+            if k not in _DATA_IGNORED}
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {
+        "data": data,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "module": OmegaConf.to_container(cfg.module, resolve=True),
+        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "seed": cfg.seed,
+        "trainer": {k: trainer.get(k) for k in _TRAINER_KEPT},
+        "schedule": {k: cfg.schedule.get(k) for k in ("total_epochs", "stage1_epochs", "cpa_epoch")},
+    }
+
+
+def stage1_key(cfg: DictConfig) -> str:
+    """A short stable hash of :func:`stage1_config`."""
+    blob = json.dumps(stage1_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def shared_stage1(cfg: DictConfig) -> Stage1:
+    """Finds the finished stage 1 of ``cfg`` or trains (or resumes) it.
+
+    Returns:
+        The stage-1 run; ``checkpoint`` is a full Lightning checkpoint at the end of stage 1.
+    """
+    from experiments.train import build_module, build_trainer, final_scores, write_results
+
+    key = stage1_key(cfg)
+    directory = Path(cfg.schedule.stage1_dir) / key
+    done = directory / "done.json"
+    final = directory / "checkpoints" / "stage1.ckpt"
+    with _locked(directory.with_suffix(".lock")):
+        if done.exists() and final.exists():
+            log.info("reusing shared stage 1 %s", directory)
+            info = json.loads(done.read_text())
+            return Stage1(directory, final, info.get("val"))
+        epochs = int(cfg.schedule.stage1_epochs)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "stage1_config.yaml").write_text(
+            OmegaConf.to_yaml(OmegaConf.create(stage1_config(cfg)))
+        )
+        last = directory / "checkpoints" / "last.ckpt"
+        resume = str(last) if last.exists() else None
+        log.info("training shared stage 1 (%d epochs) in %s%s", epochs, directory,
+                 f", resuming {last}" if resume else "")
+        pl.seed_everything(cfg.seed, workers=True)
+        datamodule = hydra.utils.instantiate(cfg.data)
+        module = build_module(cfg, STAGE1_OVERRIDES)
+        trainer = build_trainer(cfg, directory, max_epochs=epochs)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        scores = final_scores(trainer, module, datamodule, "val")
+        tmp = final.with_suffix(".ckpt.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, final)
+        from lightning_modules.metrics import scores_to_json
+
+        val = scores_to_json(scores, module.class_names) if scores is not None else None
+        if trainer.is_global_zero:
+            write_results(done, {"key": key, "epochs": epochs, "val": val})
+        return Stage1(directory, final, val)

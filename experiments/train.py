@@ -1,0 +1,277 @@
+"""Training driver: builds the parts from the Hydra config, runs the schedule, writes results.json.
+
+``run.py`` calls :func:`run`. A schedule is a sequence of Lightning ``fit`` calls ("stages"):
+
+- ``schedule=single``: one run over ``total_epochs`` epochs. When ``stage1_epochs`` is set, the first
+  ``stage1_epochs`` epochs are a shared stage-1 run (see :mod:`experiments.stages`) and this run
+  continues from its checkpoint with the full optimizer and loop state.
+- ``schedule=rim``: stage 1 (shared) then stage 2 with the encoder frozen, the regional sampler and the
+  configured loss (see :mod:`experiments.rim`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from experiments.stages import shared_stage1
+from lightning_modules import ParsingLitModule
+from lightning_modules.metrics import format_scores_table, scores_to_json
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, caught before any data is read."""
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks the composed config for mistakes that would otherwise surface hours into a run.
+
+    Raises:
+        ConfigError: naming the offending key.
+    """
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as err:  # an interpolation to a missing key, a bad resolver, ...
+        raise ConfigError(f"the config does not resolve: {err}") from err
+    schedule = cfg.get("schedule") or {}
+    name = schedule.get("name")
+    if name not in ("single", "rim"):
+        raise ConfigError(f"schedule.name={name!r}: expected 'single' or 'rim'")
+    total = int(schedule.get("total_epochs", 0))
+    if total < 1:
+        raise ConfigError(f"schedule.total_epochs={total}: must be >= 1")
+    s1 = schedule.get("stage1_epochs")
+    if s1 is not None and not 0 < int(s1) <= total:
+        raise ConfigError(f"schedule.stage1_epochs={s1}: must be in 1..total_epochs ({total})")
+    if name == "rim" and s1 is None:
+        raise ConfigError("schedule=rim needs schedule.stage1_epochs (the length of stage 1)")
+    data_classes = cfg.data.get("num_classes")
+    model_classes = cfg.model.get("num_classes")
+    if data_classes is not None and model_classes is not None and data_classes != model_classes:
+        raise ConfigError(
+            f"model.num_classes={model_classes} disagrees with data.num_classes={data_classes}"
+        )
+    names = cfg.data.get("class_names")
+    if names is not None and data_classes is not None and len(names) != data_classes:
+        raise ConfigError(
+            f"data.class_names has {len(names)} names but data.num_classes={data_classes}"
+        )
+    sampler = sampler_config(cfg)
+    if sampler is not None:
+        source = sampler.get("source")
+        if source not in ("arbs", "nrbs"):
+            raise ConfigError(f"sampler.source={source!r}: expected 'arbs' or 'nrbs'")
+        if source == "arbs" and name != "rim" and not cfg.get("init_from"):
+            raise ConfigError(
+                "sampler=arbs has no CPA source: ARBS draws its probabilities from the CPA of an "
+                "early stage-1 epoch, so use it with schedule=rim (stage 2) or give init_from=<a "
+                "stage-1 checkpoint>"
+            )
+        cpa_epoch = int(schedule.get("cpa_epoch", 0))
+        if source == "arbs" and s1 is not None and not 0 < cpa_epoch <= int(s1):
+            raise ConfigError(
+                f"schedule.cpa_epoch={cpa_epoch} must lie within stage 1 (1..{s1}) for sampler=arbs"
+            )
+
+
+def sampler_config(cfg: DictConfig) -> DictConfig | None:
+    """The sampler config, or None for ``sampler=none``."""
+    sampler = cfg.get("sampler")
+    if sampler is None or not sampler.get("_target_"):
+        return None
+    return sampler
+
+
+# ---------------------------------------------------------------------- building
+
+
+def build_module(cfg: DictConfig, stage_overrides: dict[str, Any] | None = None) -> ParsingLitModule:
+    """The LightningModule of ``cfg``; ``stage_overrides`` patch ``module``/``loss``/``sampler`` keys.
+
+    Args:
+        cfg: the run's config.
+        stage_overrides: e.g. ``{"module.freeze_encoder": True, "sampler": None}``.
+    """
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key, value in (stage_overrides or {}).items():
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    net = hydra.utils.instantiate(cfg.model)
+    loss = hydra.utils.instantiate(cfg.loss)
+    sampler_cfg = sampler_config(cfg)
+    sampler = hydra.utils.instantiate(sampler_cfg) if sampler_cfg is not None else None
+    optimizer = hydra.utils.instantiate(cfg.optimizer)
+    return hydra.utils.instantiate(
+        cfg.module, net=net, loss=loss, sampler=sampler, optimizer=optimizer, _recursive_=True
+    )
+
+
+def build_callbacks(cfg: DictConfig, out_dir: Path) -> list[pl.Callback]:
+    """The configured callbacks, with checkpoints written to ``out_dir/checkpoints``."""
+    callbacks: list[pl.Callback] = []
+    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if not isinstance(cb_cfg, DictConfig) or "_target_" not in cb_cfg:
+            continue
+        if name == "model_checkpoint":
+            cb_cfg = cb_cfg.copy()
+            cb_cfg.dirpath = str(out_dir / "checkpoints")
+        callbacks.append(hydra.utils.instantiate(cb_cfg))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path, name_suffix: str = "") -> list[Logger]:
+    """The configured loggers, writing below ``out_dir``."""
+    loggers: list[Logger] = []
+    for _, lg_cfg in (cfg.get("logger") or {}).items():
+        if not isinstance(lg_cfg, DictConfig) or "_target_" not in lg_cfg:
+            continue
+        lg_cfg = lg_cfg.copy()
+        with open_dict(lg_cfg):
+            if "save_dir" in lg_cfg:
+                sub = Path(str(lg_cfg.save_dir)).name
+                lg_cfg.save_dir = str(out_dir if sub == Path(str(cfg.paths.output_dir)).name
+                                      else out_dir / sub)
+            if name_suffix and lg_cfg.get("name"):
+                lg_cfg.name = f"{lg_cfg.name}{name_suffix}"
+        loggers.append(hydra.utils.instantiate(lg_cfg))
+    return loggers
+
+
+def build_trainer(
+    cfg: DictConfig, out_dir: Path, max_epochs: int, loggers: list[Logger] | None = None
+) -> pl.Trainer:
+    """A Trainer for one stage: configured trainer keys, this stage's epochs and output folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return hydra.utils.instantiate(
+        cfg.trainer,
+        default_root_dir=str(out_dir),
+        max_epochs=max_epochs,
+        callbacks=build_callbacks(cfg, out_dir),
+        logger=loggers if loggers is not None else build_loggers(cfg, out_dir),
+    )
+
+
+# ---------------------------------------------------------------------- evaluation, results
+
+
+def final_scores(
+    trainer: pl.Trainer, module: ParsingLitModule, datamodule: pl.LightningDataModule, stage: str
+) -> dict[str, Any] | None:
+    """Scores of the final weights on ``stage`` ("val" or "test"), validating again if needed."""
+    scores = module.last_scores.get(stage)
+    if stage == "val" and scores is not None and scores["global_step"] == trainer.global_step:
+        return scores
+    if stage == "val":
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    else:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    return module.last_scores.get(stage)
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    """Writes ``results`` as JSON atomically (NaN becomes null)."""
+
+    def clean(obj: Any) -> Any:
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return None
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [clean(v) for v in obj]
+        return obj
+
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(clean(results), indent=2))
+    os.replace(tmp, path)
+
+
+def summarise(
+    module: ParsingLitModule, scores: dict[str, Any] | None, title: str
+) -> dict[str, Any] | None:
+    """Prints the per-class table and returns the results.json entry of ``scores``."""
+    if scores is None:
+        return None
+    print(f"\n{title}")
+    print(format_scores_table(scores, module.class_names))
+    return scores_to_json(scores, module.class_names)
+
+
+# ---------------------------------------------------------------------- schedules
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Trains and/or evaluates as configured; returns the results written to results.json."""
+    validate_config(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.get("deterministic"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    schedule = cfg.schedule
+    if schedule.name == "rim":
+        from experiments.rim import run_rim
+
+        results = run_rim(cfg, out_dir)
+    else:
+        results = run_single(cfg, out_dir)
+    write_results(out_dir / "results.json", results)
+    log.info("results written to %s", out_dir / "results.json")
+    return results
+
+
+def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """The plain schedule: one run of ``total_epochs`` epochs (optionally via a shared stage 1)."""
+    schedule = cfg.schedule
+    total = int(schedule.total_epochs)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = build_module(cfg)
+    if cfg.get("init_from"):
+        module.load_init_weights(cfg.init_from)
+    ckpt_path = cfg.get("ckpt_path")
+    results: dict[str, Any] = {"task_name": cfg.task_name, "schedule": "single"}
+    if cfg.train:
+        s1 = schedule.get("stage1_epochs")
+        # Stage 1 is shared only when this run trains exactly what stage 1 trains.
+        plain = sampler_config(cfg) is None and cfg.loss.get("ilm") is None
+        if (ckpt_path is None and not cfg.get("init_from") and plain and s1 is not None
+                and int(s1) < total):
+            stage1 = shared_stage1(cfg)
+            ckpt_path = str(stage1.checkpoint)
+            results["stage1"] = {"dir": str(stage1.directory), "val": stage1.val}
+            # Same seed as an uninterrupted run would have had at this point is impossible to
+            # recover from Lightning's checkpoint; re-seed deterministically for the continuation.
+            pl.seed_everything(cfg.seed + int(s1), workers=True)
+        trainer = build_trainer(cfg, out_dir, max_epochs=total)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    else:
+        trainer = build_trainer(cfg, out_dir, max_epochs=total)
+        if ckpt_path:
+            module.load_init_weights(ckpt_path)
+    results["val"] = summarise(module, final_scores(trainer, module, datamodule, "val"),
+                               "validation (final weights)")
+    if cfg.get("test"):
+        if getattr(datamodule, "has_test_labels", False):
+            results["test"] = summarise(module, final_scores(trainer, module, datamodule, "test"),
+                                        "test (final weights)")
+        else:
+            log.warning("test=true but the test split has no labels: nothing to score")
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None and cfg.train:
+        results["checkpoints"] = {"best": ckpt_cb.best_model_path, "last": ckpt_cb.last_model_path}
+    return results

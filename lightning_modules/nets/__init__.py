@@ -1,0 +1,34 @@
+"""Plain `nn.Module` networks (no Lightning): backbones, heads and parsing nets.
+
+Every parsing net returns `{"out": logits, "aux": logits (training only)}` at input resolution and
+exposes `encoder_modules()` / `encoder_parameters()` / `decoder_parameters()` / `freeze_encoder()`.
+"""
+
+from __future__ import annotations
+
+from lightning_modules.nets.backbones import (
+    DilatedResNet,
+    load_pretrained_state_dict,
+    parse_depth,
+    pretrained_checkpoint_path,
+)
+from lightning_modules.nets.heads import (
+    ConvBNReLU,
+    EncoderDecoderNet,
+    FCNHead,
+    init_decoder_weights,
+)
+from lightning_modules.nets.pspnet import PSPNet, PyramidPoolingModule
+
+__all__ = [
+    "ConvBNReLU",
+    "DilatedResNet",
+    "EncoderDecoderNet",
+    "FCNHead",
+    "PSPNet",
+    "PyramidPoolingModule",
+    "init_decoder_weights",
+    "load_pretrained_state_dict",
+    "parse_depth",
+    "pretrained_checkpoint_path",
+]

@@ -1,0 +1,171 @@
+"""Dilated ResNet backbones (output stride 8 or 16) built from torchvision ResNets.
+
+Pretrained ImageNet weights are read from the torch hub cache only; nothing is ever downloaded
+(training machines and tests may have no internet access).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+# depth -> (torchvision builder, weights enum, channels of layer1..layer4)
+_RESNETS: dict[int, tuple] = {
+    18: (torchvision.models.resnet18, torchvision.models.ResNet18_Weights, (64, 128, 256, 512)),
+    50: (torchvision.models.resnet50, torchvision.models.ResNet50_Weights, (256, 512, 1024, 2048)),
+    101: (
+        torchvision.models.resnet101,
+        torchvision.models.ResNet101_Weights,
+        (256, 512, 1024, 2048),
+    ),
+}
+
+
+def parse_depth(backbone: str | int) -> int:
+    """Turn `50`, `"50"`, `"r50"` or `"resnet50"` into the ResNet depth 50.
+
+    Raises:
+        ValueError: if the depth is not one of 18, 50, 101.
+    """
+    digits = "".join(ch for ch in str(backbone) if ch.isdigit())
+    depth = int(digits) if digits else -1
+    if depth not in _RESNETS:
+        raise ValueError(
+            f"unsupported ResNet backbone {backbone!r}; choose one of {list(_RESNETS)}"
+        )
+    return depth
+
+
+def pretrained_checkpoint_path(depth: int, weights: str = "IMAGENET1K_V1") -> str:
+    """Where torchvision stores the ImageNet checkpoint of ResNet-`depth` in the torch hub cache.
+
+    `<torch.hub.get_dir()>/checkpoints/<file name of the torchvision weights url>`; the hub dir
+    follows `$TORCH_HOME` (default `~/.cache/torch/hub`).
+    """
+    weights_enum = _RESNETS[parse_depth(depth)][1]
+    filename = os.path.basename(weights_enum[weights].url)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
+def load_pretrained_state_dict(depth: int, weights: str = "IMAGENET1K_V1") -> dict:
+    """Load the torchvision ImageNet state dict of ResNet-`depth` from the hub cache.
+
+    Raises:
+        FileNotFoundError: if the checkpoint is not in the cache; the message gives the exact
+            path and the command that fetches it on a machine with internet access.
+    """
+    path = pretrained_checkpoint_path(depth, weights)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"ImageNet weights for ResNet-{depth} not found at {path}. rimlab never downloads "
+            "weights. On a machine with internet access run\n"
+            f'    python -c "import torchvision; torchvision.models.resnet{depth}'
+            f"(weights='{weights}')\"\n"
+            f"and copy the file it writes (under $TORCH_HOME/hub/checkpoints, default "
+            f"~/.cache/torch/hub/checkpoints) to {path}, or set TORCH_HOME so that the hub cache "
+            "contains it."
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _dilate_basic_layer(layer: nn.Sequential, dilation: int) -> None:
+    """Turn a strided torchvision BasicBlock stage into a dilated one, in place.
+
+    torchvision refuses `replace_stride_with_dilation` for BasicBlock, so we convert after
+    construction with the same convention torchvision uses for Bottleneck: the first block loses
+    its stride and keeps the previous dilation (`dilation // 2`), all later 3x3 convs use
+    `dilation`. Subsampling the result by 2 (layer3) or 4 (layer4) then reproduces the strided
+    network exactly, so pretrained weights keep their meaning.
+    """
+    for i, block in enumerate(layer):
+        assert isinstance(block, BasicBlock)
+        first_dilation = dilation // 2 if i == 0 else dilation
+        for conv, d in ((block.conv1, first_dilation), (block.conv2, dilation)):
+            conv.stride = (1, 1)
+            conv.dilation = (d, d)
+            conv.padding = (d, d)  # 3x3 kernel: padding == dilation keeps the size
+        block.stride = 1
+        if block.downsample is not None:
+            block.downsample[0].stride = (1, 1)  # the 1x1 projection must not subsample either
+
+
+class DilatedResNet(nn.Module):
+    """torchvision ResNet with dilated last stages and a dict of multi-scale features.
+
+    Output stride 8 dilates layer3 (2) and layer4 (4); output stride 16 dilates layer4 (2) only.
+    The ImageNet classifier (avgpool, fc) is dropped.
+
+    Args:
+        depth: 18, 50 or 101.
+        pretrained: load the torchvision ImageNet weights from the torch hub cache (never
+            downloads; raises `FileNotFoundError` with the expected path if missing).
+        output_stride: 8 or 16, stride of `c3`/`c4` with respect to the input.
+        weights: name of the torchvision weights enum member to load.
+
+    Attributes:
+        channels: `{"c1": .., "c2": .., "c3": .., "c4": ..}` channel counts of the features.
+        depth: the ResNet depth.
+        output_stride: stride of `c4`.
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        pretrained: bool = False,
+        output_stride: int = 8,
+        weights: str = "IMAGENET1K_V1",
+    ) -> None:
+        super().__init__()
+        depth = parse_depth(depth)
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        builder, _, channels = _RESNETS[depth]
+        # Check the cache before building anything: a missing file should fail fast.
+        state_dict = load_pretrained_state_dict(depth, weights) if pretrained else None
+
+        dilate = [False, output_stride == 8, True]  # layer2, layer3, layer4
+        if depth == 18:
+            resnet: ResNet = builder(weights=None)
+        else:
+            resnet = builder(weights=None, replace_stride_with_dilation=dilate)
+        if state_dict is not None:
+            # Weights do not depend on stride/dilation, so loading before or after is the same.
+            resnet.load_state_dict(state_dict)
+        if depth == 18:
+            if dilate[1]:
+                _dilate_basic_layer(resnet.layer3, 2)
+            _dilate_basic_layer(resnet.layer4, 4 if dilate[1] else 2)
+
+        self.depth = depth
+        self.output_stride = output_stride
+        self.channels = {f"c{i + 1}": c for i, c in enumerate(channels)}
+        self.conv1 = resnet.conv1
+        self.bn1 = resnet.bn1
+        self.relu = resnet.relu
+        self.maxpool = resnet.maxpool
+        self.layer1 = resnet.layer1
+        self.layer2 = resnet.layer2
+        self.layer3 = resnet.layer3
+        self.layer4 = resnet.layer4
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Compute the feature pyramid.
+
+        Args:
+            x: `(B, 3, H, W)` normalised images.
+
+        Returns:
+            `c1` `(B, channels["c1"], H/4, W/4)` (layer1), `c2` `(B, ., H/8, W/8)` (layer2),
+            `c3` `(B, ., H/os3, W/os3)` (layer3), `c4` `(B, ., H/os, W/os)` (layer4) with
+            `os = output_stride` and `os3 = min(os, 16)`; sizes round up (`ceil`).
+        """
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+        c1 = self.layer1(x)
+        c2 = self.layer2(c1)
+        c3 = self.layer3(c2)
+        c4 = self.layer4(c3)
+        return {"c1": c1, "c2": c2, "c3": c3, "c4": c4}

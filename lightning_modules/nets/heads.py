@@ -1,0 +1,189 @@
+"""Building blocks shared by the parsing nets (PSPNet now, DeepLabv3+ / DANet later).
+
+- `ConvBNReLU`: the conv -> BatchNorm -> ReLU unit every decoder is made of.
+- `FCNHead`: the auxiliary FCN head (3x3 ConvBNReLU, dropout, 1x1 classifier) put on layer3.
+- `EncoderDecoderNet`: base class giving every net the explicit encoder/decoder parameter split and
+  the encoder freezing that stage 2 of RIM relies on.
+- `init_decoder_weights`: the initialisation used for all newly added (non-pretrained) layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class ConvBNReLU(nn.Sequential):
+    """Conv2d (no bias: BN follows) -> BatchNorm2d -> ReLU, "same" padding for odd kernels.
+
+    Maps `(B, in_channels, H, W)` to `(B, out_channels, H/stride, W/stride)`.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: square kernel size (odd).
+        stride: convolution stride.
+        dilation: convolution dilation; the padding grows with it so the size is kept.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+    ) -> None:
+        padding = dilation * (kernel_size - 1) // 2
+        super().__init__()
+        self.add_module(
+            "conv",
+            nn.Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                bias=False,
+            ),
+        )
+        self.add_module("bn", nn.BatchNorm2d(out_channels))
+        self.add_module("relu", nn.ReLU(inplace=True))
+
+
+class FCNHead(nn.Module):
+    """Auxiliary FCN head: 3x3 ConvBNReLU -> Dropout2d -> 1x1 classifier.
+
+    Used on layer3 features as deep supervision (PSPNet's auxiliary loss). The logits stay at the
+    feature resolution; the owning net upsamples them to the input size.
+
+    Args:
+        in_channels: channels of the input feature map (1024 for layer3 of ResNet-50).
+        channels: hidden channels of the 3x3 conv (256 in PSPNet).
+        num_classes: number of output classes.
+        dropout: Dropout2d probability before the classifier.
+    """
+
+    def __init__(
+        self, in_channels: int, channels: int, num_classes: int, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.conv = ConvBNReLU(in_channels, channels, kernel_size=3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
+        init_decoder_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: `(B, in_channels, h, w)`. Returns logits `(B, num_classes, h, w)`."""
+        return self.classifier(self.dropout(self.conv(x)))
+
+
+def init_decoder_weights(
+    module: nn.Module, classifier_std: float = 0.01, exclude: Sequence[nn.Module] = ()
+) -> None:
+    """Initialise newly added layers in place.
+
+    Convs get Kaiming-normal weights (fan_out, ReLU gain, as torchvision initialises ResNets),
+    BatchNorm weight 1 / bias 0. Every 1x1 conv named `classifier` instead gets N(0, std^2)
+    weights and zero bias, so the initial logits are near zero and the first loss is ~log(C).
+
+    Args:
+        module: the module whose sub-modules are initialised.
+        classifier_std: standard deviation of the classifier weights.
+        exclude: sub-modules left untouched with everything inside them (the pretrained encoder).
+    """
+    skip = {id(m) for sub in exclude for m in sub.modules()}
+    for name, m in module.named_modules():
+        if id(m) in skip:
+            continue
+        if isinstance(m, nn.Conv2d):
+            if name.split(".")[-1] == "classifier":
+                nn.init.normal_(m.weight, std=classifier_std)
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (_BatchNorm, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class EncoderDecoderNet(nn.Module):
+    """Base class of the parsing nets: explicit encoder/decoder split and encoder freezing.
+
+    Subclasses implement `encoder_modules()` (the pretrained feature extractor) and `forward`.
+    Everything that is not in the encoder (pyramid pooling, bottleneck, classifiers, auxiliary
+    heads) is the decoder. Stage 2 of RIM fine-tunes only the decoder: `freeze_encoder()` stops
+    gradients into the encoder and keeps it in eval mode even when the trainer calls `.train()`.
+
+    Attributes:
+        use_aux: switch for the auxiliary head(s); the training system can turn it off (e.g. in
+            stage 2) without rebuilding the net. Subclasses only compute auxiliary outputs when
+            `self.training and self.use_aux` (and the head exists).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.use_aux = True
+        self._frozen_encoder = False
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """The modules that make up the encoder (usually the ImageNet-initialised backbone)."""
+        raise NotImplementedError
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """All parameters of the encoder modules, each once."""
+        seen: set[int] = set()
+        params: list[nn.Parameter] = []
+        for module in self.encoder_modules():
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """All parameters not in the encoder (auxiliary heads included), each once."""
+        encoder_ids = {id(p) for p in self.encoder_parameters()}
+        return [p for p in self.parameters() if id(p) not in encoder_ids]
+
+    @property
+    def frozen_encoder(self) -> bool:
+        """Whether `freeze_encoder()` is in effect."""
+        return self._frozen_encoder
+
+    def freeze_encoder(self) -> None:
+        """Stop gradients into the encoder and keep it in eval mode (BatchNorm statistics fixed).
+
+        The flag is not part of the state dict: a run that restores a checkpoint for stage 2
+        calls this again after loading.
+        """
+        for p in self.encoder_parameters():
+            p.requires_grad_(False)
+        self._frozen_encoder = True
+        self._set_encoder_eval()
+
+    def unfreeze_encoder(self) -> None:
+        """Undo `freeze_encoder()`: gradients flow again and the encoder follows `.train()`."""
+        for p in self.encoder_parameters():
+            p.requires_grad_(True)
+        self._frozen_encoder = False
+        for module in self.encoder_modules():
+            module.train(self.training)
+
+    def train(self, mode: bool = True) -> EncoderDecoderNet:
+        """Set train/eval mode; a frozen encoder stays in eval mode regardless of `mode`."""
+        super().train(mode)
+        if self._frozen_encoder:
+            self._set_encoder_eval()
+        return self
+
+    def _set_encoder_eval(self) -> None:
+        # BN stays in eval while frozen: its running statistics came from stage 1 (or ImageNet) and
+        # batch statistics would both update them and change the features the decoder sees.
+        for module in self.encoder_modules():
+            module.eval()

@@ -1,0 +1,248 @@
+"""The parsing system: any encoder-decoder segmentation net, a named-term loss, an optional sampler."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_modules.metrics import ConfusionMatrix, segmentation_scores
+
+log = logging.getLogger(__name__)
+
+
+class ParsingLitModule(pl.LightningModule):
+    """Semantic / human parsing with a dense-prediction net.
+
+    Args:
+        net: module mapping ``(B, 3, h, w)`` images to ``{"out": (B, C, h, w), "aux": ...}`` logits.
+        loss: ``loss(outputs, target, sample_mask) -> {"loss": ..., "loss/<term>": ...}``.
+        optimizer: partial optimizer taking ``params``.
+        scheduler: partial ``(optimizer, steps_per_epoch) -> LRScheduler`` stepped every step, or None.
+        sampler: regional sampler turning a target ``(B, H, W)`` into a keep mask, or None.
+        num_classes: number of classes C.
+        class_names: C names for tables and logs.
+        ignore_index: label value excluded from loss and metrics.
+        freeze_encoder: freeze the net's encoder, BatchNorm statistics included (RIM stage 2).
+        track_train_confusion: accumulate a confusion matrix of the training batches every epoch.
+        channels_last: run the net in channels-last memory format (faster convolutions on GPU).
+        compile: ``torch.compile`` the net.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        sampler: nn.Module | None = None,
+        num_classes: int = 59,
+        class_names: Sequence[str] | None = None,
+        ignore_index: int = 255,
+        freeze_encoder: bool = False,
+        track_train_confusion: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["net", "loss", "sampler"])
+        self.net = net
+        self.loss = loss
+        self.sampler = sampler
+        self.num_classes = int(num_classes)
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} entries but num_classes is {num_classes}"
+            )
+        self.ignore_index = ignore_index
+        if freeze_encoder:
+            net.freeze_encoder()
+        # The auxiliary head only costs time when its loss weight is zero (RIM stage 2).
+        if hasattr(net, "use_aux"):
+            net.use_aux = float(getattr(loss, "aux_weight", 0.0)) > 0.0
+        self.train_confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index)
+        self.val_confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index)
+        self.test_confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index)
+        self.track_train_confusion = track_train_confusion
+        self.force_train_confusion = False
+        # ARBS statistics of stage 1 (filled by the CPASnapshot callback); saved with every checkpoint.
+        self.register_buffer("early_cpa", torch.full((num_classes,), float("nan"), dtype=torch.float64))
+        self.register_buffer("early_cpa_epoch", torch.zeros((), dtype=torch.long))
+        self.last_scores: dict[str, dict[str, Any]] = {}
+        # Kept out of the module tree so the compiled wrapper adds no duplicate state_dict keys.
+        object.__setattr__(self, "_net_forward", torch.compile(net) if compile else net)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        """Logits of ``image`` ``(B, 3, h, w)``: ``{"out": (B, C, h, w), ...}``."""
+        if self.hparams.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return self._net_forward(image)
+
+    # ------------------------------------------------------------------ training
+
+    def on_fit_start(self) -> None:
+        if self.sampler is not None and not bool(self.sampler.ready):
+            self._init_sampler()
+
+    def _init_sampler(self) -> None:
+        source = getattr(self.sampler, "source", "arbs")
+        if source == "arbs":
+            stats = self.early_cpa.detach().clone()
+            if not torch.isfinite(stats).any():
+                raise RuntimeError(
+                    "sampler=arbs needs the class pixel accuracy (CPA) recorded early in stage 1, but "
+                    "this model has none: start stage 2 from a stage-1 checkpoint of rimlab "
+                    "(schedule=rim, or init_from=<stage-1 ckpt> with callbacks.cpa_snapshot enabled)."
+                )
+        elif source == "nrbs":
+            datamodule = self.trainer.datamodule
+            if datamodule is None or not hasattr(datamodule, "class_pixel_counts"):
+                raise RuntimeError("sampler=nrbs needs a datamodule with class_pixel_counts()")
+            counts = torch.as_tensor(datamodule.class_pixel_counts(), dtype=torch.float64)
+            stats = counts / counts.sum().clamp_min(1)
+        else:
+            raise ValueError(f"unknown sampler source {source!r} (expected 'arbs' or 'nrbs')")
+        self.sampler.set_statistics(stats.to(self.device))
+        probs = self.sampler.probs.detach().cpu()
+        log.info(
+            "regional sampler (%s): keep probabilities min %.4f, mean %.4f over %d classes",
+            source,
+            float(probs.min()),
+            float(probs.mean()),
+            probs.numel(),
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        image, target = batch["image"], batch["mask"]
+        outputs = self(image)
+        sample_mask = self.sampler(target) if self.sampler is not None else None
+        losses = self.loss(outputs, target, sample_mask=sample_mask)
+        bs = image.shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=bs,
+                     prog_bar=name == "loss")
+        if self.track_train_confusion or self.force_train_confusion:
+            self.train_confmat.update(outputs["out"].detach().argmax(1), target)
+        return losses["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        if self.track_train_confusion:
+            self._log_scores("train", self.train_confmat, per_class=False)
+        self.train_confmat.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = self.hparams.optimizer(params=params)
+        if self.hparams.scheduler is None:
+            return {"optimizer": optimizer}
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        steps = self.trainer.estimated_stepping_batches
+        steps_per_epoch = max(1, math.ceil(steps / max_epochs)) if math.isfinite(steps) else 1
+        scheduler = self.hparams.scheduler(optimizer=optimizer, steps_per_epoch=steps_per_epoch)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # ------------------------------------------------------------------ evaluation
+
+    def predict_logits(self, image: Tensor) -> Tensor:
+        """Final logits ``(B, C, h, w)`` of ``image`` ``(B, 3, h, w)`` (eval-mode forward)."""
+        return self(image)["out"]
+
+    def _eval_step(self, batch: dict[str, Any], metric: ConfusionMatrix) -> None:
+        logits = self.predict_logits(batch["image"])
+        target = batch["mask"]
+        orig = batch.get("orig_size")
+        if orig is None:
+            # Labels already at the network's resolution.
+            if logits.shape[-2:] != target.shape[-2:]:
+                # (B, C, h, w) -> (B, C, H, W)
+                logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear",
+                                       align_corners=False)
+            metric.update(logits.argmax(1), target)
+            return
+        sizes = orig.tolist()
+        if all(tuple(s) == tuple(target.shape[-2:]) for s in sizes):
+            # Every image of the batch has the padded size: score them in one go.
+            # (B, C, h, w) -> (B, C, H, W)
+            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+            metric.update(logits.argmax(1), target)
+            return
+        for i, (h, w) in enumerate(sizes):
+            # (1, C, h', w') -> (1, C, H_i, W_i): score at the image's original resolution
+            up = F.interpolate(logits[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)
+            metric.update(up.argmax(1), target[i : i + 1, :h, :w])
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_confmat)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val", self.val_confmat, per_class=True)
+        self.val_confmat.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_confmat)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores("test", self.test_confmat, per_class=True)
+        self.test_confmat.reset()
+
+    def _log_scores(self, stage: str, metric: ConfusionMatrix, per_class: bool) -> None:
+        confusion = metric.compute()
+        if int(confusion.sum()) == 0:
+            return
+        scores = segmentation_scores(confusion)
+        scores["confusion"] = confusion.detach().cpu()
+        scores["epoch"] = self.current_epoch
+        scores["global_step"] = self.global_step
+        self.last_scores[stage] = scores
+        for key in ("PA", "MPA", "mIoU", "mAcc"):
+            value = scores[key]
+            self.log(f"{stage}/{key}", float(value) if math.isfinite(value) else 0.0,
+                     prog_bar=key == "mIoU" and stage == "val", sync_dist=False)
+        if per_class and not self.trainer.sanity_checking:
+            for i, name in enumerate(self.class_names):
+                iou = float(scores["IoU"][i])
+                if math.isfinite(iou):
+                    self.log(f"{stage}/IoU/{name}", iou)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def load_init_weights(self, path: str) -> None:
+        """Loads the net weights (and the ARBS statistics) of a checkpoint, nothing of its training state.
+
+        Args:
+            path: a rimlab Lightning checkpoint (``.ckpt``).
+        """
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if "state_dict" not in ckpt:
+            raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+        state = ckpt["state_dict"]
+        own = self.state_dict()
+        net_keys = [k for k in own if k.startswith("net.")]
+        missing = [k for k in net_keys if k not in state]
+        if missing:
+            raise ValueError(
+                f"{path}: the checkpoint's network does not match the configured model "
+                f"({len(missing)} missing weights, e.g. {missing[:3]})"
+            )
+        wrong = [k for k in net_keys if state[k].shape != own[k].shape]
+        if wrong:
+            k = wrong[0]
+            raise ValueError(
+                f"{path}: weight {k} has shape {tuple(state[k].shape)} in the checkpoint but "
+                f"{tuple(own[k].shape)} in the model (different model.num_classes or backbone?)"
+            )
+        keep = {k: v for k, v in state.items() if k.startswith("net.") or k.startswith("early_cpa")}
+        self.load_state_dict(keep, strict=False)

@@ -1,0 +1,52 @@
+"""Learning-rate schedules stepped once per optimisation step."""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate at optimisation step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_steps``, then half a cosine from 1 down to ``min_ratio`` at
+    ``total_steps``; constant at ``min_ratio`` afterwards.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def cosine_schedule(
+    optimizer: Optimizer,
+    steps_per_epoch: int,
+    total_epochs: int,
+    start_epoch: int = 0,
+    warmup_epochs: float = 0,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """Per-step cosine annealing over ``total_epochs``, entered at ``start_epoch``.
+
+    A run that trains epochs ``[start_epoch, ...)`` of a longer schedule (RIM's stage 2 trains epochs
+    70..99 of the 100-epoch curve) sees exactly the learning rates the uninterrupted run would see.
+
+    Args:
+        optimizer: the optimizer whose ``lr`` is the peak learning rate.
+        steps_per_epoch: optimisation steps per epoch.
+        total_epochs: length of the whole cosine curve in epochs.
+        start_epoch: the epoch of the curve this run starts at.
+        warmup_epochs: linear warm-up length in epochs (at the start of the curve).
+        min_lr_ratio: final learning rate as a fraction of the peak.
+    """
+    total = int(steps_per_epoch * total_epochs)
+    offset = int(steps_per_epoch * start_epoch)
+    warmup = int(steps_per_epoch * warmup_epochs)
+
+    def factor(step: int) -> float:
+        return cosine_factor(step + offset, total, warmup, min_lr_ratio)
+
+    return LambdaLR(optimizer, factor)

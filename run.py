@@ -1,0 +1,36 @@
+"""rimlab's single entry point: ``python run.py [experiment=NAME] [overrides ...]``.
+
+Hydra composes ``conf/run.yaml`` with the chosen groups; :func:`experiments.train.run` does the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+# Config paths are relative to the repository, wherever the command is started from.
+os.environ.setdefault("RIMLAB_ROOT", str(Path(__file__).resolve().parent))
+
+log = logging.getLogger("rimlab")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="run")
+def main(cfg: DictConfig) -> float | None:
+    """Runs one job; returns the optimised metric for hyper-parameter sweepers."""
+    from experiments.train import run
+
+    results = run(cfg)
+    stage, _, name = str(cfg.get("optimized_metric") or "").partition("/")
+    value = (results.get(stage) or {}).get(name)
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Every experiment and preset composes, resolves and instantiates its data, model and trainer."""
+
+from __future__ import annotations
+
+import hydra
+import pytest
+import torch
+from cfg_utils import CONF, compose_cfg
+
+from experiments.train import ConfigError, build_module, validate_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+DEBUG = sorted(p.stem for p in (CONF / "debug").glob("*.yaml") if p.stem != "default")
+GROUPS = ["loss", "sampler", "optimizer", "schedule", "trainer", "logger", "model"]
+
+
+def test_top_level_keys(tmp_path):
+    cfg = compose_cfg([], tmp_path)
+    for key in ("seed", "task_name", "tags", "ckpt_path", "train", "test", "optimized_metric"):
+        assert key in cfg
+    for group in ("data", "model", "loss", "sampler", "schedule", "trainer", "callbacks", "paths"):
+        assert group in cfg
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(name, tmp_path):
+    cfg = compose_cfg([f"experiment={name}", "model.pretrained=false", "trainer.accelerator=cpu",
+                       "trainer.devices=1", "~trainer.strategy"]
+                      if name != "quickstart" else [f"experiment={name}"], tmp_path)
+    validate_config(cfg)
+    assert cfg.model.num_classes == cfg.data.num_classes
+    datamodule = hydra.utils.instantiate(cfg.data)
+    assert datamodule.num_classes == cfg.data.num_classes
+    module = build_module(cfg)
+    out = module.net.eval()(torch.zeros(1, 3, 33, 33))["out"]
+    assert out.shape == (1, cfg.data.num_classes, 33, 33)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert trainer.max_epochs == cfg.schedule.total_epochs
+
+
+@pytest.mark.parametrize("name", DEBUG)
+def test_debug_presets_compose(name, tmp_path):
+    cfg = compose_cfg([f"debug={name}"], tmp_path)
+    validate_config(cfg)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert trainer is not None
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_option_composes(group, tmp_path):
+    for path in sorted((CONF / group).glob("*.yaml")):
+        overrides = [f"{group}={path.stem}"]
+        if group == "sampler" and path.stem == "arbs":
+            overrides.append("schedule=rim")
+        cfg = compose_cfg(overrides, tmp_path)
+        validate_config(cfg)
+
+
+def test_num_classes_mismatch_is_caught(tmp_path):
+    cfg = compose_cfg(["model.num_classes=20"], tmp_path)
+    with pytest.raises(ConfigError, match="model.num_classes=20 disagrees with data.num_classes=59"):
+        validate_config(cfg)
+
+
+def test_arbs_without_cpa_source_is_caught(tmp_path):
+    cfg = compose_cfg(["sampler=arbs", "schedule=single"], tmp_path)
+    with pytest.raises(ConfigError, match="sampler=arbs has no CPA source"):
+        validate_config(cfg)
+
+
+def test_unknown_experiment_and_key_fail_at_compose(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["experiment=does_not_exist"], tmp_path)
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["trainer.no_such_key=1"], tmp_path)

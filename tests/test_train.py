@@ -1,0 +1,112 @@
+"""End-to-end runs on the synthetic set: results.json, checkpoints, schedules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import hydra
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cfg_utils import TINY, compose_cfg
+
+from experiments.train import run
+from lightning_modules import ParsingLitModule
+from lightning_modules.schedulers import cosine_factor
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def _independent_val_confusion(ckpt_path, cfg) -> np.ndarray:
+    """Confusion of the checkpoint on the val split, scored image by image at original size."""
+    from experiments.train import build_module
+
+    module = build_module(cfg)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    module.load_state_dict(state)
+    module.eval()
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    c = cfg.data.num_classes
+    confusion = np.zeros((c, c), dtype=np.int64)
+    for batch in datamodule.val_dataloader():
+        with torch.no_grad():
+            logits = module.net(batch["image"])["out"]
+        for i, (h, w) in enumerate(batch["orig_size"].tolist()):
+            pred = F.interpolate(logits[i : i + 1], size=(h, w), mode="bilinear",
+                                 align_corners=False).argmax(1)[0].numpy()
+            gt = batch["mask"][i, :h, :w].numpy()
+            keep = gt != 255
+            np.add.at(confusion, (gt[keep], pred[keep]), 1)
+    return confusion
+
+
+def test_single_run_writes_results_and_checkpoints(tmp_path, data_dir):
+    cfg = compose_cfg(["experiment=quickstart", *TINY, "schedule.total_epochs=2"], tmp_path,
+                      data_dir)
+    results = run(cfg)
+    out = tmp_path / "run"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert set(on_disk["val"]) >= {"PA", "MPA", "mIoU", "mAcc", "IoU", "CPA"}
+    assert len(on_disk["val"]["IoU"]) == 59
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert results["checkpoints"]["best"].endswith(".ckpt")
+    # The reported metrics are those of the final weights, recomputed independently here.
+    confusion = _independent_val_confusion(out / "checkpoints" / "last.ckpt", cfg)
+    diag = np.diag(confusion).astype(float)
+    pa = 100 * diag.sum() / confusion.sum()
+    union = confusion.sum(0) + confusion.sum(1) - diag
+    with np.errstate(invalid="ignore", divide="ignore"):
+        miou = 100 * np.nanmean(np.where(union > 0, diag / union, np.nan))
+    assert on_disk["val"]["PA"] == pytest.approx(pa, abs=1e-6)
+    assert on_disk["val"]["mIoU"] == pytest.approx(miou, abs=1e-6)
+    metrics_csv = list((out / "csv").rglob("metrics.csv"))
+    assert metrics_csv and "train/loss" in metrics_csv[0].read_text().splitlines()[0]
+
+
+def test_shared_stage1_continuation_follows_one_cosine_curve(tmp_path, data_dir):
+    """stage 1 (2 of 3 epochs) + continuation = the learning rates of one 3-epoch cosine run."""
+    cfg = compose_cfg(["experiment=quickstart", *TINY, "schedule.total_epochs=3",
+                       "schedule.stage1_epochs=2"], tmp_path, data_dir)
+    results = run(cfg)
+    stage1_dir = results["stage1"]["dir"]
+    assert (tmp_path / "logs" / "stage1").is_dir() and stage1_dir.startswith(str(tmp_path))
+    steps_per_epoch = 16 // 4
+    total = 3 * steps_per_epoch
+    lrs = []
+    for csv in [*sorted((tmp_path / "logs").rglob("metrics.csv")),
+                *sorted((tmp_path / "run").rglob("metrics.csv"))]:
+        lines = csv.read_text().splitlines()
+        head = lines[0].split(",")
+        col, step_col = head.index("lr-SGD"), head.index("step")
+        lrs += [(int(r.split(",")[step_col]), float(r.split(",")[col])) for r in lines[1:]
+                if r.split(",")[col]]
+    lrs = dict(lrs)
+    assert sorted(lrs) == list(range(total))
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(0.02 * cosine_factor(step, total), rel=1e-6)
+    # A second run with the same config reuses stage 1 instead of training it again.
+    ckpt = tmp_path / "logs" / "stage1"
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*.ckpt")}
+    run(cfg)
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*.ckpt")} == before
+
+
+def test_cosine_factor_values():
+    assert cosine_factor(0, 10) == 1.0
+    assert cosine_factor(5, 10) == pytest.approx(0.5)
+    assert cosine_factor(10, 10) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_factor(3, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+    assert cosine_factor(0, 10, warmup_steps=2) == pytest.approx(0.5)
+
+
+def test_module_rejects_wrong_class_names():
+    with pytest.raises(ValueError, match="class_names has 2 entries but num_classes is 3"):
+        ParsingLitModule(net=torch.nn.Identity(), loss=torch.nn.Identity(), optimizer=None,
+                         num_classes=3, class_names=["a", "b"])
