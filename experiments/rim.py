@@ -108,13 +108,18 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if cfg.get("test") and getattr(datamodule, "has_test_labels", False):
         results["test"] = summarise(module, final_scores(trainer, module, datamodule, "test"),
                                     "RIM stage 2 on test")
-    if module.sampler is not None and bool(module.sampler.ready):
+    if module.sampler is not None and module.sampler.is_ready:
         names = module.class_names
         results["sampling"] = {
             "source": module.sampler.source,
             "statistics": dict(zip(names, module.sampler.stats.cpu().tolist(), strict=True)),
             "keep_probabilities": dict(zip(names, module.sampler.probs.cpu().tolist(), strict=True)),
         }
+    names = module.class_names
+    results["stage1"]["early_cpa"] = dict(zip(names, module.early_cpa.cpu().tolist(), strict=True))
+    if hasattr(datamodule, "class_pixel_counts"):
+        counts = datamodule.class_pixel_counts()
+        results["class_pixel_counts"] = dict(zip(names, (int(c) for c in counts), strict=True))
     ckpt_cb = trainer.checkpoint_callback
     if ckpt_cb is not None and cfg.train:
         results["checkpoints"] = {"best": ckpt_cb.best_model_path, "last": ckpt_cb.last_model_path}

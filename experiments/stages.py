@@ -61,7 +61,9 @@ def stage1_config(cfg: DictConfig) -> dict[str, Any]:
         "data": data,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "module": OmegaConf.to_container(cfg.module, resolve=True),
-        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        # ILM knobs only act in stage 2: variants that differ in them share stage 1.
+        "loss": {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items()
+                 if k not in ("ilm", "ilm_weight", "ilm_region")},
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "seed": cfg.seed,
         "trainer": {k: trainer.get(k) for k in _TRAINER_KEPT},

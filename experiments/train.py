@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -223,12 +224,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     schedule = cfg.schedule
-    if schedule.name == "rim":
-        from experiments.rim import run_rim
+    try:
+        if schedule.name == "rim":
+            from experiments.rim import run_rim
 
-        results = run_rim(cfg, out_dir)
-    else:
-        results = run_single(cfg, out_dir)
+            results = run_rim(cfg, out_dir)
+        else:
+            results = run_single(cfg, out_dir)
+    finally:
+        # Multirun jobs share a process: each must close its own W&B run.
+        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()
     write_results(out_dir / "results.json", results)
     log.info("results written to %s", out_dir / "results.json")
     return results

@@ -90,7 +90,7 @@ class ParsingLitModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
 
     def on_fit_start(self) -> None:
-        if self.sampler is not None and not bool(self.sampler.ready):
+        if self.sampler is not None and not self.sampler.is_ready:
             self._init_sampler()
 
     def _init_sampler(self) -> None:

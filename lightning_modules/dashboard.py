@@ -1,0 +1,150 @@
+"""W&B dashboard of a parsing run: per-class tables, confusion matrix, sampler statistics, overlays.
+
+Does nothing unless a ``WandbLogger`` is attached, so it sits in the default callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_MEAN = np.array([0.485, 0.456, 0.406])
+_STD = np.array([0.229, 0.224, 0.225])
+
+
+def _wandb_run(trainer: pl.Trainer) -> Any | None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return logger.experiment
+    return None
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """A fixed (C, 3) uint8 colour table (the PASCAL VOC bit pattern), class 0 black."""
+    colours = np.zeros((num_classes, 3), dtype=np.uint8)
+    for i in range(num_classes):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours[i] = (r, g, b)
+    return colours
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blends class colours into ``image`` (H, W, 3) uint8 where ``mask`` (H, W) is labelled."""
+    out = image.astype(np.float32).copy()
+    valid = mask != 255
+    out[valid] = (1 - alpha) * out[valid] + alpha * colours[mask[valid]].astype(np.float32)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def _heatmap(matrix: np.ndarray, names: list[str]) -> np.ndarray:
+    """Renders a (C, C) matrix as an RGB image (H, W, 3) uint8 with class names on the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.14 * len(names))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
+    ax.set_yticks(range(len(names)), names, fontsize=5)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+class WandbDashboard(pl.Callback):
+    """Logs per-class IoU / CPA tables, a confusion matrix, the sampler's distribution and keep
+    probabilities, and a few validation images with ground truth and prediction overlaid.
+
+    Args:
+        num_images: validation images logged each validation epoch.
+        every_n_epochs: log the images and the confusion matrix every n validation epochs.
+    """
+
+    def __init__(self, num_images: int = 4, every_n_epochs: int = 1) -> None:
+        self.num_images = num_images
+        self.every_n_epochs = max(1, every_n_epochs)
+        self._images: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._sampler_logged = False
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._images = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if (len(self._images) >= self.num_images or _wandb_run(trainer) is None
+                or not trainer.is_global_zero):
+            return
+        with torch.no_grad():
+            logits = pl_module.predict_logits(batch["image"][:1])
+        h, w = (int(s) for s in batch["orig_size"][0]) if "orig_size" in batch else logits.shape[-2:]
+        pred = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
+                                               align_corners=False).argmax(1)[0].cpu().numpy()
+        gt = batch["mask"][0, :h, :w].cpu().numpy()
+        img = batch["image"][0].float().cpu().permute(1, 2, 0).numpy()  # (3, h, w) -> (h, w, 3)
+        img = ((img * _STD + _MEAN) * 255).clip(0, 255).astype(np.uint8)
+        from PIL import Image
+
+        img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+        self._images.append((img, gt, pred))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run = _wandb_run(trainer)
+        if run is None or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        import wandb
+
+        scores = pl_module.last_scores.get("val")
+        names = pl_module.class_names
+        payload: dict[str, Any] = {}
+        if scores is not None:
+            rows = []
+            for i, name in enumerate(names):
+                iou, cpa = float(scores["IoU"][i]), float(scores["CPA"][i])
+                rows.append([i, name, None if math.isnan(iou) else iou,
+                             None if math.isnan(cpa) else cpa])
+            payload["val/per_class"] = wandb.Table(columns=["id", "class", "IoU", "CPA"], data=rows)
+            epoch = trainer.current_epoch
+            if epoch % self.every_n_epochs == 0:
+                confusion = scores["confusion"].numpy()
+                confusion = scores["confusion"].numpy().astype(np.float64)
+                # Row-normalised: each ground-truth class's pixels spread over the predictions.
+                normed = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+                payload["val/confusion"] = wandb.Image(_heatmap(normed, names),
+                                                       caption="rows: ground truth, cols: prediction")
+        if self._images:
+            colours = palette(len(names))
+            payload["val/examples"] = [
+                wandb.Image(np.concatenate([overlay(img, gt, colours), overlay(img, pred, colours)],
+                                           axis=1), caption="ground truth | prediction")
+                for img, gt, pred in self._images
+            ]
+        sampler = getattr(pl_module, "sampler", None)
+        if sampler is not None and sampler.is_ready and not self._sampler_logged:
+            stats = sampler.stats.cpu().tolist()
+            probs = sampler.probs.cpu().tolist()
+            table = wandb.Table(columns=["class", "statistic", "keep_probability"],
+                                data=[[n, s, p] for n, s, p in zip(names, stats, probs, strict=True)])
+            payload["sampler/distribution"] = wandb.plot.bar(table, "class", "statistic",
+                                                             title=f"{sampler.source} statistic")
+            payload["sampler/keep_probability"] = wandb.plot.bar(table, "class", "keep_probability",
+                                                                 title="keep probability")
+            self._sampler_logged = True
+        if payload:
+            run.log(payload, commit=False)

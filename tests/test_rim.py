@@ -1,0 +1,62 @@
+"""The RIM two-stage schedule end to end on the synthetic set."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from cfg_utils import TINY, compose_cfg
+
+from experiments.train import run
+
+RIM = [*TINY, "schedule=rim", "schedule.total_epochs=3", "schedule.stage1_epochs=2",
+       "schedule.cpa_epoch=1", "sampler=arbs", "loss=ce_ilm", "schedule.baseline=true"]
+
+
+@pytest.mark.slow
+def test_two_stage_run(tmp_path):
+    cfg = compose_cfg(["experiment=quickstart", *RIM], tmp_path)
+    results = run(cfg)
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["schedule"] == "rim"
+    assert on_disk["baseline"]["val"]["mIoU"] is not None and on_disk["val"]["mIoU"] is not None
+
+    stage1 = torch.load(results["stage1"]["checkpoint"], map_location="cpu", weights_only=False)
+    stage2 = torch.load(tmp_path / "run" / "stage2" / "checkpoints" / "last.ckpt",
+                        map_location="cpu", weights_only=False)
+    s1, s2 = stage1["state_dict"], stage2["state_dict"]
+
+    # Stage 2: every encoder weight and BatchNorm statistic unchanged, the decoder trained.
+    encoder = [k for k in s1 if k.startswith("net.backbone.")]
+    assert any("running_mean" in k for k in encoder)
+    for key in encoder:
+        assert torch.equal(s1[key], s2[key]), key
+    decoder = [k for k in s1 if k.startswith("net.") and not k.startswith("net.backbone.")
+               and k.endswith("weight") and "aux" not in k]
+    assert decoder and any(not torch.equal(s1[k], s2[k]) for k in decoder)
+
+    # Keep probabilities = eta / CPA of epoch 1, recomputed by hand from the stage-1 checkpoint.
+    cpa = s1["early_cpa"].tolist()
+    assert int(s1["early_cpa_epoch"]) == 1
+    positive = [x for x in cpa if not math.isnan(x) and x > 0]
+    eta = min(positive)
+    expected = [1.0 if (math.isnan(x) or x <= 0) else eta / x for x in cpa]
+    got = list(on_disk["sampling"]["keep_probabilities"].values())
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert max(got) == pytest.approx(1.0)
+    # The sampler state travels with the stage-2 checkpoint (resume keeps the same probabilities).
+    assert torch.allclose(s2["sampler.probs"].double(), torch.tensor(expected, dtype=torch.float64),
+                          rtol=1e-5)
+
+    # Stage 2's learning rate continues the 3-epoch cosine curve at epoch 2.
+    from lightning_modules.schedulers import cosine_factor
+
+    csv_file = next((tmp_path / "run" / "stage2").rglob("metrics.csv"))
+    lines = csv_file.read_text().splitlines()
+    col = lines[0].split(",").index("lr-SGD")
+    lrs = [float(r.split(",")[col]) for r in lines[1:] if r.split(",")[col]]
+    steps = 16 // 4
+    expected_lrs = [0.02 * cosine_factor(2 * steps + i, 3 * steps) for i in range(steps)]
+    assert lrs == pytest.approx(expected_lrs, rel=1e-6)
