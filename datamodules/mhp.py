@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning import LightningDataModule
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -40,13 +41,13 @@ MHP_NUM_CLASSES = 59
 MHP_CLASSES: tuple[str, ...] = (
     "Background", "Cap/hat", "Helmet", "Face", "Hair", "Left-arm", "Right-arm", "Left-hand",
     "Right-hand", "Protector", "Bikini/bra", "Jacket/windbreaker/hoodie", "Tee-shirt", "Polo-shirt",
-    "Sweater", "Singlet", "Torso-skin", "Pants", "Shorts/swim-shorts", "Skirt", "Stockings", "Socks",
-    "Left-boot", "Right-boot", "Left-shoe", "Right-shoe", "Left-highheel", "Right-highheel",
-    "Left-sandal", "Right-sandal", "Left-leg", "Right-leg", "Left-foot", "Right-foot", "Coat",
-    "Dress", "Robe", "Jumpsuit", "Other-full-body-clothes", "Headwear", "Backpack", "Ball", "Bats",
-    "Belt", "Bottle", "Carrybag", "Cases", "Sunglasses", "Eyewear", "Glove", "Scarf", "Umbrella",
-    "Wallet/purse", "Watch", "Wristband", "Tie", "Other-accessary", "Other-upper-body-clothes",
-    "Other-lower-body-clothes",
+    "Sweater", "Singlet", "Torso-skin", "Pants", "Shorts/swim-shorts", "Skirt", "Stockings",
+    "Socks", "Left-boot", "Right-boot", "Left-shoe", "Right-shoe", "Left-highheel",
+    "Right-highheel", "Left-sandal", "Right-sandal", "Left-leg", "Right-leg", "Left-foot",
+    "Right-foot", "Coat", "Dress", "Robe", "Jumpsuit", "Other-full-body-clothes", "Headwear",
+    "Backpack", "Ball", "Bats", "Belt", "Bottle", "Carrybag", "Cases", "Sunglasses", "Eyewear",
+    "Glove", "Scarf", "Umbrella", "Wallet/purse", "Watch", "Wristband", "Tie", "Other-accessary",
+    "Other-upper-body-clothes", "Other-lower-body-clothes",
 )  # fmt: skip
 MHP_FLIP_PAIRS: tuple[tuple[int, int], ...] = (
     (5, 6), (7, 8), (22, 23), (24, 25), (26, 27), (28, 29), (30, 31), (32, 33),
@@ -54,7 +55,11 @@ MHP_FLIP_PAIRS: tuple[tuple[int, int], ...] = (
 MHP_PALETTE: np.ndarray = make_palette(MHP_NUM_CLASSES)  # (59, 3) uint8 RGB
 
 # Split name -> (list file, image folder). test_* lists all index into test/ (DATASETS.md 2.1).
-_SPLITS = {"train": ("train.txt", "train"), "val": ("val.txt", "val"), "test": ("test_all.txt", "test")}
+_SPLITS = {
+    "train": ("train.txt", "train"),
+    "val": ("val.txt", "val"),
+    "test": ("test_all.txt", "test"),
+}
 # "<id>_<N>_<k>.png"; the id group is matched whole, so "7" never collects "70_01_01.png".
 _ANNO_RE = re.compile(r"^(?P<id>.+)_(?P<n>\d{2})_(?P<k>\d{2})\.png$")
 
@@ -127,9 +132,7 @@ def read_label(path: Path, num_classes: int = MHP_NUM_CLASSES) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def merge_person_labels(
-    paths: Sequence[Path], num_classes: int = MHP_NUM_CLASSES
-) -> np.ndarray:
+def merge_person_labels(paths: Sequence[Path], num_classes: int = MHP_NUM_CLASSES) -> np.ndarray:
     """Merge per-person label files into one semantic map, later persons winning on overlap.
 
     Args:
@@ -294,6 +297,12 @@ class MHPv2Dataset(Dataset):
         paths = self.label_paths(name)
         if not paths:
             raise DatasetError(self.image_path(name), f"no annotation files in {self.anno_dir}")
+        parsed = [_ANNO_RE.match(p.name) for p in paths]
+        if len({m["n"] for m in parsed}) > 1 or len({m["k"] for m in parsed}) < len(parsed):
+            # e.g. stale files from an older export: which persons belong together is ambiguous.
+            raise DatasetError(
+                paths[-1], f"inconsistent person files for {name}: {[p.name for p in paths]}"
+            )
         cached = self._merge_cache_path(name, paths)
         if cached is not None and cached.is_file():
             try:
@@ -379,10 +388,7 @@ class MHPv2Dataset(Dataset):
         def one(index: int) -> tuple[str, np.ndarray | None, DatasetError | None]:
             name = self.ids[index]
             try:
-                if decode_images:
-                    mask = self.load(index).get("mask")
-                else:
-                    mask = self.load_mask(name)
+                mask = self.load(index).get("mask") if decode_images else self.load_mask(name)
             except DatasetError as e:
                 return name, None, e
             if mask is None:
@@ -457,6 +463,15 @@ class MHPv2Dataset(Dataset):
         ]
 
 
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain lists/dicts; tuples -> lists; everything else unchanged."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _png_bytes(label: np.ndarray) -> bytes:
     import io
 
@@ -513,6 +528,11 @@ class MHPv2DataModule(LightningDataModule):
         synthetic: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        # Plain containers before save_hyperparameters (it reads these locals): Hydra passes
+        # ListConfig/DictConfig, which checkpoints could not load with weights_only=True.
+        crop_size, scale_range = _plain(crop_size), _plain(scale_range)
+        eval_size, class_names = _plain(eval_size), _plain(class_names)
+        flip_pairs, synthetic = _plain(flip_pairs), _plain(synthetic)
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
         self.batch_size = int(batch_size)

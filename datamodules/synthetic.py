@@ -3,9 +3,9 @@
 The set is small enough to train a ResNet-18 PSPNet on a laptop CPU in minutes, yet keeps the traits
 that make human parsing hard, so losses and samplers aimed at them have something to act on:
 
-- 2-4 persons per image that overlap. Each per-person PNG holds that person's *full* body, also where
-  a later person hides it, so the loader's merge rule (later person wins) decides the visible label,
-  exactly as the image was painted.
+- 2-4 persons per image that overlap. Each per-person PNG holds that person's *full* body, also
+  where a later person hides it, so the loader's merge rule (later person wins) decides the
+  visible label, exactly as the image was painted.
 - Frequent classes (face, hair, tops, pants, arms, legs) next to rare, tiny ones (watch, sunglasses,
   tie, glove, scarf): the pixel frequency ratio exceeds 100:1.
 - Left/right parts (arms 5/6, hands 7/8, legs 30/31, shoes 24/25) that look identical. Only context
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2  # bump whenever the drawing changes: stale sets are regenerated
 MARKER_NAME = ".synthetic_complete.json"
 
 # MHP class ids used by the generator (names in datamodules.mhp.MHP_CLASSES).
@@ -155,7 +155,7 @@ def _generate(out: Path, params: dict[str, Any]) -> None:
         (out / "list" / list_name).write_text("".join(f"{name}\n" for name in ids))
 
 
-# -- drawing primitives (each returns a window and a boolean mask inside it) ----------------------
+# -- drawing primitives (pixel units; each returns a window and a boolean mask inside it) ---------
 
 
 def _window(h: int, w: int, y0: float, y1: float, x0: float, x1: float) -> tuple[slice, slice]:
@@ -177,14 +177,11 @@ def ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> Regio
 
 def capsule(h: int, w: int, p0: np.ndarray, p1: np.ndarray, r: float) -> Region:
     """Pixels within ``r`` of the segment ``p0 -> p1`` (points as (y, x))."""
-    ys, xs = _window(
-        h, w, min(p0[0], p1[0]) - r, max(p0[0], p1[0]) + r, min(p0[1], p1[1]) - r,
-        max(p0[1], p1[1]) + r,
-    )  # fmt: skip
+    lo, hi = np.minimum(p0, p1) - r, np.maximum(p0, p1) + r
+    ys, xs = _window(h, w, lo[0], hi[0], lo[1], hi[1])
     y, x = _grid(ys, xs)
     d = p1 - p0
-    t = ((y - p0[0]) * d[0] + (x - p0[1]) * d[1]) / max(float(d @ d), 1e-6)
-    t = np.clip(t, 0.0, 1.0)
+    t = np.clip(((y - p0[0]) * d[0] + (x - p0[1]) * d[1]) / max(float(d @ d), 1e-6), 0.0, 1.0)
     return ys, xs, (y - p0[0] - t * d[0]) ** 2 + (x - p0[1] - t * d[1]) ** 2 <= r * r
 
 
@@ -205,15 +202,37 @@ def polygon(h: int, w: int, pts: np.ndarray) -> Region:
 class PersonCanvas:
     """A full-image label map and colour layer for one person (full body, nothing occluded).
 
+    Shapes are given in body units: ``y`` down from the top of the head and ``x`` right of the body
+    axis, both as fractions of the person's height.
+
     Attributes:
         label: (H, W) uint8 class ids, 0 outside the person.
         rgb: (H, W, 3) float32 colour, valid where ``label > 0``.
     """
 
-    def __init__(self, h: int, w: int) -> None:
+    def __init__(self, h: int, w: int, top: float, cx: float, height: float) -> None:
         self.h, self.w = h, w
+        self.origin = np.array([top, cx])
+        self.u = height
         self.label = np.zeros((h, w), dtype=np.uint8)
         self.rgb = np.zeros((h, w, 3), dtype=np.float32)
+
+    def _px(self, p: Any) -> np.ndarray:
+        return self.origin + self.u * np.asarray(p, dtype=float)
+
+    def ellipse(self, y: float, x: float, ry: float, rx: float) -> Region:
+        cy, cx = self._px((y, x))
+        return ellipse(self.h, self.w, cy, cx, ry * self.u, rx * self.u)
+
+    def capsule(self, p0: Any, p1: Any, r: float) -> Region:
+        return capsule(self.h, self.w, self._px(p0), self._px(p1), r * self.u)
+
+    def polygon(self, pts: Any) -> Region:
+        return polygon(self.h, self.w, self._px(pts))
+
+    def trapezoid(self, y0: float, y1: float, half0: float, half1: float) -> Region:
+        """Symmetric about the body axis: half-width ``half0`` at ``y0``, ``half1`` at ``y1``."""
+        return self.polygon([(y0, -half0), (y0, half0), (y1, half1), (y1, -half1)])
 
     def paint(
         self,
@@ -239,12 +258,11 @@ class PersonCanvas:
         win = self.rgb[ys, xs]
         if stripes is None:
             win[m] = color
-        else:
-            period, color2 = stripes
-            rows = np.arange(ys.start, ys.stop)[:, None] + np.zeros((1, m.shape[1]), dtype=int)
-            second = (rows // period) % 2 == 1
-            win[m & ~second] = color
-            win[m & second] = color2
+            return
+        period, color2 = stripes
+        second = (np.arange(ys.start, ys.stop)[:, None] // period) % 2 == 1  # (n, 1) row parity
+        win[m & ~second] = color
+        win[m & second] = color2
 
 
 def _skin(rng: np.random.Generator) -> np.ndarray:
@@ -268,186 +286,158 @@ def _garment_texture(rng: np.random.Generator, color: np.ndarray) -> tuple[int, 
     return None
 
 
-def draw_person(
-    rng: np.random.Generator, h: int, w: int, cx: float, top: float, height: float
-) -> PersonCanvas:
-    """Draw one person standing with its head at ``top`` and body ``height`` pixels tall.
-
-    The person faces the camera or away from it; that alone decides on which image side the
-    person's left limbs are, so left/right labels can be learnt only from the face/back cue.
-    """
-    c = PersonCanvas(h, w)
-    u = height
-    front = bool(rng.uniform() < 0.5)
-    skin = _skin(rng)
-    hair = _hair_color(rng)
-
-    def side_cls(pair: tuple[int, int], image_side: int) -> int:
-        # image_side -1 = image left. Front-facing: the person's left is on the image right.
-        person_left = (image_side > 0) if front else (image_side < 0)
-        return pair[0] if person_left else pair[1]
-
-    # Clothes.
-    top_cls = rng.choice(
-        [TEE, POLO, JACKET, SWEATER, SINGLET, DRESS], p=[0.3, 0.25, 0.12, 0.1, 0.1, 0.13]
-    )
-    top_col = _garment_color(rng)
-    top_tex = _garment_texture(rng, top_col)  # same law for every top, tee and polo included
-    bottom_cls = (
-        DRESS if top_cls == DRESS else rng.choice([PANTS, SHORTS, SKIRT], p=[0.55, 0.28, 0.17])
-    )
-    bottom_col = top_col if bottom_cls == DRESS else _garment_color(rng)
-    sleeve = {TEE: 0.6, POLO: 0.6, JACKET: 1.0, SWEATER: 1.0}.get(int(top_cls), 0.0)
-
-    head_c = np.array([top + 0.09 * u, cx])
-    head_ry, head_rx = 0.085 * u, 0.068 * u
-    shoulder_y = top + 0.215 * u
-    hip_y = top + 0.53 * u
-
-    # Legs (skin first; garments painted over them).
-    feet = []
-    for s in (-1, 1):
-        hip = np.array([hip_y, cx + s * 0.055 * u])
-        knee = np.array([top + 0.73 * u, cx + s * rng.uniform(0.04, 0.09) * u])
-        foot = np.array([top + 0.93 * u, cx + s * rng.uniform(0.04, 0.11) * u])
-        for a, b in ((hip, knee), (knee, foot)):
-            c.paint(capsule(h, w, a, b, 0.042 * u), side_cls(LEG, s), skin)
-        feet.append((s, hip, knee, foot))
-    if bottom_cls == PANTS:
-        for _, hip, knee, foot in feet:
-            ankle = foot - np.array([0.03 * u, 0.0])
-            for a, b in ((hip, knee), (knee, ankle)):
-                c.paint(capsule(h, w, a, b, 0.05 * u), PANTS, bottom_col)
-    elif bottom_cls == SHORTS:
-        for _, hip, knee, _ in feet:
-            c.paint(capsule(h, w, hip, hip + 0.55 * (knee - hip), 0.055 * u), SHORTS, bottom_col)
-    hem = top + rng.uniform(0.66, 0.8) * u
-    if bottom_cls in (SKIRT, DRESS):
-        pts = np.array(
-            [[hip_y - 0.02 * u, cx - 0.1 * u], [hip_y - 0.02 * u, cx + 0.1 * u],
-             [hem, cx + 0.17 * u], [hem, cx - 0.17 * u]]
-        )  # fmt: skip
-        c.paint(polygon(h, w, pts), int(bottom_cls), bottom_col, _garment_texture(rng, bottom_col))
-    shoe_col = rng.uniform(10, 120, size=3)
-    for s, _, _, foot in feet:
-        c.paint(ellipse(h, w, foot[0] + 0.01 * u, foot[1] + s * 0.01 * u, 0.025 * u, 0.045 * u),
-                side_cls(SHOE, s), shoe_col)  # fmt: skip
-
-    # Torso, neck.
-    c.paint(capsule(h, w, head_c, np.array([shoulder_y, cx]), 0.035 * u), TORSO_SKIN, skin)
-    torso = np.array(
-        [[shoulder_y - 0.01 * u, cx - 0.13 * u], [shoulder_y - 0.01 * u, cx + 0.13 * u],
-         [hip_y + 0.02 * u, cx + 0.11 * u], [hip_y + 0.02 * u, cx - 0.11 * u]]
-    )  # fmt: skip
-    c.paint(polygon(h, w, torso), int(top_cls), top_col, top_tex)
-    if top_cls == SINGLET:  # bare shoulders next to the straps
-        for s in (-1, 1):
-            c.paint(ellipse(h, w, shoulder_y + 0.01 * u, cx + s * 0.105 * u, 0.025 * u, 0.03 * u),
-                    TORSO_SKIN, skin)  # fmt: skip
-    if bottom_cls == PANTS and rng.uniform() < 0.2:
-        belt = np.array([[hip_y - 0.01 * u, cx - 0.11 * u], [hip_y - 0.01 * u, cx + 0.11 * u],
-                         [hip_y + 0.015 * u, cx + 0.11 * u], [hip_y + 0.015 * u, cx - 0.11 * u]])  # fmt: skip
-        c.paint(polygon(h, w, belt), BELT, rng.uniform(10, 90, size=3))
-
-    # Arms: upper arm + forearm, each side posed independently (pose carries no left/right cue).
-    glove_side = int(rng.choice([-1, 1])) if rng.uniform() < 0.06 else 0
-    watch_side = int(rng.choice([-1, 1])) if rng.uniform() < 0.12 else 0
-    for s in (-1, 1):
-        shoulder = np.array([shoulder_y + 0.01 * u, cx + s * 0.12 * u])
-        if rng.uniform() < 0.15:  # raised arm
-            a1 = np.deg2rad(rng.uniform(100, 160))
-            a2 = a1 + np.deg2rad(rng.uniform(-20, 20))
-        else:
-            a1 = np.deg2rad(rng.uniform(5, 35))
-            a2 = a1 + np.deg2rad(rng.uniform(-10, 40))
-        # Angles from straight down, opening away from the body on side s.
-        elbow = shoulder + 0.17 * u * np.array([np.cos(a1), s * np.sin(a1)])
-        wrist = elbow + 0.16 * u * np.array([np.cos(a2), s * np.sin(a2)])
-        arm_cls = side_cls(ARM, s)
-        c.paint(capsule(h, w, shoulder, elbow, 0.034 * u), arm_cls, skin)
-        c.paint(capsule(h, w, elbow, wrist, 0.03 * u), arm_cls, skin)
-        if sleeve >= 1:  # long sleeves cover the whole arm
-            c.paint(capsule(h, w, shoulder, elbow, 0.04 * u), int(top_cls), top_col)
-            c.paint(capsule(h, w, elbow, wrist, 0.036 * u), int(top_cls), top_col)
-        elif sleeve > 0:  # short sleeves cover part of the upper arm
-            end = shoulder + sleeve * (elbow - shoulder)
-            c.paint(capsule(h, w, shoulder, end, 0.04 * u), int(top_cls), top_col)
-        hand_c = wrist + 0.03 * u * (wrist - elbow) / (np.linalg.norm(wrist - elbow) + 1e-6)
-        if glove_side == s:
-            c.paint(ellipse(h, w, *hand_c, 0.032 * u, 0.032 * u), GLOVE, rng.uniform(0, 80, 3))
-        else:
-            c.paint(ellipse(h, w, *hand_c, 0.028 * u, 0.028 * u), side_cls(HAND, s), skin * 0.95)
-        if watch_side == s and sleeve < 1:
-            band = wrist - 0.012 * u * (wrist - elbow) / (np.linalg.norm(wrist - elbow) + 1e-6)
-            c.paint(ellipse(h, w, *band, 0.012 * u, 0.02 * u), WATCH, rng.uniform(150, 230, 3))
-
-    # Head: face + hair when facing the camera, all hair from behind.
-    if front:
-        c.paint(ellipse(h, w, *head_c, head_ry, head_rx), FACE, skin)
-        c.paint(ellipse(h, w, head_c[0] - 0.45 * head_ry, head_c[1], 0.62 * head_ry,
-                        1.08 * head_rx), HAIR, hair)  # fmt: skip
-        # Re-open the face below the fringe, then draw eyes and mouth (colour-only details).
-        lower = ellipse(h, w, head_c[0] + 0.25 * head_ry, head_c[1], 0.78 * head_ry, head_rx)
-        c.paint(lower, FACE, skin)
-        eye_y = head_c[0] + 0.05 * head_ry
-        for s in (-1, 1):
-            c.paint(ellipse(h, w, eye_y, head_c[1] + s * 0.38 * head_rx, 0.09 * u / 8, 0.09 * u / 8),
-                    None, np.array([20.0, 20, 30]), within=True)  # fmt: skip
-        c.paint(ellipse(h, w, head_c[0] + 0.55 * head_ry, head_c[1], 0.06 * head_ry, 0.3 * head_rx),
-                None, np.array([150.0, 50, 50]), within=True)  # fmt: skip
-        if rng.uniform() < 0.08:
-            c.paint(ellipse(h, w, eye_y, head_c[1], 0.16 * head_ry, 0.85 * head_rx), SUNGLASSES,
-                    rng.uniform(0, 40, 3))  # fmt: skip
-    else:
-        c.paint(ellipse(h, w, head_c[0] - 0.03 * u, head_c[1], 1.05 * head_ry, 1.08 * head_rx),
-                HAIR, hair)  # fmt: skip
-        c.paint(ellipse(h, w, *head_c, head_ry, head_rx), HAIR, hair)
-    if rng.uniform() < 0.18:
-        c.paint(ellipse(h, w, head_c[0] - 0.8 * head_ry, head_c[1], 0.4 * head_ry,
-                        1.2 * head_rx), HAT, _garment_color(rng))  # fmt: skip
-
-    # Front/back details on the torso.
-    neck_y = shoulder_y
-    if top_cls == POLO:
-        collar = _shade(top_col, rng)
-        if front:  # collar patch and two buttons: the only tee/polo difference
-            pts = np.array([[neck_y - 0.015 * u, cx - 0.05 * u], [neck_y - 0.015 * u, cx + 0.05 * u],
-                            [neck_y + 0.05 * u, cx]])  # fmt: skip
-            c.paint(polygon(h, w, pts), POLO, collar)
-            for j in (1, 2):
-                by = neck_y + (0.05 + 0.035 * j) * u
-                c.paint(ellipse(h, w, by, cx, 0.011 * u, 0.011 * u), None,
-                        255 - top_col, within=True)  # fmt: skip
-        else:  # a collar band across the back of the neck
-            pts = np.array([[neck_y - 0.02 * u, cx - 0.06 * u], [neck_y - 0.02 * u, cx + 0.06 * u],
-                            [neck_y + 0.01 * u, cx + 0.06 * u], [neck_y + 0.01 * u, cx - 0.06 * u]])  # fmt: skip
-            c.paint(polygon(h, w, pts), POLO, collar)
-    if front and top_cls in (TEE, POLO, JACKET) and rng.uniform() < 0.07:
-        pts = np.array([[neck_y + 0.01 * u, cx - 0.012 * u], [neck_y + 0.01 * u, cx + 0.012 * u],
-                        [neck_y + 0.2 * u, cx + 0.02 * u], [neck_y + 0.2 * u, cx - 0.02 * u]])  # fmt: skip
-        c.paint(polygon(h, w, pts), TIE, _garment_color(rng))
-    if rng.uniform() < 0.06:
-        c.paint(capsule(h, w, np.array([neck_y - 0.01 * u, cx - 0.07 * u]),
-                        np.array([neck_y - 0.01 * u, cx + 0.07 * u]), 0.018 * u),
-                SCARF, _garment_color(rng))  # fmt: skip
-    if not front and rng.uniform() < 0.2:
-        pts = np.array([[shoulder_y + 0.03 * u, cx - 0.09 * u], [shoulder_y + 0.03 * u, cx + 0.09 * u],
-                        [hip_y - 0.06 * u, cx + 0.085 * u], [hip_y - 0.06 * u, cx - 0.085 * u]])  # fmt: skip
-        c.paint(polygon(h, w, pts), BACKPACK, rng.uniform(20, 200, 3))
-    return c
-
-
-def _shade(color: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _shade(rng: np.random.Generator, color: np.ndarray) -> np.ndarray:
     # A visibly different tone of the same colour (lighter if dark, darker if light).
     factor = 1.45 if color.mean() < 128 else 0.62
     return np.clip(color * factor + rng.normal(0, 6, 3), 0, 255)
 
 
+# Body geometry in body units (fractions of the person's height).
+HEAD_Y, HEAD_RY, HEAD_RX = 0.09, 0.085, 0.068
+SHOULDER_Y, HIP_Y = 0.215, 0.53
+
+
+def draw_person(
+    rng: np.random.Generator, h: int, w: int, cx: float, top: float, height: float
+) -> PersonCanvas:
+    """Draw one standing person, head top at row ``top``, body axis at column ``cx``.
+
+    The person faces the camera or away from it, and that alone decides on which image side the
+    person's left limbs are: left/right labels can be learnt only from the face/back cue.
+    """
+    c = PersonCanvas(h, w, top, cx, height)
+    front = bool(rng.uniform() < 0.5)
+    skin, hair = _skin(rng), _hair_color(rng)
+
+    def side_cls(pair: tuple[int, int], s: int) -> int:
+        # s = -1: image left. Facing the camera, the person's left is on the image right.
+        person_left = s > 0 if front else s < 0
+        return pair[0] if person_left else pair[1]
+
+    tops = [TEE, POLO, JACKET, SWEATER, SINGLET, DRESS]
+    top_cls = int(rng.choice(tops, p=[0.3, 0.25, 0.12, 0.1, 0.1, 0.13]))
+    top_col = _garment_color(rng)
+    top_tex = _garment_texture(rng, top_col)  # same law for every top, tee and polo included
+    if top_cls == DRESS:
+        bottom_cls, bottom_col = DRESS, top_col
+    else:
+        bottom_cls = int(rng.choice([PANTS, SHORTS, SKIRT], p=[0.55, 0.28, 0.17]))
+        bottom_col = _garment_color(rng)
+    sleeve = {TEE: 0.6, POLO: 0.6, JACKET: 1.0, SWEATER: 1.0}.get(top_cls, 0.0)
+
+    # Legs: skin first, garments over them, then shoes.
+    legs = []
+    for s in (-1, 1):
+        hip = np.array([HIP_Y, s * 0.055])
+        knee = np.array([0.73, s * rng.uniform(0.04, 0.09)])
+        foot = np.array([0.93, s * rng.uniform(0.04, 0.11)])
+        c.paint(c.capsule(hip, knee, 0.042), side_cls(LEG, s), skin)
+        c.paint(c.capsule(knee, foot, 0.042), side_cls(LEG, s), skin)
+        legs.append((s, hip, knee, foot))
+    for _, hip, knee, foot in legs:
+        if bottom_cls == PANTS:
+            ankle = foot - np.array([0.03, 0.0])
+            c.paint(c.capsule(hip, knee, 0.05), PANTS, bottom_col)
+            c.paint(c.capsule(knee, ankle, 0.05), PANTS, bottom_col)
+        elif bottom_cls == SHORTS:
+            c.paint(c.capsule(hip, hip + 0.55 * (knee - hip), 0.055), SHORTS, bottom_col)
+    if bottom_cls in (SKIRT, DRESS):
+        hem = rng.uniform(0.66, 0.8)
+        tex = _garment_texture(rng, bottom_col)
+        c.paint(c.trapezoid(HIP_Y - 0.02, hem, 0.1, 0.17), bottom_cls, bottom_col, tex)
+    shoe_col = rng.uniform(10, 120, size=3)
+    for s, _, _, foot in legs:
+        c.paint(
+            c.ellipse(foot[0] + 0.01, foot[1] + s * 0.01, 0.025, 0.045), side_cls(SHOE, s), shoe_col
+        )
+
+    # Neck, torso, belt.
+    c.paint(c.capsule((HEAD_Y, 0.0), (SHOULDER_Y, 0.0), 0.035), TORSO_SKIN, skin)
+    c.paint(c.trapezoid(SHOULDER_Y - 0.01, HIP_Y + 0.02, 0.13, 0.11), top_cls, top_col, top_tex)
+    if top_cls == SINGLET:  # bare shoulders beside the straps
+        for s in (-1, 1):
+            c.paint(c.ellipse(SHOULDER_Y + 0.01, s * 0.105, 0.025, 0.03), TORSO_SKIN, skin)
+    if bottom_cls == PANTS and rng.uniform() < 0.2:
+        c.paint(c.trapezoid(HIP_Y - 0.01, HIP_Y + 0.015, 0.11, 0.11), BELT, rng.uniform(10, 90, 3))
+
+    # Arms: each side posed independently, so the pose carries no left/right cue.
+    glove_side = int(rng.choice([-1, 1])) if rng.uniform() < 0.06 else 0
+    watch_side = int(rng.choice([-1, 1])) if rng.uniform() < 0.12 else 0
+    for s in (-1, 1):
+        shoulder = np.array([SHOULDER_Y + 0.01, s * 0.12])
+        raised = rng.uniform() < 0.15
+        a1 = np.deg2rad(rng.uniform(100, 160) if raised else rng.uniform(5, 35))
+        a2 = a1 + np.deg2rad(rng.uniform(-20, 20) if raised else rng.uniform(-10, 40))
+        # Angles are measured from straight down, opening away from the body on side s.
+        elbow = shoulder + 0.17 * np.array([np.cos(a1), s * np.sin(a1)])
+        wrist = elbow + 0.16 * np.array([np.cos(a2), s * np.sin(a2)])
+        along = (wrist - elbow) / (np.linalg.norm(wrist - elbow) + 1e-6)
+        c.paint(c.capsule(shoulder, elbow, 0.034), side_cls(ARM, s), skin)
+        c.paint(c.capsule(elbow, wrist, 0.03), side_cls(ARM, s), skin)
+        if sleeve >= 1:  # long sleeves cover the whole arm
+            c.paint(c.capsule(shoulder, elbow, 0.04), top_cls, top_col)
+            c.paint(c.capsule(elbow, wrist, 0.036), top_cls, top_col)
+        elif sleeve > 0:  # short sleeves cover part of the upper arm
+            c.paint(
+                c.capsule(shoulder, shoulder + sleeve * (elbow - shoulder), 0.04), top_cls, top_col
+            )
+        hand = wrist + 0.03 * along
+        if glove_side == s:
+            c.paint(c.ellipse(*hand, 0.032, 0.032), GLOVE, rng.uniform(0, 80, 3))
+        else:
+            c.paint(c.ellipse(*hand, 0.028, 0.028), side_cls(HAND, s), skin * 0.95)
+        if watch_side == s and sleeve < 1:
+            band = wrist - 0.012 * along
+            c.paint(c.ellipse(*band, 0.012, 0.02), WATCH, rng.uniform(150, 230, 3))
+
+    # Head: a face (eyes, mouth) under a fringe when facing the camera, all hair from behind.
+    if front:
+        c.paint(c.ellipse(HEAD_Y - 0.45 * HEAD_RY, 0.0, 0.62 * HEAD_RY, 1.08 * HEAD_RX), HAIR, hair)
+        c.paint(c.ellipse(HEAD_Y + 0.25 * HEAD_RY, 0.0, 0.78 * HEAD_RY, HEAD_RX), FACE, skin)
+        eye_y = HEAD_Y + 0.05 * HEAD_RY
+        dark, lips = np.array([20.0, 20, 30]), np.array([150.0, 50, 50])
+        for s in (-1, 1):
+            c.paint(c.ellipse(eye_y, s * 0.38 * HEAD_RX, 0.011, 0.011), None, dark, within=True)
+        mouth = c.ellipse(HEAD_Y + 0.55 * HEAD_RY, 0.0, 0.06 * HEAD_RY, 0.3 * HEAD_RX)
+        c.paint(mouth, None, lips, within=True)
+        if rng.uniform() < 0.08:
+            glasses = c.ellipse(eye_y, 0.0, 0.16 * HEAD_RY, 0.85 * HEAD_RX)
+            c.paint(glasses, SUNGLASSES, rng.uniform(0, 40, 3))
+    else:
+        c.paint(c.ellipse(HEAD_Y - 0.03, 0.0, 1.05 * HEAD_RY, 1.08 * HEAD_RX), HAIR, hair)
+        c.paint(c.ellipse(HEAD_Y, 0.0, HEAD_RY, HEAD_RX), HAIR, hair)
+    if rng.uniform() < 0.18:
+        hat = c.ellipse(HEAD_Y - 0.8 * HEAD_RY, 0.0, 0.4 * HEAD_RY, 1.2 * HEAD_RX)
+        c.paint(hat, HAT, _garment_color(rng))
+
+    # Small details on the torso.
+    neck = SHOULDER_Y
+    if top_cls == POLO:
+        collar = _shade(rng, top_col)
+        if front:  # collar patch and two buttons: the only tee/polo difference
+            patch = c.polygon([(neck - 0.015, -0.05), (neck - 0.015, 0.05), (neck + 0.05, 0.0)])
+            c.paint(patch, POLO, collar)
+            for j in (1, 2):
+                button = c.ellipse(neck + 0.05 + 0.035 * j, 0.0, 0.011, 0.011)
+                c.paint(button, None, 255 - top_col, within=True)
+        else:  # a collar band across the back of the neck
+            c.paint(c.trapezoid(neck - 0.02, neck + 0.01, 0.06, 0.06), POLO, collar)
+    if front and top_cls in (TEE, POLO, JACKET) and rng.uniform() < 0.07:
+        c.paint(c.trapezoid(neck + 0.01, neck + 0.2, 0.012, 0.02), TIE, _garment_color(rng))
+    if rng.uniform() < 0.06:
+        scarf = c.capsule((neck - 0.01, -0.07), (neck - 0.01, 0.07), 0.018)
+        c.paint(scarf, SCARF, _garment_color(rng))
+    if not front and rng.uniform() < 0.2:
+        pack = c.trapezoid(SHOULDER_Y + 0.03, HIP_Y - 0.06, 0.09, 0.085)
+        c.paint(pack, BACKPACK, rng.uniform(20, 200, 3))
+    return c
+
+
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Smooth coloured noise, a floor gradient and a few distractor shapes, (H, W, 3) float32."""
+    """Smooth coloured noise, a floor and a few distractor shapes, (H, W, 3) float32."""
     base = rng.uniform(40, 215, size=3)
-    small = rng.normal(0, rng.uniform(10, 40), size=(max(h // 12, 2), max(w // 12, 2), 3))
-    small = np.clip(small + 128, 0, 255).astype(np.uint8)
+    small = rng.normal(128, rng.uniform(10, 40), size=(max(h // 12, 2), max(w // 12, 2), 3))
+    small = np.clip(small, 0, 255).astype(np.uint8)
     smooth = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR), dtype=np.float32)
     bg = base + (smooth - 128)
     horizon = int(h * rng.uniform(0.5, 0.85))
@@ -455,14 +445,12 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     for _ in range(int(rng.integers(1, 5))):
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
         ry, rx = rng.uniform(4, h / 4), rng.uniform(4, w / 4)
-        ys, xs, m = ellipse(h, w, cy, cx, ry, rx) if rng.uniform() < 0.5 else (
-            *_window(h, w, cy - ry, cy + ry, cx - rx, cx + rx), None)  # fmt: skip
-        win = bg[ys, xs]
-        color = rng.uniform(0, 255, size=3)
-        if m is None:
-            win[...] = color
+        if rng.uniform() < 0.5:
+            ys, xs, m = ellipse(h, w, cy, cx, ry, rx)
         else:
-            win[m] = color
+            ys, xs = _window(h, w, cy - ry, cy + ry, cx - rx, cx + rx)
+            m = np.ones((ys.stop - ys.start, xs.stop - xs.start), dtype=bool)
+        bg[ys, xs][m] = rng.uniform(0, 255, size=3)
     return bg.astype(np.float32)
 
 
@@ -483,9 +471,8 @@ def render_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, 
     for k in range(n):
         top = rng.uniform(-0.02 * h, max(h - heights[k] * 0.95, 0.0))
         person = draw_person(rng, h, w, float(centres[k]), float(top), float(heights[k]))
-        light = rng.uniform(0.8, 1.15)
         on = person.label > 0
-        image[on] = np.clip(person.rgb[on] * light, 0, 255)
+        image[on] = np.clip(person.rgb[on] * rng.uniform(0.8, 1.15), 0, 255)
         persons.append(person.label)
     image += rng.normal(0, rng.uniform(2, 8), size=image.shape).astype(np.float32)
     return np.clip(image, 0, 255).astype(np.uint8), persons

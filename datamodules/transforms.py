@@ -1,4 +1,4 @@
-"""Paired image/mask transforms for parsing datasets (albumentations under a small item-dict wrapper).
+"""Paired image/mask transforms for parsing datasets: albumentations behind an item-dict wrapper.
 
 Every transform takes and returns the dataset item dict (see ``datamodules/batch.py``): ``image``
 (H, W, 3) uint8 numpy, optional ``mask`` (H, W) int numpy, ``name``. They are plain picklable
@@ -85,26 +85,7 @@ def _mask_to_uint8(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
-class _ReseedPerWorker:
-    """Gives each DataLoader worker its own albumentations random stream.
-
-    albumentations 2 keeps a private generator per Compose; forked workers would inherit identical
-    copies and apply the same "random" augmentations. The worker seed comes from torch, so
-    ``seed_everything(..., workers=True)`` makes augmentation reproducible.
-    """
-
-    aug: A.Compose
-    _seeded_for: int | None = None
-
-    def _maybe_reseed(self) -> None:
-        info = torch.utils.data.get_worker_info()
-        seed = info.seed if info is not None else torch.initial_seed()
-        if seed != self._seeded_for:
-            self.aug.set_random_seed(seed % 2**32)
-            self._seeded_for = seed
-
-
-class TrainTransform(_ReseedPerWorker):
+class TrainTransform:
     """Random scale, rotate, pad, crop, flip-with-swap, colour jitter, normalise, to tensor.
 
     Output item: ``image`` (3, h, w) float32 normalised, ``mask`` (h, w) int64 with 255 where the
@@ -113,6 +94,17 @@ class TrainTransform(_ReseedPerWorker):
 
     def __init__(self, aug: A.Compose) -> None:
         self.aug = aug
+        self._seeded_for: int | None = None
+
+    def _maybe_reseed(self) -> None:
+        # albumentations 2 keeps a private generator per Compose: forked DataLoader workers would
+        # inherit identical copies and draw the same "random" augmentations. Reseeding from the
+        # worker's torch seed decorrelates them (and seed_everything(workers=True) reproduces it).
+        info = torch.utils.data.get_worker_info()
+        seed = info.seed if info is not None else torch.initial_seed()
+        if seed != self._seeded_for:
+            self.aug.set_random_seed(seed % 2**32)
+            self._seeded_for = seed
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         self._maybe_reseed()
@@ -124,7 +116,7 @@ class TrainTransform(_ReseedPerWorker):
         }
 
 
-class EvalTransform(_ReseedPerWorker):
+class EvalTransform:
     """Resize the image only (to the network input size), normalise; the label stays untouched.
 
     Output item: ``image`` (3, h, w) float32, ``mask`` (H, W) int64 at original resolution (if the
@@ -135,7 +127,6 @@ class EvalTransform(_ReseedPerWorker):
         self.aug = aug
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        self._maybe_reseed()
         h, w = item["image"].shape[:2]
         out = {
             **item,
@@ -180,7 +171,9 @@ def build_train_transform(
             A.RandomScale(
                 scale_limit=(lo - 1.0, hi - 1.0),
                 interpolation=cv2.INTER_LINEAR,
-                mask_interpolation=cv2.INTER_NEAREST,
+                # INTER_NEAREST samples half a source pixel off the bilinear image grid;
+                # the _EXACT variant keeps label edges on the image edges.
+                mask_interpolation=cv2.INTER_NEAREST_EXACT,
                 p=1.0,
             )
         )
@@ -211,9 +204,7 @@ def build_train_transform(
     if color_jitter:
         cj = float(color_jitter)
         ops.append(
-            A.ColorJitter(
-                brightness=cj, contrast=cj, saturation=cj, hue=min(cj / 10.0, 0.5), p=0.8
-            )
+            A.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=min(cj / 10.0, 0.5), p=0.8)
         )
     ops.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
     return TrainTransform(A.Compose(ops))

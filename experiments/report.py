@@ -71,9 +71,14 @@ def collect(sweep_dir: Path) -> list[Variant]:
         name = " ".join(varying) or job.name
         variants.append(Variant(name, job, results, overrides))
         if results.get("baseline", {}).get("val"):
-            variants.append(Variant(f"{name} [baseline]", job, results["baseline"],
-                                    {**overrides, "sampler": "none", "loss": "ce",
-                                     "schedule": "single"}))
+            variants.append(
+                Variant(
+                    f"{name} [baseline]",
+                    job,
+                    results["baseline"],
+                    {**overrides, "sampler": "none", "loss": "ce", "schedule": "single"},
+                )
+            )
     # Keep only the overrides that differ between jobs in the names.
     if len(variants) > 1:
         for key in _VARIANT_KEYS:
@@ -87,7 +92,9 @@ def collect(sweep_dir: Path) -> list[Variant]:
 
 
 def _fmt(value: Any) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+    return (
+        "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+    )
 
 
 def write_tables(variants: list[Variant], out: Path) -> str:
@@ -107,8 +114,9 @@ def write_tables(variants: list[Variant], out: Path) -> str:
 
 def _baseline(variants: list[Variant], network: str) -> Variant | None:
     for v in variants:
-        if v.network == network and (v.overrides.get("sampler", "none") == "none"
-                                     and v.overrides.get("loss", "ce") == "ce"):
+        if v.network == network and (
+            v.overrides.get("sampler", "none") == "none" and v.overrides.get("loss", "ce") == "ce"
+        ):
             return v
     return None
 
@@ -148,13 +156,15 @@ def plot_all(variants: list[Variant], out: Path) -> list[Path]:
             names = [n for n in cpa if cpa[n] is not None and counts.get(n)]
             order = sorted(names, key=lambda n: -counts[n])
             fig, ax1 = plt.subplots(figsize=(max(8, 0.22 * len(order)), 4.5))
-            ax1.plot(range(len(order)), [counts[n] for n in order], color="green",
-                     label="pixels (train)")
+            ax1.plot(
+                range(len(order)), [counts[n] for n in order], color="green", label="pixels (train)"
+            )
             ax1.set_yscale("log")
             ax1.set_ylabel("training pixels")
             ax2 = ax1.twinx()
-            ax2.plot(range(len(order)), [100 * cpa[n] for n in order], color="orange",
-                     label="early CPA")
+            ax2.plot(
+                range(len(order)), [100 * cpa[n] for n in order], color="orange", label="early CPA"
+            )
             ax2.set_ylabel("CPA (%)")
             ax1.set_xticks(range(len(order)), order, rotation=90, fontsize=6)
             ax1.set_title("class pixel count vs CPA of the early stage-1 epoch")
@@ -190,7 +200,9 @@ def plot_all(variants: list[Variant], out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder (or any folder of runs)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: <sweep>/report)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write (default: <sweep>/report)"
+    )
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir}: no such folder")

@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 from rich.console import Console
@@ -23,6 +22,7 @@ from rich.table import Table
 from experiments.stages import STAGE1_OVERRIDES, Stage1, shared_stage1, stage1_key
 from experiments.train import (
     ConfigError,
+    build_datamodule,
     build_module,
     build_trainer,
     final_scores,
@@ -50,12 +50,15 @@ def stage2_overrides(cfg: DictConfig) -> dict[str, Any]:
 def continue_baseline(cfg: DictConfig, stage1: Stage1, out_dir: Path) -> dict[str, Any] | None:
     """Trains the baseline from the end of stage 1 to ``total_epochs`` (full optimizer state)."""
     pl.seed_everything(cfg.seed + int(cfg.schedule.stage1_epochs), workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
     module = build_module(cfg, STAGE1_OVERRIDES)
     trainer = build_trainer(cfg, out_dir, max_epochs=int(cfg.schedule.total_epochs))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(stage1.checkpoint))
-    return summarise(module, final_scores(trainer, module, datamodule, "val"),
-                     "baseline (stage 1 continued, whole network)")
+    return summarise(
+        module,
+        final_scores(trainer, module, datamodule, "val"),
+        "baseline (stage 1 continued, whole network)",
+    )
 
 
 def _stage1_for_stage2(cfg: DictConfig) -> tuple[Path, Stage1 | None]:
@@ -95,25 +98,30 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["baseline"] = {"val": continue_baseline(cfg, stage1, out_dir / "baseline")}
 
     pl.seed_everything(cfg.seed + int(schedule.stage1_epochs), workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
     module = build_module(cfg, stage2_overrides(cfg))
     module.load_init_weights(str(init))
     stage_dir = out_dir / "stage2"
-    trainer = build_trainer(cfg, stage_dir, max_epochs=int(schedule.total_epochs) -
-                            int(schedule.stage1_epochs))
+    trainer = build_trainer(
+        cfg, stage_dir, max_epochs=int(schedule.total_epochs) - int(schedule.stage1_epochs)
+    )
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    results["val"] = summarise(module, final_scores(trainer, module, datamodule, "val"),
-                               "RIM stage 2 (final weights)")
+    results["val"] = summarise(
+        module, final_scores(trainer, module, datamodule, "val"), "RIM stage 2 (final weights)"
+    )
     if cfg.get("test") and getattr(datamodule, "has_test_labels", False):
-        results["test"] = summarise(module, final_scores(trainer, module, datamodule, "test"),
-                                    "RIM stage 2 on test")
+        results["test"] = summarise(
+            module, final_scores(trainer, module, datamodule, "test"), "RIM stage 2 on test"
+        )
     if module.sampler is not None and module.sampler.is_ready:
         names = module.class_names
         results["sampling"] = {
             "source": module.sampler.source,
             "statistics": dict(zip(names, module.sampler.stats.cpu().tolist(), strict=True)),
-            "keep_probabilities": dict(zip(names, module.sampler.probs.cpu().tolist(), strict=True)),
+            "keep_probabilities": dict(
+                zip(names, module.sampler.probs.cpu().tolist(), strict=True)
+            ),
         }
     names = module.class_names
     results["stage1"]["early_cpa"] = dict(zip(names, module.early_cpa.cpu().tolist(), strict=True))
@@ -129,15 +137,22 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
 def print_comparison(results: dict[str, Any]) -> None:
     """The headline metrics of stage 1, the baseline and RIM side by side on the terminal."""
-    rows = [("stage 1 (end)", (results.get("stage1") or {}).get("val")),
-            ("baseline", (results.get("baseline") or {}).get("val")),
-            ("RIM", results.get("val"))]
+    rows = [
+        ("stage 1 (end)", (results.get("stage1") or {}).get("val")),
+        ("baseline", (results.get("baseline") or {}).get("val")),
+        ("RIM", results.get("val")),
+    ]
     table = Table(title="baseline vs RIM (validation, %)")
     for col in ("variant", "PA", "MPA", "mIoU", "mAcc"):
         table.add_column(col, justify="right" if col != "variant" else "left")
     for name, val in rows:
         if not val:
             continue
-        table.add_row(name, *(f"{val[k]:.2f}" if val.get(k) is not None else "-"
-                              for k in ("PA", "MPA", "mIoU", "mAcc")))
+        table.add_row(
+            name,
+            *(
+                f"{val[k]:.2f}" if val.get(k) is not None else "-"
+                for k in ("PA", "MPA", "mIoU", "mAcc")
+            ),
+        )
     Console().print(table)

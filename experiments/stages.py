@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -35,8 +34,17 @@ STAGE1_OVERRIDES: dict[str, Any] = {
 }
 # Keys that do not change what stage 1 computes.
 _DATA_IGNORED = ("num_workers", "pin_memory", "persistent_workers", "eval_batch_size", "skip_bad")
-_TRAINER_KEPT = ("precision", "devices", "num_nodes", "accumulate_grad_batches", "gradient_clip_val",
-                 "deterministic", "limit_train_batches", "limit_val_batches", "check_val_every_n_epoch")
+_TRAINER_KEPT = (
+    "precision",
+    "devices",
+    "num_nodes",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "deterministic",
+    "limit_train_batches",
+    "limit_val_batches",
+    "check_val_every_n_epoch",
+)
 
 
 @dataclass
@@ -54,20 +62,28 @@ def stage1_config(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         for key, value in STAGE1_OVERRIDES.items():
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
-    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
-            if k not in _DATA_IGNORED}
+    data = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+        if k not in _DATA_IGNORED
+    }
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     return {
         "data": data,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "module": OmegaConf.to_container(cfg.module, resolve=True),
         # ILM knobs only act in stage 2: variants that differ in them share stage 1.
-        "loss": {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items()
-                 if k not in ("ilm", "ilm_weight", "ilm_region")},
+        "loss": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items()
+            if k not in ("ilm", "ilm_weight", "ilm_region")
+        },
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "seed": cfg.seed,
         "trainer": {k: trainer.get(k) for k in _TRAINER_KEPT},
-        "schedule": {k: cfg.schedule.get(k) for k in ("total_epochs", "stage1_epochs", "cpa_epoch")},
+        "schedule": {
+            k: cfg.schedule.get(k) for k in ("total_epochs", "stage1_epochs", "cpa_epoch")
+        },
     }
 
 
@@ -94,7 +110,13 @@ def shared_stage1(cfg: DictConfig) -> Stage1:
     Returns:
         The stage-1 run; ``checkpoint`` is a full Lightning checkpoint at the end of stage 1.
     """
-    from experiments.train import build_module, build_trainer, final_scores, write_results
+    from experiments.train import (
+        build_datamodule,
+        build_module,
+        build_trainer,
+        final_scores,
+        write_results,
+    )
 
     key = stage1_key(cfg)
     directory = Path(cfg.schedule.stage1_dir) / key
@@ -112,10 +134,14 @@ def shared_stage1(cfg: DictConfig) -> Stage1:
         )
         last = directory / "checkpoints" / "last.ckpt"
         resume = str(last) if last.exists() else None
-        log.info("training shared stage 1 (%d epochs) in %s%s", epochs, directory,
-                 f", resuming {last}" if resume else "")
+        log.info(
+            "training shared stage 1 (%d epochs) in %s%s",
+            epochs,
+            directory,
+            f", resuming {last}" if resume else "",
+        )
         pl.seed_everything(cfg.seed, workers=True)
-        datamodule = hydra.utils.instantiate(cfg.data)
+        datamodule = build_datamodule(cfg)
         module = build_module(cfg, STAGE1_OVERRIDES)
         trainer = build_trainer(cfg, directory, max_epochs=epochs)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

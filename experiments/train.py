@@ -101,7 +101,9 @@ def sampler_config(cfg: DictConfig) -> DictConfig | None:
 # ---------------------------------------------------------------------- building
 
 
-def build_module(cfg: DictConfig, stage_overrides: dict[str, Any] | None = None) -> ParsingLitModule:
+def build_module(
+    cfg: DictConfig, stage_overrides: dict[str, Any] | None = None
+) -> ParsingLitModule:
     """The LightningModule of ``cfg``; ``stage_overrides`` patch ``module``/``loss``/``sampler`` keys.
 
     Args:
@@ -117,9 +119,15 @@ def build_module(cfg: DictConfig, stage_overrides: dict[str, Any] | None = None)
     sampler_cfg = sampler_config(cfg)
     sampler = hydra.utils.instantiate(sampler_cfg) if sampler_cfg is not None else None
     optimizer = hydra.utils.instantiate(cfg.optimizer)
+    # _convert_="all": checkpoints then hold plain lists, loadable with torch.load(weights_only=True).
     return hydra.utils.instantiate(
-        cfg.module, net=net, loss=loss, sampler=sampler, optimizer=optimizer, _recursive_=True
+        cfg.module, net=net, loss=loss, sampler=sampler, optimizer=optimizer, _convert_="all"
     )
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """The configured datamodule (config containers converted to plain Python values)."""
+    return hydra.utils.instantiate(cfg.data, _convert_="all")
 
 
 def build_callbacks(cfg: DictConfig, out_dir: Path) -> list[pl.Callback]:
@@ -145,8 +153,9 @@ def build_loggers(cfg: DictConfig, out_dir: Path, name_suffix: str = "") -> list
         with open_dict(lg_cfg):
             if "save_dir" in lg_cfg:
                 sub = Path(str(lg_cfg.save_dir)).name
-                lg_cfg.save_dir = str(out_dir if sub == Path(str(cfg.paths.output_dir)).name
-                                      else out_dir / sub)
+                lg_cfg.save_dir = str(
+                    out_dir if sub == Path(str(cfg.paths.output_dir)).name else out_dir / sub
+                )
             if name_suffix and lg_cfg.get("name"):
                 lg_cfg.name = f"{lg_cfg.name}{name_suffix}"
         loggers.append(hydra.utils.instantiate(lg_cfg))
@@ -245,7 +254,7 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     schedule = cfg.schedule
     total = int(schedule.total_epochs)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
     module = build_module(cfg)
     if cfg.get("init_from"):
         module.load_init_weights(cfg.init_from)
@@ -255,8 +264,13 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         s1 = schedule.get("stage1_epochs")
         # Stage 1 is shared only when this run trains exactly what stage 1 trains.
         plain = sampler_config(cfg) is None and cfg.loss.get("ilm") is None
-        if (ckpt_path is None and not cfg.get("init_from") and plain and s1 is not None
-                and int(s1) < total):
+        if (
+            ckpt_path is None
+            and not cfg.get("init_from")
+            and plain
+            and s1 is not None
+            and int(s1) < total
+        ):
             stage1 = shared_stage1(cfg)
             ckpt_path = str(stage1.checkpoint)
             results["stage1"] = {"dir": str(stage1.directory), "val": stage1.val}
@@ -269,12 +283,14 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         trainer = build_trainer(cfg, out_dir, max_epochs=total)
         if ckpt_path:
             module.load_init_weights(ckpt_path)
-    results["val"] = summarise(module, final_scores(trainer, module, datamodule, "val"),
-                               "validation (final weights)")
+    results["val"] = summarise(
+        module, final_scores(trainer, module, datamodule, "val"), "validation (final weights)"
+    )
     if cfg.get("test"):
         if getattr(datamodule, "has_test_labels", False):
-            results["test"] = summarise(module, final_scores(trainer, module, datamodule, "test"),
-                                        "test (final weights)")
+            results["test"] = summarise(
+                module, final_scores(trainer, module, datamodule, "test"), "test (final weights)"
+            )
         else:
             log.warning("test=true but the test split has no labels: nothing to score")
     ckpt_cb = trainer.checkpoint_callback

@@ -42,7 +42,9 @@ def palette(num_classes: int) -> np.ndarray:
     return colours
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: float = 0.5
+) -> np.ndarray:
     """Blends class colours into ``image`` (H, W, 3) uint8 where ``mask`` (H, W) is labelled."""
     out = image.astype(np.float32).copy()
     valid = mask != 255
@@ -87,15 +89,28 @@ class WandbDashboard(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._images = []
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if (len(self._images) >= self.num_images or _wandb_run(trainer) is None
-                or not trainer.is_global_zero):
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ):
+        if (
+            len(self._images) >= self.num_images
+            or _wandb_run(trainer) is None
+            or not trainer.is_global_zero
+        ):
             return
         with torch.no_grad():
             logits = pl_module.predict_logits(batch["image"][:1])
-        h, w = (int(s) for s in batch["orig_size"][0]) if "orig_size" in batch else logits.shape[-2:]
-        pred = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
-                                               align_corners=False).argmax(1)[0].cpu().numpy()
+        h, w = (
+            (int(s) for s in batch["orig_size"][0]) if "orig_size" in batch else logits.shape[-2:]
+        )
+        pred = (
+            torch.nn.functional.interpolate(
+                logits, size=(h, w), mode="bilinear", align_corners=False
+            )
+            .argmax(1)[0]
+            .cpu()
+            .numpy()
+        )
         gt = batch["mask"][0, :h, :w].cpu().numpy()
         img = batch["image"][0].float().cpu().permute(1, 2, 0).numpy()  # (3, h, w) -> (h, w, 3)
         img = ((img * _STD + _MEAN) * 255).clip(0, 255).astype(np.uint8)
@@ -117,8 +132,9 @@ class WandbDashboard(pl.Callback):
             rows = []
             for i, name in enumerate(names):
                 iou, cpa = float(scores["IoU"][i]), float(scores["CPA"][i])
-                rows.append([i, name, None if math.isnan(iou) else iou,
-                             None if math.isnan(cpa) else cpa])
+                rows.append(
+                    [i, name, None if math.isnan(iou) else iou, None if math.isnan(cpa) else cpa]
+                )
             payload["val/per_class"] = wandb.Table(columns=["id", "class", "IoU", "CPA"], data=rows)
             epoch = trainer.current_epoch
             if epoch % self.every_n_epochs == 0:
@@ -126,25 +142,34 @@ class WandbDashboard(pl.Callback):
                 confusion = scores["confusion"].numpy().astype(np.float64)
                 # Row-normalised: each ground-truth class's pixels spread over the predictions.
                 normed = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
-                payload["val/confusion"] = wandb.Image(_heatmap(normed, names),
-                                                       caption="rows: ground truth, cols: prediction")
+                payload["val/confusion"] = wandb.Image(
+                    _heatmap(normed, names), caption="rows: ground truth, cols: prediction"
+                )
         if self._images:
             colours = palette(len(names))
             payload["val/examples"] = [
-                wandb.Image(np.concatenate([overlay(img, gt, colours), overlay(img, pred, colours)],
-                                           axis=1), caption="ground truth | prediction")
+                wandb.Image(
+                    np.concatenate(
+                        [overlay(img, gt, colours), overlay(img, pred, colours)], axis=1
+                    ),
+                    caption="ground truth | prediction",
+                )
                 for img, gt, pred in self._images
             ]
         sampler = getattr(pl_module, "sampler", None)
         if sampler is not None and sampler.is_ready and not self._sampler_logged:
             stats = sampler.stats.cpu().tolist()
             probs = sampler.probs.cpu().tolist()
-            table = wandb.Table(columns=["class", "statistic", "keep_probability"],
-                                data=[[n, s, p] for n, s, p in zip(names, stats, probs, strict=True)])
-            payload["sampler/distribution"] = wandb.plot.bar(table, "class", "statistic",
-                                                             title=f"{sampler.source} statistic")
-            payload["sampler/keep_probability"] = wandb.plot.bar(table, "class", "keep_probability",
-                                                                 title="keep probability")
+            table = wandb.Table(
+                columns=["class", "statistic", "keep_probability"],
+                data=[[n, s, p] for n, s, p in zip(names, stats, probs, strict=True)],
+            )
+            payload["sampler/distribution"] = wandb.plot.bar(
+                table, "class", "statistic", title=f"{sampler.source} statistic"
+            )
+            payload["sampler/keep_probability"] = wandb.plot.bar(
+                table, "class", "keep_probability", title="keep probability"
+            )
             self._sampler_logged = True
         if payload:
             run.log(payload, commit=False)

@@ -51,12 +51,20 @@ class ParsingLitModule(pl.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["net", "loss", "sampler"])
+        # Only plain values go into the checkpoint's hyper-parameters: partials do not unpickle
+        # under torch.load(weights_only=True).
+        self.save_hyperparameters(
+            logger=False, ignore=["net", "loss", "sampler", "optimizer", "scheduler"]
+        )
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.net = net
         self.loss = loss
         self.sampler = sampler
         self.num_classes = int(num_classes)
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.class_names = (
+            list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        )
         if len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"class_names has {len(self.class_names)} entries but num_classes is {num_classes}"
@@ -73,7 +81,9 @@ class ParsingLitModule(pl.LightningModule):
         self.track_train_confusion = track_train_confusion
         self.force_train_confusion = False
         # ARBS statistics of stage 1 (filled by the CPASnapshot callback); saved with every checkpoint.
-        self.register_buffer("early_cpa", torch.full((num_classes,), float("nan"), dtype=torch.float64))
+        self.register_buffer(
+            "early_cpa", torch.full((num_classes,), float("nan"), dtype=torch.float64)
+        )
         self.register_buffer("early_cpa_epoch", torch.zeros((), dtype=torch.long))
         self.last_scores: dict[str, dict[str, Any]] = {}
         # Kept out of the module tree so the compiled wrapper adds no duplicate state_dict keys.
@@ -88,6 +98,16 @@ class ParsingLitModule(pl.LightningModule):
         return self._net_forward(image)
 
     # ------------------------------------------------------------------ training
+
+    def setup(self, stage: str) -> None:
+        # ddp_spawn on CPU pickles the module into every process through shared memory: without
+        # private copies the processes would add into one confusion matrix and step one set of
+        # weights several times.
+        for tensor in [*self.parameters(), *self.buffers()]:
+            if tensor.is_shared():
+                tensor.data = tensor.data.clone()
+        for metric in (self.train_confmat, self.val_confmat, self.test_confmat):
+            metric.reset()
 
     def on_fit_start(self) -> None:
         if self.sampler is not None and not self.sampler.is_ready:
@@ -128,8 +148,14 @@ class ParsingLitModule(pl.LightningModule):
         losses = self.loss(outputs, target, sample_mask=sample_mask)
         bs = image.shape[0]
         for name, value in losses.items():
-            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=bs,
-                     prog_bar=name == "loss")
+            self.log(
+                f"train/{name}",
+                value,
+                on_step=True,
+                on_epoch=True,
+                batch_size=bs,
+                prog_bar=name == "loss",
+            )
         if self.track_train_confusion or self.force_train_confusion:
             self.train_confmat.update(outputs["out"].detach().argmax(1), target)
         return losses["loss"]
@@ -141,13 +167,17 @@ class ParsingLitModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = self.hparams.optimizer(params=params)
-        if self.hparams.scheduler is None:
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        max_epochs = (
+            self.trainer.max_epochs
+            if self.trainer.max_epochs and self.trainer.max_epochs > 0
+            else 1
+        )
         steps = self.trainer.estimated_stepping_batches
         steps_per_epoch = max(1, math.ceil(steps / max_epochs)) if math.isfinite(steps) else 1
-        scheduler = self.hparams.scheduler(optimizer=optimizer, steps_per_epoch=steps_per_epoch)
+        scheduler = self.scheduler_factory(optimizer=optimizer, steps_per_epoch=steps_per_epoch)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
@@ -167,16 +197,18 @@ class ParsingLitModule(pl.LightningModule):
             # Labels already at the network's resolution.
             if logits.shape[-2:] != target.shape[-2:]:
                 # (B, C, h, w) -> (B, C, H, W)
-                logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear",
-                                       align_corners=False)
+                logits = F.interpolate(
+                    logits, size=target.shape[-2:], mode="bilinear", align_corners=False
+                )
             metric.update(logits.argmax(1), target)
             return
         sizes = orig.tolist()
         if all(tuple(s) == tuple(target.shape[-2:]) for s in sizes):
             # Every image of the batch has the padded size: score them in one go.
             # (B, C, h, w) -> (B, C, H, W)
-            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear",
-                                   align_corners=False)
+            logits = F.interpolate(
+                logits, size=target.shape[-2:], mode="bilinear", align_corners=False
+            )
             metric.update(logits.argmax(1), target)
             return
         for i, (h, w) in enumerate(sizes):
@@ -209,8 +241,12 @@ class ParsingLitModule(pl.LightningModule):
         self.last_scores[stage] = scores
         for key in ("PA", "MPA", "mIoU", "mAcc"):
             value = scores[key]
-            self.log(f"{stage}/{key}", float(value) if math.isfinite(value) else 0.0,
-                     prog_bar=key == "mIoU" and stage == "val", sync_dist=False)
+            self.log(
+                f"{stage}/{key}",
+                float(value) if math.isfinite(value) else 0.0,
+                prog_bar=key == "mIoU" and stage == "val",
+                sync_dist=False,
+            )
         if per_class and not self.trainer.sanity_checking:
             for i, name in enumerate(self.class_names):
                 iou = float(scores["IoU"][i])

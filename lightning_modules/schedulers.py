@@ -8,7 +8,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> float:
+def cosine_factor(
+    step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
+) -> float:
     """Multiplier of the base learning rate at optimisation step ``step`` (0-based).
 
     Linear warm-up over ``warmup_steps``, then half a cosine from 1 down to ``min_ratio`` at

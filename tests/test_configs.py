@@ -24,9 +24,8 @@ def test_top_level_keys(tmp_path):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(name, tmp_path):
-    cfg = compose_cfg([f"experiment={name}", "model.pretrained=false", "trainer.accelerator=cpu",
-                       "trainer.devices=1", "~trainer.strategy"]
-                      if name != "quickstart" else [f"experiment={name}"], tmp_path)
+    # The GPU recipes are checked on the CPU trainer: composing them is what is tested here.
+    cfg = compose_cfg([f"experiment={name}", "model.pretrained=false", "trainer=cpu"], tmp_path)
     validate_config(cfg)
     assert cfg.model.num_classes == cfg.data.num_classes
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -58,7 +57,9 @@ def test_every_group_option_composes(group, tmp_path):
 
 def test_num_classes_mismatch_is_caught(tmp_path):
     cfg = compose_cfg(["model.num_classes=20"], tmp_path)
-    with pytest.raises(ConfigError, match="model.num_classes=20 disagrees with data.num_classes=59"):
+    with pytest.raises(
+        ConfigError, match="model.num_classes=20 disagrees with data.num_classes=59"
+    ):
         validate_config(cfg)
 
 

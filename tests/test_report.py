@@ -17,17 +17,31 @@ def _job(root, num, overrides, val, extra=None):
 
 def test_report_tables_and_plots(tmp_path):
     names = ["bg", "arm", "hand"]
-    base = {"PA": 90.0, "MPA": 50.0, "mIoU": 40.0, "mAcc": 45.0,
-            "IoU": dict(zip(names, [90.0, 20.0, None], strict=True)), "CPA": {}}
-    rim = {"PA": 91.0, "MPA": 57.5, "mIoU": 42.25, "mAcc": 48.0,
-           "IoU": dict(zip(names, [90.5, 25.0, 11.0], strict=True)), "CPA": {}}
-    extra = {"stage1": {"early_cpa": dict(zip(names, [0.9, 0.3, 0.5], strict=True))},
-             "class_pixel_counts": dict(zip(names, [1000, 100, 10], strict=True))}
+    base = {
+        "PA": 90.0,
+        "MPA": 50.0,
+        "mIoU": 40.0,
+        "mAcc": 45.0,
+        "IoU": dict(zip(names, [90.0, 20.0, None], strict=True)),
+        "CPA": {},
+    }
+    rim = {
+        "PA": 91.0,
+        "MPA": 57.5,
+        "mIoU": 42.25,
+        "mAcc": 48.0,
+        "IoU": dict(zip(names, [90.5, 25.0, 11.0], strict=True)),
+        "CPA": {},
+    }
+    extra = {
+        "stage1": {"early_cpa": dict(zip(names, [0.9, 0.3, 0.5], strict=True))},
+        "class_pixel_counts": dict(zip(names, [1000, 100, 10], strict=True)),
+    }
     _job(tmp_path, 0, ["experiment=rim_pspnet", "sampler=none", "loss=ce"], base)
     _job(tmp_path, 1, ["experiment=rim_pspnet", "sampler=arbs", "loss=ce_ilm"], rim, extra)
     assert main([str(tmp_path)]) == 0
     out = tmp_path / "report"
-    rows = list(csv.DictReader(open(out / "table.csv")))
+    rows = list(csv.DictReader((out / "table.csv").read_text().splitlines()))
     assert [r["variant"] for r in rows] == ["sampler=none loss=ce", "sampler=arbs loss=ce_ilm"]
     assert float(rows[1]["mIoU"]) == 42.25 and float(rows[0]["PA"]) == 90.0
     md = (out / "table.md").read_text()

@@ -11,8 +11,16 @@ from cfg_utils import TINY, compose_cfg
 
 from experiments.train import run
 
-RIM = [*TINY, "schedule=rim", "schedule.total_epochs=3", "schedule.stage1_epochs=2",
-       "schedule.cpa_epoch=1", "sampler=arbs", "loss=ce_ilm", "schedule.baseline=true"]
+RIM = [
+    *TINY,
+    "schedule=rim",
+    "schedule.total_epochs=3",
+    "schedule.stage1_epochs=2",
+    "schedule.cpa_epoch=1",
+    "sampler=arbs",
+    "loss=ce_ilm",
+    "schedule.baseline=true",
+]
 
 
 @pytest.mark.slow
@@ -24,8 +32,11 @@ def test_two_stage_run(tmp_path):
     assert on_disk["baseline"]["val"]["mIoU"] is not None and on_disk["val"]["mIoU"] is not None
 
     stage1 = torch.load(results["stage1"]["checkpoint"], map_location="cpu", weights_only=False)
-    stage2 = torch.load(tmp_path / "run" / "stage2" / "checkpoints" / "last.ckpt",
-                        map_location="cpu", weights_only=False)
+    stage2 = torch.load(
+        tmp_path / "run" / "stage2" / "checkpoints" / "last.ckpt",
+        map_location="cpu",
+        weights_only=False,
+    )
     s1, s2 = stage1["state_dict"], stage2["state_dict"]
 
     # Stage 2: every encoder weight and BatchNorm statistic unchanged, the decoder trained.
@@ -33,8 +44,14 @@ def test_two_stage_run(tmp_path):
     assert any("running_mean" in k for k in encoder)
     for key in encoder:
         assert torch.equal(s1[key], s2[key]), key
-    decoder = [k for k in s1 if k.startswith("net.") and not k.startswith("net.backbone.")
-               and k.endswith("weight") and "aux" not in k]
+    decoder = [
+        k
+        for k in s1
+        if k.startswith("net.")
+        and not k.startswith("net.backbone.")
+        and k.endswith("weight")
+        and "aux" not in k
+    ]
     assert decoder and any(not torch.equal(s1[k], s2[k]) for k in decoder)
 
     # Keep probabilities = eta / CPA of epoch 1, recomputed by hand from the stage-1 checkpoint.
@@ -47,8 +64,9 @@ def test_two_stage_run(tmp_path):
     assert got == pytest.approx(expected, rel=1e-5)
     assert max(got) == pytest.approx(1.0)
     # The sampler state travels with the stage-2 checkpoint (resume keeps the same probabilities).
-    assert torch.allclose(s2["sampler.probs"].double(), torch.tensor(expected, dtype=torch.float64),
-                          rtol=1e-5)
+    assert torch.allclose(
+        s2["sampler.probs"].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5
+    )
 
     # Stage 2's learning rate continues the 3-epoch cosine curve at epoch 2.
     from lightning_modules.schedulers import cosine_factor

@@ -39,8 +39,11 @@ def _independent_val_confusion(ckpt_path, cfg) -> np.ndarray:
         with torch.no_grad():
             logits = module.net(batch["image"])["out"]
         for i, (h, w) in enumerate(batch["orig_size"].tolist()):
-            pred = F.interpolate(logits[i : i + 1], size=(h, w), mode="bilinear",
-                                 align_corners=False).argmax(1)[0].numpy()
+            pred = (
+                F.interpolate(logits[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)
+                .argmax(1)[0]
+                .numpy()
+            )
             gt = batch["mask"][i, :h, :w].numpy()
             keep = gt != 255
             np.add.at(confusion, (gt[keep], pred[keep]), 1)
@@ -48,8 +51,9 @@ def _independent_val_confusion(ckpt_path, cfg) -> np.ndarray:
 
 
 def test_single_run_writes_results_and_checkpoints(tmp_path, data_dir):
-    cfg = compose_cfg(["experiment=quickstart", *TINY, "schedule.total_epochs=2"], tmp_path,
-                      data_dir)
+    cfg = compose_cfg(
+        ["experiment=quickstart", *TINY, "schedule.total_epochs=2"], tmp_path, data_dir
+    )
     results = run(cfg)
     out = tmp_path / "run"
     on_disk = json.loads((out / "results.json").read_text())
@@ -72,21 +76,29 @@ def test_single_run_writes_results_and_checkpoints(tmp_path, data_dir):
 
 def test_shared_stage1_continuation_follows_one_cosine_curve(tmp_path, data_dir):
     """stage 1 (2 of 3 epochs) + continuation = the learning rates of one 3-epoch cosine run."""
-    cfg = compose_cfg(["experiment=quickstart", *TINY, "schedule.total_epochs=3",
-                       "schedule.stage1_epochs=2"], tmp_path, data_dir)
+    cfg = compose_cfg(
+        ["experiment=quickstart", *TINY, "schedule.total_epochs=3", "schedule.stage1_epochs=2"],
+        tmp_path,
+        data_dir,
+    )
     results = run(cfg)
     stage1_dir = results["stage1"]["dir"]
     assert (tmp_path / "logs" / "stage1").is_dir() and stage1_dir.startswith(str(tmp_path))
     steps_per_epoch = 16 // 4
     total = 3 * steps_per_epoch
     lrs = []
-    for csv in [*sorted((tmp_path / "logs").rglob("metrics.csv")),
-                *sorted((tmp_path / "run").rglob("metrics.csv"))]:
+    for csv in [
+        *sorted((tmp_path / "logs").rglob("metrics.csv")),
+        *sorted((tmp_path / "run").rglob("metrics.csv")),
+    ]:
         lines = csv.read_text().splitlines()
         head = lines[0].split(",")
         col, step_col = head.index("lr-SGD"), head.index("step")
-        lrs += [(int(r.split(",")[step_col]), float(r.split(",")[col])) for r in lines[1:]
-                if r.split(",")[col]]
+        lrs += [
+            (int(r.split(",")[step_col]), float(r.split(",")[col]))
+            for r in lines[1:]
+            if r.split(",")[col]
+        ]
     lrs = dict(lrs)
     assert sorted(lrs) == list(range(total))
     for step, lr in lrs.items():
@@ -108,5 +120,10 @@ def test_cosine_factor_values():
 
 def test_module_rejects_wrong_class_names():
     with pytest.raises(ValueError, match="class_names has 2 entries but num_classes is 3"):
-        ParsingLitModule(net=torch.nn.Identity(), loss=torch.nn.Identity(), optimizer=None,
-                         num_classes=3, class_names=["a", "b"])
+        ParsingLitModule(
+            net=torch.nn.Identity(),
+            loss=torch.nn.Identity(),
+            optimizer=None,
+            num_classes=3,
+            class_names=["a", "b"],
+        )
