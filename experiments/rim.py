@@ -26,6 +26,7 @@ from experiments.train import (
     build_module,
     build_trainer,
     final_scores,
+    resume_checkpoint,
     summarise,
 )
 
@@ -53,7 +54,8 @@ def continue_baseline(cfg: DictConfig, stage1: Stage1, out_dir: Path) -> dict[st
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, STAGE1_OVERRIDES)
     trainer = build_trainer(cfg, out_dir, max_epochs=int(cfg.schedule.total_epochs))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(stage1.checkpoint))
+    ckpt_path = resume_checkpoint(cfg, out_dir) or str(stage1.checkpoint)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return summarise(
         module,
         final_scores(trainer, module, datamodule, "val"),
@@ -106,7 +108,8 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         cfg, stage_dir, max_epochs=int(schedule.total_epochs) - int(schedule.stage1_epochs)
     )
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        ckpt_path = cfg.get("ckpt_path") or resume_checkpoint(cfg, stage_dir)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     results["val"] = summarise(
         module, final_scores(trainer, module, datamodule, "val"), "RIM stage 2 (final weights)"
     )

@@ -193,6 +193,18 @@ def final_scores(
     return module.last_scores.get(stage)
 
 
+def resume_checkpoint(cfg: DictConfig, stage_dir: Path) -> str | None:
+    """``stage_dir/checkpoints/last.ckpt`` when ``resume=true`` and it exists, else None."""
+    if not cfg.get("resume"):
+        return None
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    log.info("resume=true but %s does not exist yet: starting this stage afresh", last)
+    return None
+
+
 def write_results(path: Path, results: dict[str, Any]) -> None:
     """Writes ``results`` as JSON atomically (NaN becomes null)."""
 
@@ -258,7 +270,7 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     module = build_module(cfg)
     if cfg.get("init_from"):
         module.load_init_weights(cfg.init_from)
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path = cfg.get("ckpt_path") or resume_checkpoint(cfg, out_dir)
     results: dict[str, Any] = {"task_name": cfg.task_name, "schedule": "single"}
     if cfg.train:
         s1 = schedule.get("stage1_epochs")

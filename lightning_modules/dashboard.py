@@ -119,7 +119,8 @@ class WandbDashboard(pl.Callback):
         img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
         self._images.append((img, gt, pred))
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the module's epoch end, which computes the scores this reads.
         run = _wandb_run(trainer)
         if run is None or not trainer.is_global_zero or trainer.sanity_checking:
             return

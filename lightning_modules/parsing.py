@@ -148,6 +148,8 @@ class ParsingLitModule(pl.LightningModule):
         losses = self.loss(outputs, target, sample_mask=sample_mask)
         bs = image.shape[0]
         for name, value in losses.items():
+            if name == "loss/main":
+                continue  # the same tensor is logged under the main loss's own name (loss/ce, ...)
             self.log(
                 f"train/{name}",
                 value,

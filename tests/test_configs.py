@@ -76,3 +76,21 @@ def test_unknown_experiment_and_key_fail_at_compose(tmp_path):
         compose_cfg(["experiment=does_not_exist"], tmp_path)
     with pytest.raises(ConfigCompositionException):
         compose_cfg(["trainer.no_such_key=1"], tmp_path)
+
+
+def test_optuna_search_composes(tmp_path):
+    """hparams_search=rim_optuna: the Optuna sweeper over RIM's stage-2 knobs, maximising mIoU."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "run",
+            overrides=["experiment=rim_pspnet", "hparams_search=rim_optuna"],
+            return_hydra_config=True,
+        )
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"loss.ilm_weight", "loss.ilm.margin", "sampler.min_prob"}
+    assert cfg.optimized_metric == "val/mIoU"

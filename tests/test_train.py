@@ -127,3 +127,23 @@ def test_module_rejects_wrong_class_names():
             num_classes=3,
             class_names=["a", "b"],
         )
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_logs_dashboard(tmp_path, data_dir, monkeypatch):
+    """logger=wandb works without a network (offline) and the dashboard's panels are logged."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_cfg(
+        ["experiment=quickstart", *TINY, "schedule.total_epochs=1", "logger=wandb"],
+        tmp_path,
+        data_dir,
+    )
+    run(cfg)
+    runs = list((tmp_path / "run").rglob("offline-run-*"))
+    assert runs, "no offline W&B run written"
+    media = {p.name.split("_")[0] for p in (runs[0] / "files" / "media").rglob("*.*")}
+    assert {"per", "confusion", "examples"} <= media, media
+    tables = list((runs[0] / "files" / "media").rglob("per_class*.table.json"))
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["id", "class", "IoU", "CPA"] and len(table["data"]) == 59
