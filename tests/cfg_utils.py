@@ -22,14 +22,18 @@ TINY = [
     "data.batch_size=4",
     "data.num_workers=0",
     "data.pin_memory=false",
-    "model.backbone=18",
-    "model.pretrained=false",
+    "model=pspnet_lite",
+    "optimizer=sgd",
+    "optimizer.lr=0.02",
     "trainer.accelerator=cpu",
     "trainer.log_every_n_steps=1",
     "logger=csv",
     "~callbacks.rich_progress_bar",
     "~callbacks.model_summary",
 ]
+
+# The plain one-piece schedule (the quickstart itself runs RIM's two stages).
+SINGLE = ["schedule=single", "schedule.stage1_epochs=null", "sampler=none", "loss=ce"]
 
 
 def compose_cfg(overrides: list[str], tmp_path: Path, data_dir: Path | None = None) -> DictConfig:

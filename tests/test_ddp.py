@@ -8,7 +8,7 @@ import hydra
 import lightning.pytorch as pl
 import pytest
 import torch
-from cfg_utils import TINY, compose_cfg
+from cfg_utils import SINGLE, TINY, compose_cfg
 
 from experiments.train import build_module
 
@@ -44,7 +44,7 @@ def _validate(cfg, devices: int, path: Path) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_ddp_spawn_confusion_equals_single_process(tmp_path):
-    cfg = compose_cfg(["experiment=quickstart", *TINY, "data.eval_batch_size=1"], tmp_path)
+    cfg = compose_cfg(["experiment=quickstart", *TINY, *SINGLE, "data.eval_batch_size=1"], tmp_path)
     single = _validate(cfg, 1, tmp_path / "one.pt")
     double = _validate(cfg, 2, tmp_path / "two.pt")
     assert single.sum() > 0

@@ -161,3 +161,24 @@ def test_freeze_encoder() -> None:
     net.unfreeze_encoder()
     assert not net.frozen_encoder and all(m.training for m in encoder_bns)
     assert all(p.requires_grad for p in net.encoder_parameters())
+
+
+def test_lite_backbone_strides_and_split():
+    """The 'lite' encoder keeps the feature contract: c1 at stride 4, c2..c4 at stride 8."""
+    from lightning_modules.nets.backbones import LiteResNet
+
+    net = PSPNet(5, backbone="lite", pretrained=False, bottleneck_channels=32, aux_channels=16)
+    assert isinstance(net.backbone, LiteResNet)
+    feats = net.backbone(torch.zeros(2, 3, 65, 81))
+    assert feats["c1"].shape[-2:] == (17, 21)
+    for key in ("c2", "c3", "c4"):
+        assert feats[key].shape[-2:] == (9, 11), key
+    assert [feats[k].shape[1] for k in ("c1", "c2", "c3", "c4")] == [32, 64, 128, 256]
+    net.train()
+    out = net(torch.zeros(2, 3, 65, 81))
+    assert out["out"].shape == out["aux"].shape == (2, 5, 65, 81)
+    enc = {id(p) for p in net.encoder_parameters()}
+    dec = {id(p) for p in net.decoder_parameters()}
+    assert enc.isdisjoint(dec) and enc | dec == {id(p) for p in net.parameters()}
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        PSPNet(5, backbone="lite", pretrained=True)

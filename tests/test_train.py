@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cfg_utils import TINY, compose_cfg
+from cfg_utils import SINGLE, TINY, compose_cfg
 
 from experiments.train import run
 from lightning_modules import ParsingLitModule
@@ -52,7 +52,7 @@ def _independent_val_confusion(ckpt_path, cfg) -> np.ndarray:
 
 def test_single_run_writes_results_and_checkpoints(tmp_path, data_dir):
     cfg = compose_cfg(
-        ["experiment=quickstart", *TINY, "schedule.total_epochs=2"], tmp_path, data_dir
+        ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=2"], tmp_path, data_dir
     )
     results = run(cfg)
     out = tmp_path / "run"
@@ -77,7 +77,13 @@ def test_single_run_writes_results_and_checkpoints(tmp_path, data_dir):
 def test_shared_stage1_continuation_follows_one_cosine_curve(tmp_path, data_dir):
     """stage 1 (2 of 3 epochs) + continuation = the learning rates of one 3-epoch cosine run."""
     cfg = compose_cfg(
-        ["experiment=quickstart", *TINY, "schedule.total_epochs=3", "schedule.stage1_epochs=2"],
+        [
+            "experiment=quickstart",
+            *TINY,
+            *SINGLE,
+            "schedule.total_epochs=3",
+            "schedule.stage1_epochs=2",
+        ],
         tmp_path,
         data_dir,
     )
@@ -135,7 +141,7 @@ def test_wandb_offline_run_logs_dashboard(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = compose_cfg(
-        ["experiment=quickstart", *TINY, "schedule.total_epochs=1", "logger=wandb"],
+        ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=1", "logger=wandb"],
         tmp_path,
         data_dir,
     )

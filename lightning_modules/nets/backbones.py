@@ -169,3 +169,74 @@ class DilatedResNet(nn.Module):
         c3 = self.layer3(c2)
         c4 = self.layer4(c3)
         return {"c1": c1, "c2": c2, "c3": c3, "c4": c4}
+
+
+class LiteResNet(nn.Module):
+    """A small residual encoder for CPU quickstarts and tests (no pretrained weights exist).
+
+    Same feature contract as :class:`DilatedResNet`: ``c1`` at stride 4, ``c2`` at stride 8, ``c3``
+    and ``c4`` at the output stride (dilated when it is 8). Two 3x3 stride-2 stem convolutions
+    replace ResNet's 7x7 conv + max-pool, which discard the few pixels small parts have at
+    quickstart resolutions. One BasicBlock per stage, widths ``(w, 2w, 4w, 8w)``.
+
+    Args:
+        width: channels of the first stage (default 32: 0.7 M parameters).
+        output_stride: 8 or 16.
+    """
+
+    def __init__(self, width: int = 32, output_stride: int = 8, pretrained: bool = False) -> None:
+        super().__init__()
+        if pretrained:
+            raise ValueError("the 'lite' backbone has no pretrained weights: use pretrained=false")
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        from torchvision.models.resnet import BasicBlock
+
+        def stage(cin: int, cout: int, stride: int, dilation: int) -> nn.Module:
+            down = None
+            if stride != 1 or cin != cout:
+                down = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+                )
+            block = BasicBlock(cin, cout, stride=stride, downsample=down)
+            if dilation > 1:
+                for conv in (block.conv1, block.conv2):
+                    conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
+            return block
+
+        w = width
+        self.depth = 0
+        self.output_stride = output_stride
+        self.channels = {"c1": w, "c2": 2 * w, "c3": 4 * w, "c4": 8 * w}
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w // 2, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(w // 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(w // 2, w, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+        )  # stride 4
+        self.layer1 = stage(w, w, 1, 1)
+        self.layer2 = stage(w, 2 * w, 2, 1)  # stride 8
+        os8 = output_stride == 8
+        self.layer3 = stage(2 * w, 4 * w, 1 if os8 else 2, 2 if os8 else 1)
+        self.layer4 = stage(4 * w, 8 * w, 1, 4 if os8 else 2)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Args: x: ``(B, 3, H, W)``. Returns ``c1`` (B, w, H/4, W/4) ... ``c4`` (B, 8w, H/8, W/8)."""
+        c1 = self.layer1(self.stem(x))
+        c2 = self.layer2(c1)
+        c3 = self.layer3(c2)
+        return {"c1": c1, "c2": c2, "c3": c3, "c4": self.layer4(c3)}
+
+
+def build_backbone(
+    backbone: str | int, pretrained: bool = False, output_stride: int = 8
+) -> nn.Module:
+    """``"lite"`` -> :class:`LiteResNet`; a ResNet depth or name -> :class:`DilatedResNet`."""
+    if str(backbone).lower() == "lite":
+        return LiteResNet(output_stride=output_stride, pretrained=pretrained)
+    return DilatedResNet(parse_depth(backbone), pretrained=pretrained, output_stride=output_stride)

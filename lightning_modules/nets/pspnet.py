@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.nets.backbones import DilatedResNet, parse_depth
+from lightning_modules.nets.backbones import build_backbone
 from lightning_modules.nets.heads import (
     ConvBNReLU,
     EncoderDecoderNet,
@@ -59,7 +59,8 @@ class PSPNet(EncoderDecoderNet):
 
     Args:
         num_classes: number of output classes.
-        backbone: ResNet depth (18, 50, 101) or a name such as `"resnet50"`.
+        backbone: ResNet depth (18, 50, 101), a name such as `"resnet50"`, or `"lite"` (a small
+            encoder for CPU quickstarts, see `LiteResNet`).
         pretrained: initialise the backbone with ImageNet weights from the torch hub cache.
         bins: pyramid pooling grid sizes.
         ppm_channels: channels per pooling branch; default `in_channels // 4` (512 for R50).
@@ -88,9 +89,7 @@ class PSPNet(EncoderDecoderNet):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.backbone = DilatedResNet(
-            parse_depth(backbone), pretrained=pretrained, output_stride=output_stride
-        )
+        self.backbone = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
         in_channels = self.backbone.channels["c4"]
         ppm_channels = ppm_channels or in_channels // 4
         bins = tuple(int(b) for b in bins)  # Hydra passes a ListConfig
