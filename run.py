@@ -24,6 +24,11 @@ def main(cfg: DictConfig) -> float | None:
     """Runs one job; returns the optimised metric for hyper-parameter sweepers."""
     from experiments.train import run
 
+    # Lightning installs its own console handler; Hydra's root handlers already print and file its
+    # records, so without this every Lightning message appears twice.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     results = run(cfg)
     stage, _, name = str(cfg.get("optimized_metric") or "").partition("/")
     value = (results.get(stage) or {}).get(name)

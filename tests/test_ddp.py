@@ -49,3 +49,118 @@ def test_ddp_spawn_confusion_equals_single_process(tmp_path):
     double = _validate(cfg, 2, tmp_path / "two.pt")
     assert single.sum() > 0
     assert torch.equal(single, double)
+
+
+class _FixedSet(torch.utils.data.Dataset):
+    """Eight seeded 4-class images with labels, no augmentation: identical under any split."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(8, 3, 12, 12, generator=g)
+        self.masks = torch.randint(0, 4, (8, 12, 12), generator=g)
+        self.masks[:, 0, :] = 255
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "mask": self.masks[i]}
+
+
+class _FixedData(pl.LightningDataModule):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_FixedSet(), batch_size=2)
+
+    def class_pixel_counts(self):
+        return torch.bincount(_FixedSet().masks[_FixedSet().masks != 255], minlength=4).numpy()
+
+
+class _PixelNet(torch.nn.Module):
+    """A 1x1 convolution: per-pixel predictions that do not depend on the batch (no BatchNorm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+class DumpStats(pl.Callback):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        stats = {"early_cpa": pl_module.early_cpa.clone()}
+        if pl_module.sampler is not None:
+            stats["probs"] = pl_module.sampler.probs.clone()
+        torch.save(stats, f"{self.path}.{trainer.global_rank}")
+
+
+def _fit_stats(devices: int, path: Path, sampler_source: str | None, early_cpa=None) -> list:
+    from functools import partial
+
+    from lightning_modules import ParsingLitModule
+    from lightning_modules.callbacks import CPASnapshot
+    from losses import CrossEntropyLoss, ParsingLoss
+    from samplers import RegionalBalancedSampler
+
+    sampler = RegionalBalancedSampler(4, source=sampler_source) if sampler_source else None
+    module = ParsingLitModule(
+        net=_PixelNet(),
+        loss=ParsingLoss(CrossEntropyLoss()),
+        optimizer=partial(torch.optim.SGD, lr=0.0),  # weights fixed: predictions are comparable
+        sampler=sampler,
+        num_classes=4,
+    )
+    if early_cpa is not None:
+        module.early_cpa.copy_(early_cpa)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        max_epochs=1,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[CPASnapshot(epoch=1), DumpStats(str(path))],
+    )
+    trainer.fit(module, datamodule=_FixedData())
+    return [torch.load(f"{path}.{r}") for r in range(devices)]
+
+
+@pytest.mark.slow
+def test_ddp_spawn_cpa_statistics_and_keep_probabilities(tmp_path):
+    """CPA of the training batches is summed over ranks; every rank derives the same probabilities."""
+    from samplers.regional import class_pixel_accuracy, keep_probabilities
+
+    single = _fit_stats(1, tmp_path / "one", None)[0]
+    double = _fit_stats(2, tmp_path / "two", None)
+    # Independent derivation: the CPA of the fixed net over all 8 images.
+    data = _FixedSet()
+    with torch.no_grad():
+        pred = _PixelNet()(data.images)["out"].argmax(1)
+    keep = data.masks != 255
+    confusion = torch.zeros(4, 4, dtype=torch.long)
+    confusion.index_put_(
+        (data.masks[keep], pred[keep]),
+        torch.ones(int(keep.sum()), dtype=torch.long),
+        accumulate=True,
+    )
+    expected = class_pixel_accuracy(confusion.double())
+    torch.testing.assert_close(single["early_cpa"], expected, equal_nan=True)
+    for rank in double:
+        torch.testing.assert_close(rank["early_cpa"], expected, equal_nan=True)
+
+    # ARBS from that CPA, and NRBS from the pixel counts: identical probabilities on every rank.
+    for source in ("arbs", "nrbs"):
+        ranks = _fit_stats(2, tmp_path / source, source, early_cpa=expected)
+        one = _fit_stats(1, tmp_path / f"{source}1", source, early_cpa=expected)[0]
+        assert torch.equal(ranks[0]["probs"], ranks[1]["probs"])
+        torch.testing.assert_close(ranks[0]["probs"], one["probs"])
+        counts = torch.bincount(data.masks[keep], minlength=4).double()
+        stats = expected if source == "arbs" else counts / counts.sum()
+        torch.testing.assert_close(one["probs"].double(), keep_probabilities(stats).double())
