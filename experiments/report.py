@@ -61,6 +61,7 @@ def _overrides(job_dir: Path) -> dict[str, str]:
 def collect(sweep_dir: Path) -> list[Variant]:
     """Every job below ``sweep_dir`` that wrote a ``results.json``, sorted by job folder."""
     variants = []
+    seen_baselines: set[str] = set()
     for path in sorted(Path(sweep_dir).rglob("results.json")):
         if "stage1" in path.parts:
             continue
@@ -70,10 +71,14 @@ def collect(sweep_dir: Path) -> list[Variant]:
         varying = [f"{k}={overrides[k]}" for k in _VARIANT_KEYS if k in overrides]
         name = " ".join(varying) or job.name
         variants.append(Variant(name, job, results, overrides))
-        if results.get("baseline", {}).get("val"):
+        baseline = results.get("baseline") or {}
+        # Jobs sharing a stage 1 share its baseline too: list it once.
+        key = str(baseline.get("dir") or job)
+        if baseline.get("val") and key not in seen_baselines:
+            seen_baselines.add(key)
             variants.append(
                 Variant(
-                    f"{name} [baseline]",
+                    "baseline" + (f" model={overrides['model']}" if "model" in overrides else ""),
                     job,
                     results["baseline"],
                     {**overrides, "sampler": "none", "loss": "ce", "schedule": "single"},
@@ -113,7 +118,10 @@ def write_tables(variants: list[Variant], out: Path) -> str:
 
 
 def _baseline(variants: list[Variant], network: str) -> Variant | None:
-    for v in variants:
+    # The paper's baseline (the whole schedule on the natural distribution) first, then a plain
+    # CE variant of the same network.
+    ordered = sorted(variants, key=lambda v: v.overrides.get("schedule") != "single")
+    for v in ordered:
         if v.network == network and (
             v.overrides.get("sampler", "none") == "none" and v.overrides.get("loss", "ce") == "ce"
         ):

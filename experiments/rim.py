@@ -5,7 +5,7 @@ Stage 1: the first ``stage1_epochs`` epochs of the ``total_epochs`` baseline (sh
 frozen (BatchNorm in eval), the regional sampler on the main loss, the configured loss (ILM with
 ``loss=ce_ilm``), no auxiliary head, and the learning rate continuing the same cosine curve.
 With ``schedule.baseline=true`` the baseline's remaining epochs are trained from the same checkpoint
-too, and the run ends with a comparison table.
+too (once per stage 1, shared like it), and the run ends with a comparison table.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from experiments.stages import STAGE1_OVERRIDES, Stage1, shared_stage1, stage1_key
+from experiments.stages import Stage1, shared_baseline, shared_stage1, stage1_key
 from experiments.train import (
     ConfigError,
     build_datamodule,
@@ -46,21 +46,6 @@ def stage2_overrides(cfg: DictConfig) -> dict[str, Any]:
         # The auxiliary head sits on the frozen encoder: it has nothing left to teach.
         "loss.aux_weight": 0.0,
     }
-
-
-def continue_baseline(cfg: DictConfig, stage1: Stage1, out_dir: Path) -> dict[str, Any] | None:
-    """Trains the baseline from the end of stage 1 to ``total_epochs`` (full optimizer state)."""
-    pl.seed_everything(cfg.seed + int(cfg.schedule.stage1_epochs), workers=True)
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg, STAGE1_OVERRIDES)
-    trainer = build_trainer(cfg, out_dir, max_epochs=int(cfg.schedule.total_epochs))
-    ckpt_path = resume_checkpoint(cfg, out_dir) or str(stage1.checkpoint)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return summarise(
-        module,
-        final_scores(trainer, module, datamodule, "val"),
-        "baseline (stage 1 continued, whole network)",
-    )
 
 
 def _stage1_for_stage2(cfg: DictConfig) -> tuple[Path, Stage1 | None]:
@@ -97,7 +82,8 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["stage1"].update(dir=str(stage1.directory), val=stage1.val)
 
     if schedule.get("baseline") and stage1 is not None and cfg.train:
-        results["baseline"] = {"val": continue_baseline(cfg, stage1, out_dir / "baseline")}
+        baseline = shared_baseline(cfg, stage1)
+        results["baseline"] = {"dir": str(baseline.directory), "val": baseline.val}
 
     pl.seed_everything(cfg.seed + int(schedule.stage1_epochs), workers=True)
     datamodule = build_datamodule(cfg)

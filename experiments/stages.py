@@ -49,7 +49,7 @@ _TRAINER_KEPT = (
 
 @dataclass
 class Stage1:
-    """A finished shared stage-1 run."""
+    """A finished shared run (stage 1, or the baseline continued from it)."""
 
     directory: Path
     checkpoint: Path
@@ -156,3 +156,40 @@ def shared_stage1(cfg: DictConfig) -> Stage1:
         if trainer.is_global_zero:
             write_results(done, {"key": key, "epochs": epochs, "val": val})
         return Stage1(directory, final, val)
+
+
+def shared_baseline(cfg: DictConfig, stage1: Stage1) -> Stage1:
+    """The baseline continued from the end of stage 1 to ``total_epochs``, trained once per stage 1.
+
+    Same model, loss and optimizer as stage 1, resumed with its full optimizer, scheduler and loop
+    state: exactly the uninterrupted ``total_epochs`` baseline. Lives in ``<stage-1 dir>/baseline``.
+    """
+    from experiments.train import (
+        build_datamodule,
+        build_module,
+        build_trainer,
+        final_scores,
+        summarise,
+        write_results,
+    )
+
+    directory = stage1.directory / "baseline"
+    done = directory / "done.json"
+    last = directory / "checkpoints" / "last.ckpt"
+    with _locked(directory.with_suffix(".lock")):
+        if done.exists():
+            log.info("reusing the shared baseline %s", directory)
+            return Stage1(directory, last, json.loads(done.read_text()).get("val"))
+        total = int(cfg.schedule.total_epochs)
+        resume = str(last) if last.exists() else str(stage1.checkpoint)
+        log.info("training the baseline to epoch %d in %s from %s", total, directory, resume)
+        pl.seed_everything(cfg.seed + int(cfg.schedule.stage1_epochs), workers=True)
+        datamodule = build_datamodule(cfg)
+        module = build_module(cfg, STAGE1_OVERRIDES)
+        trainer = build_trainer(cfg, directory, max_epochs=total)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        scores = final_scores(trainer, module, datamodule, "val")
+        val = summarise(module, scores, "baseline (stage 1 continued, whole network)")
+        if trainer.is_global_zero:
+            write_results(done, {"epochs": total, "val": val})
+        return Stage1(directory, last, val)

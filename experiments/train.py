@@ -83,8 +83,10 @@ def validate_config(cfg: DictConfig) -> None:
                 "early stage-1 epoch, so use it with schedule=rim (stage 2) or give init_from=<a "
                 "stage-1 checkpoint>"
             )
-        cpa_epoch = int(schedule.get("cpa_epoch", 0))
-        if source == "arbs" and s1 is not None and not 0 < cpa_epoch <= int(s1):
+        cpa_epoch = schedule.get("cpa_epoch", 0)
+        if cpa_epoch == "stage_end":
+            cpa_epoch = s1 if s1 is not None else total
+        if source == "arbs" and s1 is not None and not 0 < int(cpa_epoch) <= int(s1):
             raise ConfigError(
                 f"schedule.cpa_epoch={cpa_epoch} must lie within stage 1 (1..{s1}) for sampler=arbs"
             )

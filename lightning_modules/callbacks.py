@@ -19,31 +19,38 @@ class CPASnapshot(pl.Callback):
     the module's ``early_cpa`` buffer, so it travels with every later checkpoint.
 
     Args:
-        epoch: 1-based epoch whose training batches are measured.
+        epoch: 1-based epoch whose training batches are measured, or ``"stage_end"`` for the last
+            epoch of the run (the end of stage 1).
     """
 
-    def __init__(self, epoch: int = 3) -> None:
-        self.epoch = int(epoch)
+    def __init__(self, epoch: int | str = 3) -> None:
+        if epoch != "stage_end" and int(epoch) < 1:
+            raise ValueError(f"CPASnapshot epoch must be >= 1 or 'stage_end', got {epoch!r}")
+        self.epoch = epoch if epoch == "stage_end" else int(epoch)
+
+    def _is_target(self, trainer: pl.Trainer) -> bool:
+        target = trainer.max_epochs if self.epoch == "stage_end" else self.epoch
+        return trainer.current_epoch + 1 == target
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The confusion matrix costs an argmax and a bincount per step: only pay for it when needed.
-        if trainer.current_epoch + 1 == self.epoch:
+        if self._is_target(trainer):
             pl_module.force_train_confusion = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch + 1 != self.epoch:
+        if not self._is_target(trainer):
             return
         from samplers.regional import class_pixel_accuracy
 
         confusion = pl_module.train_confmat.compute()
         cpa = class_pixel_accuracy(confusion.double())
         pl_module.early_cpa.copy_(cpa.to(pl_module.early_cpa))
-        pl_module.early_cpa_epoch.fill_(self.epoch)
+        pl_module.early_cpa_epoch.fill_(trainer.current_epoch + 1)
         pl_module.force_train_confusion = False
         valid = torch.isfinite(cpa)
         log.info(
             "CPA snapshot of epoch %d: %d classes predicted, mean CPA %.4f",
-            self.epoch,
+            trainer.current_epoch + 1,
             int(valid.sum()),
             float(cpa[valid].mean()) if valid.any() else float("nan"),
         )

@@ -78,3 +78,42 @@ def test_two_stage_run(tmp_path):
     steps = 16 // 4
     expected_lrs = [0.02 * cosine_factor(2 * steps + i, 3 * steps) for i in range(steps)]
     assert lrs == pytest.approx(expected_lrs, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_multirun_shares_stage1_and_reports(tmp_path):
+    """`run.py -m` over samplers: one stage 1 and one baseline for all jobs, then the report."""
+    import subprocess
+    import sys
+
+    from cfg_utils import ROOT
+
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "-m",
+        "experiment=quickstart",
+        *RIM,
+        "sampler=none,arbs",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent.name for p in sweep.glob("*/results.json"))
+    assert jobs == ["0", "1"]
+    stage1_runs = [p for p in (tmp_path / "logs" / "stage1").iterdir() if p.is_dir()]
+    assert len(stage1_runs) == 1
+    assert (stage1_runs[0] / "baseline" / "done.json").is_file()
+    assert (
+        proc.stderr.count("training shared stage 1") + proc.stdout.count("training shared stage 1")
+        == 1
+    )
+
+    from experiments.report import main
+
+    assert main([str(sweep)]) == 0
+    md = (sweep / "report" / "table.md").read_text()
+    assert md.count("baseline") == 1 and "sampler=arbs" in md and "sampler=none" in md
