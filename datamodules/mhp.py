@@ -25,15 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from lightning import LightningDataModule
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from datamodules.batch import IGNORE_INDEX, DatasetError, collate_eval, collate_train, make_palette
+from datamodules.base import ParsingDataModule, plain
+from datamodules.batch import DatasetError, make_palette
 from datamodules.synthetic import ensure_synthetic_mhp
-from datamodules.transforms import build_eval_transform, build_train_transform
 
 log = logging.getLogger(__name__)
 
@@ -463,15 +460,6 @@ class MHPv2Dataset(Dataset):
         ]
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain lists/dicts; tuples -> lists; everything else unchanged."""
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _png_bytes(label: np.ndarray) -> bytes:
     import io
 
@@ -480,7 +468,7 @@ def _png_bytes(label: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class MHPv2DataModule(LightningDataModule):
+class MHPv2DataModule(ParsingDataModule):
     """LV-MHP-v2 for Lightning; with ``synthetic`` set it generates and serves the synthetic set.
 
     Args:
@@ -505,7 +493,8 @@ class MHPv2DataModule(LightningDataModule):
             generates the synthetic set under ``root`` first.
     """
 
-    ignore_index: int = IGNORE_INDEX
+    dataset_name = "MHPv2"
+    test_labels_hint = "test/parsing_annos"
 
     def __init__(
         self,
@@ -527,64 +516,41 @@ class MHPv2DataModule(LightningDataModule):
         cache_dir: str | None = None,
         synthetic: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        # Plain containers before save_hyperparameters (it reads these locals): Hydra passes
-        # ListConfig/DictConfig, which checkpoints could not load with weights_only=True.
-        crop_size, scale_range = _plain(crop_size), _plain(scale_range)
-        eval_size, class_names = _plain(eval_size), _plain(class_names)
-        flip_pairs, synthetic = _plain(flip_pairs), _plain(synthetic)
-        self.save_hyperparameters(logger=False)
-        self.root = Path(root)
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(num_workers)
-        self.crop_size = tuple(int(v) for v in crop_size)
-        self.eval_size = tuple(int(v) for v in (eval_size if eval_size is not None else crop_size))
-        self.scale_range = tuple(float(v) for v in scale_range)
-        self.rotate = float(rotate)
-        self.skip_bad = bool(skip_bad)
-        self.pin_memory = bool(pin_memory)
-        self.persistent_workers = bool(persistent_workers)
-        self.flip_pairs = [tuple(int(v) for v in pair) for pair in flip_pairs]
-        self.color_jitter = float(color_jitter)
-        self.cache_dir = cache_dir
+        super().__init__(
+            root,
+            num_classes=num_classes,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            crop_size=crop_size,
+            scale_range=scale_range,
+            rotate=rotate,
+            eval_size=eval_size,
+            eval_batch_size=eval_batch_size,
+            skip_bad=skip_bad,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            class_names=class_names if class_names is not None else MHP_CLASSES,
+            flip_pairs=flip_pairs,
+            color_jitter=color_jitter,
+            cache_dir=cache_dir,
+        )
+        synthetic = plain(synthetic)
         self.synthetic = dict(synthetic) if synthetic is not None else None
-        self._num_classes = int(num_classes)
-        names = list(class_names) if class_names is not None else list(MHP_CLASSES)
-        if len(names) != self._num_classes:
-            raise ValueError(f"{len(names)} class_names given for num_classes={num_classes}")
-        self._class_names = names
-        self.palette = make_palette(self._num_classes)  # (C, 3) uint8 RGB
-        self.train_set: MHPv2Dataset | None = None
-        self.val_set: MHPv2Dataset | None = None
-        self.test_set: MHPv2Dataset | None = None
 
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
+    def has_split(self, split: str) -> bool:
+        return (self.root / "list" / _split_paths(split)[0]).is_file()
 
-    @property
-    def class_names(self) -> list[str]:
-        return self._class_names
+    def split_has_labels(self, split: str) -> bool:
+        return (self.root / _split_paths(split)[1] / "parsing_annos").is_dir()
 
-    @property
-    def has_test_labels(self) -> bool:
-        """Whether ``trainer.test`` can score: the test split exists and has annotations."""
-        return (self.root / "list" / "test_all.txt").is_file() and (
-            self.root / "test" / "parsing_annos"
-        ).is_dir()
-
-    @property
-    def num_skipped(self) -> int:
-        """Bad samples skipped so far by the datasets of this process (workers count their own)."""
-        sets = (self.train_set, self.val_set, self.test_set)
-        return sum(ds.num_skipped for ds in sets if ds is not None)
+    def _missing_test_split_message(self) -> str:
+        return f"{self.root / 'list' / 'test_all.txt'} not found"
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
             ensure_synthetic_mhp(self.root, **self.synthetic)
 
-    def _dataset(self, split: str, transform: Callable | None) -> MHPv2Dataset:
+    def make_dataset(self, split: str, transform: Callable | None) -> MHPv2Dataset:
         return MHPv2Dataset(
             self.root,
             split,
@@ -593,81 +559,3 @@ class MHPv2DataModule(LightningDataModule):
             cache_dir=self.cache_dir,
             num_classes=self._num_classes,
         )
-
-    def setup(self, stage: str | None = None) -> None:
-        # Idempotent and cheap once generated; covers setup() called without prepare_data().
-        self.prepare_data()
-        if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self._dataset(
-                "train",
-                build_train_transform(
-                    crop_size=self.crop_size,
-                    scale_range=self.scale_range,
-                    rotate=self.rotate,
-                    flip_pairs=self.flip_pairs,
-                    color_jitter=self.color_jitter,
-                ),
-            )
-        eval_tf = build_eval_transform(self.eval_size)
-        if stage in (None, "fit", "validate") and self.val_set is None:
-            self.val_set = self._dataset("val", eval_tf)
-        has_test = (self.root / "list" / "test_all.txt").is_file()
-        if stage in (None, "test", "predict") and self.test_set is None and has_test:
-            self.test_set = self._dataset("test", eval_tf)
-        if self.num_skipped:
-            log.warning("MHPv2: %d bad samples skipped while indexing", self.num_skipped)
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        workers = self.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and workers > 0,
-            collate_fn=collate_train if train else collate_eval,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        if len(self.train_set) < self.batch_size:
-            raise ValueError(
-                f"train split has {len(self.train_set)} samples, fewer than batch_size="
-                f"{self.batch_size}; with drop_last there would be no batch"
-            )
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            self.setup("validate")
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        if not self.has_test_labels:
-            raise RuntimeError(
-                f"{self.root}: the MHPv2 test split has no annotations (test/parsing_annos), so "
-                "trainer.test cannot score it; evaluate on val (trainer.validate) or use "
-                "predict_dataloader for test-set predictions"
-            )
-        if self.test_set is None:
-            self.setup("test")
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Test images (labels only if present) for ``trainer.predict``."""
-        if self.test_set is None:
-            self.setup("predict")
-        if self.test_set is None:
-            raise RuntimeError(f"{self.root / 'list' / 'test_all.txt'} not found")
-        return self._loader(self.test_set, train=False)
-
-    def class_pixel_counts(self) -> np.ndarray:
-        """(C,) int64 label pixel histogram of the train split (cached; see MHPv2Dataset)."""
-        dataset = self.train_set
-        if dataset is None:
-            self.prepare_data()
-            dataset = self._dataset("train", None)
-        return dataset.class_pixel_counts(self._num_classes)

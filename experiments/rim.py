@@ -25,6 +25,7 @@ from experiments.train import (
     build_datamodule,
     build_module,
     build_trainer,
+    checkpoint_paths,
     final_scores,
     resume_checkpoint,
     summarise,
@@ -117,9 +118,8 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if hasattr(datamodule, "class_pixel_counts"):
         counts = datamodule.class_pixel_counts()
         results["class_pixel_counts"] = dict(zip(names, (int(c) for c in counts), strict=True))
-    ckpt_cb = trainer.checkpoint_callback
-    if ckpt_cb is not None and cfg.train:
-        results["checkpoints"] = {"best": ckpt_cb.best_model_path, "last": ckpt_cb.last_model_path}
+    if cfg.train:
+        results["checkpoints"] = checkpoint_paths(trainer)
     print_comparison(results)
     return results
 

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.stages import shared_stage1
 from lightning_modules import ParsingLitModule
+from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.metrics import format_scores_table, scores_to_json
 
 log = logging.getLogger(__name__)
@@ -135,10 +136,10 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 def build_callbacks(cfg: DictConfig, out_dir: Path) -> list[pl.Callback]:
     """The configured callbacks, with checkpoints written to ``out_dir/checkpoints``."""
     callbacks: list[pl.Callback] = []
-    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+    for cb_cfg in (cfg.get("callbacks") or {}).values():
         if not isinstance(cb_cfg, DictConfig) or "_target_" not in cb_cfg:
             continue
-        if name == "model_checkpoint":
+        if str(cb_cfg._target_).endswith("ModelCheckpoint"):
             cb_cfg = cb_cfg.copy()
             cb_cfg.dirpath = str(out_dir / "checkpoints")
         callbacks.append(hydra.utils.instantiate(cb_cfg))
@@ -171,6 +172,7 @@ def build_trainer(
     out_dir.mkdir(parents=True, exist_ok=True)
     return hydra.utils.instantiate(
         cfg.trainer,
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=str(out_dir),
         max_epochs=max_epochs,
         callbacks=build_callbacks(cfg, out_dir),
@@ -193,6 +195,16 @@ def final_scores(
     else:
         trainer.test(module, datamodule=datamodule, verbose=False)
     return module.last_scores.get(stage)
+
+
+def checkpoint_paths(trainer: pl.Trainer) -> dict[str, str]:
+    """``{"best": ..., "last": ...}`` of the trainer's checkpoint callbacks (empty when none)."""
+    paths = {}
+    for cb in trainer.checkpoint_callbacks:
+        key = "last" if cb.monitor is None else "best"
+        if cb.best_model_path:
+            paths[key] = cb.best_model_path
+    return paths
 
 
 def resume_checkpoint(cfg: DictConfig, stage_dir: Path) -> str | None:
@@ -307,7 +319,6 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             )
         else:
             log.warning("test=true but the test split has no labels: nothing to score")
-    ckpt_cb = trainer.checkpoint_callback
-    if ckpt_cb is not None and cfg.train:
-        results["checkpoints"] = {"best": ckpt_cb.best_model_path, "last": ckpt_cb.last_model_path}
+    if cfg.train:
+        results["checkpoints"] = checkpoint_paths(trainer)
     return results

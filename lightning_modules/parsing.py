@@ -17,6 +17,14 @@ from lightning_modules.metrics import ConfusionMatrix, segmentation_scores
 log = logging.getLogger(__name__)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or Inf loss or gradient stopped the run."""
+
+
+def _terms(losses: dict[str, Tensor]) -> str:
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+
+
 class ParsingLitModule(pl.LightningModule):
     """Semantic / human parsing with a dense-prediction net.
 
@@ -33,6 +41,10 @@ class ParsingLitModule(pl.LightningModule):
         track_train_confusion: accumulate a confusion matrix of the training batches every epoch.
         channels_last: run the net in channels-last memory format (faster convolutions on GPU).
         compile: ``torch.compile`` the net.
+        nonfinite: what a NaN/Inf loss does: ``stop`` the run with a message naming the step, the
+            loss terms and the last good checkpoint; ``skip`` the batch and count it; ``off``.
+            A non-finite gradient always stops the run (its loss was finite, so the batch is not
+            the cause).
     """
 
     def __init__(
@@ -49,8 +61,11 @@ class ParsingLitModule(pl.LightningModule):
         track_train_confusion: bool = True,
         channels_last: bool = False,
         compile: bool = False,
+        nonfinite: str = "stop",
     ) -> None:
         super().__init__()
+        if nonfinite not in ("stop", "skip", "off"):
+            raise ValueError(f"nonfinite={nonfinite!r}: expected 'stop', 'skip' or 'off'")
         # Only plain values go into the checkpoint's hyper-parameters: partials do not unpickle
         # under torch.load(weights_only=True).
         self.save_hyperparameters(
@@ -86,6 +101,9 @@ class ParsingLitModule(pl.LightningModule):
         )
         self.register_buffer("early_cpa_epoch", torch.zeros((), dtype=torch.long))
         self.last_scores: dict[str, dict[str, Any]] = {}
+        self.nonfinite = nonfinite
+        self.skipped_nonfinite = 0
+        self._last_losses: dict[str, Tensor] = {}
         # Kept out of the module tree so the compiled wrapper adds no duplicate state_dict keys.
         object.__setattr__(self, "_net_forward", torch.compile(net) if compile else net)
 
@@ -146,6 +164,19 @@ class ParsingLitModule(pl.LightningModule):
         outputs = self(image)
         sample_mask = self.sampler(target) if self.sampler is not None else None
         losses = self.loss(outputs, target, sample_mask=sample_mask)
+        if self.nonfinite != "off" and not bool(torch.isfinite(losses["loss"])):
+            # One host sync per step: the price of catching a NaN in the step where it appears.
+            if self.nonfinite == "skip":
+                self.skipped_nonfinite += 1
+                log.warning(
+                    "step %d: non-finite loss, batch skipped (%d so far): %s",
+                    self.global_step,
+                    self.skipped_nonfinite,
+                    _terms(losses),
+                )
+                return None
+            raise NonFiniteLossError(self._nonfinite_message("loss", losses))
+        self._last_losses = {k: v.detach() for k, v in losses.items()}
         bs = image.shape[0]
         for name, value in losses.items():
             if name == "loss/main":
@@ -162,7 +193,30 @@ class ParsingLitModule(pl.LightningModule):
             self.train_confmat.update(outputs["out"].detach().argmax(1), target)
         return losses["loss"]
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.nonfinite == "off":
+            return
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            raise NonFiniteLossError(self._nonfinite_message("gradient", self._last_losses))
+
+    def _nonfinite_message(self, what: str, losses: dict[str, Tensor]) -> str:
+        callbacks = self.trainer.checkpoint_callbacks if self._trainer is not None else []
+        saved = [
+            cb.best_model_path for cb in callbacks if cb.monitor is None and cb.best_model_path
+        ]
+        saved += [cb.last_model_path or cb.best_model_path for cb in callbacks]
+        last = next((p for p in saved if p), "")
+        return (
+            f"non-finite {what} at global step {self.global_step} (epoch {self.current_epoch}); "
+            f"loss terms: {_terms(losses)}. Nothing was written after this step; the last good "
+            f"checkpoint is {last or 'not saved yet'}. Lower the learning rate or check the "
+            "batch's data; module.nonfinite=skip skips such batches instead."
+        )
+
     def on_train_epoch_end(self) -> None:
+        if self.skipped_nonfinite:
+            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
         if self.track_train_confusion:
             self._log_scores("train", self.train_confmat, per_class=False)
         self.train_confmat.reset()

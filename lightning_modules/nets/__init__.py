@@ -12,6 +12,12 @@ from lightning_modules.nets.backbones import (
     parse_depth,
     pretrained_checkpoint_path,
 )
+from lightning_modules.nets.danet import ChannelAttentionModule, DANet, PositionAttentionModule
+from lightning_modules.nets.deeplabv3plus import (
+    AtrousSpatialPyramidPooling,
+    DeepLabV3Plus,
+    default_atrous_rates,
+)
 from lightning_modules.nets.heads import (
     ConvBNReLU,
     EncoderDecoderNet,
@@ -21,12 +27,18 @@ from lightning_modules.nets.heads import (
 from lightning_modules.nets.pspnet import PSPNet, PyramidPoolingModule
 
 __all__ = [
+    "AtrousSpatialPyramidPooling",
+    "ChannelAttentionModule",
     "ConvBNReLU",
+    "DANet",
+    "DeepLabV3Plus",
     "DilatedResNet",
     "EncoderDecoderNet",
     "FCNHead",
     "PSPNet",
+    "PositionAttentionModule",
     "PyramidPoolingModule",
+    "default_atrous_rates",
     "init_decoder_weights",
     "load_pretrained_state_dict",
     "parse_depth",

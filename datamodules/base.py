@@ -1,0 +1,624 @@
+"""What every parsing dataset shares: the raw-item Dataset base and the LightningDataModule base.
+
+A dataset file (``lip.py``, ``cityscapes.py``, ...) subclasses :class:`ParsingDataset` (index the
+split into ``ids``, implement ``load`` and ``load_mask``) and :class:`ParsingDataModule` (implement
+``make_dataset``; override ``has_split`` / ``split_has_labels`` with cheap file-system checks).
+Skipping bad samples, the cached class pixel histogram, the paired transforms, collate and loaders
+come from here. Items and batches follow ``datamodules/batch.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from lightning.pytorch.core.mixins import HyperparametersMixin
+from lightning.pytorch.utilities.parsing import collect_init_args
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.batch import IGNORE_INDEX, DatasetError, collate_eval, collate_train, make_palette
+from datamodules.transforms import (
+    EvalTransform,
+    TrainTransform,
+    build_eval_transform,
+    build_train_transform,
+)
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+
+# -- small shared helpers ----------------------------------------------------------------------
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers -> plain lists/dicts; tuples -> lists; everything else unchanged."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rimlab"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write-then-rename: concurrent workers or a killed process never leave a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image fully (a truncated file fails here, not later in a worker).
+
+    Grayscale (and palette or CMYK) images are converted, so every image comes out RGB.
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            # No EXIF transpose: the annotations were drawn on the stored pixel grid.
+            rgb = im.convert("RGB")
+        return np.array(rgb, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:  # missing, unidentified, truncated, corrupt
+        raise DatasetError(path, f"unreadable image ({e})") from e
+
+
+def read_index_png(path: Path, what: str = "label") -> np.ndarray:
+    """Read an 8-bit single-channel label PNG as raw indices (mode ``L``, or ``P`` without palette
+    conversion: converting would turn ids into colours or luminance).
+
+    Returns:
+        (H, W) uint8.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.array(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(path, f"unreadable {what} PNG ({e})") from e
+    if mode not in ("L", "P") or arr.ndim != 2:
+        raise DatasetError(
+            path, f"{what} PNG has mode {mode} {arr.shape}; expected 8-bit single-channel (L or P)"
+        )
+    return arr.astype(np.uint8, copy=False)
+
+
+def check_same_size(
+    label: np.ndarray, image: np.ndarray, label_path: Path, image_name: str
+) -> None:
+    if label.shape[:2] != image.shape[:2]:
+        raise DatasetError(
+            label_path,
+            f"label size {label.shape[1]}x{label.shape[0]} (WxH) does not match image size "
+            f"{image.shape[1]}x{image.shape[0]} of {image_name}",
+        )
+
+
+@dataclass
+class ScanResult:
+    """Outcome of a pass over a split.
+
+    Attributes:
+        counts: (C,) int64 label pixel histogram over the good samples (None without labels).
+        num_ok: number of good samples.
+        problems: sample id -> "file: problem" for every bad sample.
+        errors: the errors behind ``problems`` found during the pass.
+    """
+
+    counts: np.ndarray | None
+    num_ok: int
+    problems: dict[str, str] = field(default_factory=dict)
+    errors: list[DatasetError] = field(default_factory=list)
+
+
+# -- Dataset base ------------------------------------------------------------------------------
+
+
+class ParsingDataset(Dataset, ABC):
+    """One split of a parsing dataset; items follow ``datamodules/batch.py``.
+
+    Subclasses index the split in ``__init__`` (after calling this one) by passing each candidate
+    sample to :meth:`_add_sample` and then calling :meth:`_finish_index`; they set ``has_labels``
+    and implement :meth:`load` and :meth:`load_mask`.
+
+    Args:
+        root: the dataset folder.
+        split: split name (dataset specific).
+        transform: callable taking and returning the item dict; None returns the raw item
+            (``image`` (H, W, 3) uint8, ``mask`` (H, W) int64 with 255 = ignore, ``name``).
+        skip_bad: on a bad sample, log a warning, record it in ``bad_samples`` and return the next
+            good sample instead of raising :class:`DatasetError`. Samples found bad while indexing
+            are dropped up front; others are found when first loaded. Counts live per process, so
+            DataLoader workers keep their own.
+        num_classes: valid class ids are ``0..num_classes-1`` (255 = ignore where allowed).
+        cache_dir: where the pixel-count cache goes when ``root`` is read-only
+            (default ``~/.cache/rimlab``).
+    """
+
+    dataset_name: ClassVar[str] = "dataset"
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Transform | None = None,
+        skip_bad: bool = False,
+        num_classes: int = 0,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        self.skip_bad = bool(skip_bad)
+        self.num_classes = int(num_classes)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.bad_samples: dict[str, str] = {}
+        self.ids: list[str] = []
+        self.has_labels = True
+        # The file or folder that defines the split (named by "empty split" style errors).
+        self.index_source: Path = self.root
+
+    # -- indexing -------------------------------------------------------------------------------
+
+    def _add_sample(self, name: str, problem: DatasetError | None) -> bool:
+        """Keep sample ``name`` in the index, or drop it (skip_bad) / raise when it has a problem."""
+        if problem is None:
+            self.ids.append(name)
+            return True
+        if not self.skip_bad:
+            raise problem
+        self._mark_bad(name, problem)
+        return False
+
+    def _finish_index(self) -> None:
+        if not self.ids:
+            raise DatasetError(self.index_source, f"split '{self.split}' has no usable sample")
+
+    # -- per-sample access ----------------------------------------------------------------------
+
+    @abstractmethod
+    def load(self, index: int) -> dict[str, Any]:
+        """Raw item ``index`` without transform; raises :class:`DatasetError` on bad data."""
+
+    def load_mask(self, index: int) -> np.ndarray:
+        """(H, W) integer class ids of sample ``index``, decoding as little as possible.
+
+        Used by the pixel counter; the default loads the whole item.
+        """
+        return self.load(index)["mask"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self._load_skipping(index) if self.skip_bad else self.load(index)
+        return self.transform(item) if self.transform is not None else item
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of distinct bad samples skipped so far (in this process)."""
+        return len(self.bad_samples)
+
+    @property
+    def bad_ids(self) -> list[str]:
+        return list(self.bad_samples)
+
+    def _mark_bad(self, name: str, err: DatasetError) -> None:
+        if name not in self.bad_samples:
+            log.warning("skipping bad %s sample %s: %s", self.dataset_name, name, err)
+            self.bad_samples[name] = str(err)
+
+    def _load_skipping(self, index: int) -> dict[str, Any]:
+        # Deterministic substitute: the next good sample (index + 1, wrapping around).
+        n = len(self.ids)
+        for offset in range(n):
+            j = (index + offset) % n
+            name = self.ids[j]
+            if name in self.bad_samples:
+                continue
+            try:
+                return self.load(j)
+            except DatasetError as e:
+                self._mark_bad(name, e)
+        raise DatasetError(self.index_source, f"every sample of split '{self.split}' is bad")
+
+    # -- whole-split passes ---------------------------------------------------------------------
+
+    def scan(
+        self,
+        num_classes: int | None = None,
+        decode_images: bool = True,
+        num_threads: int | None = None,
+    ) -> ScanResult:
+        """Load every sample once, collecting the label histogram and every problem found.
+
+        Args:
+            num_classes: histogram length (default: the dataset's).
+            decode_images: also decode and size-check the images (labels only if False).
+            num_threads: decoding threads (PIL releases the GIL); default min(8, cpu count).
+        """
+        c = num_classes or self.num_classes
+
+        def one(index: int) -> tuple[str, np.ndarray | None, DatasetError | None]:
+            name = self.ids[index]
+            try:
+                if decode_images:
+                    mask = self.load(index).get("mask")
+                else:
+                    mask = self.load_mask(index) if self.has_labels else None
+            except DatasetError as e:
+                return name, None, e
+            if mask is None:
+                return name, None, None
+            # 255 (ignore) and anything else >= C fall off the end of the histogram.
+            hist = np.bincount(np.asarray(mask).ravel(), minlength=c)[:c]
+            return name, hist.astype(np.int64), None
+
+        counts = np.zeros(c, dtype=np.int64) if self.has_labels else None
+        result = ScanResult(counts=counts, num_ok=0, problems=dict(self.bad_samples))
+        threads = num_threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for name, hist, err in pool.map(one, range(len(self))):
+                if err is not None:
+                    result.problems[name] = str(err)
+                    result.errors.append(err)
+                    continue
+                result.num_ok += 1
+                if hist is not None and counts is not None:
+                    counts += hist
+        return result
+
+    def count_key(self) -> str:
+        """Identifies the split's content for the count cache: a changed split recomputes."""
+        return hashlib.sha1("\n".join([self.split, *self.ids]).encode()).hexdigest()
+
+    def class_pixel_counts(self, num_classes: int | None = None) -> np.ndarray:
+        """Label pixel histogram of the split (255 = ignore not counted), cached beside the data.
+
+        The cache is ``<root>/<split>_class_counts.json`` keyed by :meth:`count_key`; if ``root``
+        is read-only it goes to ``cache_dir`` (or ``~/.cache/rimlab``). Bad samples raise, or are
+        excluded with ``skip_bad``.
+
+        Returns:
+            (C,) int64 pixel count per class id.
+        """
+        c = num_classes or self.num_classes
+        if not self.has_labels:
+            raise DatasetError(self.index_source, f"split '{self.split}' has no labels to count")
+        key = self.count_key()
+        paths = self._count_cache_paths()
+        for path in paths:
+            try:
+                data = json.loads(path.read_text())
+                if data.get("key") == key and data.get("num_classes") == c:
+                    return np.asarray(data["counts"], dtype=np.int64)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        result = self.scan(c, decode_images=False)
+        if result.problems:
+            if not self.skip_bad:
+                # Problems found while indexing were raised in __init__, so errors is not empty.
+                raise result.errors[0]
+            for name, problem in result.problems.items():
+                self.bad_samples.setdefault(name, problem)
+        payload = {
+            "key": key,
+            "num_classes": c,
+            "split": self.split,
+            "skipped": sorted(result.problems),
+            "counts": [int(v) for v in result.counts],
+        }
+        data = json.dumps(payload).encode()
+        for path in paths:
+            try:
+                atomic_write_bytes(path, data)
+                break
+            except OSError as e:  # read-only dataset folder: fall back to the cache dir
+                log.debug("could not write %s: %s", path, e)
+        return result.counts
+
+    def _count_cache_paths(self) -> list[Path]:
+        root_key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
+        fallback = (self.cache_dir or default_cache_dir()) / "class_counts"
+        return [
+            self.root / f"{self.split}_class_counts.json",
+            fallback / f"{root_key}_{self.split}_class_counts.json",
+        ]
+
+
+# -- LightningDataModule base ------------------------------------------------------------------
+
+
+class ParsingDataModule(LightningDataModule, ABC):
+    """Generic parsing datamodule: transforms, collate and loaders around ``make_dataset``.
+
+    Subclasses give their constructor the dataset's defaults (class names, flip pairs, sizes) and
+    pass everything on here by keyword; they implement :meth:`make_dataset` and, with cheap
+    file-system checks, :meth:`has_split` and :meth:`split_has_labels`. The most specific
+    constructor's arguments are saved as hyperparameters, as plain containers.
+
+    Args:
+        root: the dataset folder.
+        num_classes: number of classes (valid ids ``0..num_classes-1``).
+        batch_size: training batch size (drop_last, so each batch is full).
+        num_workers: DataLoader workers.
+        crop_size: ``(h, w)`` training crop.
+        scale_range: ``(min, max)`` random scale factor.
+        rotate: maximum absolute rotation in degrees.
+        eval_size: ``(h, w)`` network input size at evaluation; labels stay at their original
+            resolution. None: ``crop_size``, or the original image size when the class sets
+            ``full_resolution_eval``.
+        eval_batch_size: evaluation batch size (default: ``batch_size``).
+        skip_bad: skip bad samples with a warning instead of raising.
+        pin_memory: pin host memory (only when CUDA is available).
+        persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
+        class_names: ``num_classes`` names (default: the ids as strings).
+        flip_pairs: left/right class ids swapped by the horizontal flip.
+        color_jitter: colour jitter strength (0 disables).
+        cache_dir: cache folder (pixel counts when ``root`` is read-only; dataset specific uses).
+        palette: ``num_classes`` RGB triples for visualisation (default: the VOC colour map).
+        ignore_index: the label value that is never scored; the transforms and collate pad with
+            255, so it must be 255 (it is a key so configs can interpolate it).
+    """
+
+    #: Stage -> split name given to ``make_dataset`` ("test" also serves ``predict``).
+    splits: ClassVar[Mapping[str, str]] = {"fit": "train", "validate": "val", "test": "test"}
+    #: Used in messages.
+    dataset_name: ClassVar[str] = "dataset"
+    #: Where the test annotations would be, for the "no test labels" message (may be empty).
+    test_labels_hint: ClassVar[str] = ""
+    #: eval_size None means the original image size (no resize) instead of crop_size.
+    full_resolution_eval: ClassVar[bool] = False
+    ignore_index: int = IGNORE_INDEX
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        num_classes: int,
+        batch_size: int = 16,
+        num_workers: int = 4,
+        crop_size: Sequence[int] = (400, 400),
+        scale_range: Sequence[float] = (0.5, 2.0),
+        rotate: float = 10.0,
+        eval_size: Sequence[int] | None = None,
+        eval_batch_size: int | None = None,
+        skip_bad: bool = False,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        class_names: Sequence[str] | None = None,
+        flip_pairs: Sequence[Sequence[int]] = (),
+        color_jitter: float = 0.2,
+        cache_dir: str | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        super().__init__()
+        self._save_plain_hyperparameters(inspect.currentframe())
+        crop_size, scale_range = plain(crop_size), plain(scale_range)
+        eval_size, class_names = plain(eval_size), plain(class_names)
+        flip_pairs, palette = plain(flip_pairs), plain(palette)
+        if int(ignore_index) != IGNORE_INDEX:
+            raise ValueError(
+                f"ignore_index={ignore_index}: the transforms and collate pad labels with "
+                f"{IGNORE_INDEX}, so the ignore index must be {IGNORE_INDEX}"
+            )
+        self.ignore_index = IGNORE_INDEX
+        self.root = Path(root)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.crop_size = tuple(int(v) for v in crop_size)
+        if eval_size is None and not self.full_resolution_eval:
+            eval_size = crop_size
+        self.eval_size = tuple(int(v) for v in eval_size) if eval_size is not None else None
+        self.scale_range = tuple(float(v) for v in scale_range)
+        self.rotate = float(rotate)
+        self.skip_bad = bool(skip_bad)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.flip_pairs = [tuple(int(v) for v in pair) for pair in flip_pairs]
+        self.color_jitter = float(color_jitter)
+        self.cache_dir = cache_dir
+        self._num_classes = int(num_classes)
+        names = [str(n) for n in class_names] if class_names is not None else None
+        if names is None:
+            names = [str(i) for i in range(self._num_classes)]
+        if len(names) != self._num_classes:
+            raise ValueError(f"{len(names)} class_names given for num_classes={num_classes}")
+        self._class_names = names
+        if palette is None:
+            self.palette = make_palette(self._num_classes)  # (C, 3) uint8 RGB
+        else:
+            pal = np.asarray(palette, dtype=np.int64)
+            if pal.shape != (self._num_classes, 3) or pal.min() < 0 or pal.max() > 255:
+                raise ValueError(
+                    f"palette must be {self._num_classes} RGB triples in 0..255, got shape "
+                    f"{pal.shape}"
+                )
+            self.palette = pal.astype(np.uint8)
+        self.train_set: ParsingDataset | None = None
+        self.val_set: ParsingDataset | None = None
+        self.test_set: ParsingDataset | None = None
+
+    def _save_plain_hyperparameters(self, frame: Any) -> None:
+        # The arguments of the most specific constructor (the class the config names), as plain
+        # containers: Hydra passes ListConfig/DictConfig, which checkpoints could not load with
+        # weights_only=True, and base-only keywords would not fit the subclass's signature.
+        chain = collect_init_args(frame, [], classes=(HyperparametersMixin,))
+        hparams = {k: plain(v) for k, v in (chain[-1] if chain else {}).items()}
+        self.save_hyperparameters(hparams, logger=False)
+
+    # -- what a subclass provides ---------------------------------------------------------------
+
+    @abstractmethod
+    def make_dataset(self, split: str, transform: Transform | None) -> ParsingDataset:
+        """The dataset of ``split`` (a value of ``splits``) with ``transform`` applied to items."""
+
+    def has_split(self, split: str) -> bool:
+        """Whether ``split`` exists on disk (decides whether a test set is built)."""
+        return True
+
+    def split_has_labels(self, split: str) -> bool:
+        """Whether ``split`` has annotations that can be scored.
+
+        The default builds the dataset; subclasses should answer from the file system instead.
+        """
+        try:
+            return bool(self.make_dataset(split, None).has_labels)
+        except DatasetError:
+            return False
+
+    # -- common properties ----------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._class_names
+
+    @property
+    def has_test_labels(self) -> bool:
+        """Whether ``trainer.test`` can score: the test split exists and has annotations."""
+        split = self.splits["test"]
+        return self.has_split(split) and self.split_has_labels(split)
+
+    @property
+    def num_skipped(self) -> int:
+        """Bad samples skipped so far by the datasets of this process (workers count their own)."""
+        sets = (self.train_set, self.val_set, self.test_set)
+        return sum(ds.num_skipped for ds in sets if ds is not None)
+
+    # -- transforms and setup -------------------------------------------------------------------
+
+    def train_transform(self) -> TrainTransform:
+        return build_train_transform(
+            crop_size=self.crop_size,
+            scale_range=self.scale_range,
+            rotate=self.rotate,
+            flip_pairs=self.flip_pairs,
+            color_jitter=self.color_jitter,
+        )
+
+    def eval_transform(self) -> EvalTransform:
+        return build_eval_transform(self.eval_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        # Idempotent and cheap once done; covers setup() called without prepare_data().
+        self.prepare_data()
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self.make_dataset(self.splits["fit"], self.train_transform())
+        eval_tf = self.eval_transform()
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            self.val_set = self.make_dataset(self.splits["validate"], eval_tf)
+        test_split = self.splits["test"]
+        if (
+            stage in (None, "test", "predict")
+            and self.test_set is None
+            and self.has_split(test_split)
+        ):
+            self.test_set = self.make_dataset(test_split, eval_tf)
+        if self.num_skipped:
+            log.warning(
+                "%s: %d bad samples skipped while indexing", self.dataset_name, self.num_skipped
+            )
+
+    # -- loaders --------------------------------------------------------------------------------
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+            collate_fn=collate_train if train else collate_eval,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        if len(self.train_set) < self.batch_size:
+            raise ValueError(
+                f"train split has {len(self.train_set)} samples, fewer than batch_size="
+                f"{self.batch_size}; with drop_last there would be no batch"
+            )
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.has_test_labels:
+            hint = f" ({self.test_labels_hint})" if self.test_labels_hint else ""
+            raise RuntimeError(
+                f"{self.root}: the {self.dataset_name} test split has no annotations{hint}, so "
+                "trainer.test cannot score it; evaluate on val (trainer.validate) or use "
+                "predict_dataloader for test-set predictions"
+            )
+        if self.test_set is None:
+            self.setup("test")
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Test images (labels only if present) for ``trainer.predict``."""
+        if self.test_set is None:
+            self.setup("predict")
+        if self.test_set is None:
+            raise RuntimeError(self._missing_test_split_message())
+        return self._loader(self.test_set, train=False)
+
+    def _missing_test_split_message(self) -> str:
+        return f"{self.root}: the {self.dataset_name} test split was not found"
+
+    def class_pixel_counts(self) -> np.ndarray:
+        """(C,) int64 label pixel histogram of the train split (cached by the dataset)."""
+        dataset = self.train_set
+        if dataset is None:
+            self.prepare_data()
+            dataset = self.make_dataset(self.splits["fit"], None)
+        return dataset.class_pixel_counts(self._num_classes)
+
+
+def first_existing(candidates: Iterable[Path], kind: str = "dir") -> Path | None:
+    """The first candidate that is a directory (``kind="dir"``) or a file (``kind="file"``)."""
+    for path in candidates:
+        if path.is_dir() if kind == "dir" else path.is_file():
+            return path
+    return None

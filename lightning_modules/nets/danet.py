@@ -1,0 +1,198 @@
+"""DANet (Fu et al., CVPR 2019): position and channel self-attention on a dilated ResNet.
+
+Two branches on the last features (`c4`), one with a position attention module (PAM) and one with
+a channel attention module (CAM), are summed and classified. As in the paper, each branch also has
+its own classifier for deep supervision, and an auxiliary FCN head sits on layer3.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.nets.backbones import build_backbone
+from lightning_modules.nets.heads import (
+    ConvBNReLU,
+    EncoderDecoderNet,
+    FCNHead,
+    init_decoder_weights,
+)
+
+
+class PositionAttentionModule(nn.Module):
+    """Self-attention over spatial positions (DANet's PAM), added to the input with a learnt scale.
+
+    `out_j = gamma * sum_i softmax_i(q_j . k_i) v_i + x_j` for every position `j`, with 1x1 conv
+    projections `q`, `k` (to `in_channels // 8`) and `v` (to `in_channels`). `gamma` starts at 0,
+    so the module is the identity at initialisation and learns how much context to add.
+
+    Args:
+        in_channels: channels `C` of the input (and output) feature map.
+        reduction: channel reduction of the query/key projections.
+
+    Attributes:
+        gamma: `(1,)` learnable scale of the attention output, initialised to 0.
+    """
+
+    def __init__(self, in_channels: int, reduction: int = 8) -> None:
+        super().__init__()
+        key_channels = max(in_channels // reduction, 1)
+        self.query_conv = nn.Conv2d(in_channels, key_channels, kernel_size=1)
+        self.key_conv = nn.Conv2d(in_channels, key_channels, kernel_size=1)
+        self.value_conv = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: `(B, C, h, w)`. Returns `(B, C, h, w)`."""
+        b, c, h, w = x.shape
+        query = self.query_conv(x).flatten(2).transpose(1, 2)  # (B, C/8, h, w) -> (B, N, C/8)
+        key = self.key_conv(x).flatten(2)  # (B, C/8, h, w) -> (B, C/8, N), N = h * w
+        value = self.value_conv(x).flatten(2)  # (B, C, h, w) -> (B, C, N)
+        energy = torch.bmm(query, key)  # (B, N, N): energy[j, i] = q_j . k_i
+        attention = energy.softmax(dim=-1)  # normalised over the attended positions i
+        context = torch.bmm(value, attention.transpose(1, 2))  # (B, C, N)
+        context = context.reshape(b, c, h, w)  # (B, C, N) -> (B, C, h, w)
+        return self.gamma * context + x
+
+
+class ChannelAttentionModule(nn.Module):
+    """Self-attention over channels (DANet's CAM), added to the input with a learnt scale.
+
+    The channel affinity `E = X X^T` `(C, C)` of the flattened input `X` `(C, N)` is turned into
+    attention weights `A = softmax_k(max_k E_jk - E_jk)`, as in the authors' code. The paper's
+    equation reads `softmax(E)`; since softmax ignores a per-row shift, the code's variant equals
+    `softmax(-E)`: dissimilar channels weigh more. `out = gamma * A X + x`, with `gamma` starting
+    at 0 so the module is the identity at initialisation. There are no projections: the input
+    itself is query, key and value.
+
+    Attributes:
+        gamma: `(1,)` learnable scale of the attention output, initialised to 0.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: `(B, C, h, w)`. Returns `(B, C, h, w)`."""
+        b, c, h, w = x.shape
+        flat = x.flatten(2)  # (B, C, h, w) -> (B, C, N)
+        energy = torch.bmm(flat, flat.transpose(1, 2))  # (B, C, C)
+        energy = energy.amax(dim=-1, keepdim=True) - energy  # (B, C, C), the authors' trick
+        attention = energy.softmax(dim=-1)  # over the attended channels k
+        context = torch.bmm(attention, flat).reshape(b, c, h, w)  # (B, C, N) -> (B, C, h, w)
+        return self.gamma * context + x
+
+
+def _dropout_classifier(channels: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """Dropout2d -> 1x1 conv; the conv is named `classifier` so `init_decoder_weights` finds it."""
+    return nn.Sequential(
+        OrderedDict(
+            dropout=nn.Dropout2d(dropout),
+            classifier=nn.Conv2d(channels, num_classes, kernel_size=1),
+        )
+    )
+
+
+class DANet(EncoderDecoderNet):
+    """DANet: dilated ResNet -> (PAM branch + CAM branch) on c4 -> summed -> classifier.
+
+    Each branch is 3x3 ConvBNReLU (c4 -> `inter_channels`) -> attention module -> 3x3 ConvBNReLU.
+    The sum of the two branches is classified (`out`). The paper also supervises each branch
+    through its own classifier: during training, with `use_aux`, the position-only and
+    channel-only logits come back as `"pam"` and `"cam"`. An auxiliary FCN head on layer3 gives
+    `"aux"` as in the other nets.
+
+    `ParsingLoss` weights only `out` and `aux` for now: it ignores `pam` and `cam`, so their
+    classifiers receive no gradient. (Under DDP without `find_unused_parameters`, unused
+    parameters are an error: set `use_aux = False` or weight these outputs before training there.)
+
+    Args:
+        num_classes: number of output classes.
+        backbone: ResNet depth (18, 50, 101), a name such as `"resnet50"`, or `"lite"` (the small
+            CPU encoder, see `LiteResNet`).
+        pretrained: initialise the backbone with ImageNet weights from the torch hub cache.
+        output_stride: 8 or 16, stride of `c4`.
+        inter_channels: channels inside both attention branches; default `c4 channels // 4`
+            (512 for ResNet-50).
+        dropout: Dropout2d probability before every classifier.
+        aux: build the auxiliary FCN head on layer3.
+        aux_channels: hidden channels of the auxiliary head.
+
+    Attributes:
+        use_aux: runtime switch for the auxiliary outputs `aux`, `pam` and `cam`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str | int = 50,
+        pretrained: bool = False,
+        output_stride: int = 8,
+        inter_channels: int | None = None,
+        dropout: float = 0.1,
+        aux: bool = True,
+        aux_channels: int = 256,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
+        channels = self.backbone.channels
+        inter = inter_channels or channels["c4"] // 4
+
+        self.pam_in = ConvBNReLU(channels["c4"], inter, kernel_size=3)
+        self.pam = PositionAttentionModule(inter)
+        self.pam_out = ConvBNReLU(inter, inter, kernel_size=3)
+        self.cam_in = ConvBNReLU(channels["c4"], inter, kernel_size=3)
+        self.cam = ChannelAttentionModule()
+        self.cam_out = ConvBNReLU(inter, inter, kernel_size=3)
+
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(inter, num_classes, kernel_size=1)
+        # Per-branch classifiers of the paper (deep supervision of each attention branch).
+        self.pam_head = _dropout_classifier(inter, num_classes, dropout)
+        self.cam_head = _dropout_classifier(inter, num_classes, dropout)
+
+        self.aux = aux
+        self.aux_head = FCNHead(channels["c3"], aux_channels, num_classes, dropout) if aux else None
+        # Only the new layers are initialised (gamma stays 0); the backbone keeps its weights.
+        init_decoder_weights(self, exclude=self.encoder_modules())
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """The backbone."""
+        return [self.backbone]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Segment a batch of images.
+
+        Args:
+            x: `(B, 3, H, W)` normalised images.
+
+        Returns:
+            `{"out": (B, num_classes, H, W) logits}`; when training with `use_aux`, also `"pam"`
+            and `"cam"` (per-branch logits) and, if the head exists, `"aux"` (from layer3), all of
+            the same shape.
+        """
+        size = x.shape[-2:]
+        feats = self.backbone(x)
+        c4 = feats["c4"]
+        pam = self.pam_out(self.pam(self.pam_in(c4)))  # (B, inter, H/os, W/os)
+        cam = self.cam_out(self.cam(self.cam_in(c4)))  # (B, inter, H/os, W/os)
+        out = self.classifier(self.dropout(pam + cam))  # (B, num_classes, H/os, W/os)
+        # (B, num_classes, H/os, W/os) -> (B, num_classes, H, W)
+        outputs = {"out": F.interpolate(out, size=size, mode="bilinear", align_corners=False)}
+        if self.training and self.use_aux:
+            for name, feat, head in (("pam", pam, self.pam_head), ("cam", cam, self.cam_head)):
+                logits = head(feat)  # (B, num_classes, H/os, W/os)
+                # (B, num_classes, H/os, W/os) -> (B, num_classes, H, W)
+                outputs[name] = F.interpolate(
+                    logits, size=size, mode="bilinear", align_corners=False
+                )
+            if self.aux:
+                aux = self.aux_head(feats["c3"])  # (B, num_classes, H/os3, W/os3)
+                # (B, num_classes, H/os3, W/os3) -> (B, num_classes, H, W)
+                outputs["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+        return outputs

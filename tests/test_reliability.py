@@ -1,0 +1,100 @@
+"""Checkpoints are atomic; NaN/Inf losses stop the run (or are skipped) without bad checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from cfg_utils import SINGLE, TINY, compose_cfg
+
+from experiments.train import run
+from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.parsing import NonFiniteLossError
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def dying_save(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a zip")  # the first bytes of a checkpoint, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+class _PoisonLoss(torch.nn.Module):
+    """Wraps the real loss and returns NaN at one global call index."""
+
+    def __init__(self, inner: torch.nn.Module, at: int) -> None:
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+        self.aux_weight = getattr(inner, "aux_weight", 0.0)
+
+    def forward(self, outputs, target, sample_mask=None):
+        losses = self.inner(outputs, target, sample_mask=sample_mask)
+        self.calls += 1
+        if self.calls == self.at:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+
+def _poisoned_run(tmp_path: Path, policy: str, monkeypatch) -> dict:
+    import experiments.train as train
+
+    real_build = train.build_module
+
+    def build(cfg, stage_overrides=None):
+        module = real_build(cfg, stage_overrides)
+        module.loss = _PoisonLoss(module.loss, at=6)  # epoch 2 (4 steps per epoch), step 6
+        return module
+
+    monkeypatch.setattr(train, "build_module", build)
+    cfg = compose_cfg(
+        [
+            "experiment=quickstart",
+            *TINY,
+            *SINGLE,
+            "schedule.total_epochs=2",
+            f"module.nonfinite={policy}",
+        ],
+        tmp_path,
+    )
+    return run(cfg)
+
+
+def test_nan_loss_stops_with_step_terms_and_last_checkpoint(tmp_path, monkeypatch):
+    with pytest.raises(NonFiniteLossError) as err:
+        _poisoned_run(tmp_path, "stop", monkeypatch)
+    message = str(err.value)
+    assert "global step 5" in message and "loss=nan" in message and "loss/ce=" in message
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert str(last) in message
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4  # end of epoch 1: nothing was saved after the NaN
+    weights = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    assert weights and all(
+        torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()
+    )
+
+
+def test_nan_loss_skip_policy_counts_and_finishes(tmp_path, monkeypatch, caplog):
+    results = _poisoned_run(tmp_path, "skip", monkeypatch)
+    assert results["val"]["mIoU"] is not None
+    assert "non-finite loss, batch skipped (1 so far)" in caplog.text
+    last = torch.load(
+        tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert last["epoch"] == 1  # last.ckpt is written after every validation
+    weights = {k: v for k, v in last["state_dict"].items() if k.startswith("net.")}
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    col = metrics[0].split(",").index("train/skipped_nonfinite")
+    assert [float(r.split(",")[col]) for r in metrics[1:] if r.split(",")[col]] == [1.0]
