@@ -90,6 +90,9 @@ class ParsingLitModule(pl.LightningModule):
         # The auxiliary head only costs time when its loss weight is zero (RIM stage 2).
         if hasattr(net, "use_aux"):
             net.use_aux = float(getattr(loss, "aux_weight", 0.0)) > 0.0
+            if not net.use_aux and getattr(net, "aux_head", None) is not None:
+                # An unused head would leave DDP waiting for gradients that never come.
+                net.aux_head.requires_grad_(False)
         self.train_confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index)
         self.val_confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index)
         self.test_confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index)
