@@ -27,6 +27,7 @@ from experiments.train import (
     build_trainer,
     checkpoint_paths,
     final_scores,
+    read_scores,
     resume_checkpoint,
     summarise,
 )
@@ -77,6 +78,27 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["val"] = stage1.val
         return results
 
+    if not cfg.train:
+        # Evaluation only: score the given stage-2 (or any rimlab) checkpoint, train nothing.
+        ckpt = cfg.get("ckpt_path") or cfg.get("init_from")
+        if not ckpt:
+            raise ConfigError("train=false needs ckpt_path=<checkpoint to evaluate>")
+        datamodule = build_datamodule(cfg)
+        module = build_module(cfg, stage2_overrides(cfg))
+        module.load_init_weights(str(ckpt))
+        trainer = build_trainer(cfg, out_dir / "eval", max_epochs=1)
+        results["checkpoint"] = str(ckpt)
+        results["val"] = summarise(
+            module, final_scores(trainer, module, datamodule, "val"), f"evaluation of {ckpt}"
+        )
+        if cfg.get("test") and getattr(datamodule, "has_test_labels", False):
+            results["test"] = summarise(
+                module,
+                final_scores(trainer, module, datamodule, "test"),
+                f"test evaluation of {ckpt}",
+            )
+        return results
+
     init, stage1 = _stage1_for_stage2(cfg)
     results["stage1"] = {"checkpoint": str(init)}
     if stage1 is not None:
@@ -99,11 +121,14 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     results["val"] = summarise(
         module, final_scores(trainer, module, datamodule, "val"), "RIM stage 2 (final weights)"
-    )
-    if cfg.get("test") and getattr(datamodule, "has_test_labels", False):
-        results["test"] = summarise(
-            module, final_scores(trainer, module, datamodule, "test"), "RIM stage 2 on test"
-        )
+    ) or read_scores(stage_dir)
+    if cfg.get("test"):
+        if getattr(datamodule, "has_test_labels", False):
+            results["test"] = summarise(
+                module, final_scores(trainer, module, datamodule, "test"), "RIM stage 2 on test"
+            )
+        else:
+            log.warning("test=true but the test split has no labels: nothing to score")
     if module.sampler is not None and module.sampler.is_ready:
         names = module.class_names
         results["sampling"] = {

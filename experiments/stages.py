@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,13 @@ _TRAINER_KEPT = (
     "limit_train_batches",
     "limit_val_batches",
     "check_val_every_n_epoch",
+    "overfit_batches",
+    "fast_dev_run",
+    "max_steps",
+    "sync_batchnorm",
 )
+# Module keys that change what stage 1 computes (speed switches and guards do not).
+_MODULE_KEPT = ("num_classes", "ignore_index", "scheduler")
 
 
 @dataclass
@@ -71,7 +76,15 @@ def stage1_config(cfg: DictConfig) -> dict[str, Any]:
     return {
         "data": data,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "module": OmegaConf.to_container(cfg.module, resolve=True),
+        "module": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.module, resolve=True).items()
+            if k in _MODULE_KEPT
+        },
+        # ARBS needs the CPA snapshot: a stage 1 trained without it cannot serve an ARBS stage 2.
+        "cpa_snapshot": OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True).get(
+            "cpa_snapshot"
+        ),
         # ILM knobs only act in stage 2: variants that differ in them share stage 1.
         "loss": {
             k: v
@@ -93,8 +106,22 @@ def stage1_key(cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _launcher_rank() -> int:
+    """Global rank of this process as launched (0 for the process a user started).
+
+    Under the ``ddp`` subprocess launcher, torchrun or SLURM every rank runs this driver; only rank
+    0 takes the file lock, or the others would wait on it while rank 0 waits for them to join.
+    """
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return int(_get_rank() or 0)
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    if _launcher_rank() != 0:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -104,19 +131,33 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _train_shared(
+    cfg: DictConfig, directory: Path, epochs: int, resume: str | None, final: Path, seed: int
+) -> dict[str, Any] | None:
+    """Fits the stage-1 model of ``cfg`` to ``epochs`` in ``directory``; returns its val scores.
+
+    ``final`` (a full checkpoint) and ``directory/scores.json`` are written at the end of fit from
+    inside the training processes, so spawn launchers work too.
+    """
+    from experiments.train import build_datamodule, build_module, build_trainer
+
+    pl.seed_everything(seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, STAGE1_OVERRIDES)
+    trainer = build_trainer(cfg, directory, max_epochs=epochs, final_checkpoint=final)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    trainer.strategy.barrier()
+    scores = directory / "scores.json"
+    return json.loads(scores.read_text()).get("val") if scores.exists() else None
+
+
 def shared_stage1(cfg: DictConfig) -> Stage1:
     """Finds the finished stage 1 of ``cfg`` or trains (or resumes) it.
 
     Returns:
         The stage-1 run; ``checkpoint`` is a full Lightning checkpoint at the end of stage 1.
     """
-    from experiments.train import (
-        build_datamodule,
-        build_module,
-        build_trainer,
-        final_scores,
-        write_results,
-    )
+    from experiments.train import write_results
 
     key = stage1_key(cfg)
     directory = Path(cfg.schedule.stage1_dir) / key
@@ -125,8 +166,7 @@ def shared_stage1(cfg: DictConfig) -> Stage1:
     with _locked(directory.with_suffix(".lock")):
         if done.exists() and final.exists():
             log.info("reusing shared stage 1 %s", directory)
-            info = json.loads(done.read_text())
-            return Stage1(directory, final, info.get("val"))
+            return Stage1(directory, final, json.loads(done.read_text()).get("val"))
         epochs = int(cfg.schedule.stage1_epochs)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "stage1_config.yaml").write_text(
@@ -140,20 +180,8 @@ def shared_stage1(cfg: DictConfig) -> Stage1:
             directory,
             f", resuming {last}" if resume else "",
         )
-        pl.seed_everything(cfg.seed, workers=True)
-        datamodule = build_datamodule(cfg)
-        module = build_module(cfg, STAGE1_OVERRIDES)
-        trainer = build_trainer(cfg, directory, max_epochs=epochs)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-        scores = final_scores(trainer, module, datamodule, "val")
-        tmp = final.with_suffix(".ckpt.tmp")
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, final)
-        from lightning_modules.metrics import scores_to_json
-
-        val = scores_to_json(scores, module.class_names) if scores is not None else None
-        if trainer.is_global_zero:
+        val = _train_shared(cfg, directory, epochs, resume, final, cfg.seed)
+        if _launcher_rank() == 0:
             write_results(done, {"key": key, "epochs": epochs, "val": val})
         return Stage1(directory, final, val)
 
@@ -164,32 +192,21 @@ def shared_baseline(cfg: DictConfig, stage1: Stage1) -> Stage1:
     Same model, loss and optimizer as stage 1, resumed with its full optimizer, scheduler and loop
     state: exactly the uninterrupted ``total_epochs`` baseline. Lives in ``<stage-1 dir>/baseline``.
     """
-    from experiments.train import (
-        build_datamodule,
-        build_module,
-        build_trainer,
-        final_scores,
-        summarise,
-        write_results,
-    )
+    from experiments.train import write_results
 
     directory = stage1.directory / "baseline"
     done = directory / "done.json"
-    last = directory / "checkpoints" / "last.ckpt"
+    final = directory / "checkpoints" / "final.ckpt"
     with _locked(directory.with_suffix(".lock")):
         if done.exists():
             log.info("reusing the shared baseline %s", directory)
-            return Stage1(directory, last, json.loads(done.read_text()).get("val"))
+            return Stage1(directory, final, json.loads(done.read_text()).get("val"))
         total = int(cfg.schedule.total_epochs)
+        last = directory / "checkpoints" / "last.ckpt"
         resume = str(last) if last.exists() else str(stage1.checkpoint)
         log.info("training the baseline to epoch %d in %s from %s", total, directory, resume)
-        pl.seed_everything(cfg.seed + int(cfg.schedule.stage1_epochs), workers=True)
-        datamodule = build_datamodule(cfg)
-        module = build_module(cfg, STAGE1_OVERRIDES)
-        trainer = build_trainer(cfg, directory, max_epochs=total)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-        scores = final_scores(trainer, module, datamodule, "val")
-        val = summarise(module, scores, "baseline (stage 1 continued, whole network)")
-        if trainer.is_global_zero:
+        seed = cfg.seed + int(cfg.schedule.stage1_epochs)
+        val = _train_shared(cfg, directory, total, resume, final, seed)
+        if _launcher_rank() == 0:
             write_results(done, {"epochs": total, "val": val})
-        return Stage1(directory, last, val)
+        return Stage1(directory, final, val)

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.stages import shared_stage1
 from lightning_modules import ParsingLitModule
+from lightning_modules.callbacks import StageEnd
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.metrics import format_scores_table, scores_to_json
 
@@ -166,16 +167,27 @@ def build_loggers(cfg: DictConfig, out_dir: Path, name_suffix: str = "") -> list
 
 
 def build_trainer(
-    cfg: DictConfig, out_dir: Path, max_epochs: int, loggers: list[Logger] | None = None
+    cfg: DictConfig,
+    out_dir: Path,
+    max_epochs: int,
+    loggers: list[Logger] | None = None,
+    final_checkpoint: Path | None = None,
 ) -> pl.Trainer:
-    """A Trainer for one stage: configured trainer keys, this stage's epochs and output folder."""
+    """A Trainer for one stage: configured trainer keys, this stage's epochs and output folder.
+
+    Every stage writes ``out_dir/scores.json`` (and ``final_checkpoint`` if given) at the end of
+    fit from inside the training processes (see :class:`~lightning_modules.callbacks.StageEnd`).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    stage_end = StageEnd(
+        str(out_dir / "scores.json"), str(final_checkpoint) if final_checkpoint else None
+    )
     return hydra.utils.instantiate(
         cfg.trainer,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(out_dir),
         max_epochs=max_epochs,
-        callbacks=build_callbacks(cfg, out_dir),
+        callbacks=[*build_callbacks(cfg, out_dir), stage_end],
         logger=loggers if loggers is not None else build_loggers(cfg, out_dir),
     )
 
@@ -217,6 +229,12 @@ def resume_checkpoint(cfg: DictConfig, stage_dir: Path) -> str | None:
         return str(last)
     log.info("resume=true but %s does not exist yet: starting this stage afresh", last)
     return None
+
+
+def read_scores(stage_dir: Path) -> dict[str, Any] | None:
+    """The val entry that :class:`StageEnd` wrote for a fit in ``stage_dir`` (spawn launchers)."""
+    path = stage_dir / "scores.json"
+    return json.loads(path.read_text()).get("val") if path.exists() else None
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:
@@ -311,7 +329,7 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             module.load_init_weights(ckpt_path)
     results["val"] = summarise(
         module, final_scores(trainer, module, datamodule, "val"), "validation (final weights)"
-    )
+    ) or read_scores(out_dir)
     if cfg.get("test"):
         if getattr(datamodule, "has_test_labels", False):
             results["test"] = summarise(

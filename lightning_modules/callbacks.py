@@ -28,17 +28,21 @@ class CPASnapshot(pl.Callback):
             raise ValueError(f"CPASnapshot epoch must be >= 1 or 'stage_end', got {epoch!r}")
         self.epoch = epoch if epoch == "stage_end" else int(epoch)
 
-    def _is_target(self, trainer: pl.Trainer) -> bool:
+    def _is_target(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        # A later fit (stage 2, the baseline continued) counts epochs from 0 again and must not
+        # overwrite the stage-1 snapshot its weights came with.
+        if int(pl_module.early_cpa_epoch) > 0:
+            return False
         target = trainer.max_epochs if self.epoch == "stage_end" else self.epoch
         return trainer.current_epoch + 1 == target
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The confusion matrix costs an argmax and a bincount per step: only pay for it when needed.
-        if self._is_target(trainer):
+        if self._is_target(trainer, pl_module):
             pl_module.force_train_confusion = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._is_target(trainer):
+        if not self._is_target(trainer, pl_module):
             return
         from samplers.regional import class_pixel_accuracy
 
@@ -54,3 +58,51 @@ class CPASnapshot(pl.Callback):
             int(valid.sum()),
             float(cpa[valid].mean()) if valid.any() else float("nan"),
         )
+
+
+class StageEnd(pl.Callback):
+    """Writes the end-of-fit checkpoint and the last validation scores from inside the training
+    processes.
+
+    Spawn launchers (``ddp_spawn``) train in child processes: the parent's module has neither the
+    optimizer and loop state nor the scores afterwards, so what later stages need is written here.
+
+    Args:
+        scores_path: JSON file for ``{"val": <results.json entry>, "epoch": .., "global_step": ..}``.
+        ckpt_path: full checkpoint to write at the end of fit (None: none).
+    """
+
+    def __init__(self, scores_path: str, ckpt_path: str | None = None) -> None:
+        self.scores_path = scores_path
+        self.ckpt_path = ckpt_path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import json
+        import math
+        import os
+
+        from lightning_modules.metrics import scores_to_json
+
+        if self.ckpt_path is not None:
+            trainer.save_checkpoint(self.ckpt_path)  # every rank calls; rank 0 writes
+        if not trainer.is_global_zero:
+            return
+        scores = pl_module.last_scores.get("val")
+        val = scores_to_json(scores, pl_module.class_names) if scores is not None else None
+
+        def clean(obj):
+            if isinstance(obj, float) and not math.isfinite(obj):
+                return None
+            if isinstance(obj, dict):
+                return {k: clean(v) for k, v in obj.items()}
+            return obj
+
+        payload = {
+            "val": clean(val),
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+        }
+        tmp = f"{self.scores_path}.tmp"
+        with open(tmp, "w") as handle:
+            json.dump(payload, handle)
+        os.replace(tmp, self.scores_path)

@@ -107,6 +107,7 @@ class ParsingLitModule(pl.LightningModule):
         self.nonfinite = nonfinite
         self.skipped_nonfinite = 0
         self._last_losses: dict[str, Tensor] = {}
+        self._sampler_generator: torch.Generator | None = None
         # Kept out of the module tree so the compiled wrapper adds no duplicate state_dict keys.
         object.__setattr__(self, "_net_forward", torch.compile(net) if compile else net)
 
@@ -131,8 +132,18 @@ class ParsingLitModule(pl.LightningModule):
             metric.reset()
 
     def on_fit_start(self) -> None:
-        if self.sampler is not None and not self.sampler.is_ready:
-            self._init_sampler()
+        if self.nonfinite == "skip" and self.trainer.world_size > 1:
+            raise RuntimeError(
+                "module.nonfinite=skip works in single-process runs only: under DDP a skipped "
+                "batch on one rank would leave the others waiting in the gradient all-reduce; "
+                "use module.nonfinite=stop"
+            )
+        if self.sampler is not None:
+            if not self.sampler.is_ready:
+                self._init_sampler()
+            # Same probabilities everywhere, but each rank draws its own keep decisions.
+            seed = int(torch.initial_seed()) + 1_000_003 * self.global_rank
+            self._sampler_generator = torch.Generator(device=self.device).manual_seed(seed % 2**63)
 
     def _init_sampler(self) -> None:
         source = getattr(self.sampler, "source", "arbs")
@@ -165,7 +176,11 @@ class ParsingLitModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         image, target = batch["image"], batch["mask"]
         outputs = self(image)
-        sample_mask = self.sampler(target) if self.sampler is not None else None
+        sample_mask = (
+            self.sampler(target, generator=self._sampler_generator)
+            if self.sampler is not None
+            else None
+        )
         losses = self.loss(outputs, target, sample_mask=sample_mask)
         if self.nonfinite != "off" and not bool(torch.isfinite(losses["loss"])):
             # One host sync per step: the price of catching a NaN in the step where it appears.

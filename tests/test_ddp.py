@@ -164,3 +164,34 @@ def test_ddp_spawn_cpa_statistics_and_keep_probabilities(tmp_path):
         counts = torch.bincount(data.masks[keep], minlength=4).double()
         stats = expected if source == "arbs" else counts / counts.sum()
         torch.testing.assert_close(one["probs"].double(), keep_probabilities(stats).double())
+
+
+@pytest.mark.slow
+def test_ddp_spawn_shared_stage1_continues_exactly(tmp_path):
+    """Under ddp_spawn the shared stage 1 hands its full state to the baseline's continuation."""
+    from experiments.train import run
+
+    cfg = compose_cfg(
+        [
+            "experiment=quickstart",
+            *TINY,
+            *SINGLE,
+            "trainer=ddp_cpu",
+            "schedule.total_epochs=3",
+            "schedule.stage1_epochs=2",
+        ],
+        tmp_path,
+    )
+    results = run(cfg)
+    assert results["val"] is not None and results["val"]["mIoU"] is not None
+    assert results["stage1"]["val"] is not None
+    stage1 = torch.load(
+        next((tmp_path / "logs" / "stage1").glob("*/checkpoints/stage1.ckpt")),
+        map_location="cpu",
+        weights_only=True,
+    )
+    assert stage1["epoch"] == 2 and stage1["optimizer_states"]  # saved after epoch 2 ended
+    last = torch.load(
+        tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert last["epoch"] == 2  # 3 epochs in all, not 2 + 3
