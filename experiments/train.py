@@ -123,10 +123,19 @@ def build_module(
     sampler_cfg = sampler_config(cfg)
     sampler = hydra.utils.instantiate(sampler_cfg) if sampler_cfg is not None else None
     optimizer = hydra.utils.instantiate(cfg.optimizer)
+    inference = hydra.utils.instantiate(cfg.eval) if cfg.get("eval") else None
     # _convert_="all": checkpoints then hold plain lists, loadable with torch.load(weights_only=True).
-    return hydra.utils.instantiate(
-        cfg.module, net=net, loss=loss, sampler=sampler, optimizer=optimizer, _convert_="all"
+    module = hydra.utils.instantiate(
+        cfg.module,
+        net=net,
+        loss=loss,
+        sampler=sampler,
+        optimizer=optimizer,
+        _convert_="all",
     )
+    # Set afterwards: passed through instantiate, Hydra would turn the dataclass into a dict.
+    module.inference = inference
+    return module
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:

@@ -45,6 +45,9 @@ class ParsingLitModule(pl.LightningModule):
             loss terms and the last good checkpoint; ``skip`` the batch and count it; ``off``.
             A non-finite gradient always stops the run (its loss was finite, so the batch is not
             the cause).
+        inference: test-time protocol ``(net_forward, image) -> scores`` for validation and test
+            (flip / multi-scale / sliding window, see ``lightning_modules.inference``); None =
+            one plain forward pass.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class ParsingLitModule(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         nonfinite: str = "stop",
+        inference: Callable[..., Tensor] | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in ("stop", "skip", "off"):
@@ -69,9 +73,11 @@ class ParsingLitModule(pl.LightningModule):
         # Only plain values go into the checkpoint's hyper-parameters: partials do not unpickle
         # under torch.load(weights_only=True).
         self.save_hyperparameters(
-            logger=False, ignore=["net", "loss", "sampler", "optimizer", "scheduler"]
+            logger=False,
+            ignore=["net", "loss", "sampler", "optimizer", "scheduler", "inference"],
         )
         self.optimizer_factory = optimizer
+        self.inference = inference
         self.scheduler_factory = scheduler
         self.net = net
         self.loss = loss
@@ -260,8 +266,11 @@ class ParsingLitModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def predict_logits(self, image: Tensor) -> Tensor:
-        """Final logits ``(B, C, h, w)`` of ``image`` ``(B, 3, h, w)`` (eval-mode forward)."""
-        return self(image)["out"]
+        """Scores ``(B, C, h, w)`` of ``image`` ``(B, 3, h, w)`` under the evaluation protocol
+        (logits for a single pass, averaged probabilities for flip / multi-scale)."""
+        if self.inference is None:
+            return self(image)["out"]
+        return self.inference(lambda x: self(x)["out"], image)
 
     def _eval_step(self, batch: dict[str, Any], metric: ConfusionMatrix) -> None:
         logits = self.predict_logits(batch["image"])

@@ -153,3 +153,19 @@ def test_wandb_offline_run_logs_dashboard(tmp_path, data_dir, monkeypatch):
     tables = list((runs[0] / "files" / "media").rglob("per_class*.table.json"))
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["id", "class", "IoU", "CPA"] and len(table["data"]) == 59
+
+
+def test_evaluate_command_and_flip_protocol(tmp_path, data_dir):
+    """train=false ckpt_path=... rescores a checkpoint; eval=flip averages mirrored predictions."""
+    base = ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=1"]
+    trained = run(compose_cfg(base, tmp_path / "a", data_dir))
+    ckpt = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
+    again = run(compose_cfg([*base, "train=false", f"ckpt_path={ckpt}"], tmp_path / "b", data_dir))
+    assert again["val"]["mIoU"] == pytest.approx(trained["val"]["mIoU"], abs=1e-9)
+    flipped = run(
+        compose_cfg(
+            [*base, "train=false", f"ckpt_path={ckpt}", "eval=flip"], tmp_path / "c", data_dir
+        )
+    )
+    # (flip averaging itself is checked value by value in tests/test_inference.py)
+    assert 0.0 <= flipped["val"]["PA"] <= 100.0 and len(flipped["val"]["IoU"]) == 59
