@@ -13,22 +13,23 @@ one semantic map; on overlap the later person (ascending ``k``) wins, as in M-CE
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
-from datamodules.base import ParsingDataModule, plain
+from datamodules.base import (
+    ParsingDataModule,
+    ParsingDataset,
+    atomic_write_bytes,
+    plain,
+    read_image,
+)
 from datamodules.batch import DatasetError, make_palette
 from datamodules.synthetic import ensure_synthetic_mhp
 
@@ -67,40 +68,6 @@ def _split_paths(split: str) -> tuple[str, str]:
     if split.startswith("test_"):  # test_all, test_inter_top20, test_inter_top10
         return f"{split}.txt", "test"
     raise ValueError(f"unknown MHPv2 split '{split}' (expected train, val, test or test_*)")
-
-
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rimlab"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # Write-then-rename: concurrent workers or a killed process never leave a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Decode an image fully (a truncated JPEG fails here, not later in a worker).
-
-    Returns:
-        (H, W, 3) uint8 RGB.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            # No EXIF transpose: the annotations were drawn on the stored pixel grid.
-            rgb = im.convert("RGB")
-        return np.array(rgb, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:  # missing, unidentified, truncated, corrupt
-        raise DatasetError(path, f"unreadable image ({e})") from e
 
 
 def read_label(path: Path, num_classes: int = MHP_NUM_CLASSES) -> np.ndarray:
@@ -158,23 +125,7 @@ def merge_person_labels(paths: Sequence[Path], num_classes: int = MHP_NUM_CLASSE
     return merged
 
 
-@dataclass
-class ScanResult:
-    """Outcome of a pass over a split.
-
-    Attributes:
-        counts: (C,) int64 label pixel histogram over the good samples (None without labels).
-        num_ok: number of good samples.
-        problems: sample id -> "file: problem" for every bad sample.
-    """
-
-    counts: np.ndarray | None
-    num_ok: int
-    problems: dict[str, str] = field(default_factory=dict)
-    errors: list[DatasetError] = field(default_factory=list)
-
-
-class MHPv2Dataset(Dataset):
+class MHPv2Dataset(ParsingDataset):
     """One split of LV-MHP-v2 in its released layout.
 
     Args:
@@ -192,6 +143,8 @@ class MHPv2Dataset(Dataset):
         num_classes: valid label ids are ``0..num_classes-1``.
     """
 
+    dataset_name = "MHPv2"
+
     def __init__(
         self,
         root: str | Path,
@@ -201,18 +154,11 @@ class MHPv2Dataset(Dataset):
         cache_dir: str | Path | None = None,
         num_classes: int = MHP_NUM_CLASSES,
     ) -> None:
-        self.root = Path(root)
-        self.split = split
-        self.transform = transform
-        self.skip_bad = skip_bad
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.num_classes = num_classes
-        self.bad_samples: dict[str, str] = {}
-
+        super().__init__(root, split, transform, skip_bad, num_classes, cache_dir)
         if not self.root.is_dir():
             raise DatasetError(self.root, "dataset root not found (expected the LV-MHP-v2 folder)")
         list_name, folder = _split_paths(split)
-        self.list_file = self.root / "list" / list_name
+        self.list_file = self.index_source = self.root / "list" / list_name
         if not self.list_file.is_file():
             raise DatasetError(self.list_file, f"list file of split '{split}' not found")
         listed = [ln.strip() for ln in self.list_file.read_text().splitlines() if ln.strip()]
@@ -232,7 +178,6 @@ class MHPv2Dataset(Dataset):
             image_names = {e.name for e in it}
         self._annos = self._index_annotations() if self.has_labels else {}
 
-        self.ids: list[str] = []
         for name in listed:
             problem = None
             if f"{name}.jpg" not in image_names:
@@ -242,14 +187,8 @@ class MHPv2Dataset(Dataset):
                     self.image_dir / f"{name}.jpg",
                     f"no annotation files {name}_NN_KK.png in {self.anno_dir}",
                 )
-            if problem is None:
-                self.ids.append(name)
-            elif skip_bad:
-                self._mark_bad(name, problem)
-            else:
-                raise problem
-        if not self.ids:
-            raise DatasetError(self.list_file, f"split '{split}' has no usable sample")
+            self._add_sample(name, problem)
+        self._finish_index()
 
     def _index_annotations(self) -> dict[str, list[str]]:
         """One directory listing for the whole split: id -> per-person file names sorted by k."""
@@ -261,23 +200,6 @@ class MHPv2Dataset(Dataset):
                     found.setdefault(m["id"], []).append((int(m["k"]), int(m["n"]), entry.name))
         return {key: [name for _, _, name in sorted(files)] for key, files in found.items()}
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def num_skipped(self) -> int:
-        """Number of distinct bad samples skipped so far (in this process)."""
-        return len(self.bad_samples)
-
-    @property
-    def bad_ids(self) -> list[str]:
-        return list(self.bad_samples)
-
-    def _mark_bad(self, name: str, err: DatasetError) -> None:
-        if name not in self.bad_samples:
-            log.warning("skipping bad MHPv2 sample %s: %s", name, err)
-            self.bad_samples[name] = str(err)
-
     def image_path(self, name: str) -> Path:
         return self.image_dir / f"{name}.jpg"
 
@@ -285,12 +207,13 @@ class MHPv2Dataset(Dataset):
         """Per-person annotation files of sample ``name`` in ascending person index."""
         return [self.anno_dir / f for f in self._annos.get(name, [])]
 
-    def load_mask(self, name: str) -> np.ndarray:
-        """Merged label map of sample ``name`` (through the merge cache when enabled).
+    def load_mask(self, index: int) -> np.ndarray:
+        """Merged label map of sample ``index`` (through the merge cache when enabled).
 
         Returns:
             (H, W) uint8 class ids.
         """
+        name = self.ids[index]
         paths = self.label_paths(name)
         if not paths:
             raise DatasetError(self.image_path(name), f"no annotation files in {self.anno_dir}")
@@ -311,7 +234,7 @@ class MHPv2Dataset(Dataset):
         if cached is not None:
             try:
                 buf = _png_bytes(merged)
-                _atomic_write_bytes(cached, buf)
+                atomic_write_bytes(cached, buf)
             except OSError as e:
                 log.debug("could not write merge cache %s: %s", cached, e)
         return merged
@@ -337,7 +260,7 @@ class MHPv2Dataset(Dataset):
         image = read_image(self.image_path(name))
         item: dict[str, Any] = {"image": image, "name": name}
         if self.has_labels:
-            mask = self.load_mask(name)
+            mask = self.load_mask(index)
             if mask.shape != image.shape[:2]:
                 raise DatasetError(
                     self.label_paths(name)[0],
@@ -347,117 +270,9 @@ class MHPv2Dataset(Dataset):
             item["mask"] = mask.astype(np.int64)
         return item
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self._load_skipping(index) if self.skip_bad else self.load(index)
-        return self.transform(item) if self.transform is not None else item
-
-    def _load_skipping(self, index: int) -> dict[str, Any]:
-        # Deterministic substitute: the next good sample (index + 1, wrapping around).
-        n = len(self.ids)
-        for offset in range(n):
-            j = (index + offset) % n
-            name = self.ids[j]
-            if name in self.bad_samples:
-                continue
-            try:
-                return self.load(j)
-            except DatasetError as e:
-                self._mark_bad(name, e)
-        raise DatasetError(self.list_file, f"every sample of split '{self.split}' is bad")
-
-    # -- whole-split passes ---------------------------------------------------------------------
-
-    def scan(
-        self,
-        num_classes: int | None = None,
-        decode_images: bool = True,
-        num_threads: int | None = None,
-    ) -> ScanResult:
-        """Load every sample once, collecting the label histogram and every problem found.
-
-        Args:
-            num_classes: histogram length (default: the dataset's).
-            decode_images: also decode and size-check the images (labels only if False).
-            num_threads: decoding threads (PIL releases the GIL); default min(8, cpu count).
-        """
-        c = num_classes or self.num_classes
-
-        def one(index: int) -> tuple[str, np.ndarray | None, DatasetError | None]:
-            name = self.ids[index]
-            try:
-                mask = self.load(index).get("mask") if decode_images else self.load_mask(name)
-            except DatasetError as e:
-                return name, None, e
-            if mask is None:
-                return name, None, None
-            return name, np.bincount(mask.ravel(), minlength=c)[:c].astype(np.int64), None
-
-        counts = np.zeros(c, dtype=np.int64) if self.has_labels else None
-        result = ScanResult(counts=counts, num_ok=0, problems=dict(self.bad_samples))
-        threads = num_threads or min(8, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for name, hist, err in pool.map(one, range(len(self))):
-                if err is not None:
-                    result.problems[name] = str(err)
-                    result.errors.append(err)
-                    continue
-                result.num_ok += 1
-                if hist is not None and counts is not None:
-                    counts += hist
-        return result
-
-    def class_pixel_counts(self, num_classes: int | None = None) -> np.ndarray:
-        """Label pixel histogram of the split, cached beside the dataset.
-
-        The cache is ``<root>/<split>_class_counts.json`` keyed by the list file's content hash (so
-        a changed split recomputes); if ``root`` is read-only it goes to ``cache_dir`` (or
-        ``~/.cache/rimlab``). Bad samples raise, or are excluded with ``skip_bad``.
-
-        Returns:
-            (C,) int64 pixel count per class id.
-        """
-        c = num_classes or self.num_classes
-        if not self.has_labels:
-            raise DatasetError(self.anno_dir, f"split '{self.split}' has no labels to count")
-        key = hashlib.sha1(self.list_file.read_bytes()).hexdigest()
-        paths = self._count_cache_paths()
-        for path in paths:
-            try:
-                data = json.loads(path.read_text())
-                if data.get("list_sha1") == key and data.get("num_classes") == c:
-                    return np.asarray(data["counts"], dtype=np.int64)
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-        result = self.scan(c, decode_images=False)
-        if result.problems:
-            if not self.skip_bad:
-                # Problems found while indexing were raised in __init__, so errors is not empty.
-                raise result.errors[0]
-            for name, problem in result.problems.items():
-                self.bad_samples.setdefault(name, problem)
-        payload = {
-            "list_sha1": key,
-            "num_classes": c,
-            "split": self.split,
-            "skipped": sorted(result.problems),
-            "counts": [int(v) for v in result.counts],
-        }
-        data = json.dumps(payload).encode()
-        for path in paths:
-            try:
-                _atomic_write_bytes(path, data)
-                break
-            except OSError as e:  # read-only dataset folder: fall back to the cache dir
-                log.debug("could not write %s: %s", path, e)
-        return result.counts
-
-    def _count_cache_paths(self) -> list[Path]:
-        root_key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
-        fallback = (self.cache_dir or _default_cache_dir()) / "class_counts"
-        return [
-            self.root / f"{self.split}_class_counts.json",
-            fallback / f"{root_key}_{self.split}_class_counts.json",
-        ]
+    def count_key(self) -> str:
+        # The list file's bytes: the cache survives re-indexing and follows edits of the list.
+        return hashlib.sha1(self.list_file.read_bytes()).hexdigest()
 
 
 def _png_bytes(label: np.ndarray) -> bytes:

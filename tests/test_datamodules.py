@@ -15,6 +15,7 @@ import torch
 from conftest import write_jpg, write_list, write_mhp_sample, write_person_png
 from PIL import Image
 
+import datamodules.base as base_mod
 import datamodules.mhp as mhp_mod
 from datamodules.batch import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, DatasetError
 from datamodules.check import main as check_main
@@ -206,14 +207,14 @@ def test_class_pixel_counts_and_cache(mhp_root, monkeypatch):
 
 
 def test_class_pixel_counts_read_only_root_falls_back(mhp_root, tmp_path, monkeypatch):
-    real_write = mhp_mod._atomic_write_bytes
+    real_write = base_mod.atomic_write_bytes
 
     def refuse_root(path, data):
         if path.parent == mhp_root:
             raise PermissionError(f"read-only: {path}")
         real_write(path, data)
 
-    monkeypatch.setattr(mhp_mod, "_atomic_write_bytes", refuse_root)
+    monkeypatch.setattr(base_mod, "atomic_write_bytes", refuse_root)
     cache_dir = tmp_path / "cache"
     counts = MHPv2Dataset(mhp_root, "val", cache_dir=cache_dir).class_pixel_counts()
     assert counts[5] == 18 and counts[0] == 18
@@ -412,7 +413,7 @@ def test_synthetic_loads_overlaps_and_follows_merge_rule(synth_root):
     assert len(ds) == 24 and len(MHPv2Dataset(synth_root, "val")) == 6
     assert "mask" not in MHPv2Dataset(synth_root, "test")[0]
     overlapping = 0
-    for name in ds.ids:
+    for index, name in enumerate(ds.ids):
         persons = [np.array(Image.open(p))[..., 0] for p in ds.label_paths(name)]
         on = np.stack([p > 0 for p in persons])
         if (on.sum(0) > 1).any():
@@ -421,7 +422,7 @@ def test_synthetic_loads_overlaps_and_follows_merge_rule(synth_root):
         expected = np.zeros_like(persons[0])
         for p in persons:
             expected[p > 0] = p[p > 0]
-        np.testing.assert_array_equal(ds.load_mask(name), expected)
+        np.testing.assert_array_equal(ds.load_mask(index), expected)
     assert overlapping >= len(ds) // 2
 
 
