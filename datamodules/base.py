@@ -29,7 +29,7 @@ from lightning.pytorch.core.mixins import HyperparametersMixin
 from lightning.pytorch.utilities.parsing import collect_init_args
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.batch import IGNORE_INDEX, DatasetError, collate_eval, collate_train, make_palette
 from datamodules.transforms import (
@@ -219,9 +219,14 @@ class ParsingDataset(Dataset, ABC):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        # (index, seed) comes from EpochShuffleSampler: the augmentation of this draw is fixed by
+        # the seed, so a resumed run replays an epoch exactly.
+        index, seed = index if isinstance(index, tuple) else (index, None)
         item = self._load_skipping(index) if self.skip_bad else self.load(index)
-        return self.transform(item) if self.transform is not None else item
+        if self.transform is None:
+            return item
+        return self.transform(item) if seed is None else self.transform(item, seed=seed)
 
     @property
     def num_skipped(self) -> int:
@@ -353,6 +358,50 @@ class ParsingDataset(Dataset, ABC):
             self.root / f"{self.split}_class_counts.json",
             fallback / f"{root_key}_{self.split}_class_counts.json",
         ]
+
+
+# -- training order ---------------------------------------------------------------------------
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (run seed, epoch, rank, index ...), well spread."""
+    return int(np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(1)[0]) >> 1
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """The training order and augmentation draws as a function of ``(seed, epoch)`` only.
+
+    Yields ``(index, sample_seed)``: the permutation is DistributedSampler's (seeded by
+    ``seed + epoch``, split over the DDP ranks), and each index carries the seed of its
+    augmentation, so what a batch contains does not depend on the RNG history of the process or its
+    DataLoader workers. A run resumed at an epoch boundary therefore sees the same batches as an
+    uninterrupted one. ``epoch_fn`` (e.g. the trainer's epoch counter) fixes the epoch when the
+    iterator is created before Lightning's ``set_epoch`` call, as it is right after a resume.
+
+    Args:
+        dataset: the training set.
+        seed: the run's seed.
+        epoch_fn: returns the current epoch; None relies on ``set_epoch`` alone.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, epoch_fn: Callable[[], int] | None = None):
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(
+            dataset,
+            num_replicas=dist.get_world_size() if distributed else 1,
+            rank=dist.get_rank() if distributed else 0,
+            shuffle=True,
+            seed=int(seed),
+            drop_last=False,
+        )
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):  # -> Iterator[tuple[int, int]]
+        if self.epoch_fn is not None:
+            self.set_epoch(int(self.epoch_fn()))
+        for index in super().__iter__():
+            yield index, mix_seed(self.seed, self.epoch, index)
 
 
 # -- LightningDataModule base ------------------------------------------------------------------
@@ -558,10 +607,29 @@ class ParsingDataModule(LightningDataModule, ABC):
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = self.num_workers
+        sampler = None
+        if train:
+            # The seed that seed_everything exported; the epoch from the trainer's loop state.
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            trainer = self.trainer
+            epoch_fn = (
+                (lambda: trainer.fit_loop.epoch_progress.current.processed)
+                if trainer is not None
+                else None
+            )
+            sampler = EpochShuffleSampler(dataset, seed, epoch_fn)
+        # A private generator for the workers' base seed: drawing it from the global RNG would
+        # shift dropout and the regional sampler depending on when the iterator was created (at
+        # fit start after a resume, at epoch start otherwise). Workers need no RNG of their own:
+        # every augmentation is seeded by the sampler.
+        generator = (
+            torch.Generator().manual_seed(mix_seed(sampler.seed, sampler.rank)) if train else None
+        )
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=sampler,
+            generator=generator,
             drop_last=train,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),

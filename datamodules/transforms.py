@@ -106,8 +106,13 @@ class TrainTransform:
             self.aug.set_random_seed(seed % 2**32)
             self._seeded_for = seed
 
-    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        self._maybe_reseed()
+    def __call__(self, item: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
+        """Augments ``item``; ``seed`` fixes this draw (else the worker's stream continues)."""
+        if seed is None:
+            self._maybe_reseed()
+        else:
+            self.aug.set_random_seed(seed % 2**32)
+            self._seeded_for = None
         out = self.aug(image=item["image"], mask=_mask_to_uint8(item["mask"]))
         return {
             **item,

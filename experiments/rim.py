@@ -108,13 +108,17 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         baseline = shared_baseline(cfg, stage1)
         results["baseline"] = {"dir": str(baseline.directory), "val": baseline.val}
 
-    pl.seed_everything(cfg.seed + int(schedule.stage1_epochs), workers=True)
+    stage2_seed = cfg.seed + int(schedule.stage1_epochs)
+    pl.seed_everything(stage2_seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, stage2_overrides(cfg))
     module.load_init_weights(str(init))
     stage_dir = out_dir / "stage2"
     trainer = build_trainer(
-        cfg, stage_dir, max_epochs=int(schedule.total_epochs) - int(schedule.stage1_epochs)
+        cfg,
+        stage_dir,
+        max_epochs=int(schedule.total_epochs) - int(schedule.stage1_epochs),
+        seed=stage2_seed,
     )
     if cfg.train:
         ckpt_path = cfg.get("ckpt_path") or resume_checkpoint(cfg, stage_dir)

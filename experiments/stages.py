@@ -144,7 +144,7 @@ def _train_shared(
     pl.seed_everything(seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, STAGE1_OVERRIDES)
-    trainer = build_trainer(cfg, directory, max_epochs=epochs, final_checkpoint=final)
+    trainer = build_trainer(cfg, directory, max_epochs=epochs, final_checkpoint=final, seed=seed)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     trainer.strategy.barrier()
     scores = directory / "scores.json"
@@ -205,8 +205,8 @@ def shared_baseline(cfg: DictConfig, stage1: Stage1) -> Stage1:
         last = directory / "checkpoints" / "last.ckpt"
         resume = str(last) if last.exists() else str(stage1.checkpoint)
         log.info("training the baseline to epoch %d in %s from %s", total, directory, resume)
-        seed = cfg.seed + int(cfg.schedule.stage1_epochs)
-        val = _train_shared(cfg, directory, total, resume, final, seed)
+        # Every epoch is seeded from (seed, epoch): the continuation is the uninterrupted baseline.
+        val = _train_shared(cfg, directory, total, resume, final, cfg.seed)
         if _launcher_rank() == 0:
             write_results(done, {"epochs": total, "val": val})
         return Stage1(directory, final, val)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.stages import shared_stage1
 from lightning_modules import ParsingLitModule
-from lightning_modules.callbacks import StageEnd
+from lightning_modules.callbacks import EpochSeed, StageEnd
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.metrics import format_scores_table, scores_to_json
 
@@ -135,7 +135,23 @@ def build_module(
     )
     # Set afterwards: passed through instantiate, Hydra would turn the dataclass into a dict.
     module.inference = inference
+    # Saved in every checkpoint (ParsingLitModule.on_save_checkpoint): predict/export rebuild the net.
+    module.build_config = checkpoint_build_config(cfg)
     return module
+
+
+def checkpoint_build_config(cfg: DictConfig) -> dict[str, Any]:
+    """Plain, resolved ``{"model": ..., "eval": ..., "data": {...}}`` to rebuild a net for inference.
+
+    Only plain values (no partials), so the checkpoint still loads with ``weights_only=True``.
+    """
+    data_keys = ("num_classes", "class_names", "flip_pairs", "palette", "eval_size", "crop_size")
+    data = {k: cfg.data.get(k) for k in data_keys if k in cfg.data}
+    return {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "eval": OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else None,
+        "data": OmegaConf.to_container(OmegaConf.create(data), resolve=True),
+    }
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
@@ -181,8 +197,12 @@ def build_trainer(
     max_epochs: int,
     loggers: list[Logger] | None = None,
     final_checkpoint: Path | None = None,
+    seed: int | None = None,
 ) -> pl.Trainer:
     """A Trainer for one stage: configured trainer keys, this stage's epochs and output folder.
+
+    Every training epoch is seeded from ``(seed, epoch, rank)`` (default seed: ``cfg.seed``; see
+    :class:`~lightning_modules.callbacks.EpochSeed`), which makes resumes exact.
 
     Every stage writes ``out_dir/scores.json`` (and ``final_checkpoint`` if given) at the end of
     fit from inside the training processes (see :class:`~lightning_modules.callbacks.StageEnd`).
@@ -196,7 +216,11 @@ def build_trainer(
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(out_dir),
         max_epochs=max_epochs,
-        callbacks=[*build_callbacks(cfg, out_dir), stage_end],
+        callbacks=[
+            *build_callbacks(cfg, out_dir),
+            EpochSeed(cfg.seed if seed is None else seed),
+            stage_end,
+        ],
         logger=loggers if loggers is not None else build_loggers(cfg, out_dir),
     )
 
@@ -327,9 +351,9 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             stage1 = shared_stage1(cfg)
             ckpt_path = str(stage1.checkpoint)
             results["stage1"] = {"dir": str(stage1.directory), "val": stage1.val}
-            # Same seed as an uninterrupted run would have had at this point is impossible to
-            # recover from Lightning's checkpoint; re-seed deterministically for the continuation.
-            pl.seed_everything(cfg.seed + int(s1), workers=True)
+            # Epochs are seeded from (seed, epoch) (EpochSeed): the continuation equals an
+            # uninterrupted run.
+            pl.seed_everything(cfg.seed, workers=True)
         trainer = build_trainer(cfg, out_dir, max_epochs=total)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     else:

@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
+from datamodules.base import mix_seed
+
 log = logging.getLogger(__name__)
+
+
+class EpochSeed(pl.Callback):
+    """Re-seeds torch, numpy and ``random`` at the start of every training epoch.
+
+    The seed is a function of ``(seed, epoch, rank)`` only, so dropout, the regional sampler's
+    draws and anything else random in epoch ``e`` come out the same whether the run got there in
+    one go or was resumed from the checkpoint of epoch ``e - 1`` (the training order and the
+    augmentations are fixed the same way by :class:`~datamodules.base.EpochShuffleSampler`).
+    This is what makes ``resume=true`` exact, and what lets a run continue a shared stage 1 as if
+    it had trained those epochs itself.
+
+    Args:
+        seed: the run's (or stage's) seed.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        s = mix_seed(self.seed, trainer.current_epoch, trainer.global_rank)
+        torch.manual_seed(s)  # all devices
+        np.random.seed(s % 2**32)
+        random.seed(s)
+        reseed = getattr(pl_module, "reseed", None)
+        if callable(reseed):
+            reseed(mix_seed(s, 1))
 
 
 class CPASnapshot(pl.Callback):

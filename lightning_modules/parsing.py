@@ -151,6 +151,11 @@ class ParsingLitModule(pl.LightningModule):
             seed = int(torch.initial_seed()) + 1_000_003 * self.global_rank
             self._sampler_generator = torch.Generator(device=self.device).manual_seed(seed % 2**63)
 
+    def reseed(self, seed: int) -> None:
+        """Restarts the regional sampler's draws from ``seed`` (called by the EpochSeed callback)."""
+        if self._sampler_generator is not None:
+            self._sampler_generator.manual_seed(seed)
+
     def _init_sampler(self) -> None:
         source = getattr(self.sampler, "source", "arbs")
         if source == "arbs":
@@ -337,6 +342,17 @@ class ParsingLitModule(pl.LightningModule):
                     self.log(f"{stage}/IoU/{name}", iou)
 
     # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The net is not a hyper-parameter (see save_hyperparameters above): its resolved config
+        # travels under its own key so that predict/export can rebuild it from the file alone.
+        build_config = getattr(self, "build_config", None)
+        if build_config is not None:
+            checkpoint["rimlab_config"] = build_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if getattr(self, "build_config", None) is None:
+            self.build_config = checkpoint.get("rimlab_config")
 
     def load_init_weights(self, path: str) -> None:
         """Loads the net weights (and the ARBS statistics) of a checkpoint, nothing of its training state.

@@ -109,6 +109,19 @@ def test_shared_stage1_continuation_follows_one_cosine_curve(tmp_path, data_dir)
     assert sorted(lrs) == list(range(total))
     for step, lr in lrs.items():
         assert lr == pytest.approx(0.02 * cosine_factor(step, total), rel=1e-6)
+    # Every epoch is seeded from (seed, epoch): the continuation is exactly the one-piece run.
+    whole = compose_cfg(
+        ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=3"],
+        tmp_path / "whole",
+        data_dir,
+    )
+    whole_results = run(whole)
+    assert whole_results["val"] == results["val"]
+    ours = torch.load(results["checkpoints"]["last"], weights_only=False)["state_dict"]
+    ref = torch.load(whole_results["checkpoints"]["last"], weights_only=False)["state_dict"]
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        assert torch.equal(torch.nan_to_num(ours[key]), torch.nan_to_num(ref[key])), key
     # A second run with the same config reuses stage 1 instead of training it again.
     ckpt = tmp_path / "logs" / "stage1"
     before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*.ckpt")}
