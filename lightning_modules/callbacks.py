@@ -72,6 +72,14 @@ class CPASnapshot(pl.Callback):
         if self._is_target(trainer, pl_module):
             pl_module.force_train_confusion = True
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The end-of-epoch validation precedes on_train_epoch_end and writes last.ckpt: take the
+        # snapshot before it, or a run resumed from that checkpoint would have lost it.
+        end_of_epoch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if trainer.state.fn != "fit" or trainer.sanity_checking or not end_of_epoch:
+            return
+        self.on_train_epoch_end(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._is_target(trainer, pl_module):
             return
