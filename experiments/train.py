@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.stages import shared_stage1
 from lightning_modules import ParsingLitModule
-from lightning_modules.callbacks import EpochSeed, StageEnd
+from lightning_modules.callbacks import EpochSeed, Interruption, StageEnd
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.metrics import format_scores_table, scores_to_json
 
@@ -53,11 +54,14 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"the config does not resolve: {err}") from err
     schedule = cfg.get("schedule") or {}
     name = schedule.get("name")
-    if name not in ("single", "rim"):
-        raise ConfigError(f"schedule.name={name!r}: expected 'single' or 'rim'")
+    if name not in ("single", "rim", "cascade"):
+        raise ConfigError(f"schedule.name={name!r}: expected 'single', 'rim' or 'cascade'")
     total = int(schedule.get("total_epochs", 0))
     if total < 1:
         raise ConfigError(f"schedule.total_epochs={total}: must be >= 1")
+    if name == "cascade":
+        # The pose cascade has no classes or sampler: experiments.pose.validate_cascade checks it.
+        return
     s1 = schedule.get("stage1_epochs")
     if s1 is not None and not 0 < int(s1) <= total:
         raise ConfigError(f"schedule.stage1_epochs={s1}: must be in 1..total_epochs ({total})")
@@ -172,22 +176,97 @@ def build_callbacks(cfg: DictConfig, out_dir: Path) -> list[pl.Callback]:
     return callbacks
 
 
+# Overrides that make a job a variant of its experiment (W&B run names); paths, loader and
+# hardware keys do not.
+_VARIANT_GROUPS = (
+    "model",
+    "sampler",
+    "loss",
+    "optimizer",
+    "schedule",
+    "module",
+    "eval",
+    "seed",
+    "data",
+)
+_NOT_VARIANT = ("data.root", "data.num_workers", "data.pin_memory", "schedule.stage1_dir")
+
+
+def job_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    except ValueError:  # no Hydra job (a library call)
+        return []
+
+
+def variant_label(overrides: list[str]) -> str:
+    """``"sampler=arbs,loss=ce_ilm"``: the overrides that say which ablation a job is."""
+    keep = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key.split(".")[0] in _VARIANT_GROUPS and key not in _NOT_VARIANT:
+            keep.append(item.lstrip("+~"))
+    return ",".join(keep)
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """The command line that continues this run in its own folder (``resume=true``)."""
+    keep = [
+        shlex.quote(o) for o in job_overrides() if not o.startswith(("resume=", "hydra.run.dir="))
+    ]
+    return " ".join(
+        [
+            "python run.py",
+            *keep,
+            shlex.quote(f"hydra.run.dir={cfg.paths.output_dir}"),
+            "resume=true",
+        ]
+    )
+
+
+def _stage_label(cfg: DictConfig, out_dir: Path) -> str | None:
+    if out_dir.name in ("stage2", "baseline"):
+        return out_dir.name
+    if Path(str(cfg.schedule.get("stage1_dir", ""))) == out_dir.parent:
+        return "stage1"
+    return None
+
+
 def build_loggers(cfg: DictConfig, out_dir: Path, name_suffix: str = "") -> list[Logger]:
-    """The configured loggers, writing below ``out_dir``."""
+    """The configured loggers, writing below ``out_dir``.
+
+    W&B runs are named ``<task_name>[<ablation overrides>]<name_suffix>``, grouped by task name,
+    typed by stage (``job_type``: stage1, stage2, baseline, or the configured one) and get the
+    whole resolved config.
+    """
     loggers: list[Logger] = []
     for _, lg_cfg in (cfg.get("logger") or {}).items():
         if not isinstance(lg_cfg, DictConfig) or "_target_" not in lg_cfg:
             continue
         lg_cfg = lg_cfg.copy()
+        is_wandb = str(lg_cfg._target_).endswith("WandbLogger")
         with open_dict(lg_cfg):
             if "save_dir" in lg_cfg:
                 sub = Path(str(lg_cfg.save_dir)).name
                 lg_cfg.save_dir = str(
                     out_dir if sub == Path(str(cfg.paths.output_dir)).name else out_dir / sub
                 )
+            if is_wandb and lg_cfg.get("name"):
+                variant = variant_label(job_overrides())
+                if variant:
+                    lg_cfg.name = f"{lg_cfg.name}[{variant}]"
+                stage = _stage_label(cfg, out_dir)
+                if stage:
+                    lg_cfg.job_type = stage
             if name_suffix and lg_cfg.get("name"):
                 lg_cfg.name = f"{lg_cfg.name}{name_suffix}"
-        loggers.append(hydra.utils.instantiate(lg_cfg))
+        logger = hydra.utils.instantiate(lg_cfg)
+        if is_wandb:
+            logger.log_hyperparams({"cfg": OmegaConf.to_container(cfg, resolve=True)})
+        loggers.append(logger)
     return loggers
 
 
@@ -219,6 +298,7 @@ def build_trainer(
         callbacks=[
             *build_callbacks(cfg, out_dir),
             EpochSeed(cfg.seed if seed is None else seed),
+            Interruption(str(out_dir), resume_command(cfg)),
             stage_end,
         ],
         logger=loggers if loggers is not None else build_loggers(cfg, out_dir),
@@ -315,6 +395,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             from experiments.rim import run_rim
 
             results = run_rim(cfg, out_dir)
+        elif schedule.name == "cascade":
+            from experiments.pose import run_pose
+
+            results = run_pose(cfg, out_dir)
         else:
             results = run_single(cfg, out_dir)
     finally:

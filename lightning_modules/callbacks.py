@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -39,6 +40,57 @@ class EpochSeed(pl.Callback):
         reseed = getattr(pl_module, "reseed", None)
         if callable(reseed):
             reseed(mix_seed(s, 1))
+
+
+class Interruption(pl.Callback):
+    """On Ctrl-C or a crash during fit: keep the state and say how to resume.
+
+    Saves ``<dir>/checkpoints/interrupted.ckpt`` (single-process runs; under DDP the other ranks
+    may be blocked in a collective, so nothing is saved that would need them) and logs the epoch,
+    step, cause, the last end-of-epoch checkpoint and the command that resumes exactly from it.
+    ``interrupted.ckpt`` holds the mid-epoch state for inspection or ``ckpt_path=``; ``resume=true``
+    continues from ``last.ckpt``, so the interrupted epoch is replayed identically.
+
+    Args:
+        directory: the stage's output folder.
+        resume_hint: the command that resumes the run.
+    """
+
+    def __init__(self, directory: str, resume_hint: str = "") -> None:
+        self.directory = Path(directory)
+        self.resume_hint = resume_hint
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        from lightning_modules.parsing import NonFiniteLossError
+
+        if trainer.state.fn != "fit" or isinstance(exception, NonFiniteLossError):
+            return  # not training, or the NaN guard already said everything
+        cause = (
+            "Ctrl-C"
+            if isinstance(exception, KeyboardInterrupt)
+            else f"{type(exception).__name__}: {exception}"
+        )
+        saved = "not saved (multi-process run)"
+        if trainer.world_size == 1:
+            path = self.directory / "checkpoints" / "interrupted.ckpt"
+            try:
+                trainer.save_checkpoint(path)
+                saved = str(path)
+            except Exception as err:  # the original exception matters more
+                saved = f"not saved ({err})"
+        last = self.directory / "checkpoints" / "last.ckpt"
+        log.error(
+            "run interrupted in epoch %d at global step %d by %s. State at the interruption: %s. "
+            "Last end-of-epoch checkpoint: %s.%s",
+            trainer.current_epoch,
+            trainer.global_step,
+            cause,
+            saved,
+            last if last.is_file() else "none yet",
+            f" Resume exactly with: {self.resume_hint}" if self.resume_hint else "",
+        )
 
 
 class CPASnapshot(pl.Callback):

@@ -15,8 +15,8 @@ import lightning.pytorch as pl
 import torch
 
 
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+def _die(sig: str = "SIGKILL") -> None:
+    os.kill(os.getpid(), getattr(signal, sig))
 
 
 class KillAt(pl.Callback):
@@ -25,12 +25,16 @@ class KillAt(pl.Callback):
     Args:
         where: ``train`` (before training batch ``batch``), ``val`` (before validation batch
             ``batch``) or ``save`` (halfway through writing the epoch's first checkpoint).
+        signal: ``SIGKILL`` (pre-emption) or ``SIGINT`` (Ctrl-C; ``train`` and ``val`` only).
     """
 
-    def __init__(self, stage: int, epoch: int, where: str, batch: int = 0) -> None:
+    def __init__(
+        self, stage: int, epoch: int, where: str, batch: int = 0, signal: str = "SIGKILL"
+    ) -> None:
         if where not in ("train", "val", "save"):
             raise ValueError(where)
         self.stage, self.epoch, self.where, self.batch = int(stage), int(epoch), where, int(batch)
+        self.signal = signal
 
     def _hit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, where: str) -> bool:
         stage = 2 if pl_module.hparams.get("freeze_encoder") else 1
@@ -44,11 +48,11 @@ class KillAt(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if self._hit(trainer, pl_module, "train") and batch_idx == self.batch:
-            _die()
+            _die(self.signal)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if self._hit(trainer, pl_module, "val") and batch_idx == self.batch:
-            _die()
+            _die(self.signal)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if not self._hit(trainer, pl_module, "save"):

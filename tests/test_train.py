@@ -149,18 +149,49 @@ def test_module_rejects_wrong_class_names():
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_logs_dashboard(tmp_path, data_dir, monkeypatch):
-    """logger=wandb works without a network (offline) and the dashboard's panels are logged."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def test_wandb_without_network_logs_offline_dashboard(tmp_path, data_dir, monkeypatch, caplog):
+    """logger=wandb set online with no W&B host answering: the run falls back to offline at once,
+    names the run after its ablation, logs the resolved config and the dashboard's panels."""
+    import time
+
+    import experiments.train as train
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("WANDB_SILENT", "true")
+    made = []
+    real_build = train.build_loggers
+    monkeypatch.setattr(
+        train, "build_loggers", lambda *a, **k: made.extend(real_build(*a, **k)) or made[-1:]
+    )
     cfg = compose_cfg(
-        ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=1", "logger=wandb"],
+        [
+            "experiment=quickstart",
+            *TINY,
+            *SINGLE,
+            "schedule.total_epochs=1",
+            "logger=wandb",
+            "logger.wandb.offline=false",
+            "loss=focal",
+        ],
         tmp_path,
         data_dir,
     )
-    run(cfg)
+    start = time.monotonic()
+    with caplog.at_level("WARNING"):
+        run(cfg)
+    assert time.monotonic() - start < 120
+    assert "did not answer" in caplog.text
+    (logger,) = made
+    assert logger._wandb_init["name"].startswith("quickstart[") and "loss=focal" in (
+        logger._wandb_init["name"]
+    )
+    assert logger._wandb_init["group"] == "quickstart"
     runs = list((tmp_path / "run").rglob("offline-run-*"))
     assert runs, "no offline W&B run written"
+    # Offline runs keep the config in the run's record file: the resolved data config is there.
+    record = next(runs[0].glob("*.wandb")).read_bytes()
+    assert b"cfg" in record and b'"synthetic":{"num_train":16,"num_val":6' in record
     media = {p.name.split("_")[0] for p in (runs[0] / "files" / "media").rglob("*.*")}
     assert {"per", "confusion", "examples"} <= media, media
     tables = list((runs[0] / "files" / "media").rglob("per_class*.table.json"))
