@@ -79,8 +79,10 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
         if i == 2:
             # The interrupted write left the epoch-0 checkpoint intact (and loadable).
             assert torch.load(stage2_last, weights_only=False)["epoch"] == 0
+            assert list(stage2_last.parent.glob(".*.tmp-*")), "the kill left no half-written file"
     proc = _run(run_dir, logs, data, ["resume=true"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(stage2_last.parent.glob(".*.tmp-*")), "stale temporary not cleaned up"
     assert "resuming from" in proc.stdout + proc.stderr
     got = json.loads((run_dir / "results.json").read_text())
     assert _strip_paths(got) == _strip_paths(expected)
