@@ -192,7 +192,8 @@ class ParsingLitModule(pl.LightningModule):
             if self.sampler is not None
             else None
         )
-        losses = self.loss(outputs, target, sample_mask=sample_mask)
+        extra = self.extra_loss_inputs(batch, outputs)
+        losses = self.loss(outputs, target, sample_mask=sample_mask, **extra)
         if self.nonfinite != "off" and not bool(torch.isfinite(losses["loss"])):
             # One host sync per step: the price of catching a NaN in the step where it appears.
             if self.nonfinite == "skip":
@@ -221,6 +222,13 @@ class ParsingLitModule(pl.LightningModule):
         if self.track_train_confusion or self.force_train_confusion:
             self.train_confmat.update(outputs["out"].detach().argmax(1), target)
         return losses["loss"]
+
+    def extra_loss_inputs(
+        self, batch: dict[str, Any], outputs: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Keyword arguments added to the loss call of a training step (none here; SCHP adds its
+        refined ``soft_target`` / ``soft_edge``)."""
+        return {}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.nonfinite == "off":

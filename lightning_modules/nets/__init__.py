@@ -12,6 +12,7 @@ from lightning_modules.nets.backbones import (
     parse_depth,
     pretrained_checkpoint_path,
 )
+from lightning_modules.nets.ce2p import CE2P, CE2PDecoder, EdgeBranch
 from lightning_modules.nets.danet import ChannelAttentionModule, DANet, PositionAttentionModule
 from lightning_modules.nets.deeplabv3plus import (
     AtrousSpatialPyramidPooling,
@@ -28,11 +29,14 @@ from lightning_modules.nets.pspnet import PSPNet, PyramidPoolingModule
 
 __all__ = [
     "AtrousSpatialPyramidPooling",
+    "CE2P",
+    "CE2PDecoder",
     "ChannelAttentionModule",
     "ConvBNReLU",
     "DANet",
     "DeepLabV3Plus",
     "DilatedResNet",
+    "EdgeBranch",
     "EncoderDecoderNet",
     "FCNHead",
     "PSPNet",
