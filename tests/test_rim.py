@@ -117,3 +117,37 @@ def test_multirun_shares_stage1_and_reports(tmp_path):
     assert main([str(sweep)]) == 0
     md = (sweep / "report" / "table.md").read_text()
     assert md.count("baseline") == 1 and "sampler=arbs" in md and "sampler=none" in md
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_trials_on_one_stage1(tmp_path):
+    """hparams_search=rim_optuna end to end: two trials share stage 1; Optuna's best is the best
+    trial's val/mIoU from its results.json."""
+    import subprocess
+    import sys
+
+    import yaml
+    from cfg_utils import ROOT
+
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "experiment=quickstart",
+        "hparams_search=rim_optuna",
+        *RIM,
+        "schedule.baseline=false",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert len(trials) == 2
+    assert len([p for p in (tmp_path / "logs" / "stage1").iterdir() if p.is_dir()]) == 1
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(t["val"]["mIoU"] for t in trials))
+    assert set(best["best_params"]) == {"loss.ilm_weight", "loss.ilm.margin", "sampler.min_prob"}
