@@ -52,3 +52,30 @@ def cosine_schedule(
         return cosine_factor(step + offset, total, warmup, min_lr_ratio)
 
     return LambdaLR(optimizer, factor)
+
+
+def poly_factor(step: int, total_steps: int, power: float = 0.9, min_ratio: float = 0.0) -> float:
+    """mmsegmentation's PolyLR as a multiplier: ``(1 - min) * (1 - step / total)^power + min``."""
+    t = min(1.0, step / max(1, total_steps))
+    return (1.0 - min_ratio) * (1.0 - t) ** power + min_ratio
+
+
+def poly_schedule(
+    optimizer: Optimizer,
+    steps_per_epoch: int,
+    total_epochs: int,
+    start_epoch: int = 0,
+    power: float = 0.9,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """Per-step polynomial decay over ``total_epochs``, entered at ``start_epoch`` (see
+    :func:`cosine_schedule`); mmsegmentation's Cityscapes recipes use ``power=0.9`` and a floor of
+    ``1e-4`` (``min_lr_ratio=0.01`` at ``lr=0.01``).
+    """
+    total = int(steps_per_epoch * total_epochs)
+    offset = int(steps_per_epoch * start_epoch)
+
+    def factor(step: int) -> float:
+        return poly_factor(step + offset, total, power, min_lr_ratio)
+
+    return LambdaLR(optimizer, factor)

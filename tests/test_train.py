@@ -14,7 +14,7 @@ from cfg_utils import SINGLE, TINY, compose_cfg
 
 from experiments.train import run
 from lightning_modules import ParsingLitModule
-from lightning_modules.schedulers import cosine_factor
+from lightning_modules.schedulers import cosine_factor, poly_schedule
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,21 @@ def test_shared_stage1_continuation_follows_one_cosine_curve(tmp_path, data_dir)
     assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*.ckpt")} == before
 
 
+def test_poly_schedule_matches_mmseg_polylr():
+    """lr(t) = (lr0 - eta_min) * (1 - t/T)^0.9 + eta_min, per step, entered at start_epoch."""
+    lr0, eta_min, steps_per_epoch, epochs = 0.01, 1e-4, 5, 4
+    total = steps_per_epoch * epochs
+    for start_epoch in (0, 1):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr0)
+        sched = poly_schedule(opt, steps_per_epoch, epochs, start_epoch, 0.9, eta_min / lr0)
+        for step in range(start_epoch * steps_per_epoch, total):
+            expected = (lr0 - eta_min) * (1 - step / total) ** 0.9 + eta_min
+            assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
+            opt.step()
+            sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(eta_min, rel=1e-9)
+
+
 def test_cosine_factor_values():
     assert cosine_factor(0, 10) == 1.0
     assert cosine_factor(5, 10) == pytest.approx(0.5)
@@ -183,8 +198,9 @@ def test_wandb_without_network_logs_offline_dashboard(tmp_path, data_dir, monkey
     assert time.monotonic() - start < 120
     assert "did not answer" in caplog.text
     (logger,) = made
-    assert logger._wandb_init["name"].startswith("quickstart[") and "loss=focal" in (
-        logger._wandb_init["name"]
+    assert (
+        logger._wandb_init["name"].startswith("quickstart[")
+        and "loss=focal" in (logger._wandb_init["name"])
     )
     assert logger._wandb_init["group"] == "quickstart"
     runs = list((tmp_path / "run").rglob("offline-run-*"))
