@@ -62,6 +62,27 @@ def make_palette(num_classes: int) -> np.ndarray:
     return palette
 
 
+def save_label_png(path: Path, ids: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Writes class ids ``(H, W)`` as an 8-bit palette PNG: the pixel values are the ids (what
+    evaluation scripts read back), the palette only colours them for viewers.
+
+    Args:
+        palette: (C, 3) uint8 RGB (default: :func:`make_palette` of 256 entries).
+    """
+    from PIL import Image
+
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or (ids.size and (ids.min() < 0 or ids.max() > 255)):
+        raise ValueError(f"{path}: expected (H, W) ids in 0..255, got {ids.shape} {ids.dtype}")
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    pal = make_palette(256) if palette is None else np.asarray(palette, dtype=np.uint8)
+    colours[: len(pal)] = pal[:256]
+    image = Image.fromarray(ids.astype(np.uint8), mode="P")
+    image.putpalette(colours.flatten().tolist())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
 def collate_train(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack transformed training items that all have the crop size.
 

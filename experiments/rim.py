@@ -26,6 +26,7 @@ from experiments.train import (
     build_module,
     build_trainer,
     checkpoint_paths,
+    enable_prediction_pngs,
     final_scores,
     read_scores,
     resume_checkpoint,
@@ -87,6 +88,7 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         module = build_module(cfg, stage2_overrides(cfg))
         module.load_init_weights(str(ckpt))
         trainer = build_trainer(cfg, out_dir / "eval", max_epochs=1)
+        enable_prediction_pngs(cfg, module, datamodule, out_dir)
         results["checkpoint"] = str(ckpt)
         results["val"] = summarise(
             module, final_scores(trainer, module, datamodule, "val"), f"evaluation of {ckpt}"

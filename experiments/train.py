@@ -322,6 +322,16 @@ def final_scores(
     return module.last_scores.get(stage)
 
 
+def enable_prediction_pngs(
+    cfg: DictConfig, module: ParsingLitModule, datamodule: pl.LightningDataModule, out_dir: Path
+) -> None:
+    """With ``save_predictions=true``, evaluation writes ``out_dir/predictions/<stage>/*.png``."""
+    if cfg.get("save_predictions"):
+        module.prediction_dir = str(out_dir / "predictions")
+        module.palette = getattr(datamodule, "palette", None)
+        log.info("writing predicted class-id PNGs to %s", module.prediction_dir)
+
+
 def checkpoint_paths(trainer: pl.Trainer) -> dict[str, str]:
     """``{"best": ..., "last": ...}`` of the trainer's checkpoint callbacks (empty when none)."""
     paths = {}
@@ -444,6 +454,7 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         trainer = build_trainer(cfg, out_dir, max_epochs=total)
         if ckpt_path:
             module.load_init_weights(ckpt_path)
+        enable_prediction_pngs(cfg, module, datamodule, out_dir)
     results["val"] = summarise(
         module, final_scores(trainer, module, datamodule, "val"), "validation (final weights)"
     ) or read_scores(out_dir)

@@ -114,6 +114,9 @@ class ParsingLitModule(pl.LightningModule):
         self.skipped_nonfinite = 0
         self._last_losses: dict[str, Tensor] = {}
         self._sampler_generator: torch.Generator | None = None
+        # Evaluation writes class-id PNGs here when set (``save_predictions=true``).
+        self.prediction_dir: str | None = None
+        self.palette: Any = None  # (C, 3) uint8 colours of those PNGs (None: VOC colour map)
         # Kept out of the module tree so the compiled wrapper adds no duplicate state_dict keys.
         object.__setattr__(self, "_net_forward", torch.compile(net) if compile else net)
 
@@ -285,42 +288,52 @@ class ParsingLitModule(pl.LightningModule):
             return self(image)["out"]
         return self.inference(lambda x: self(x)["out"], image)
 
-    def _eval_step(self, batch: dict[str, Any], metric: ConfusionMatrix) -> None:
+    def _eval_step(self, batch: dict[str, Any], metric: ConfusionMatrix, stage: str) -> None:
         logits = self.predict_logits(batch["image"])
         target = batch["mask"]
         orig = batch.get("orig_size")
-        if orig is None:
-            # Labels already at the network's resolution.
+        sizes = [tuple(target.shape[-2:])] * len(target) if orig is None else orig.tolist()
+        if all(tuple(s) == tuple(target.shape[-2:]) for s in sizes):
+            # Every image has the (padded) label size: score the batch in one go.
             if logits.shape[-2:] != target.shape[-2:]:
                 # (B, C, h, w) -> (B, C, H, W)
                 logits = F.interpolate(
                     logits, size=target.shape[-2:], mode="bilinear", align_corners=False
                 )
-            metric.update(logits.argmax(1), target)
+            preds = logits.argmax(1)
+            metric.update(preds, target)
+            self._write_predictions(stage, batch, [p for p in preds])
             return
-        sizes = orig.tolist()
-        if all(tuple(s) == tuple(target.shape[-2:]) for s in sizes):
-            # Every image of the batch has the padded size: score them in one go.
-            # (B, C, h, w) -> (B, C, H, W)
-            logits = F.interpolate(
-                logits, size=target.shape[-2:], mode="bilinear", align_corners=False
-            )
-            metric.update(logits.argmax(1), target)
-            return
+        per_image = []
         for i, (h, w) in enumerate(sizes):
             # (1, C, h', w') -> (1, C, H_i, W_i): score at the image's original resolution
             up = F.interpolate(logits[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)
-            metric.update(up.argmax(1), target[i : i + 1, :h, :w])
+            pred = up.argmax(1)
+            metric.update(pred, target[i : i + 1, :h, :w])
+            per_image.append(pred[0])
+        self._write_predictions(stage, batch, per_image)
+
+    def _write_predictions(self, stage: str, batch: dict[str, Any], preds: list[Tensor]) -> None:
+        """Class-id PNGs ``<prediction_dir>/<stage>/<name>.png`` at original size, when asked."""
+        if self.prediction_dir is None:
+            return
+        from pathlib import Path
+
+        from datamodules.batch import save_label_png
+
+        for name, pred in zip(batch["name"], preds, strict=True):
+            path = Path(self.prediction_dir) / stage / f"{name}.png"
+            save_label_png(path, pred.to(torch.uint8).cpu().numpy(), self.palette)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_confmat)
+        self._eval_step(batch, self.val_confmat, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val", self.val_confmat, per_class=True)
         self.val_confmat.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_confmat)
+        self._eval_step(batch, self.test_confmat, "test")
 
     def on_test_epoch_end(self) -> None:
         self._log_scores("test", self.test_confmat, per_class=True)

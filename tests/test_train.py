@@ -220,8 +220,33 @@ def test_evaluate_command_and_flip_protocol(tmp_path, data_dir):
     base = ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=1"]
     trained = run(compose_cfg(base, tmp_path / "a", data_dir))
     ckpt = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
-    again = run(compose_cfg([*base, "train=false", f"ckpt_path={ckpt}"], tmp_path / "b", data_dir))
+    again = run(
+        compose_cfg(
+            [*base, "train=false", f"ckpt_path={ckpt}", "save_predictions=true"],
+            tmp_path / "b",
+            data_dir,
+        )
+    )
     assert again["val"]["mIoU"] == pytest.approx(trained["val"]["mIoU"], abs=1e-9)
+    # The PNGs hold the scored predictions: the confusion rebuilt from them and the raw labels
+    # gives the same pixel accuracy and mIoU.
+    from PIL import Image
+
+    from datamodules.mhp import MHPv2Dataset
+
+    val = MHPv2Dataset(data_dir / "synthetic_mhp", "val")
+    pngs = sorted((tmp_path / "b" / "run" / "predictions" / "val").glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(val.ids)
+    confusion = np.zeros((59, 59), dtype=np.int64)
+    for i, name in enumerate(val.ids):
+        with Image.open(tmp_path / "b" / "run" / "predictions" / "val" / f"{name}.png") as im:
+            assert im.mode == "P"
+            pred = np.array(im).astype(np.int64)
+        gt = val.load(i)["mask"]
+        assert pred.shape == gt.shape
+        keep = gt != 255
+        np.add.at(confusion, (gt[keep], pred[keep]), 1)
+    assert 100 * np.trace(confusion) / confusion.sum() == pytest.approx(again["val"]["PA"])
     flipped = run(
         compose_cfg(
             [*base, "train=false", f"ckpt_path={ckpt}", "eval=flip"], tmp_path / "c", data_dir

@@ -1,0 +1,236 @@
+"""Export the net of a rimlab parsing checkpoint to ONNX with dynamic batch, height and width.
+
+    python -m experiments.export ckpt=<file.ckpt> format=onnx output=<model.onnx> \\
+        [weights=auto|net|schp] [opset=18] [check=true] [check_size=[h,w]]
+
+The graph maps a normalised image ``image`` ``(B, 3, H, W)`` (RGB, ImageNet mean/std, as the
+training data) to ``logits`` ``(B, C, H, W)``. Class names, palette, flip pairs, the input size
+validation used, and the normalisation are stored in the model's metadata (``rimlab.*`` keys).
+
+ONNX has no adaptive average pooling for inputs of unknown size (its exporter bakes the pooling
+windows of the example input into the graph, which then fails or is wrong at other sizes), so
+every ``nn.AdaptiveAvgPool2d`` is swapped for :class:`MatrixAdaptiveAvgPool2d`, the same average
+written as two matrix products whose matrices are built from the runtime height and width.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD
+from experiments.predict import PredictError, load_parser, parse_args
+
+log = logging.getLogger("rimlab.export")
+
+EXPORT_KEYS = (
+    "ckpt",
+    "output",
+    "format",
+    "weights",
+    "opset",
+    "check",
+    "check_size",
+    "example_size",
+    "model",
+    "data",
+)
+
+
+def adaptive_pool_matrix(size: int, bins: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Averaging matrix of adaptive average pooling along one axis.
+
+    Bin ``i`` averages positions ``floor(i * size / bins) .. ceil((i + 1) * size / bins) - 1``,
+    exactly PyTorch's adaptive pooling windows.
+
+    Returns:
+        ``(bins, size)`` matrix ``P`` with ``pooled = P @ x`` along that axis.
+    """
+    i = torch.arange(bins, device=device)
+    start = torch.div(i * size, bins, rounding_mode="floor")  # (bins,)
+    end = torch.div((i + 1) * size + bins - 1, bins, rounding_mode="floor")  # ceil, (bins,)
+    pos = torch.arange(size, device=device)  # (size,)
+    inside = (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])  # (bins, size)
+    return inside.to(dtype) / (end - start)[:, None].to(dtype)
+
+
+class MatrixAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` as ``P_h @ x @ P_w^T``, exportable with dynamic H and W.
+
+    Args:
+        output_size: ``b`` or ``(bh, bw)``.
+    """
+
+    def __init__(self, output_size: int | Sequence[int]) -> None:
+        super().__init__()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.bh, self.bw = (int(v) for v in output_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Args: x: ``(B, C, H, W)``. Returns ``(B, C, bh, bw)``."""
+        height, width = x.shape[-2:]
+        p_h = adaptive_pool_matrix(height, self.bh, x.dtype, x.device)  # (bh, H)
+        p_w = adaptive_pool_matrix(width, self.bw, x.dtype, x.device)  # (bw, W)
+        # (bh, H) @ (B, C, H, W) -> (B, C, bh, W); @ (W, bw) -> (B, C, bh, bw)
+        return torch.matmul(torch.matmul(p_h, x), p_w.transpose(0, 1))
+
+
+def exportable(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with every ``AdaptiveAvgPool2d`` replaced by the matrix form."""
+    net = copy.deepcopy(net).eval()
+    for name, module in list(net.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.AdaptiveAvgPool2d):
+                size = child.output_size
+                if isinstance(size, Sequence) and any(s is None for s in size):
+                    raise PredictError(f"{name}.{child_name}: output size {size} with None")
+                setattr(module, child_name, MatrixAdaptiveAvgPool2d(size))
+    return net
+
+
+class LogitsOnly(nn.Module):
+    """``image -> net(image)["out"]``: the exported graph has a single tensor output."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Args: image: ``(B, 3, H, W)`` normalised. Returns logits ``(B, C, H, W)``."""
+        return self.net(image)["out"]
+
+
+def export_onnx(
+    net: nn.Module,
+    path: str | Path,
+    example_size: Sequence[int] = (64, 64),
+    opset: int = 18,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Writes ``net`` (eval mode) as ONNX with dynamic batch, height and width.
+
+    Args:
+        net: a parsing net returning ``{"out": (B, C, H, W)}``.
+        path: the ``.onnx`` file to write.
+        example_size: ``(h, w)`` of the tracing input; sizes down to 32 px export.
+        opset: ONNX opset version.
+        metadata: ``metadata_props`` entries (string values).
+
+    Returns:
+        The path written.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = LogitsOnly(exportable(net)).eval().cpu()
+    example = torch.randn(1, 3, *(int(s) for s in example_size))
+    dims = {
+        0: torch.export.Dim("batch", min=1, max=1024),
+        2: torch.export.Dim("height", min=32, max=8192),
+        3: torch.export.Dim("width", min=32, max=8192),
+    }
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes={"image": dims},
+            external_data=False,
+        )
+    if metadata:
+        proto = onnx.load(str(path))
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(path))
+    return path
+
+
+def onnx_parity(
+    net: nn.Module, path: str | Path, sizes: Sequence[Sequence[int]], seed: int = 0
+) -> list[float]:
+    """Max absolute logit difference between onnxruntime (CPU) and PyTorch at each ``(h, w)``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    net = net.eval().cpu()
+    diffs = []
+    for h, w in sizes:
+        x = torch.randn(1, 3, int(h), int(w), generator=generator)
+        with torch.no_grad():
+            ref = net(x)["out"].numpy()
+        out = session.run(["logits"], {"image": x.numpy()})[0]
+        if out.shape != ref.shape:
+            raise AssertionError(f"ONNX output {out.shape} != PyTorch {ref.shape} at {h}x{w}")
+        diffs.append(float(np.abs(out - ref).max()))
+    return diffs
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the command; returns ``{"output": path, "parity": [...]}``."""
+    args = parse_args(
+        sys.argv[1:] if argv is None else argv,
+        known=EXPORT_KEYS,
+        required=("ckpt", "output"),
+    )
+    fmt = str(args.get("format") or "onnx")
+    if fmt != "onnx":
+        raise PredictError(f"format={fmt}: only onnx is supported")
+    parser = load_parser(
+        args["ckpt"],
+        "cpu",
+        weights=str(args.get("weights") or "auto"),
+        model=args.get("model"),
+        data=args.get("data"),
+    )
+    output = Path(args["output"])
+    if output.suffix != ".onnx":
+        output = output / (Path(args["ckpt"]).stem + ".onnx")
+    example = args.get("example_size") or parser.eval_size or (64, 64)
+    metadata = {
+        "rimlab.class_names": json.dumps(parser.class_names),
+        "rimlab.palette": json.dumps(parser.palette.tolist()),
+        "rimlab.flip_pairs": json.dumps(parser.flip_pairs),
+        "rimlab.eval_size": json.dumps(list(parser.eval_size) if parser.eval_size else None),
+        "rimlab.mean": json.dumps(list(IMAGENET_MEAN)),
+        "rimlab.std": json.dumps(list(IMAGENET_STD)),
+        "rimlab.input": "image (B, 3, H, W) float32 RGB, (x / 255 - mean) / std",
+        "rimlab.output": "logits (B, C, H, W) float32",
+    }
+    start = time.perf_counter()
+    export_onnx(parser.net, output, example, int(args.get("opset") or 18), metadata)
+    log.info("exported %s in %.1f s", output, time.perf_counter() - start)
+    summary: dict[str, Any] = {"output": str(output)}
+    if args.get("check", True):
+        h, w = (int(v) for v in example)
+        sizes = [(h, w), tuple(args.get("check_size") or (h + 24, w + 40))]
+        summary["parity"] = onnx_parity(parser.net, output, sizes)
+        print(f"onnxruntime vs PyTorch max |diff| at {sizes}: {summary['parity']}")
+    print(f"wrote {output}")
+    return summary
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    try:
+        main()
+    except PredictError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,608 @@
+"""Parse images, folders, videos or a camera stream with any rimlab parsing checkpoint.
+
+    python -m experiments.predict ckpt=<file.ckpt> input=<image|folder|video|camera index> \\
+        output=<dir> [device=auto|cpu|cuda] [save_logits=true] [eval=flip] [eval.scales=[..]] \\
+        [size=original|[h,w]] [weights=auto|net|schp] [alpha=0.5] [show=auto|true|false] \\
+        [max_frames=N] [save_frames=false]
+
+Per image: ``<name>.png`` (class ids as a palette PNG at the original size, the format SCHP's
+``simple_extractor.py`` writes), ``<name>_overlay.jpg`` (colours blended on the photo) and, with
+``save_logits=true``, ``<name>_logits.npy`` (``(C, H, W)`` float32 scores at the original size).
+A video file gives ``<name>_parsing.mp4`` (the overlay per frame); a camera index shows a live
+window when a display exists, and writes ``camera<idx>_parsing.mp4`` otherwise. Frames per
+second are reported for videos and cameras.
+
+The network is rebuilt from the checkpoint alone (``rimlab_config``, written by every training run
+since this command exists). Older checkpoints need ``model=<conf/model name>
+data=<conf/data name>`` to say what was trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from torch import Tensor, nn
+
+from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, make_palette, save_label_png
+from datamodules.transforms import build_eval_transform
+
+log = logging.getLogger("rimlab.predict")
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
+
+
+class PredictError(RuntimeError):
+    """A missing or unusable checkpoint or input, explained for the command line."""
+
+
+# ---------------------------------------------------------------------- the parser
+
+
+@dataclass
+class Parser:
+    """A trained parsing net ready for inference on RGB uint8 images.
+
+    Attributes:
+        net: the network in eval mode on ``device``; ``net(x)["out"]`` gives ``(B, C, h, w)``.
+        num_classes: C.
+        class_names: C names.
+        palette: ``(C, 3)`` uint8 RGB colours.
+        flip_pairs: left/right class pairs (used by flip test-time augmentation).
+        eval_size: network input ``(h, w)``; None runs each image at its own size.
+        inference: evaluation protocol ``(net_forward, image) -> scores`` or None (one pass).
+        device: where the net runs.
+        config: the checkpoint's build config (``model`` / ``eval`` / ``data``).
+    """
+
+    net: nn.Module
+    num_classes: int
+    class_names: list[str]
+    palette: np.ndarray
+    flip_pairs: list[list[int]] = field(default_factory=list)
+    eval_size: tuple[int, int] | None = None
+    inference: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The same resize + normalisation as validation (datamodules.transforms), so a prediction
+        # here equals the validation prediction of the same image.
+        self._transform = build_eval_transform(self.eval_size, IMAGENET_MEAN, IMAGENET_STD)
+
+    def preprocess(self, image: np.ndarray) -> Tensor:
+        """``(H, W, 3)`` uint8 RGB -> ``(1, 3, h, w)`` normalised float32 on ``device``."""
+        return self._transform({"image": image})["image"].unsqueeze(0).to(self.device)
+
+    @torch.inference_mode()
+    def scores(self, image: np.ndarray) -> Tensor:
+        """Class scores of one image at its original size.
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB.
+
+        Returns:
+            ``(C, H, W)`` float32 on ``device``: logits for a single pass, averaged probabilities
+            under flip / multi-scale protocols (see ``lightning_modules.inference``).
+        """
+        height, width = image.shape[:2]
+        x = self.preprocess(image)
+        if self.inference is None:
+            out = self.net(x)["out"]
+        else:
+            out = self.inference(lambda t: self.net(t)["out"], x)
+        if out.shape[-2:] != (height, width):
+            # (1, C, h, w) -> (1, C, H, W): back to the photo's resolution
+            out = F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
+        return out[0].float()
+
+    def predict(self, image: np.ndarray) -> tuple[np.ndarray, Tensor]:
+        """``(H, W)`` uint8 class ids and the ``(C, H, W)`` scores of an ``(H, W, 3)`` RGB image."""
+        scores = self.scores(image)
+        return scores.argmax(0).to(torch.uint8).cpu().numpy(), scores
+
+    def colorize(self, ids: np.ndarray) -> np.ndarray:
+        """``(H, W)`` class ids -> ``(H, W, 3)`` uint8 RGB colours."""
+        return self.palette[ids]
+
+    def overlay(self, image: np.ndarray, ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+        """Class colours blended over ``image`` ``(H, W, 3)`` RGB; background (id 0) stays as is."""
+        blend = (1.0 - alpha) * image.astype(np.float32) + alpha * self.colorize(ids)
+        out = np.where((ids > 0)[..., None], blend, image.astype(np.float32))
+        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cpu`` / ``cuda`` / ``cuda:1`` as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise PredictError(f"device={device}: CUDA is not available on this machine (use cpu)")
+    return torch.device(device)
+
+
+def _compose_fallback(model: str | None, data: str | None) -> dict[str, Any]:
+    """Build config of a checkpoint without ``rimlab_config``, from conf/ group names."""
+    from omegaconf import OmegaConf
+
+    if not model or not data:
+        raise PredictError(
+            "this checkpoint does not say how its network was built (it predates the "
+            "'rimlab_config' entry): pass model=<conf/model name> data=<conf/data name>, e.g. "
+            "model=pspnet_r101 data=lip"
+        )
+    files = {"model": ROOT / "conf" / "model" / f"{model}.yaml"}
+    files["data"] = ROOT / "conf" / "data" / f"{data}.yaml"
+    for group, path in files.items():
+        if not path.is_file():
+            raise PredictError(f"{group}={model if group == 'model' else data}: no {path}")
+    cfg = OmegaConf.create(
+        {
+            "model": OmegaConf.load(files["model"]),
+            "data": OmegaConf.load(files["data"]),
+            "paths": {"data_dir": "."},
+        }
+    )
+    keys = ("num_classes", "class_names", "flip_pairs", "palette", "eval_size", "crop_size")
+    data_cfg = {k: cfg.data.get(k) for k in keys if k in cfg.data}
+    return {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "eval": None,
+        "data": OmegaConf.to_container(OmegaConf.create(data_cfg), resolve=True),
+    }
+
+
+def eval_protocol(
+    config: dict[str, Any], name: str | None = None, overrides: dict[str, Any] | None = None
+) -> Any:
+    """The inference protocol: ``conf/eval/<name>.yaml`` (or the checkpoint's), plus overrides.
+
+    Args:
+        config: the checkpoint's build config (its ``data`` entry resolves ``${data.*}``).
+        name: an eval group name (``default``, ``flip``, ``ms_flip``, ``slide``) or None for the
+            protocol the checkpoint was validated with.
+        overrides: ``{"flip": True, ...}`` from ``eval.<key>=<value>`` arguments.
+
+    Returns:
+        An ``InferenceProtocol``, or None for one plain forward pass.
+    """
+    import hydra
+    from omegaconf import OmegaConf
+
+    if name is not None:
+        path = ROOT / "conf" / "eval" / f"{name}.yaml"
+        if not path.is_file():
+            choices = sorted(p.stem for p in (ROOT / "conf" / "eval").glob("*.yaml"))
+            raise PredictError(f"eval={name}: no {path} (choose one of {choices})")
+        eval_cfg = OmegaConf.load(path)
+    elif config.get("eval"):
+        eval_cfg = OmegaConf.create(config["eval"])
+    else:
+        eval_cfg = None
+    if eval_cfg is None and not overrides:
+        return None
+    if eval_cfg is None:
+        eval_cfg = OmegaConf.load(ROOT / "conf" / "eval" / "default.yaml")
+    data = dict(config.get("data") or {})
+    data.setdefault("flip_pairs", [])
+    root = OmegaConf.create({"data": data, "eval": eval_cfg})
+    for key, value in (overrides or {}).items():
+        OmegaConf.update(root, f"eval.{key}", value, merge=False, force_add=True)
+    return hydra.utils.instantiate(OmegaConf.to_container(root, resolve=True)["eval"])
+
+
+def load_parser(
+    ckpt: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    eval_name: str | None = None,
+    eval_overrides: dict[str, Any] | None = None,
+    size: Sequence[int] | str | None = "checkpoint",
+    weights: str = "auto",
+    model: str | None = None,
+    data: str | None = None,
+) -> Parser:
+    """Rebuilds the net of a rimlab checkpoint for inference.
+
+    Args:
+        ckpt: a Lightning checkpoint written by a rimlab training run.
+        device: ``cpu``, ``cuda``, ``auto`` or a ``torch.device``.
+        eval_name: eval protocol name (see :func:`eval_protocol`); None: the checkpoint's.
+        eval_overrides: ``eval.<key>`` values.
+        size: network input ``(h, w)``; ``"checkpoint"``: the size validation used
+            (``data.eval_size``, else ``data.crop_size``); None or ``"original"``: each image's own.
+        weights: ``net`` (the trained weights), ``schp`` (the self-corrected average of a SCHP
+            run) or ``auto`` (``schp`` when the checkpoint has an average, else ``net``).
+        model: conf/model name, only for checkpoints without ``rimlab_config``.
+        data: conf/data name, idem.
+
+    Raises:
+        PredictError: missing file, not a rimlab checkpoint, or weights that do not fit the net.
+    """
+    import hydra
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise PredictError(f"checkpoint not found: {path}")
+    try:
+        # weights_only=False: Lightning checkpoints also hold loop and callback state objects.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated file, a non-torch file, ...
+        raise PredictError(f"{path}: cannot be read as a torch checkpoint ({err})") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise PredictError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    config = checkpoint.get("rimlab_config") or _compose_fallback(model, data)
+
+    model_cfg = dict(config["model"])
+    if "pretrained" in model_cfg:
+        # The checkpoint holds every weight: ImageNet files need not be in the hub cache.
+        model_cfg["pretrained"] = False
+    net = hydra.utils.instantiate(model_cfg)
+    state = checkpoint["state_dict"]
+    has_schp = (
+        any(k.startswith("schp_net.") for k in state)
+        and int(state.get("schp_cycles", torch.zeros(())).item()) > 0
+    )
+    if weights not in ("auto", "net", "schp"):
+        raise PredictError(f"weights={weights!r}: expected auto, net or schp")
+    if weights == "schp" and not has_schp:
+        raise PredictError(f"{path}: weights=schp but the checkpoint has no SCHP average yet")
+    prefix = "schp_net." if (weights == "schp" or (weights == "auto" and has_schp)) else "net."
+    net_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        net.load_state_dict(net_state, strict=True)
+    except RuntimeError as err:
+        raise PredictError(
+            f"{path}: the weights do not fit the rebuilt network ({str(err).splitlines()[0]} ...)"
+        ) from err
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    net.to(device).eval()
+
+    data_cfg = config.get("data") or {}
+    hparams = checkpoint.get("hyper_parameters") or {}
+    num_classes = int(data_cfg.get("num_classes") or hparams.get("num_classes"))
+    names = data_cfg.get("class_names") or hparams.get("class_names")
+    names = list(names) if names else [str(i) for i in range(num_classes)]
+    palette = data_cfg.get("palette")
+    palette = (
+        np.asarray(palette, dtype=np.uint8) if palette is not None else make_palette(num_classes)
+    )
+    if size == "checkpoint":
+        size = data_cfg.get("eval_size") or data_cfg.get("crop_size")
+    if size == "original":
+        size = None
+    eval_size = tuple(int(v) for v in size) if size is not None else None
+    log.info("loaded %s (%s weights, %d classes) on %s", path, prefix[:-1], num_classes, device)
+    return Parser(
+        net=net,
+        num_classes=num_classes,
+        class_names=names,
+        palette=palette,
+        flip_pairs=[list(p) for p in data_cfg.get("flip_pairs") or []],
+        eval_size=eval_size,
+        inference=eval_protocol(config, eval_name, eval_overrides),
+        device=device,
+        config=config,
+    )
+
+
+# ---------------------------------------------------------------------- writing results
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of an image file (any mode is converted).
+
+    Raises:
+        PredictError: if the file cannot be decoded as an image.
+    """
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as err:
+        raise PredictError(f"{path}: not a readable image ({err})") from err
+
+
+def predict_image(
+    parser: Parser,
+    image: np.ndarray,
+    stem: Path,
+    save_logits: bool = False,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Writes ``<stem>.png``, ``<stem>_overlay.jpg`` (and ``<stem>_logits.npy``); returns the ids."""
+    ids, scores = parser.predict(image)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    save_label_png(stem.with_name(stem.name + ".png"), ids, parser.palette)
+    overlay = parser.overlay(image, ids, alpha)
+    Image.fromarray(overlay).save(stem.with_name(stem.name + "_overlay.jpg"), quality=92)
+    if save_logits:
+        np.save(stem.with_name(stem.name + "_logits.npy"), scores.cpu().numpy().astype(np.float32))
+    return ids
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files below ``folder`` (recursively), sorted."""
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def has_display() -> bool:
+    """Whether a window can be opened (an X11/Wayland display on Linux; assumed elsewhere)."""
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+def gui_available() -> bool:
+    """Whether OpenCV can open a window (headless builds raise on ``namedWindow``)."""
+    try:
+        cv2.namedWindow("rimlab")
+        cv2.destroyWindow("rimlab")
+    except cv2.error:
+        return False
+    return True
+
+
+def _frames(capture: cv2.VideoCapture, max_frames: int | None) -> Iterator[np.ndarray]:
+    """RGB frames of an opened capture until it ends or ``max_frames`` frames were read."""
+    count = 0
+    while max_frames is None or count < max_frames:
+        ok, frame = capture.read()
+        if not ok:
+            return
+        count += 1
+        yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+
+def predict_stream(
+    parser: Parser,
+    source: str | int,
+    output: Path,
+    name: str,
+    show: bool = False,
+    write_video: bool = True,
+    max_frames: int | None = None,
+    save_frames: bool = False,
+    alpha: float = 0.5,
+) -> dict[str, Any]:
+    """Parses a video file or camera stream frame by frame.
+
+    Args:
+        parser: the loaded parser.
+        source: a video file path or a camera index.
+        output: output folder.
+        name: base name of the outputs (``<name>_parsing.mp4``, ``<name>/<frame>.png``).
+        show: show the overlay in a window (``q`` or Esc stops).
+        write_video: write the overlay video.
+        max_frames: stop after this many frames (None: until the stream ends or Ctrl-C).
+        save_frames: also write the class-id PNG of every frame.
+        alpha: overlay opacity.
+
+    Returns:
+        ``{"frames": n, "fps": parsing frames per second, "video": path or None}``.
+    """
+    capture = cv2.VideoCapture(source)
+    if not capture.isOpened():
+        what = f"camera {source}" if isinstance(source, int) else f"video {source}"
+        raise PredictError(f"cannot open {what}")
+    source_fps = capture.get(cv2.CAP_PROP_FPS)
+    source_fps = source_fps if source_fps and np.isfinite(source_fps) and source_fps > 0 else 25.0
+    output.mkdir(parents=True, exist_ok=True)
+    if show and not gui_available():
+        log.warning(
+            "this OpenCV build has no GUI (opencv-python-headless): writing %s_parsing.mp4 "
+            "instead of a live window (pip install opencv-python for windows)",
+            name,
+        )
+        show, write_video = False, True
+    writer = None
+    video_path = output / f"{name}_parsing.mp4" if write_video else None
+    frames = 0
+    elapsed = 0.0
+    try:
+        for frame in _frames(capture, max_frames):
+            start = time.perf_counter()
+            ids, _ = parser.predict(frame)
+            if parser.device.type == "cuda":
+                torch.cuda.synchronize(parser.device)
+            elapsed += time.perf_counter() - start
+            frames += 1
+            overlay = cv2.cvtColor(parser.overlay(frame, ids, alpha), cv2.COLOR_RGB2BGR)
+            if save_frames:
+                (output / name).mkdir(exist_ok=True)
+                save_label_png(output / name / f"{frames - 1:06d}.png", ids, parser.palette)
+            if video_path is not None:
+                if writer is None:
+                    h, w = overlay.shape[:2]
+                    fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+                    writer = cv2.VideoWriter(str(video_path), fourcc, source_fps, (w, h))
+                    if not writer.isOpened():
+                        raise PredictError(f"cannot write {video_path} (no mp4v encoder?)")
+                writer.write(overlay)
+            if show:
+                fps = frames / elapsed if elapsed > 0 else 0.0
+                cv2.putText(
+                    overlay,
+                    f"{fps:.1f} fps",
+                    (8, 24),
+                    cv2.FONT_HERSHEY_SIMPLEX,
+                    0.7,
+                    (255, 255, 255),
+                    2,
+                )
+                cv2.imshow(f"rimlab parsing: {name}", overlay)
+                if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                    break
+    except KeyboardInterrupt:
+        log.info("interrupted: closing the outputs")
+    finally:
+        capture.release()
+        if writer is not None:
+            writer.release()
+        if show:
+            cv2.destroyAllWindows()
+    if frames == 0:
+        raise PredictError(f"no frame could be read from {source}")
+    fps = frames / elapsed if elapsed > 0 else float("inf")
+    log.info(
+        "%s: %d frames, %.2f frames/s (network + protocol, %s)", name, frames, fps, parser.device
+    )
+    return {"frames": frames, "fps": fps, "video": str(video_path) if video_path else None}
+
+
+# ---------------------------------------------------------------------- command line
+
+
+PREDICT_KEYS = (
+    "ckpt",
+    "input",
+    "output",
+    "device",
+    "save_logits",
+    "eval",
+    "size",
+    "weights",
+    "alpha",
+    "show",
+    "max_frames",
+    "save_frames",
+    "model",
+    "data",
+)
+
+
+def parse_args(
+    argv: Sequence[str],
+    known: Sequence[str] = PREDICT_KEYS,
+    required: Sequence[str] = ("ckpt", "input", "output"),
+) -> dict[str, Any]:
+    """``key=value`` arguments -> dict.
+
+    Values are parsed as YAML (``true``, ``[473,473]``, ``null``) except paths (``ckpt``,
+    ``input``, ``output``), which stay strings; ``eval.<key>`` arguments are collected in
+    ``args["eval_overrides"]``.
+
+    Raises:
+        PredictError: a malformed, unknown or missing argument.
+    """
+    args: dict[str, Any] = {"eval_overrides": {}}
+    for token in argv:
+        key, sep, raw = token.partition("=")
+        if not sep:
+            raise PredictError(f"argument {token!r}: expected key=value")
+        if key.startswith("eval."):
+            args["eval_overrides"][key[len("eval.") :]] = yaml.safe_load(raw) if raw else None
+            continue
+        if key not in known:
+            raise PredictError(f"unknown argument {key!r}; known: {sorted(known)}")
+        args[key] = (
+            raw if key in ("ckpt", "input", "output") else (yaml.safe_load(raw) if raw else None)
+        )
+    for key in required:
+        if not args.get(key):
+            raise PredictError(f"missing {key}=...")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the command; returns a summary (files written, frames per second)."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    parser = load_parser(
+        args["ckpt"],
+        device=str(args.get("device") or "auto"),
+        eval_name=args.get("eval"),
+        eval_overrides=args["eval_overrides"],
+        size=args.get("size", "checkpoint"),
+        weights=str(args.get("weights") or "auto"),
+        model=args.get("model"),
+        data=args.get("data"),
+    )
+    output = Path(args["output"])
+    output.mkdir(parents=True, exist_ok=True)
+    alpha = float(args.get("alpha", 0.5))
+    save_logits = bool(args.get("save_logits", False))
+    source = str(args["input"])
+    show_arg = args.get("show", "auto")
+    summary: dict[str, Any] = {"output": str(output)}
+
+    if source.isdigit():  # a camera index
+        show = has_display() if show_arg == "auto" else bool(show_arg)
+        if not show:
+            log.info("no display: writing the camera stream to %s instead of a window", output)
+        summary |= predict_stream(
+            parser,
+            int(source),
+            output,
+            f"camera{source}",
+            show=show,
+            write_video=not show,
+            max_frames=args.get("max_frames"),
+            save_frames=bool(args.get("save_frames")),
+            alpha=alpha,
+        )
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise PredictError(f"input not found: {path}")
+        if path.is_dir():
+            from tqdm import tqdm
+
+            files = list_images(path)
+            if not files:
+                raise PredictError(f"{path}: no image files ({sorted(IMAGE_SUFFIXES)})")
+            failed = []
+            for file in tqdm(files, desc="parsing", unit="img"):
+                try:
+                    image = read_rgb(file)
+                except PredictError as err:
+                    log.warning("skipped: %s", err)
+                    failed.append(str(file))
+                    continue
+                stem = output / file.relative_to(path).with_suffix("")
+                predict_image(parser, image, stem, save_logits, alpha)
+            summary |= {"images": len(files) - len(failed), "failed": failed}
+        elif path.suffix.lower() in VIDEO_SUFFIXES:
+            show = bool(show_arg) if show_arg != "auto" else False
+            summary |= predict_stream(
+                parser,
+                str(path),
+                output,
+                path.stem,
+                show=show,
+                write_video=True,
+                max_frames=args.get("max_frames"),
+                save_frames=bool(args.get("save_frames")),
+                alpha=alpha,
+            )
+        else:
+            image = read_rgb(path)
+            predict_image(parser, image, output / path.stem, save_logits, alpha)
+            summary["images"] = 1
+    if "fps" in summary:
+        print(f"{summary['frames']} frames at {summary['fps']:.2f} frames/s -> {summary['video']}")
+    else:
+        print(f"{summary['images']} image(s) parsed -> {output}")
+    return summary
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    try:
+        main()
+    except PredictError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
