@@ -462,3 +462,53 @@ def test_mhp_datamodule_builds_on_the_base(mhp_root):
     batch = next(iter(dm.val_dataloader()))
     assert batch["mask"].shape[0] == 1 and batch["image"].shape == (1, 3, 8, 8)
     assert issubclass(LIPDataset, ParsingDataset) and issubclass(CityscapesDataset, ParsingDataset)
+
+
+def test_cityscapes_miou_agrees_with_the_official_evaluation(tmp_path):
+    """Our loader + confusion-matrix mIoU on trainIds equals cityscapesscripts' own pixel-level
+    evaluation (evalPixelLevelSemanticLabeling) of the same predictions written as labelIds."""
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+    from cityscapesscripts.helpers.labels import trainId2label
+
+    from lightning_modules.metrics import ConfusionMatrix, segmentation_scores
+
+    rng = np.random.default_rng(3)
+    root, h, w = tmp_path / "cityscapes", 24, 40
+    stems = [f"frankfurt_000000_{i:06d}" for i in range(3)]
+    preds_train, pred_files, gt_files = {}, [], []
+    for stem in stems:
+        # Every labelId 0..33, void ones included; the network predicts trainIds 0..18, right
+        # about half the time.
+        label_ids = rng.integers(0, 34, size=(h, w)).astype(np.uint8)
+        _write_png(root / "leftImg8bit" / "val" / "frankfurt" / f"{stem}_leftImg8bit.png",
+                   rng.integers(0, 255, (h, w, 3)).astype(np.uint8))  # fmt: skip
+        gt = _write_png(
+            root / "gtFine" / "val" / "frankfurt" / f"{stem}_gtFine_labelIds.png", label_ids, "L"
+        )
+        truth = cs_mod.label_id_to_train_id()[label_ids]
+        guess = rng.integers(0, 19, size=(h, w))
+        pred = np.where((rng.random((h, w)) < 0.5) & (truth != 255), truth, guess).astype(np.uint8)
+        preds_train[stem] = pred
+        to_label_id = np.array([trainId2label[t].id for t in range(19)], dtype=np.uint8)
+        pred_files.append(
+            str(_write_png(tmp_path / "pred" / f"{stem}.png", to_label_id[pred], "L"))
+        )
+        gt_files.append(str(gt))
+
+    ds = CityscapesDataset(root, "val")
+    metric = ConfusionMatrix(19, ignore_index=255)
+    for i in range(len(ds)):
+        item = ds[i]
+        metric.update(
+            torch.from_numpy(preds_train[item["name"]]).long()[None],
+            torch.as_tensor(item["mask"]).long()[None],
+        )
+    ours = segmentation_scores(metric.compute())
+
+    args = official.args
+    args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
+    result = official.evaluateImgLists(pred_files, gt_files, args)
+    names = [trainId2label[t].name for t in range(19)]
+    theirs = np.array([result["classScores"][n] for n in names], dtype=float)
+    np.testing.assert_allclose(np.asarray(ours["IoU"], dtype=float), 100 * theirs, rtol=1e-9)
+    assert ours["mIoU"] == pytest.approx(100 * result["averageScoreClasses"], rel=1e-9)
