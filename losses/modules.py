@@ -119,6 +119,10 @@ class ParsingLoss(nn.Module):
       always against the *full* target: the auxiliary head is a deep-supervision term on the
       natural data distribution; the paper rebalances (and defines ``L_RBS`` for) the main
       prediction only.
+    - Side outputs named in ``side_outputs`` (DANet's position- and channel-attention logits
+      ``"pam"``/``"cam"``, present only in training) add ``side_weight`` x the same criterion
+      against the full target, as in the DANet paper; without them their classifiers would get
+      no gradient (and DDP would wait for it).
     - ``L_ilm`` is ``ilm`` on ``outputs["out"]`` (when ``ilm`` is given). With ``ilm_region="all"``
       (the default) it sees every labelled pixel; with ``"sampled"`` only the pixels inside
       ``sample_mask`` (all labelled pixels if no mask is passed).
@@ -131,6 +135,8 @@ class ParsingLoss(nn.Module):
         ilm_weight: the paper's lambda.
         ilm_region: ``"all"`` or ``"sampled"``, see above.
         ignore_index: label value written outside ``sample_mask``; must match ``main``'s.
+        side_outputs: output keys scored as side terms (when the net returns them).
+        side_weight: weight of each side term; 0 disables them.
     """
 
     def __init__(
@@ -141,6 +147,8 @@ class ParsingLoss(nn.Module):
         ilm_weight: float = 1.0,
         ilm_region: str = "all",
         ignore_index: int = 255,
+        side_outputs: Sequence[str] = ("pam", "cam"),
+        side_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if ilm_region not in ("all", "sampled"):
@@ -156,6 +164,8 @@ class ParsingLoss(nn.Module):
         self.ilm_region = ilm_region
         self.ignore_index = ignore_index
         self.main_name = str(getattr(main, "name", "main"))
+        self.side_outputs = tuple(side_outputs)
+        self.side_weight = side_weight
 
     def forward(
         self,
@@ -191,6 +201,12 @@ class ParsingLoss(nn.Module):
             aux = self.main(aux_logits, target)
             terms["loss/aux"] = aux
             total = total + self.aux_weight * aux
+
+        for key in self.side_outputs if self.side_weight > 0 else ():
+            if key in outputs:
+                side = self.main(outputs[key], target)
+                terms[f"loss/{key}"] = side
+                total = total + self.side_weight * side
 
         if self.ilm is not None:
             region = sample_mask if self.ilm_region == "sampled" else None

@@ -346,3 +346,25 @@ def test_loss_configs_instantiate(name):
     terms = loss(outputs, target)
     assert torch.isfinite(terms["loss"])
     assert f"loss/{loss.main_name}" in terms
+
+
+def test_parsing_loss_scores_side_outputs_against_the_full_target():
+    """DANet's "pam"/"cam" heads: side_weight x the main criterion each, unsampled target."""
+    outputs, target = _outputs()
+    g = torch.Generator().manual_seed(5)
+    outputs = {
+        **outputs,
+        **{k: torch.randn(outputs["out"].shape, generator=g) for k in ("pam", "cam")},
+    }
+    mask = torch.rand(target.shape, generator=g) < 0.5
+    terms = ParsingLoss(CrossEntropyLoss(), aux_weight=0.4, side_weight=0.5)(
+        outputs, target, sample_mask=mask
+    )
+    ce = {k: F.cross_entropy(outputs[k], target, ignore_index=IGNORE).item() for k in outputs}
+    main = F.cross_entropy(outputs["out"], target.masked_fill(~mask, IGNORE), ignore_index=IGNORE)
+    assert terms["loss/pam"].item() == pytest.approx(ce["pam"], rel=1e-6)
+    assert terms["loss/cam"].item() == pytest.approx(ce["cam"], rel=1e-6)
+    total = main.item() + 0.4 * ce["aux"] + 0.5 * (ce["pam"] + ce["cam"])
+    assert terms["loss"].item() == pytest.approx(total, rel=1e-5)
+    off = ParsingLoss(CrossEntropyLoss(), side_weight=0.0)(outputs, target)
+    assert "loss/pam" not in off

@@ -262,3 +262,17 @@ def test_zoo_config_instantiates(path: Path) -> None:
             out = net.eval()(torch.zeros(1, 3, 17, 21))
     assert set(out) == {"out"} and out["out"].shape == (1, 4, 17, 21)
     assert out["out"].device.type == device
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_default_loss_reaches_every_parameter(name: str) -> None:
+    """With the default loss every trainable parameter gets a gradient (DDP needs no
+    find_unused_parameters): DANet's pam/cam classifiers are scored as side terms."""
+    from losses import CrossEntropyLoss, ParsingLoss
+
+    net = make_net(name).train()
+    target = torch.randint(0, 5, (2, H, W))
+    loss = ParsingLoss(CrossEntropyLoss())(net(torch.randn(2, 3, H, W)), target)
+    loss["loss"].backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
