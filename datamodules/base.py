@@ -38,6 +38,7 @@ from datamodules.transforms import (
     build_eval_transform,
     build_train_transform,
 )
+from samplers.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -361,11 +362,6 @@ class ParsingDataset(Dataset, ABC):
 
 
 # -- training order ---------------------------------------------------------------------------
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (run seed, epoch, rank, index ...), well spread."""
-    return int(np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(1)[0]) >> 1
 
 
 class EpochShuffleSampler(DistributedSampler):

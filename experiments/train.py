@@ -326,10 +326,17 @@ def enable_prediction_pngs(
     cfg: DictConfig, module: ParsingLitModule, datamodule: pl.LightningDataModule, out_dir: Path
 ) -> None:
     """With ``save_predictions=true``, evaluation writes ``out_dir/predictions/<stage>/*.png``."""
-    if cfg.get("save_predictions"):
-        module.prediction_dir = str(out_dir / "predictions")
-        module.palette = getattr(datamodule, "palette", None)
-        log.info("writing predicted class-id PNGs to %s", module.prediction_dir)
+    if not cfg.get("save_predictions"):
+        return
+    from datamodules.batch import save_label_png
+
+    folder, palette = out_dir / "predictions", getattr(datamodule, "palette", None)
+
+    def write(stage: str, name: str, ids: Any) -> None:
+        save_label_png(folder / stage / f"{name}.png", ids, palette)
+
+    module.prediction_writer = write
+    log.info("writing predicted class-id PNGs to %s", folder)
 
 
 def checkpoint_paths(trainer: pl.Trainer) -> dict[str, str]:

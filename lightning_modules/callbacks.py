@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from datamodules.base import mix_seed
+from samplers.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 

@@ -114,9 +114,9 @@ class ParsingLitModule(pl.LightningModule):
         self.skipped_nonfinite = 0
         self._last_losses: dict[str, Tensor] = {}
         self._sampler_generator: torch.Generator | None = None
-        # Evaluation writes class-id PNGs here when set (``save_predictions=true``).
-        self.prediction_dir: str | None = None
-        self.palette: Any = None  # (C, 3) uint8 colours of those PNGs (None: VOC colour map)
+        # (stage, name, (H, W) uint8 ids) -> None: evaluation hands it every prediction at the
+        # image's original size (``save_predictions=true`` writes PNGs with it).
+        self.prediction_writer: Callable[[str, str, Any], None] | None = None
         # Kept out of the module tree so the compiled wrapper adds no duplicate state_dict keys.
         object.__setattr__(self, "_net_forward", torch.compile(net) if compile else net)
 
@@ -314,16 +314,11 @@ class ParsingLitModule(pl.LightningModule):
         self._write_predictions(stage, batch, per_image)
 
     def _write_predictions(self, stage: str, batch: dict[str, Any], preds: list[Tensor]) -> None:
-        """Class-id PNGs ``<prediction_dir>/<stage>/<name>.png`` at original size, when asked."""
-        if self.prediction_dir is None:
+        """Hands each image's ``(H, W)`` predicted ids to ``prediction_writer``, when one is set."""
+        if self.prediction_writer is None:
             return
-        from pathlib import Path
-
-        from datamodules.batch import save_label_png
-
         for name, pred in zip(batch["name"], preds, strict=True):
-            path = Path(self.prediction_dir) / stage / f"{name}.png"
-            save_label_png(path, pred.to(torch.uint8).cpu().numpy(), self.palette)
+            self.prediction_writer(stage, name, pred.to(torch.uint8).cpu().numpy())
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_confmat, "val")
