@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import pytest  # noqa: E402
 import rim_overhead  # noqa: E402
+import train_step  # noqa: E402
 
 
 def test_rim_overhead_smoke(tmp_path):
@@ -39,3 +40,22 @@ def test_rim_overhead_smoke(tmp_path):
     ms = saved["ms_per_step"]
     assert set(ms) == {"ce", "arbs_ilm"} and all(v > 0 for v in ms.values())
     assert saved["images_per_s"]["ce"] == pytest.approx(2 / (ms["ce"] / 1000))
+
+
+def test_train_step_bench_compares_identical_work(tmp_path):
+    """rimlab's Lightning step and the hand loop start from the same weights on the same batch:
+    their first losses agree; the report's derived numbers follow from its measurements."""
+    out = tmp_path / "t.json"
+    args = ["--device", "cpu", "--size", "48", "--batch", "2", "--steps", "1", "--warmup", "1"]
+    args += ["--override", "model=pspnet_lite", "--override", "model.dropout=0"]
+    args += ["--precision", "32", "--data-batches", "2", "--data-dir", str(tmp_path / "data")]
+    result = train_step.main([*args, "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    loss = result["first_step_loss"]
+    assert loss["rimlab"] == pytest.approx(loss["hand"], rel=1e-5)
+    for k in ("rimlab", "hand"):
+        ms = result["ms_per_step"][k]
+        assert result["images_per_s"][k] == pytest.approx(2 / (ms / 1000))
+        tflops = result["gflop_per_image"] * 1e9 * 2 / (ms / 1000) / 1e12
+        assert result["tflops_achieved"][k] == pytest.approx(tflops)
+    assert result["gflop_per_image"] > 0 and result["data_images_per_s"] > 0

@@ -1,0 +1,328 @@
+"""Training throughput: rimlab's own step (Lightning, real loss/sampler/optimizer) vs a hand loop.
+
+    python bench/train_step.py                      # GPU: PSPNet-R50, 400x400, batch 16, bf16
+    python bench/train_step.py --stage 2            # RIM stage 2: frozen encoder, ARBS + ILM
+    python bench/train_step.py --device cpu --size 64 --batch 2 --steps 2 --warmup 1 \
+        --override model=pspnet_lite --precision 32 --data-batches 2     # CPU smoke test
+
+Both variants train the same network (same initial weights) on the same pre-made batches already on
+the device: ``rimlab`` runs ``ParsingLitModule`` through a Lightning ``Trainer`` exactly as
+``run.py`` builds it (loss, sampler, optimizer, scheduler, metrics, precision plugin), ``hand`` is
+a plain PyTorch loop (forward, cross-entropy + 0.4 aux, backward, SGD step) with the same
+precision and memory format. Reported: ms/step, images/s, FLOP per image (``torch.utils.
+flop_counter`` on one forward + backward), achieved TFLOP/s and model FLOP utilisation against
+``--peak-tflops``, peak GPU memory, and the data pipeline's images/s on its own (decode +
+augmentation + collate from the configured dataset, no model). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RIMLAB_ROOT", str(ROOT))
+
+import lightning.pytorch as pl  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from experiments.train import build_datamodule, build_module  # noqa: E402
+
+# H100 SXM dense bf16 matmul rate measured with torch.matmul (see docs/performance.md).
+H100_BF16_TFLOPS = 798.0
+
+
+def compose_config(overrides: list[str], size: int, batch: int, data_dir: Path) -> DictConfig:
+    """The run config of ``overrides`` with this benchmark's crop, batch and paths."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "run",
+            overrides=[
+                *overrides,
+                f"data.crop_size=[{size},{size}]",
+                f"data.batch_size={batch}",
+                f"paths.data_dir={data_dir}",
+                f"paths.log_dir={data_dir / 'logs'}",
+                "paths.output_dir=.",
+            ],
+        )
+    return cfg
+
+
+def make_batches(n: int, batch: int, size: int, classes: int, device: torch.device) -> list[dict]:
+    """``n`` batches of random images and long-tailed labels (class c with weight 1/(c+1))."""
+    g = torch.Generator().manual_seed(0)
+    weights = 1.0 / torch.arange(1, classes + 1, dtype=torch.float)
+    out = []
+    for i in range(n):
+        labels = torch.multinomial(weights, batch * size * size, replacement=True, generator=g)
+        out.append(
+            {
+                "image": torch.randn(batch, 3, size, size, generator=g).to(device),
+                "mask": labels.view(batch, size, size).to(device),
+                "name": [f"b{i}_{k}" for k in range(batch)],
+            }
+        )
+    return out
+
+
+class _Batches:
+    """An iterable of ready batches (a plain list would be read as a list of dataloaders)."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class _StepTimer(pl.Callback):
+    """Wall time of the steps after ``warmup`` (synchronising CUDA at both ends)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end, self.first_loss = warmup, 0.0, 0.0, None
+
+    def _sync(self, module: pl.LightningModule) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self._sync(pl_module)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.first_loss = float(outputs["loss"])
+        self._sync(pl_module)
+        self.end = time.perf_counter()
+
+
+def time_rimlab(module, batches, args, device) -> tuple[float, float]:
+    """Seconds per step of the LightningModule under a Trainer, and the first step's loss."""
+    timer = _StepTimer(args.warmup)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=args.precision,
+        max_epochs=1,
+        limit_train_batches=args.warmup + args.steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        benchmark=device.type == "cuda",
+    )
+    loader = _Batches([batches[i % len(batches)] for i in range(args.warmup + args.steps)])
+    trainer.fit(module, train_dataloaders=loader)
+    return (timer.end - timer.start) / args.steps, timer.first_loss
+
+
+def hand_step_fn(net, batches, args, device, aux_weight: float, sampler=None, ilm=None):
+    """A plain training step over ``net``: the yardstick rimlab's step is compared with.
+
+    Stage 2 passes the regional ``sampler`` (its pixels outside the mask become 255 for the main
+    term) and the inter-class loss ``ilm`` (added with weight 1), as RIM's stage 2 computes them.
+    """
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    bf16 = args.precision.startswith("bf16")
+    state = {"i": 0}
+
+    def step() -> float:
+        batch = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        image = batch["image"]
+        if args.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = net(image)
+            target = batch["mask"]
+            if sampler is not None:
+                target = target.masked_fill(~sampler(target), 255)
+            loss = F.cross_entropy(out["out"], target, ignore_index=255)
+            if ilm is not None:
+                loss = loss + ilm(out["out"], batch["mask"])
+            if "aux" in out and aux_weight > 0:
+                loss = loss + aux_weight * F.cross_entropy(
+                    out["aux"], batch["mask"], ignore_index=255
+                )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach()) if state["i"] == 1 else 0.0
+
+    return step
+
+
+def time_hand(step, args, device) -> tuple[float, float]:
+    first = step()
+    for _ in range(args.warmup - 1):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / args.steps, first
+
+
+def flops_per_image(net, batch, args, device) -> float:
+    """FLOP of one forward + backward per image (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = batch["image"]
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision != "32"):
+            out = net(image)["out"]
+            loss = F.cross_entropy(out, batch["mask"], ignore_index=255)
+        loss.backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / image.shape[0]
+
+
+def data_images_per_s(cfg: DictConfig, batches: int) -> float:
+    """Images/s of the configured training loader alone (decode, augment, collate, workers)."""
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    it = iter(loader)
+    next(it)  # worker start-up is not throughput
+    n, start = 0, time.perf_counter()
+    for _ in range(batches):
+        try:
+            n += len(next(it)["name"])
+        except StopIteration:
+            it = iter(loader)
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--override", action="append", default=[], help="Hydra override")
+    parser.add_argument("--stage", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--size", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--precision", default=None, help="bf16-mixed (GPU default) or 32")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS)
+    parser.add_argument("--data-batches", type=int, default=20, help="0 skips the data bench")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "train_step.json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.precision = args.precision or ("bf16-mixed" if gpu else "32")
+    args.channels_last = gpu if args.channels_last is None else args.channels_last
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1")
+
+    overrides = ["experiment=pspnet_mhp", "data=synthetic_mhp", "model.pretrained=false"]
+    overrides += ["optimizer=sgd", f"optimizer.lr={args.lr}", "data.num_workers=" + str(
+        min(16, os.cpu_count() or 1) if gpu else 0)]  # fmt: skip
+    if args.stage == 2:
+        overrides += ["sampler=arbs", "loss=ce_ilm", "schedule=rim"]
+    cfg = compose_config([*overrides, *args.override], args.size, args.batch, args.data_dir)
+    with open_dict(cfg):
+        cfg.module.channels_last = bool(args.channels_last)
+        cfg.module.track_train_confusion = args.stage == 1  # stage 1 records CPA as in a real run
+    torch.manual_seed(0)
+    stage_overrides = None
+    if args.stage == 2:
+        from experiments.rim import stage2_overrides
+
+        stage_overrides = stage2_overrides(cfg)
+    module = build_module(cfg, stage_overrides)
+    if args.stage == 2:
+        classes = int(cfg.data.num_classes)
+        # A long-tailed early CPA, as stage 1 would have recorded.
+        module.early_cpa.copy_(torch.linspace(0.9, 0.05, classes, dtype=torch.float64))
+        module.early_cpa_epoch.fill_(3)
+    net_copy = copy.deepcopy(module.net).to(device)
+    if args.channels_last:
+        net_copy = net_copy.to(memory_format=torch.channels_last)
+    net_copy.train()
+    if args.stage == 2:
+        net_copy.freeze_encoder()
+    batches = make_batches(4, args.batch, args.size, int(cfg.data.num_classes), device)
+
+    rimlab_s, rimlab_loss = time_rimlab(module, batches, args, device)
+    if gpu:
+        rimlab_mem = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    aux_weight = 0.0 if args.stage == 2 else float(cfg.loss.get("aux_weight", 0.0))
+    sampler = ilm = None
+    if args.stage == 2:
+        from losses import InterClassLoss
+
+        sampler = copy.deepcopy(module.sampler).to(device)
+        ilm = InterClassLoss(margin=float(cfg.loss.ilm.margin)).to(device)
+    hand_s, hand_loss = time_hand(
+        hand_step_fn(net_copy, batches, args, device, aux_weight, sampler, ilm), args, device
+    )
+    flops = flops_per_image(net_copy, batches[0], args, device)
+    data_ips = data_images_per_s(cfg, args.data_batches) if args.data_batches > 0 else None
+
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if gpu else "cpu",
+        "torch": torch.__version__,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "ms_per_step": {"rimlab": 1000 * rimlab_s, "hand": 1000 * hand_s},
+        "images_per_s": {"rimlab": args.batch / rimlab_s, "hand": args.batch / hand_s},
+        "rimlab_vs_hand_percent": 100.0 * (rimlab_s - hand_s) / hand_s,
+        "first_step_loss": {"rimlab": rimlab_loss, "hand": hand_loss},
+        "gflop_per_image": flops / 1e9,
+        "tflops_achieved": {
+            k: flops * args.batch / s / 1e12 for k, s in (("rimlab", rimlab_s), ("hand", hand_s))
+        },
+        "mfu_percent": {
+            k: 100 * flops * args.batch / s / 1e12 / args.peak_tflops
+            for k, s in (("rimlab", rimlab_s), ("hand", hand_s))
+        },
+        "peak_memory_gib": {"rimlab": rimlab_mem} if gpu else None,
+        "data_images_per_s": data_ips,
+    }
+    print(f"{'variant':<8} {'ms/step':>10} {'images/s':>10} {'TFLOP/s':>9} {'MFU %':>7}")
+    for k in ("rimlab", "hand"):
+        print(
+            f"{k:<8} {result['ms_per_step'][k]:>10.1f} {result['images_per_s'][k]:>10.1f} "
+            f"{result['tflops_achieved'][k]:>9.2f} {result['mfu_percent'][k]:>7.2f}"
+        )
+    print(
+        f"rimlab vs hand loop: {result['rimlab_vs_hand_percent']:+.1f}%; "
+        f"{result['gflop_per_image']:.1f} GFLOP/image"
+        + (f"; data pipeline alone {data_ips:.1f} images/s" if data_ips else "")
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
