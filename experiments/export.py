@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD
-from experiments.predict import PredictError, load_parser, parse_args
+from experiments.predict import PredictError, load_parser, parse_args, run_cli
 
 log = logging.getLogger("rimlab.export")
 
@@ -228,9 +228,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    try:
-        main()
-    except PredictError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

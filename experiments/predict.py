@@ -599,10 +599,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-if __name__ == "__main__":
+def run_cli(entry: Any) -> None:
+    """Runs a command's ``entry()`` with INFO logging; a :class:`PredictError` becomes a one-line
+    message and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:
-        main()
+        entry()
     except PredictError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_cli(main)

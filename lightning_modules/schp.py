@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,6 +37,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_modules.parsing import ParsingLitModule
+from lightning_modules.schedulers import cosine_factor
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,14 @@ def schp_lr_factor(
     Each cycle ends where :class:`SCHPCycle` averages the weights.
     """
     spe = max(1, int(steps_per_epoch))
-    warmup = warmup_epochs * spe
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
     start = schp_start * spe
     if step < start:
-        t = (step - warmup) / max(1.0, start - warmup)
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-    t = ((step - start) % (cycle_epochs * spe)) / (cycle_epochs * spe)
-    return min_lr_ratio + (cycle_lr_ratio - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+        return cosine_factor(step, start, warmup_epochs * spe, min_lr_ratio)
+    # A cycle is the same half cosine scaled to start at cycle_lr_ratio.
+    cycle = cycle_epochs * spe
+    return cycle_lr_ratio * cosine_factor(
+        (step - start) % cycle, cycle, 0, min_lr_ratio / cycle_lr_ratio
+    )
 
 
 def schp_schedule(

@@ -95,3 +95,15 @@ def mhp_root(tmp_path: Path) -> Path:
     write_list(root, "val.txt", ["3"])
     write_list(root, "test_all.txt", ["5"])
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module: on a small shared CPU, more threads than free cores
+    make small convolutions many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
