@@ -1,9 +1,13 @@
-"""Scan an LV-MHP-v2 folder: sample counts, class pixel histogram and every bad file.
+"""Scan a dataset folder: sample counts, class pixel histogram and every bad file.
 
 Usage::
 
     python -m datamodules.check --root data/LV-MHP-v2 [--split train,val] [--num-classes 59]
-    python -m datamodules.check data.root=data/LV-MHP-v2          # Hydra-style overrides work too
+    python -m datamodules.check data=lip data.root=/datasets/LIP          # Hydra-style keys too
+    python -m datamodules.check --data cityscapes --root /datasets/cityscapes --split train,val
+
+``--data`` names a parsing dataset config of ``conf/data/`` (mhp_v2, lip, cityscapes, nyudv2, ...);
+the dataset is read exactly as training reads it, with bad samples collected instead of raised.
 
 Exit code 1 if any problem was found (missing/unreadable files, bad label values, size mismatches).
 """
@@ -13,14 +17,19 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from datamodules.base import ParsingDataModule
 from datamodules.batch import DatasetError
-from datamodules.mhp import MHP_CLASSES, MHPv2Dataset
+
+CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 # Hydra-style keys accepted as "key=value" and their argparse flags.
 _HYDRA_KEYS = {
@@ -29,6 +38,7 @@ _HYDRA_KEYS = {
     "data.num_classes": "--num-classes",
     "num_classes": "--num-classes",
     "split": "--split",
+    "data": "--data",
 }
 
 
@@ -45,15 +55,33 @@ def _translate_hydra_args(argv: Sequence[str]) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m datamodules.check", description=__doc__)
-    parser.add_argument("--root", required=True, help="the LV-MHP-v2 folder")
+    parser.add_argument("--data", default="mhp_v2", help="a conf/data/ name (default mhp_v2)")
+    parser.add_argument("--root", required=True, help="the dataset folder")
     parser.add_argument("--split", default="train,val", help="comma-separated splits")
-    parser.add_argument("--num-classes", type=int, default=len(MHP_CLASSES))
+    parser.add_argument("--num-classes", type=int, default=None, help="default: the config's")
     parser.add_argument("--threads", type=int, default=None, help="decoding threads")
     args = sys.argv[1:] if argv is None else list(argv)
     return parser.parse_args(_translate_hydra_args(args))
 
 
-def histogram_table(counts: np.ndarray, title: str) -> Table:
+def datamodule_for(data: str, root: str, num_classes: int | None = None) -> ParsingDataModule:
+    """The datamodule of ``conf/data/<data>.yaml`` on ``root``, skipping (and recording) bad samples."""
+    path = CONF_DATA / f"{data}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONF_DATA.glob("*.yaml"))
+        raise SystemExit(f"--data {data}: no conf/data/{data}.yaml (known: {', '.join(known)})")
+    cfg = OmegaConf.load(path)
+    cfg.root, cfg.skip_bad = str(root), True
+    if num_classes is not None:
+        cfg.num_classes = int(num_classes)
+        if cfg.get("class_names") is not None and len(cfg.class_names) != num_classes:
+            cfg.class_names, cfg.palette = None, None
+    if "synthetic" in cfg:
+        cfg.synthetic = None  # check what is on disk, never generate
+    return instantiate(cfg, _convert_="all")
+
+
+def histogram_table(counts: np.ndarray, title: str, names: Sequence[str] = ()) -> Table:
     """Rich table of class id, name, pixels and share of all labelled pixels."""
     total = max(int(counts.sum()), 1)
     table = Table(title=title)
@@ -62,7 +90,7 @@ def histogram_table(counts: np.ndarray, title: str) -> Table:
     table.add_column("pixels", justify="right")
     table.add_column("%", justify="right")
     for cls, n in enumerate(counts):
-        name = MHP_CLASSES[cls] if cls < len(MHP_CLASSES) else str(cls)
+        name = names[cls] if cls < len(names) else str(cls)
         table.add_row(str(cls), name, f"{int(n):,}", f"{100.0 * n / total:.3f}")
     return table
 
@@ -70,21 +98,24 @@ def histogram_table(counts: np.ndarray, title: str) -> Table:
 def check(
     root: str,
     splits: Sequence[str],
-    num_classes: int = len(MHP_CLASSES),
+    num_classes: int | None = None,
     threads: int | None = None,
     console: Console | None = None,
+    data: str = "mhp_v2",
 ) -> int:
-    """Scan ``splits`` under ``root`` and print the report.
+    """Scan ``splits`` of dataset ``data`` under ``root`` and print the report.
 
     Returns:
         The number of problems found (0 = clean).
     """
     console = console or Console()
     problems: list[str] = []
+    dm = datamodule_for(data, root, num_classes)
+    num_classes, names = dm.num_classes, dm.class_names
     total = np.zeros(num_classes, dtype=np.int64)
     for split in splits:
         try:
-            ds = MHPv2Dataset(root, split, skip_bad=True, num_classes=num_classes)
+            ds = dm.make_dataset(split, None)
         except DatasetError as e:  # the split itself is unusable (missing folder, empty list)
             problems.append(f"[{split}] {e}")
             console.print(f"[red]{escape(split)}: {escape(str(e))}")
@@ -98,9 +129,9 @@ def check(
         problems += [f"[{split}] {msg}" for msg in result.problems.values()]
         if result.counts is not None:
             total += result.counts
-            console.print(histogram_table(result.counts, f"{split}: label pixels per class"))
+            console.print(histogram_table(result.counts, f"{split}: label pixels per class", names))
     if len(splits) > 1 and total.any():
-        console.print(histogram_table(total, "all splits: label pixels per class"))
+        console.print(histogram_table(total, "all splits: label pixels per class", names))
     if problems:
         console.print(f"[red bold]{len(problems)} problem(s):")
         for msg in problems:
@@ -113,7 +144,7 @@ def check(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
-    return 1 if check(args.root, splits, args.num_classes, args.threads) else 0
+    return 1 if check(args.root, splits, args.num_classes, args.threads, data=args.data) else 0
 
 
 if __name__ == "__main__":

@@ -172,6 +172,21 @@ def test_lip_bad_data(lip_root):
         LIPDataset(lip_root, "trainval")
 
 
+def test_check_tool_on_lip(lip_root, capsys):
+    """python -m datamodules.check data=lip ...: LIP class names, every bad file named."""
+    from datamodules.check import main as check_main
+
+    assert check_main(["data=lip", f"data.root={lip_root}"]) == 0
+    out = capsys.readouterr().out
+    assert "no problems" in out and "Left-arm" in out
+    label = _lip_label(0)
+    label[2, 3] = 20
+    _write_png(lip_root / "train_segmentations/77_471474.png", label, mode="L")
+    assert check_main(["--data", "lip", "--root", str(lip_root)]) == 1
+    out = capsys.readouterr().out
+    assert "77_471474.png" in out and "1 problem(s)" in out
+
+
 def test_lip_skip_bad(lip_root):
     label = _lip_label(0)
     label[0, 0] = 200
