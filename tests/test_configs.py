@@ -94,3 +94,28 @@ def test_optuna_search_composes(tmp_path):
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert set(sweeper.params) == {"loss.ilm_weight", "loss.ilm.margin", "sampler.min_prob"}
     assert cfg.optimized_metric == "val/mIoU"
+
+
+def test_slurm_launcher_preset_follows_the_trainer():
+    """hydra/launcher=rimlab_slurm: one SLURM task per GPU of the job's DDP trainer."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    for overrides, gpus, nodes in (
+        (["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"], 4, 2),
+        (["trainer=gpu"], 1, 1),
+    ):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(
+                "run",
+                overrides=["experiment=rim_pspnet", *overrides, "hydra/launcher=rimlab_slurm"],
+                return_hydra_config=True,
+            )
+        launcher = cfg.hydra.launcher
+        assert launcher._target_.endswith("SlurmLauncher")
+        assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (
+            gpus,
+            gpus,
+            nodes,
+        )
