@@ -27,6 +27,15 @@ def test_experiment_composes_and_instantiates(name, tmp_path):
     # The GPU recipes are checked on the CPU trainer: composing them is what is tested here.
     cfg = compose_cfg([f"experiment={name}", "model.pretrained=false", "trainer=cpu"], tmp_path)
     validate_config(cfg)
+    if cfg.schedule.name == "cascade":  # pose regression: joints, not classes
+        from experiments.pose import build_pose_module, validate_cascade
+
+        validate_cascade(cfg)
+        hydra.utils.instantiate(cfg.data)
+        s = int(cfg.model.input_size)
+        out = build_pose_module(cfg, 1).net.eval()(torch.zeros(1, 3, s, s))
+        assert out.shape == (1, cfg.data.num_joints, 2)
+        return
     assert cfg.model.num_classes == cfg.data.num_classes
     datamodule = hydra.utils.instantiate(cfg.data)
     assert datamodule.num_classes == cfg.data.num_classes

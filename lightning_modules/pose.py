@@ -1,0 +1,205 @@
+"""The DeepPose cascade stage as a LightningModule, and skeleton overlays.
+
+One :class:`PoseRegressionLitModule` per cascade stage (each stage has its own parameters). The
+same module serves both kinds of batches of :mod:`datamodules.mpii`:
+
+- stage 1: ``image`` (B, 3, S, S) person crops; the net regresses all K joints in the crop's
+  normalised frame;
+- stage s >= 2: ``image`` (B, K, 3, S, S), one crop per joint centred on the previous estimate;
+  the net sees every crop and, for crop j, its output ``slot[j]`` (joint j, or its mirror when
+  the crop was flipped) is joint j's position, i.e. its displacement from the previous estimate in
+  the crop's normalised frame (the paper's ``psi_i``).
+
+Either way the prediction is (B, K, 2) in per-joint frames whose image -> frame maps are
+``affine`` (B, K, 2, 3); the loss is L2 over labelled joints, and validation un-crops the
+predictions to image pixels and scores PCKh/PCP.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from datamodules.pose_transforms import MPII_JOINTS
+from lightning_modules.pose_metrics import PoseMetric
+
+log = logging.getLogger(__name__)
+
+
+def uncrop(pred: Tensor, affine: Tensor) -> Tensor:
+    """Normalised per-joint predictions -> image pixels.
+
+    Args:
+        pred: (B, K, 2) joint j in the frame of ``affine[:, j]``.
+        affine: (B, K, 2, 3) image -> normalised maps.
+
+    Returns:
+        (B, K, 2) float64 image coordinates.
+    """
+    a = affine.double()
+    lin_inv = torch.linalg.inv(a[..., :2])  # (B, K, 2, 2)
+    return torch.einsum("bkij,bkj->bki", lin_inv, pred.double() - a[..., 2])
+
+
+class PoseRegressionLitModule(pl.LightningModule):
+    """One DeepPose cascade stage.
+
+    Args:
+        net: ``(N, 3, S, S)`` -> ``(N, K, 2)`` regressor.
+        loss: ``loss(pred, target, labelled) -> {"loss": ..., ...}``.
+        optimizer: partial optimizer taking ``params``.
+        scheduler: partial ``(optimizer, steps_per_epoch) -> LRScheduler`` stepped every step.
+        stage: the cascade stage this module is (1 = whole-person regressor).
+        num_joints: K.
+        joint_names: K names for logs.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        stage: int = 1,
+        num_joints: int = 16,
+        joint_names: Sequence[str] = MPII_JOINTS,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["net", "loss", "optimizer", "scheduler"])
+        self.net = net
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.stage = int(stage)
+        self.num_joints = int(num_joints)
+        self.joint_names = list(joint_names)
+        self.val_metric = PoseMetric(num_joints, self.joint_names)
+        self.val_scores: dict[str, Any] | None = None
+        # Read by the shared StageEnd callback (experiments.train.build_trainer); pose scores are
+        # written by the cascade driver instead.
+        self.last_scores: dict[str, Any] = {}
+        self.class_names: list[str] = self.joint_names
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, image: Tensor) -> Tensor:
+        """``(N, 3, S, S)`` -> ``(N, K, 2)``."""
+        return self.net(image)
+
+    def predict_normalised(self, batch: dict[str, Any]) -> Tensor:
+        """(B, K, 2) predictions, joint j in the normalised frame of its crop (``affine[:, j]``)."""
+        image = batch["image"]
+        if image.dim() == 4:
+            return self(image)
+        b, k = image.shape[:2]
+        out = self(image.flatten(0, 1))  # (B, K, 3, S, S) -> (B*K, 3, S, S) -> (B*K, K, 2)
+        out = out.view(b, k, self.num_joints, 2)
+        slot = batch["slot"]  # (B, K): the output of crop j that is its joint
+        idx = slot[..., None, None].expand(b, k, 1, 2)
+        return out.gather(2, idx).squeeze(2)  # (B, K, 1, 2) -> (B, K, 2)
+
+    def predict_image(self, batch: dict[str, Any]) -> Tensor:
+        """(B, K, 2) float64 predictions in image pixels."""
+        return uncrop(self.predict_normalised(batch), batch["affine"])
+
+    # ------------------------------------------------------------------ steps
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        pred = self.predict_normalised(batch)
+        losses = self.loss(pred, batch["target"], batch["labelled"])
+        if not torch.isfinite(losses["loss"]):
+            raise FloatingPointError(
+                f"stage {self.stage}: non-finite loss at step {self.global_step}: "
+                + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            )
+        bs = batch["target"].shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=bs)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        pred = self.predict_normalised(batch)
+        losses = self.loss(pred, batch["target"], batch["labelled"])
+        bs = batch["target"].shape[0]
+        self.log("val/loss", losses["loss"], on_epoch=True, batch_size=bs, sync_dist=True)
+        self.val_metric.update(
+            uncrop(pred, batch["affine"]), batch["keypoints"], batch["labelled"], batch["head_size"]
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.val_metric.compute()
+        self.val_metric.reset()
+        self.val_scores = scores
+        keys = (
+            "PCKh",
+            "PCKh@0.1",
+            "PCP",
+            "Head",
+            "Shoulder",
+            "Elbow",
+            "Wrist",
+            "Hip",
+            "Knee",
+            "Ankle",
+        )
+        for key in keys:
+            value = scores.get(key)
+            # A joint with no labelled instance in the split gives NaN: leave it out of the logs.
+            if value is not None and math.isfinite(value):
+                self.log(f"val/{key}", value)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        return {"index": batch["index"], "pred": self.predict_image(batch)}
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        max_epochs = max(1, self.trainer.max_epochs or 1)
+        steps = self.trainer.estimated_stepping_batches
+        steps_per_epoch = max(1, math.ceil(steps / max_epochs)) if math.isfinite(steps) else 1
+        scheduler = self.scheduler_factory(optimizer=optimizer, steps_per_epoch=steps_per_epoch)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+
+# ---------------------------------------------------------------------- overlays
+
+SKELETON: tuple[tuple[int, int], ...] = (
+    (0, 1), (1, 2), (2, 6), (6, 3), (3, 4), (4, 5), (6, 7), (7, 8), (8, 9),
+    (10, 11), (11, 12), (12, 7), (7, 13), (13, 14), (14, 15),
+)  # fmt: skip
+
+
+def draw_skeleton(
+    image: np.ndarray,
+    joints: np.ndarray,
+    labelled: np.ndarray | None = None,
+    colour: tuple[int, int, int] = (255, 64, 64),
+    thickness: int = 2,
+) -> np.ndarray:
+    """A copy of ``image`` (H, W, 3) uint8 with the skeleton of ``joints`` (K, 2) drawn on it
+    (limbs with an unlabelled end are left out)."""
+    import cv2
+
+    out = np.ascontiguousarray(image.copy())
+    lab = np.ones(len(joints), bool) if labelled is None else np.asarray(labelled) > 0
+    pts = [tuple(int(round(v)) for v in p) for p in np.nan_to_num(joints)]
+    for a, b in SKELETON:
+        if lab[a] and lab[b]:
+            cv2.line(out, pts[a], pts[b], colour, thickness, cv2.LINE_AA)
+    for j, p in enumerate(pts):
+        if lab[j]:
+            cv2.circle(out, p, thickness + 1, colour, -1, cv2.LINE_AA)
+    return out

@@ -1,0 +1,435 @@
+"""MPII loading (official .mat with its quirks, json + gt mat), crop geometry, flips, the sampler."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+from datamodules.batch import DatasetError
+from datamodules.mpii import JointCrops, MPIIDataset, PersonCrop, load_release_mat
+from datamodules.pose_transforms import (
+    MPII_FLIP_PAIRS,
+    apply_affine,
+    crop_affine,
+    crop_image,
+    error_statistics,
+    flip_permutation,
+    invert_affine,
+    person_box,
+    sample_displacements,
+    torso_diameter,
+)
+
+# -- fixtures in the real formats -----------------------------------------------------------------
+
+
+def struct_array(records: list[dict], fields: list[str]) -> np.ndarray:
+    """A MATLAB 1xN struct array (numpy record array of objects) with ``fields``."""
+    arr = np.zeros((1, len(records)), dtype=[(f, object) for f in fields])
+    for i, rec in enumerate(records):
+        for f in fields:
+            arr[0, i][f] = rec.get(f, np.zeros((0, 0)))  # a missing value is MATLAB's []
+    return arr
+
+
+def points(rows: list[tuple]) -> np.ndarray:
+    """annopoints.point: (id, x, y, is_visible) rows; values may be numbers, strings or []."""
+    recs = [
+        {"id": np.array([[i]]), "x": np.array([[x]]), "y": np.array([[y]]), "is_visible": v}
+        for i, x, y, v in rows
+    ]
+    return struct_array(recs, ["id", "x", "y", "is_visible"])
+
+
+def write_image(path: Path, h: int, w: int, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(path, quality=95)
+
+
+RECT_FIELDS = ["x1", "y1", "x2", "y2", "scale", "objpos", "annopoints"]
+
+
+@pytest.fixture
+def mat_root(tmp_path: Path) -> Path:
+    """A RELEASE struct in the real nesting, with the quirks of DATASETS.md 5.6.
+
+    - image 1 (train): person A (3 joints: numeric, string '0' and empty is_visible) and person B
+      (one joint stored as strings, datumaro style: the point array collapses under squeeze_me);
+    - image 2 (train): a single annorect (collapses to a bare struct) with empty annopoints;
+    - image 3 (train): a person with joints but an empty objpos;
+    - image 4 (test): a rect with only scale and objpos (its own, smaller field set);
+    - image 5 (train): one valid person.
+    """
+    root = tmp_path / "mpii"
+    a = {
+        "x1": np.array([[10.0]]), "y1": np.array([[20.0]]), "x2": np.array([[40.0]]),
+        "y2": np.array([[60.0]]), "scale": np.array([[2.0]]),
+        "objpos": {"x": np.array([[50.0]]), "y": np.array([[60.0]])},
+        "annopoints": {
+            "point": points([(0, 11.0, 21.0, np.array([[1]])), (9, 31.5, 41.0, "0"),
+                             (13, 51.0, 61.0, np.zeros((0, 0)))])
+        },
+    }  # fmt: skip
+    b = {
+        "x1": np.array([[100.0]]), "y1": np.array([[100.0]]), "x2": np.array([[103.0]]),
+        "y2": np.array([[104.0]]), "scale": np.array([[1.5]]),
+        "objpos": {"x": np.array([[80.0]]), "y": np.array([[90.0]])},
+        "annopoints": {
+            "point": struct_array(
+                [{"id": "7", "x": "620.0", "y": "10.5", "is_visible": "1"}],
+                ["id", "x", "y", "is_visible"],
+            )
+        },
+    }  # fmt: skip
+    no_points = {**a, "annopoints": np.zeros((0, 0))}
+    no_objpos = {**a, "objpos": np.zeros((0, 0))}
+    test_rect = {
+        "scale": np.array([[3.0]]),
+        "objpos": {"x": np.array([[5.0]]), "y": np.array([[6.0]])},
+    }
+    five = {**a, "objpos": {"x": np.array([[7.0]]), "y": np.array([[8.0]])}}
+    annolist = struct_array(
+        [
+            {"image": {"name": "000000001.jpg"}, "annorect": struct_array([a, b], RECT_FIELDS)},
+            {
+                "image": {"name": "000000002.jpg"},
+                "annorect": struct_array([no_points], RECT_FIELDS),
+            },
+            {
+                "image": {"name": "000000003.jpg"},
+                "annorect": struct_array([no_objpos], RECT_FIELDS),
+            },
+            {
+                "image": {"name": "000000004.jpg"},
+                "annorect": struct_array([test_rect], ["scale", "objpos"]),
+            },
+            {"image": {"name": "000000005.jpg"}, "annorect": struct_array([five], RECT_FIELDS)},
+        ],
+        ["image", "annorect", "frame_sec", "vididx"],
+    )
+    single = np.empty((5, 1), dtype=object)
+    for i, v in enumerate(
+        [np.array([[2]]), np.zeros((0, 0)), np.array([[1]]), np.array([[1]]), np.array([[1]])]
+    ):
+        single[i, 0] = v
+    release = {
+        "annolist": annolist,
+        "img_train": np.array([[1, 1, 1, 0, 1]]),
+        "single_person": single,
+        "act": struct_array([{"act_name": "", "cat_name": "", "act_id": np.array([[-1]])}] * 5,
+                            ["act_name", "cat_name", "act_id"]),
+        "video_list": np.array([["abc"]], dtype=object),
+    }  # fmt: skip
+    root.mkdir(parents=True)
+    scipy.io.savemat(root / "mpii_human_pose_v1_u12_1.mat", {"RELEASE": release})
+    for i in range(1, 6):
+        write_image(root / "images" / f"{i:09d}.jpg", 70, 90, 40 * i)
+    return root
+
+
+def test_release_mat_quirks(mat_root: Path, caplog):
+    records, skipped = load_release_mat(mat_root / "mpii_human_pose_v1_u12_1.mat")
+    assert skipped == {"train: no annopoints": 1, "train: no objpos": 1}
+    train, test = records["train"], records["test"]
+    assert [(r["name"], r["rect_index"]) for r in train] == [
+        ("000000001.jpg", 0), ("000000001.jpg", 1), ("000000005.jpg", 0)
+    ]  # fmt: skip
+    a, b = train[0], train[1]
+    expected = np.zeros((16, 3), np.float32)
+    expected[0] = (10.0, 20.0, 1)  # 1-based (11, 21) -> 0-based
+    expected[9] = (30.5, 40.0, 1)  # labelled although is_visible = '0'
+    expected[13] = (50.0, 60.0, 1)  # labelled, empty is_visible
+    np.testing.assert_array_equal(a["keypoints"], expected)
+    assert a["visible"][[0, 9, 13]].tolist() == [1.0, 0.0, 1.0]
+    assert a["head_size"] == pytest.approx(0.6 * np.hypot(30.0, 40.0))  # = 30
+    np.testing.assert_array_equal(a["center"], [49.0, 59.0])
+    assert a["scale"] == 2.0
+    # strings, one point (a bare struct after squeeze_me)
+    assert b["keypoints"][7].tolist() == [619.0, 9.5, 1.0] and b["keypoints"][:, 2].sum() == 1
+    assert b["head_size"] == pytest.approx(0.6 * 5.0)
+    # single_person holds 1-based rect indices: image 1 -> its second person
+    assert [r["single_person"] for r in train] == [False, True, True]
+    assert len(test) == 1 and test[0]["scale"] == 3.0 and test[0]["keypoints"].sum() == 0
+    np.testing.assert_array_equal(test[0]["center"], [4.0, 5.0])
+    assert np.isnan(test[0]["head_size"])
+
+    caplog.set_level(logging.INFO, logger="datamodules.mpii")
+    ds = MPIIDataset(mat_root, "train")
+    assert ds.format == "mat" and len(ds) == 3
+    assert "1 x train: no annopoints" in caplog.text and "1 x train: no objpos" in caplog.text
+    item = ds[0]
+    assert item["image"].shape == (70, 90, 3) and item["image"].dtype == np.uint8
+    assert abs(int(item["image"].mean()) - 40) <= 2
+    assert item["keypoints"].shape == (16, 3) and item["name"] == "000000001.jpg"
+    assert MPIIDataset(mat_root, "train", single_person=True).records[0]["rect_index"] == 1
+    assert len(MPIIDataset(mat_root, "test")) == 1
+
+
+def write_json_split(root: Path, split: str, persons: list[dict]) -> None:
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / f"mpii_{split}.json").write_text(json.dumps(persons))
+
+
+def json_person(name: str, joints: np.ndarray, vis: np.ndarray, center, scale) -> dict:
+    return {
+        "image": name,
+        "center": list(center),
+        "scale": scale,
+        "joints": [
+            [float(x), float(y)] if v else [-1.0, -1.0]
+            for (x, y), v in zip(joints, vis, strict=True)
+        ],
+        "joints_vis": [int(v) for v in vis],
+    }
+
+
+def write_gt_val(root: Path, joints: list[np.ndarray], vis: list[np.ndarray], boxes: list) -> None:
+    scipy.io.savemat(
+        root / "annotations" / "mpii_gt_val.mat",
+        {
+            "jnt_missing": np.stack([1 - v for v in vis], 1),
+            "pos_gt_src": np.stack([j * v[:, None] for j, v in zip(joints, vis, strict=True)], 2),
+            "headboxes_src": np.stack([np.asarray(b, float) for b in boxes], 2),
+        },
+    )
+
+
+@pytest.fixture
+def json_root(tmp_path: Path) -> tuple[Path, list[np.ndarray], list[np.ndarray]]:
+    root = tmp_path / "mpii_json"
+    rng = np.random.default_rng(0)
+    joints = [rng.uniform(5, 60, (16, 2)).round(1) for _ in range(2)]
+    vis = [np.ones(16, np.int64), np.ones(16, np.int64)]
+    vis[1][[0, 5]] = 0  # missing ankles, as in 051423444.jpg
+    write_json_split(
+        root,
+        "val",
+        [
+            json_person(f"{i + 1:09d}.jpg", joints[i], vis[i], (30.0, 31.0), 0.3 + i)
+            for i in range(2)
+        ],
+    )
+    write_json_split(
+        root, "train", [json_person("000000003.jpg", joints[0], vis[1], (20.0, 25.0), 1.0)]
+    )
+    boxes = [[(10.0, 10.0), (16.0, 18.0)], [(0.0, 0.0), (3.0, 4.0)]]  # [(x1, y1), (x2, y2)]
+    write_gt_val(root, joints, vis, boxes)
+    for i in range(1, 4):
+        write_image(root / "images" / f"{i:09d}.jpg", 64, 64, 100)
+    return root, joints, vis
+
+
+def test_json_and_gt_val(json_root):
+    root, joints, vis = json_root
+    val = MPIIDataset(root, "val")
+    assert val.format == "json" and len(val) == 2
+    item = val[1]
+    np.testing.assert_allclose(item["keypoints"][1:5, :2], joints[1][1:5] - 1.0, atol=1e-5)
+    assert item["keypoints"][:, 2].tolist() == vis[1].tolist()
+    assert item["keypoints"][0].tolist() == [0.0, 0.0, 0.0]  # [-1, -1] never becomes a coordinate
+    assert item["head_size"] == pytest.approx(0.6 * 5.0)
+    assert val[0]["head_size"] == pytest.approx(0.6 * 10.0)
+    np.testing.assert_array_equal(item["center"], [29.0, 30.0])
+    assert item["scale"] == pytest.approx(1.3)
+    train = MPIIDataset(root, "train")
+    assert len(train) == 1 and np.isnan(train[0]["head_size"])
+
+
+def test_bad_files_name_the_file(json_root, mat_root, tmp_path):
+    root, joints, vis = json_root
+    # gt mat listing the persons in another order than mpii_val.json
+    write_gt_val(root, joints[::-1], vis[::-1], [[(0, 0), (1, 1)]] * 2)
+    with pytest.raises(DatasetError, match="mpii_gt_val.mat.*different split or order"):
+        MPIIDataset(root, "val")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "mpii_human_pose_v1_u12_1.mat").write_bytes(b"not a mat file")
+    with pytest.raises(DatasetError, match="mpii_human_pose_v1_u12_1.mat"):
+        MPIIDataset(bad, "train")
+    (bad / "mpii_human_pose_v1_u12_1.mat").unlink()
+    with pytest.raises(DatasetError, match="mpii_train.json not found"):
+        MPIIDataset(bad, "train")
+    (mat_root / "images" / "000000001.jpg").write_bytes(b"truncated")
+    with pytest.raises(DatasetError, match="000000001.jpg"):
+        MPIIDataset(mat_root, "train")[0]
+
+
+def test_mat_train_leaves_out_val_images(mat_root):
+    # The val split (json) holds the person of image 5: every person of that image leaves train.
+    joints = np.zeros((16, 2)) + 12.0
+    vis = np.ones(16, np.int64)
+    write_json_split(mat_root, "val", [json_person("000000005.jpg", joints, vis, (7.0, 8.0), 2.0)])
+    write_gt_val(mat_root, [joints], [vis], [[(1, 1), (4, 5)]])
+    train = MPIIDataset(mat_root, "train", format="mat")
+    assert [r["name"] for r in train.records] == ["000000001.jpg", "000000001.jpg"]
+    assert train.skipped["train: image holds a val person"] == 1
+    assert len(MPIIDataset(mat_root, "val")) == 1
+
+
+# -- geometry -------------------------------------------------------------------------------------
+
+
+def test_crop_uncrop_inverts_exactly():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        c, side = rng.uniform(-50, 500, 2), rng.uniform(5, 800)
+        a = crop_affine(c, side, rng.uniform(-180, 180), bool(rng.integers(2)))
+        p = rng.uniform(-100, 700, (16, 2))
+        np.testing.assert_allclose(apply_affine(invert_affine(a), apply_affine(a, p)), p, atol=1e-9)
+    # independent values: the box maps onto [-0.5, 0.5]^2, centre at 0; a 90 degree turn
+    a = crop_affine(np.array([100.0, 50.0]), 40.0)
+    np.testing.assert_allclose(
+        apply_affine(a, [[100, 50], [120, 50], [80, 30]]), [[0, 0], [0.5, 0], [-0.5, -0.5]]
+    )
+    r = crop_affine(np.array([0.0, 0.0]), 1.0, rotation=90)
+    np.testing.assert_allclose(apply_affine(r, [[1.0, 0.0]]), [[0.0, -1.0]], atol=1e-12)
+
+
+def test_crop_pixels_and_person_box():
+    image = np.zeros((50, 60, 3), np.uint8)
+    image[20, 30] = (255, 128, 7)
+    # side == size: one crop pixel per image pixel; the box centre lands on pixel (S - 1) / 2
+    crop = crop_image(image, crop_affine(np.array([30.0, 20.0]), 11.0), 11)
+    assert crop[5, 5].tolist() == [255, 128, 7] and crop.sum() == 255 + 128 + 7
+    crop = crop_image(image, crop_affine(np.array([27.0, 22.0]), 11.0), 11)
+    assert crop[3, 8].tolist() == [255, 128, 7]
+    c, side = person_box(np.array([10.0, 20.0]), 2.0)
+    assert c.tolist() == [10.0, 50.0] and side == 500.0
+    c, side = person_box(np.array([10.0, 20.0]), 2.0, shift=0.0, enlarge=1.0)
+    assert c.tolist() == [10.0, 20.0] and side == 400.0
+
+
+def test_flip_twice_is_identity_and_swaps_the_right_joints():
+    perm = flip_permutation(16, MPII_FLIP_PAIRS)
+    np.testing.assert_array_equal(perm[perm], np.arange(16))
+    expected = {0: 5, 1: 4, 2: 3, 10: 15, 11: 14, 12: 13, 6: 6, 7: 7, 8: 8, 9: 9}
+    for a, b in expected.items():
+        assert perm[a] == b and perm[b] == a
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    c = np.array([24.0, 19.0])
+    plain = crop_image(image, crop_affine(c, 30.0, 10.0), 32)
+    mirrored = crop_image(image, crop_affine(c, 30.0, 10.0, flip=True), 32)
+    assert np.abs(mirrored.astype(int) - plain[:, ::-1].astype(int)).max() <= 1
+    # flip of the flip: the same map
+    twice = crop_affine(c, 30.0, 10.0, flip=True)
+    twice[0] *= -1
+    np.testing.assert_allclose(twice, crop_affine(c, 30.0, 10.0))
+
+
+def _person_item(rng: np.random.Generator) -> dict:
+    kp = np.zeros((16, 3), np.float32)
+    kp[:, :2] = rng.uniform(20, 80, (16, 2))
+    kp[:, 2] = 1
+    kp[4, 2] = 0
+    return {
+        "image": rng.integers(0, 255, (100, 110, 3), dtype=np.uint8),
+        "keypoints": kp,
+        "head_size": 7.0,
+        "center": np.array([50.0, 45.0], np.float32),
+        "scale": 0.4,
+        "name": "x.jpg",
+        "index": 3,
+    }
+
+
+def test_person_crop_targets_uncrop_to_the_joints_with_flip_swap():
+    rng = np.random.default_rng(2)
+    item = _person_item(rng)
+    perm = flip_permutation(16, MPII_FLIP_PAIRS)
+    flips = 0
+    for seed in range(12):
+        out = PersonCrop(64, train=True)(item, seed=seed)
+        a = out["affine"][0].numpy()
+        back = apply_affine(invert_affine(a), out["target"].numpy().astype(np.float64))
+        # flipped when the mirrored crop map has a negative determinant
+        flipped = np.linalg.det(a[:, :2]) < 0
+        flips += flipped
+        order = perm if flipped else np.arange(16)
+        lab = out["labelled"].numpy() > 0
+        np.testing.assert_allclose(back[lab], item["keypoints"][order][lab, :2], atol=1e-3)
+        assert out["labelled"].tolist() == item["keypoints"][order, 2].tolist()
+    assert 0 < flips < 12
+    plain = PersonCrop(64)(item)
+    c, side = person_box(item["center"], item["scale"])
+    np.testing.assert_allclose(
+        plain["target"].numpy(), (item["keypoints"][:, :2] - c) / side, atol=1e-6
+    )
+
+
+def test_joint_crops_simulate_the_displacement():
+    rng = np.random.default_rng(3)
+    item = _person_item(rng)
+    mean = np.tile([[0.05, -0.02]], (16, 1))
+    cov = np.zeros((16, 2, 2))  # deterministic: the estimate is ground truth + mean * box side
+    t = JointCrops(32, sigma=2.0, displacement=(mean, cov), flip_pairs=())
+    out = t(item, seed=0)
+    _, box_side = person_box(item["center"], item["scale"])
+    diam = torso_diameter(item["keypoints"][:, :2])
+    lab = item["keypoints"][:, 2] > 0
+    expected = -mean * box_side / (2.0 * diam)
+    np.testing.assert_allclose(out["target"].numpy()[lab], expected[lab], atol=1e-6)
+    assert out["image"].shape == (16, 3, 32, 32) and out["slot"].tolist() == list(range(16))
+    # flipped crops read the mirror joint's output and see the displacement mirrored
+    out = JointCrops(32, sigma=2.0, displacement=(mean, cov))(item, seed=1)
+    perm = flip_permutation(16, MPII_FLIP_PAIRS)
+    flipped = out["slot"].numpy() != np.arange(16)
+    assert flipped.any()
+    np.testing.assert_array_equal(out["slot"].numpy()[flipped], perm[flipped])
+    got = out["target"].numpy()
+    sym = lab & (perm == np.arange(16))  # pelvis/thorax/neck/head: flip state from the det
+    dets = np.linalg.det(out["affine"].numpy()[:, :, :2])
+    for j in np.where(lab)[0]:
+        sign = -1.0 if dets[j] < 0 else 1.0
+        np.testing.assert_allclose(got[j], expected[j] * [sign, 1.0], atol=1e-6)
+    assert sym.any()
+    # evaluation: crops on given estimates, side sigma * diam of the estimate
+    centers = np.zeros((5, 16, 2))
+    centers[3] = item["keypoints"][:, :2] + 1.0
+    ev = JointCrops(32, sigma=1.0, centers=centers)(item)
+    np.testing.assert_allclose(ev["target"].numpy(), np.full((16, 2), -1.0 / diam), atol=1e-6)
+
+
+def test_torso_diameter():
+    j = np.zeros((16, 2))
+    j[13], j[2] = (0, 0), (3, 4)  # l_shoulder - r_hip: 5
+    j[12], j[3] = (0, 0), (6, 8)  # r_shoulder - l_hip: 10
+    assert torso_diameter(j) == pytest.approx(7.5)
+    lab = np.ones(16)
+    lab[3] = 0
+    assert torso_diameter(j, lab) == pytest.approx(5.0)
+    lab[2] = 0
+    assert np.isnan(torso_diameter(j, lab))
+
+
+def test_displacement_sampler_reproduces_mean_and_covariance():
+    rng = np.random.default_rng(0)
+    k, n = 16, 20000
+    mean = rng.normal(0, 0.1, (k, 2))
+    root = rng.normal(0, 0.05, (k, 2, 2))
+    cov = root @ root.transpose(0, 2, 1)
+    cov[3] = [[0.01, 0.01], [0.01, 0.01]]  # singular (perfectly correlated) still samples
+    draws = sample_displacements(mean, cov, np.random.default_rng(1), num=n)  # (n, K, 2)
+    assert draws.shape == (n, k, 2)
+    sd = np.sqrt(np.einsum("kii->ki", cov))
+    # sample mean within 5 standard errors; covariances within 5 standard errors of a Wishart entry
+    assert np.all(np.abs(draws.mean(0) - mean) <= 5 * sd / np.sqrt(n) + 1e-12)
+    for j in range(k):
+        emp = np.cov(draws[:, j].T)
+        se = np.sqrt((cov[j] ** 2 + np.outer(np.diag(cov[j]), np.diag(cov[j]))) / n)
+        assert np.all(np.abs(emp - cov[j]) <= 5 * se + 1e-12), j
+    # and the statistics of stage errors are the labelled joints' plain mean / unbiased covariance
+    errors = rng.normal(0, 1, (50, k, 2))
+    lab = rng.random((50, k)) < 0.8
+    m, c, count = error_statistics(errors, lab)
+    for j in range(k):
+        e = errors[lab[:, j], j]
+        np.testing.assert_allclose(m[j], e.mean(0))
+        np.testing.assert_allclose(c[j], np.cov(e, rowvar=False))
+        assert count[j] == lab[:, j].sum()

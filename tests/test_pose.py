@@ -1,0 +1,294 @@
+"""DeepPose cascade: metrics against independent implementations, loss, nets, stage module, and a
+2-stage cascade end to end on generated data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from cfg_utils import compose_cfg
+from torch import nn
+
+from datamodules.pose_transforms import crop_affine, invert_affine
+from lightning_modules.nets.deeppose import DeepPoseAlexNet, DeepPoseResNet
+from lightning_modules.pose import PoseRegressionLitModule, uncrop
+from lightning_modules.pose_metrics import (
+    PoseMetric,
+    evaluate_official,
+    evaluate_pose,
+    pcp_counts,
+)
+from losses.pose import JointL2Loss, joint_l2
+
+# -- PCKh -----------------------------------------------------------------------------------------
+
+
+def hrnet_style_pckh(pred, gt, missing, headboxes, thr):
+    """Independent re-statement of HRNet's lib/dataset/mpii.py::evaluate (DATASETS.md 5.5), on
+    arrays laid out like mpii_gt_val.mat: pred/gt (16, 2, N), missing (16, N), boxes (2, 2, N)."""
+    jnt_visible = 1 - missing
+    uv_err = np.linalg.norm(pred - gt, axis=1)
+    headsizes = np.linalg.norm(headboxes[1] - headboxes[0], axis=0) * 0.6
+    scaled = uv_err / (headsizes * np.ones((len(uv_err), 1)))
+    less = (scaled <= thr) * jnt_visible
+    jnt_count = jnt_visible.sum(1)
+    pckh = np.ma.array(100.0 * less.sum(1) / jnt_count, mask=False)
+    pckh.mask[6:8] = True
+    jnt_count = np.ma.array(jnt_count, mask=False)
+    jnt_count.mask[6:8] = True
+    ratio = jnt_count / jnt_count.sum().astype(np.float64)
+    return {
+        "Head": pckh[9],
+        "Shoulder": 0.5 * (pckh[13] + pckh[12]),
+        "Elbow": 0.5 * (pckh[14] + pckh[11]),
+        "Wrist": 0.5 * (pckh[15] + pckh[10]),
+        "Hip": 0.5 * (pckh[3] + pckh[2]),
+        "Knee": 0.5 * (pckh[4] + pckh[1]),
+        "Ankle": 0.5 * (pckh[5] + pckh[0]),
+        "Mean": float(np.sum(pckh * ratio)),
+    }
+
+
+def test_pckh_hand_made_case():
+    # Two persons, head size 0.6 * 10 = 6 px (box 6x8). Person 0: every joint off by 3 px (0.5 head
+    # sizes exactly: correct under the official <=), except the right wrist, off by 3.1 px.
+    # Person 1: joints off by 0.5 px (within 0.1 head sizes = 0.6 px) except the left ankle (4 px)
+    # and the head top, which is unlabelled.
+    gt = np.zeros((2, 16, 2))
+    pred = gt.copy()
+    pred[0, :, 0] = 3.0
+    pred[0, 10, 0] = 3.1
+    pred[1, :, 1] = 0.5
+    pred[1, 5, 1] = 4.0
+    labelled = np.ones((2, 16))
+    labelled[1, 9] = 0
+    head = np.array([6.0, 6.0])
+    s = evaluate_pose(pred, gt, labelled, head)
+    assert s["Head"] == 100.0  # one labelled head, correct
+    assert s["Wrist"] == pytest.approx((50.0 + 100.0) / 2)  # r wrist 1/2, l wrist 2/2
+    # person 1's left ankle is 4 / 6 = 0.67 head sizes off: l ankle 1/2, r ankle 2/2
+    assert s["joints"]["l_ankle"] == 50.0 and s["joints"]["r_ankle"] == 100.0
+    assert s["Ankle"] == pytest.approx(75.0)
+    # mean over 14 joints (pelvis/thorax out), weighted by counts: 27 labelled, 2 wrong
+    assert s["PCKh"] == pytest.approx(100.0 * 25 / 27)
+    # @0.1 (0.6 px): only person 1's 0.5-px joints, its left ankle and head top aside: 12 of 27
+    assert s["PCKh@0.1"] == pytest.approx(100.0 * 12 / 27)
+    assert s["joint_counts"]["head_top"] == 1
+
+
+def test_pckh_single_error():
+    """One wrong joint among 28 scored ones; the table averages left and right values."""
+    gt = np.zeros((2, 16, 2))
+    pred = gt.copy()
+    pred[1, 5, 1] = 4.0
+    s = evaluate_pose(pred, gt, np.ones((2, 16)), np.array([6.0, 6.0]))
+    assert s["Ankle"] == pytest.approx(75.0) and s["PCKh"] == pytest.approx(100 * 27 / 28)
+
+
+def test_pckh_matches_an_independent_hrnet_style_implementation(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 40
+    gt1 = rng.uniform(1, 200, (n, 16, 2))  # 1-based, as in the gt mat
+    missing = (rng.random((n, 16)) < 0.15).astype(np.int64)
+    boxes = np.zeros((2, 2, n))
+    boxes[0] = rng.uniform(0, 50, (2, n))
+    boxes[1] = boxes[0] + rng.uniform(5, 30, (2, n))
+    head = 0.6 * np.linalg.norm(boxes[1] - boxes[0], axis=0)
+    pred0 = gt1 - 1.0 + rng.normal(0, 1, (n, 16, 2)) * head[:, None, None] * 0.4  # 0-based
+    mine = evaluate_pose(pred0, gt1 - 1.0, 1 - missing, head)
+    ref = hrnet_style_pckh(
+        (pred0 + 1).transpose(1, 2, 0), gt1.transpose(1, 2, 0), missing.T, boxes, 0.5
+    )
+    for key in ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle"):
+        assert mine[key] == pytest.approx(ref[key], abs=1e-9)
+    assert mine["PCKh"] == pytest.approx(ref["Mean"], abs=1e-9)
+    ref01 = hrnet_style_pckh(
+        (pred0 + 1).transpose(1, 2, 0), gt1.transpose(1, 2, 0), missing.T, boxes, 0.1
+    )
+    assert mine["PCKh@0.1"] == pytest.approx(ref01["Mean"], abs=1e-9)
+    # official path: 0-based predictions against the 1-based gt mat (+1 inside)
+    scipy.io.savemat(
+        tmp_path / "gt.mat",
+        {
+            "jnt_missing": missing.T,
+            "pos_gt_src": gt1.transpose(1, 2, 0),
+            "headboxes_src": boxes,
+        },
+    )
+    official = evaluate_official(pred0, tmp_path / "gt.mat")
+    assert official["PCKh"] == pytest.approx(ref["Mean"], abs=1e-9)
+    # the torchmetrics accumulator over batches gives the same numbers
+    metric = PoseMetric()
+    for sl in (slice(0, 15), slice(15, n)):
+        metric.update(
+            torch.tensor(pred0[sl]),
+            torch.tensor(gt1[sl] - 1.0),
+            torch.tensor(1 - missing[sl]),
+            torch.tensor(head[sl]),
+        )
+    acc = metric.compute()
+    assert acc["PCKh"] == pytest.approx(mine["PCKh"]) and acc["PCP"] == pytest.approx(mine["PCP"])
+
+
+def test_pcp_hand_made():
+    gt = np.zeros((1, 16, 2))
+    gt[0, 12], gt[0, 11], gt[0, 10] = (0, 0), (0, 10), (0, 20)  # right upper / lower arm, 10 px
+    pred = gt.copy()
+    pred[0, 11] = (4.9, 10)  # elbow 4.9 px off: upper arm ok (<= 5), lower arm ok
+    pred[0, 10] = (0, 26)  # wrist 6 px off: lower arm wrong
+    lab = np.zeros((1, 16))
+    lab[0, [10, 11, 12]] = 1
+    hits, counts = pcp_counts(pred, gt, lab)
+    assert counts.sum() == 2 and hits.sum() == 1
+    s = evaluate_pose(pred, gt, lab, np.array([10.0]))
+    assert s["PCP"] == 50.0 and s["PCP_limbs"]["Upper arm"] == 100.0
+    assert s["PCP_limbs"]["Lower arm"] == 0.0 and np.isnan(s["PCP_limbs"]["Torso"])
+
+
+# -- loss, nets, stage module ---------------------------------------------------------------------
+
+
+def test_joint_l2_loss():
+    pred = torch.zeros(2, 3, 2, requires_grad=True)
+    target = torch.tensor([[[3.0, 4.0], [1.0, 0.0], [9.0, 9.0]], [[0.0, 2.0], [0, 0], [0, 0]]])
+    lab = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    target[0, 2] = float("nan")  # unlabelled garbage must not leak
+    loss = joint_l2(pred, target, lab)
+    assert loss.item() == pytest.approx((25 + 1 + 4) / 3)
+    loss.backward()
+    assert pred.grad[0, 2].abs().sum() == 0 and pred.grad[1, 1:].abs().sum() == 0
+    assert torch.allclose(pred.grad[0, 0], torch.tensor([-6.0, -8.0]) / 3)
+    out = JointL2Loss(weight=2.0)(pred, target, lab)
+    assert out["loss"].item() == pytest.approx(20.0) and out["loss/l2"].item() == pytest.approx(10)
+
+
+def test_alexnet_has_the_papers_layout():
+    net = DeepPoseAlexNet(num_joints=16, input_size=220, fc_dim=4096)
+    convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
+    assert [(c.kernel_size[0], c.out_channels) for c in convs] == [
+        (11, 96), (5, 256), (3, 384), (3, 384), (3, 256)
+    ]  # fmt: skip
+    assert sum(isinstance(m, nn.LocalResponseNorm) for m in net.features) == 2
+    assert sum(isinstance(m, nn.MaxPool2d) for m in net.features) == 3
+    fcs = [m for m in net.regressor if isinstance(m, nn.Linear)]
+    assert [f.out_features for f in fcs] == [4096, 4096, 32]
+    assert net.eval()(torch.zeros(2, 3, 220, 220)).shape == (2, 16, 2)
+    with pytest.raises(ValueError, match="no pretrained"):
+        DeepPoseAlexNet(pretrained=True)
+
+
+def test_resnet_variant_builds_without_download():
+    net = DeepPoseResNet(num_joints=16, depth=18, pretrained=False)
+    assert net.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 16, 2)
+
+
+class _Fixed(nn.Module):
+    """Returns output[n, j] = (n, j) for crop n: which output was read is visible in the value."""
+
+    def forward(self, x):
+        n = x.shape[0]
+        out = torch.zeros(n, 16, 2)
+        out[..., 0] = torch.arange(n, dtype=torch.float32)[:, None]
+        out[..., 1] = torch.arange(16, dtype=torch.float32)[None]
+        return out
+
+
+def test_stage_module_reads_each_crops_slot_and_uncrops():
+    module = PoseRegressionLitModule(_Fixed(), JointL2Loss(), torch.optim.SGD, stage=2)
+    slot = torch.arange(16).repeat(2, 1)
+    slot[1, 10] = 15  # crop 10 of person 1 was flipped: it reads the left wrist output
+    batch = {"image": torch.zeros(2, 16, 3, 8, 8), "slot": slot}
+    pred = module.predict_normalised(batch)
+    assert pred[1, 10].tolist() == [16 + 10, 15] and pred[0, 3].tolist() == [3, 3]
+    # un-crop = the inverse affine of each joint's frame
+    rng = np.random.default_rng(0)
+    aff = np.stack(
+        [
+            crop_affine(rng.uniform(0, 99, 2), rng.uniform(5, 50), rng.uniform(-30, 30))
+            for _ in range(32)
+        ]
+    ).reshape(2, 16, 2, 3)
+    n = rng.uniform(-0.5, 0.5, (2, 16, 2))
+    got = uncrop(torch.tensor(n), torch.tensor(aff)).numpy()
+    inv = invert_affine(aff)
+    want = np.einsum("bkij,bkj->bki", inv[..., :2], n) + inv[..., 2]
+    np.testing.assert_allclose(got, want, atol=1e-9)
+
+
+# -- the cascade end to end -----------------------------------------------------------------------
+
+TINY_POSE = [
+    "experiment=deeppose_quick",
+    "data.synthetic.num_train=12",
+    "data.synthetic.num_val=5",
+    "data.synthetic.image_size=72",
+    "data.batch_size=4",
+    "schedule.total_epochs=1",
+    "cascade.stages.2.epochs=2",
+    "cascade.stages.2.sigma=1.5",
+    "+cascade.stages.2.optimizer.lr=5e-4",
+    "model.fc_dim=64",
+    "model.width=0.125",
+    "trainer.log_every_n_steps=1",
+    "logger=csv",
+    "~callbacks.rich_progress_bar",
+    "~callbacks.model_summary",
+]
+
+
+def test_two_stage_cascade_trains_and_reports_per_stage_pckh(tmp_path):
+    from experiments.pose import stage_config
+    from experiments.train import run
+
+    cfg = compose_cfg(TINY_POSE, tmp_path)
+    _, epochs, sigma, _ = stage_config(cfg, 2)
+    assert (epochs, sigma) == (2, 1.5)
+    results = run(cfg)
+    out = tmp_path / "run"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["schedule"] == "cascade" and set(on_disk["stages"]) == {"stage1", "stage2"}
+    assert (
+        len(on_disk["PCKh_per_stage"]) == 2 and on_disk["val"] == on_disk["stages"]["stage2"]["val"]
+    )
+    assert results["val"]["PCKh"] == pytest.approx(on_disk["val"]["PCKh"])
+
+    from datamodules.mpii import MPIIDataset
+
+    val = MPIIDataset(tmp_path / "data" / "synthetic_mpii", "val")
+    a = val.arrays()
+    lab = a["keypoints"][..., 2] > 0
+    for s in (1, 2):
+        stage = on_disk["stages"][f"stage{s}"]
+        assert (out / f"stage{s}" / "final.ckpt").is_file()
+        assert len(list((out / f"stage{s}" / "overlays").glob("*.png"))) == 4
+        # Independent PCKh of the saved cascade predictions (plain numpy, official rule)
+        pred = np.load(out / f"stage{s}" / "val_predictions.npy")
+        d = np.linalg.norm(pred - a["keypoints"][..., :2], axis=-1) / a["head_size"][:, None]
+        keep = lab.copy()
+        keep[:, 6:8] = False
+        assert stage["val"]["PCKh"] == pytest.approx(100 * (d[keep] <= 0.5).mean())
+        # ... and against the official 1-based gt mat
+        assert stage["val_official_PCKh"] == pytest.approx(stage["val"]["PCKh"])
+    # stage 2 changed the stage-1 estimates, by at most the crop reach
+    p1 = np.load(out / "stage1" / "val_predictions.npy")
+    p2 = np.load(out / "stage2" / "val_predictions.npy")
+    assert np.isfinite(p2).all() and not np.allclose(p1, p2)
+    # stage 1 measured its training errors for stage 2's simulated inputs
+    errors = json.loads((out / "stage1" / "errors.json").read_text())
+    assert np.array(errors["cov"]).shape == (16, 2, 2) and errors["persons"] == 12
+    # the Lightning validation of stage 2 (crops on the stage-1 estimates, final weights) agrees
+    # with the driver's evaluation of the whole cascade
+    with open(next((out / "stage2").rglob("metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [float(r["val/PCKh"]) for r in rows if r.get("val/PCKh")]
+    assert logged[-1] == pytest.approx(on_disk["stages"]["stage2"]["val"]["PCKh"], abs=1e-4)
+    assert any(r.get("train/loss_step") for r in rows)
+
+    # train=false re-evaluates from the stage checkpoints
+    again = compose_cfg([*TINY_POSE, "train=false"], tmp_path)
+    re = run(again)
+    assert re["PCKh_per_stage"] == pytest.approx(on_disk["PCKh_per_stage"])
