@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -35,6 +36,16 @@ from lightning_modules.metrics import format_scores_table, scores_to_json
 log = logging.getLogger(__name__)
 
 
+# schedule.name -> "module:function" of the driver that runs it (schedule=single: run_single).
+DRIVERS = {
+    "rim": "experiments.rim:run_rim",
+    "cascade": "experiments.pose:run_pose",  # DeepPose cascades (validate_cascade)
+    "deepmac": "experiments.deepmac:run_deepmac",  # Deep-MAC mask heads (validate_deepmac)
+}
+# Schedules of tasks other than parsing, whose drivers validate their own configs.
+OWN_VALIDATION = ("cascade", "deepmac")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot work, caught before any data is read."""
 
@@ -54,14 +65,15 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"the config does not resolve: {err}") from err
     schedule = cfg.get("schedule") or {}
     name = schedule.get("name")
-    if name not in ("single", "rim", "cascade"):
-        raise ConfigError(f"schedule.name={name!r}: expected 'single', 'rim' or 'cascade'")
+    if name != "single" and name not in DRIVERS:
+        raise ConfigError(
+            f"schedule.name={name!r}: expected one of {', '.join(['single', *DRIVERS])}"
+        )
     total = int(schedule.get("total_epochs", 0))
     if total < 1:
         raise ConfigError(f"schedule.total_epochs={total}: must be >= 1")
-    if name == "cascade":
-        # The pose cascade has no classes or sampler: experiments.pose.validate_cascade checks it.
-        return
+    if name in OWN_VALIDATION:
+        return  # no classes or sampler: the driver checks its own keys
     s1 = schedule.get("stage1_epochs")
     if s1 is not None and not 0 < int(s1) <= total:
         raise ConfigError(f"schedule.stage1_epochs={s1}: must be in 1..total_epochs ({total})")
@@ -408,14 +420,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     schedule = cfg.schedule
     try:
-        if schedule.name == "rim":
-            from experiments.rim import run_rim
-
-            results = run_rim(cfg, out_dir)
-        elif schedule.name == "cascade":
-            from experiments.pose import run_pose
-
-            results = run_pose(cfg, out_dir)
+        if schedule.name in DRIVERS:
+            module_name, _, function = DRIVERS[schedule.name].partition(":")
+            results = getattr(importlib.import_module(module_name), function)(cfg, out_dir)
         else:
             results = run_single(cfg, out_dir)
     finally:

@@ -1,0 +1,372 @@
+"""Instance-mask data for class-agnostic mask heads (Deep-MAC): the item/batch contract, the
+resize-and-pad transform, the shared LightningDataModule, and the Cityscapes and MHPv2 instance sets.
+
+Raw item (what a dataset's ``load`` returns)::
+
+    image  (H, W, 3) uint8 RGB
+    masks  (N, H, W) uint8 in {0, 1}, one per instance
+    boxes  (N, 4) float32 xyxy in pixels, continuous coordinates (a mask covering columns
+           x0..x1 and rows y0..y1 has the box [x0, y0, x1 + 1, y1 + 1])
+    labels (N,) int64 class ids of the dataset's own id space (COCO category ids, Cityscapes
+           labelIds, 1 = person for MHPv2)
+    name   str
+
+Batch (:func:`collate_instances`): ``image`` (B, 3, S, S) normalised, the network frame being the
+image resized so that its longer side is S, then zero-padded to S x S; lists over images of
+``boxes`` (N_i, 4), ``masks`` (N_i, S, S) uint8 and ``labels`` (N_i,) in that frame; ``orig_boxes``
+and ``orig_masks`` (N_i, H, W) in the original image (for evaluation at full resolution);
+``scale`` (B,) and ``name``.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.base import read_image
+from datamodules.batch import DatasetError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Cityscapes labelIds of the 8 classes of the instance benchmark (caravan 29 and trailer 30 have
+# instance ids too but are not evaluated).
+CITYSCAPES_INSTANCE_CLASSES: dict[int, str] = {
+    24: "person",
+    25: "rider",
+    26: "car",
+    27: "truck",
+    28: "bus",
+    31: "train",
+    32: "motorcycle",
+    33: "bicycle",
+}
+
+
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """Tight boxes of ``(N, H, W)`` masks -> ``(N, 4)`` float32 xyxy (exclusive right/bottom)."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for i, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        if len(xs):
+            boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return boxes
+
+
+# ---------------------------------------------------------------------- transform and collate
+
+
+class InstanceTransform:
+    """Optional horizontal flip, resize (longer side = ``image_size``), zero-pad to a square.
+
+    Args:
+        image_size: side S of the network frame.
+        train: flip with probability ``flip_prob``; evaluation items keep ``orig_*``.
+        flip_prob: horizontal-flip probability in training.
+    """
+
+    def __init__(self, image_size: int = 512, train: bool = False, flip_prob: float = 0.5) -> None:
+        self.size, self.train, self.flip_prob = int(image_size), bool(train), float(flip_prob)
+
+    def __call__(
+        self, item: dict[str, Any], rng: np.random.Generator | None = None
+    ) -> dict[str, Any]:
+        image, masks, boxes = item["image"], item["masks"], item["boxes"].astype(np.float32)
+        h, w = image.shape[:2]
+        if self.train and (rng or np.random.default_rng()).random() < self.flip_prob:
+            image, masks = image[:, ::-1], masks[:, :, ::-1]
+            boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+        scale = self.size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        img = (
+            torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
+        )  # (3, H, W)
+        img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+        std = torch.tensor(IMAGENET_STD)[:, None, None]
+        canvas = torch.zeros(3, self.size, self.size)
+        canvas[:, :nh, :nw] = (img - mean) / std  # padding stays 0 = the mean colour
+        m = torch.from_numpy(np.ascontiguousarray(masks))
+        net_masks = torch.zeros(len(m), self.size, self.size, dtype=torch.uint8)
+        if len(m):
+            # (N, H, W) -> (N, nh, nw): nearest keeps the masks binary
+            net_masks[:, :nh, :nw] = F.interpolate(m[None].float(), size=(nh, nw), mode="nearest")[
+                0
+            ].to(torch.uint8)
+        sx, sy = nw / w, nh / h
+        b = torch.from_numpy(boxes) * torch.tensor([sx, sy, sx, sy])
+        out = {
+            "image": canvas,
+            "boxes": b.float(),
+            "masks": net_masks,
+            "labels": torch.as_tensor(item["labels"], dtype=torch.int64),
+            "scale": torch.tensor([sx, sy]),
+            "name": item.get("name", ""),
+        }
+        if not self.train:
+            out["orig_boxes"] = torch.from_numpy(boxes)
+            out["orig_masks"] = m
+        return out
+
+
+def collate_instances(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stacks images; keeps per-image instance tensors as lists (their counts differ)."""
+    batch: dict[str, Any] = {"image": torch.stack([it["image"] for it in items])}
+    for key in ("boxes", "masks", "labels", "orig_boxes", "orig_masks", "name"):
+        if key in items[0]:
+            batch[key] = [it[key] for it in items]
+    batch["scale"] = torch.stack([it["scale"] for it in items])
+    return batch
+
+
+class TransformedInstances(Dataset):
+    """A raw instance dataset seen through :class:`InstanceTransform`."""
+
+    def __init__(self, raw: Dataset, transform: InstanceTransform) -> None:
+        self.raw, self.transform = raw, transform
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        # Drawn from torch's generator, which Lightning seeds per epoch and worker (EpochSeed).
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+        return self.transform(self.raw[index], rng)
+
+
+class InstanceDataModule(LightningDataModule, ABC):
+    """Shared loaders of the instance datasets; subclasses implement :meth:`make_dataset`.
+
+    Args:
+        batch_size: images per batch (each brings all its instances).
+        num_workers: loader processes.
+        image_size: network-frame side S.
+        pin_memory: DataLoader's.
+        max_instances: keep at most this many instances per training image (largest first; None =
+            all): bounds the memory of crowded images.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 8,
+        num_workers: int = 4,
+        image_size: int = 512,
+        pin_memory: bool = False,
+        max_instances: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.image_size, self.pin_memory = int(image_size), bool(pin_memory)
+        self.max_instances = max_instances
+        self._sets: dict[str, Dataset] = {}
+
+    @abstractmethod
+    def make_dataset(self, split: str) -> Dataset:
+        """The raw dataset of ``split`` (items as in this module's docstring)."""
+
+    def dataset(self, split: str) -> Dataset:
+        if split not in self._sets:
+            self._sets[split] = self.make_dataset(split)
+        return self._sets[split]
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        raw = self.dataset(split)
+        if train and self.max_instances:
+            raw = _CapInstances(raw, int(self.max_instances))
+        data = TransformedInstances(raw, InstanceTransform(self.image_size, train=train))
+        return DataLoader(
+            data,
+            batch_size=self.batch_size if train else 1,
+            shuffle=train,
+            num_workers=self.num_workers,
+            collate_fn=collate_instances,
+            pin_memory=self.pin_memory,
+            drop_last=False,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        # One image per batch: evaluation pastes masks at each image's own resolution.
+        return self._loader("val", False)
+
+
+class _CapInstances(Dataset):
+    def __init__(self, raw: Dataset, cap: int) -> None:
+        self.raw, self.cap = raw, cap
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.raw[index])
+        if len(item["labels"]) > self.cap:
+            keep = np.argsort(-item["masks"].reshape(len(item["masks"]), -1).sum(1), kind="stable")[
+                : self.cap
+            ]
+            for key in ("masks", "boxes", "labels"):
+                item[key] = item[key][keep]
+        return item
+
+
+# ---------------------------------------------------------------------- Cityscapes instances
+
+
+def cityscapes_instances(inst: np.ndarray, classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Splits an instanceIds map into per-object masks.
+
+    Args:
+        inst: ``(H, W)`` int32 from :func:`~datamodules.cityscapes.read_instance_ids`: ``id*1000+k``
+            for individual objects, the plain labelId for stuff and crowd groups (left out).
+        classes: the labelIds to keep.
+
+    Returns:
+        ``masks`` (N, H, W) uint8 and ``labels`` (N,) int64 labelIds, in increasing instance value.
+    """
+    values = np.unique(inst[inst >= 1000])
+    values = values[np.isin(values // 1000, np.asarray(list(classes)))]
+    masks = (inst[None] == values[:, None, None]).astype(np.uint8)
+    return masks, (values // 1000).astype(np.int64)
+
+
+class CityscapesInstancesDataset(Dataset):
+    """Cityscapes (gtFine) objects of the instance classes, from ``_gtFine_instanceIds.png``.
+
+    Args:
+        root: the folder holding ``leftImg8bit/`` and ``gtFine/``.
+        split: ``train`` or ``val``.
+        classes: labelIds to keep (default: the 8 of :data:`CITYSCAPES_INSTANCE_CLASSES`).
+        min_pixels: smaller objects are dropped (tiny far-away objects give degenerate crops).
+        skip_empty: leave out images without any kept object (training).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        classes: Sequence[int] | None = None,
+        min_pixels: int = 1,
+        skip_empty: bool = False,
+    ) -> None:
+        from datamodules.cityscapes import CityscapesDataset
+
+        # The parsing dataset indexes the split and checks that every instanceIds file exists.
+        self.base = CityscapesDataset(root, split, instances=True)
+        self.classes = tuple(classes) if classes is not None else tuple(CITYSCAPES_INSTANCE_CLASSES)
+        self.min_pixels = int(min_pixels)
+        self.ids = list(self.base.ids)
+        if skip_empty:
+            self.ids = [n for n in self.ids if len(self._instances(n)[1])]
+
+    def _instances(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        from datamodules.cityscapes import read_instance_ids
+
+        inst = read_instance_ids(self.base.gt_path(name, "_gtFine_instanceIds.png"))
+        masks, labels = cityscapes_instances(inst, self.classes)
+        keep = masks.reshape(len(masks), -1).sum(1) >= self.min_pixels
+        return masks[keep], labels[keep]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name = self.ids[index]
+        image = read_image(self.base.image_path(name))
+        masks, labels = self._instances(name)
+        if masks.shape[1:] != image.shape[:2]:
+            raise DatasetError(
+                self.base.gt_path(name, "_gtFine_instanceIds.png"), "size differs from the image"
+            )
+        return {
+            "image": image,
+            "masks": masks,
+            "boxes": masks_to_boxes(masks),
+            "labels": labels,
+            "name": name,
+        }
+
+
+class CityscapesInstancesDataModule(InstanceDataModule):
+    """Cityscapes instances (see :class:`CityscapesInstancesDataset`); other args as the base's."""
+
+    def __init__(
+        self, root: str, classes: Sequence[int] | None = None, min_pixels: int = 16, **kwargs: Any
+    ):
+        super().__init__(**kwargs)
+        self.root, self.classes, self.min_pixels = root, classes, int(min_pixels)
+
+    def make_dataset(self, split: str) -> Dataset:
+        return CityscapesInstancesDataset(
+            self.root, split, self.classes, self.min_pixels, skip_empty=split == "train"
+        )
+
+
+# ---------------------------------------------------------------------- MHPv2 person instances
+
+
+class MHPPersonInstancesDataset(Dataset):
+    """LV-MHP-v2 persons: one mask (any part > 0) per per-person annotation file, label 1.
+
+    Args:
+        root: the ``LV-MHP-v2`` folder.
+        split: ``train`` or ``val``.
+    """
+
+    def __init__(self, root: str | Path, split: str) -> None:
+        from datamodules.mhp import MHPv2Dataset
+
+        self.base = MHPv2Dataset(root, split)
+        if not self.base.has_labels:
+            raise DatasetError(self.base.anno_dir, "person instances need annotated splits")
+        self.ids = list(self.base.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from datamodules.mhp import read_label
+
+        name = self.ids[index]
+        image = read_image(self.base.image_path(name))
+        masks = [read_label(p) > 0 for p in self.base.label_paths(name)]
+        # Each file is one person: persons overlap legitimately (no merge); empty files are dropped.
+        masks = np.stack([m for m in masks if m.any()] or [np.zeros(image.shape[:2], bool)])
+        masks = masks[masks.reshape(len(masks), -1).any(1)].astype(np.uint8)
+        return {
+            "image": image,
+            "masks": masks,
+            "boxes": masks_to_boxes(masks),
+            "labels": np.ones(len(masks), np.int64),
+            "name": name,
+        }
+
+
+class MHPPersonInstancesDataModule(InstanceDataModule):
+    """MHPv2 person instances (see :class:`MHPPersonInstancesDataset`)."""
+
+    def __init__(self, root: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+
+    def make_dataset(self, split: str) -> Dataset:
+        return MHPPersonInstancesDataset(self.root, split)
+
+
+def save_mask_png(path: Path, mask: np.ndarray) -> None:
+    """A binary mask as an 8-bit PNG (0 / 255)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L").save(path)

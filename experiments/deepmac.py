@@ -1,0 +1,157 @@
+"""Deep-MAC driver (``schedule=deepmac``): trains a class-agnostic mask head on ground-truth boxes,
+then scores mask AP with ground-truth boxes given, separately for seen and unseen classes.
+
+``experiments.train.run`` dispatches here on ``schedule.name == "deepmac"``. One fit of
+``schedule.total_epochs`` epochs; the final weights (``final.ckpt``, written by the shared
+:class:`~lightning_modules.callbacks.StageEnd`) are evaluated once more in this process on one
+device, so the scores are those of all validation images whatever the launcher.
+
+The head-architecture comparison of the paper is one multirun::
+
+    python run.py -m experiment=deepmac_coco_voc2nonvoc \\
+        model=deepmac_hourglass10,deepmac_hourglass20,deepmac_hourglass52,deepmac_hourglass100,deepmac_resnet,deepmac_maskrcnn
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.train import (
+    ConfigError,
+    build_trainer,
+    checkpoint_paths,
+    resume_checkpoint,
+)
+from lightning_modules.deepmac import DeepMACLitModule
+from lightning_modules.deepmac_metrics import MaskAPAccumulator, flat_scores
+
+log = logging.getLogger(__name__)
+
+
+def validate_deepmac(cfg: DictConfig) -> None:
+    """Checks the Deep-MAC keys; raises :class:`ConfigError` naming the key."""
+    model = cfg.get("model") or {}
+    if not str(model.get("_target_", "")).endswith("DeepMAC"):
+        raise ConfigError(
+            f"schedule=deepmac needs a Deep-MAC model (model=deepmac_*), got {model.get('_target_')}"
+        )
+    if int(model.get("mask_size", 32)) < 2:
+        raise ConfigError(f"model.mask_size={model.get('mask_size')}: must be >= 2")
+    if (
+        not str(cfg.data.get("_target_", "")).startswith("datamodules.")
+        or "image_size" not in cfg.data
+    ):
+        raise ConfigError(
+            "schedule=deepmac needs an instance datamodule (data=coco_instances, ...)"
+        )
+
+
+def build_deepmac_module(cfg: DictConfig) -> DeepMACLitModule:
+    """The LightningModule of ``cfg`` with the config needed to rebuild its net for inference."""
+    net = hydra.utils.instantiate(cfg.model)
+    loss = hydra.utils.instantiate(cfg.loss, _convert_="all")
+    optimizer = hydra.utils.instantiate(cfg.optimizer)
+    module = hydra.utils.instantiate(
+        cfg.module, net=net, loss=loss, optimizer=optimizer, _convert_="all"
+    )
+    module.build_config = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": {"image_size": int(cfg.data.image_size)},
+    }
+    return module
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    accel = str(cfg.trainer.get("accelerator", "auto"))
+    if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda"):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(module: DeepMACLitModule, loader: Any, device: torch.device) -> dict[str, Any]:
+    """Mask AP / IoU of ``module`` over ``loader`` (ground-truth boxes given), on one device."""
+    module = module.to(device).eval()
+    acc = MaskAPAccumulator()
+    for batch in loader:
+        image = batch["image"].to(device)
+        boxes = [b.to(device) for b in batch["boxes"]]
+        sizes = [tuple(m.shape[-2:]) for m in batch["orig_masks"]]
+        probs = module.predict_masks(
+            image, boxes, [b.to(device) for b in batch["orig_boxes"]], sizes
+        )
+        for p, gt, lab in zip(probs, batch["orig_masks"], batch["labels"], strict=True):
+            acc.update(gt.numpy(), (p >= module.mask_threshold).cpu().numpy(), lab.tolist())
+    present = sorted({a["category_id"] for a in acc.gts})
+    module.cpu()
+    return acc.compute(module.groups(present))
+
+
+def run_deepmac(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Trains (``train=true``) and evaluates the Deep-MAC run of ``cfg``.
+
+    Returns:
+        The results.json entry: ``{"task_name", "schedule": "deepmac", "head", "val": {"AP_seen",
+        "AP_unseen", "AP_all", "mIoU_seen", ..., "AP50_*", "AP75_*", "APs_*", ...},
+        "val_detail": per-group scores with instance counts and per-class IoU, "checkpoints"}``
+        (AP and IoU in percent).
+    """
+    validate_deepmac(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    module = build_deepmac_module(cfg)
+    results: dict[str, Any] = {
+        "task_name": cfg.task_name,
+        "schedule": "deepmac",
+        "head": cfg.model.head,
+    }
+    final = out_dir / "final.ckpt"
+    if cfg.get("init_from"):
+        load_weights(module, cfg.init_from)
+    if cfg.train:
+        trainer = build_trainer(
+            cfg, out_dir, max_epochs=int(cfg.schedule.total_epochs), final_checkpoint=final
+        )
+        ckpt = cfg.get("ckpt_path") or resume_checkpoint(cfg, out_dir)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        # Spawn launchers train in child processes: the weights come back through final.ckpt.
+        load_weights(module, final)
+        results["checkpoints"] = {**checkpoint_paths(trainer), "final": str(final)}
+    elif not cfg.get("init_from") and not cfg.get("ckpt_path"):
+        raise ConfigError("train=false needs init_from=<a Deep-MAC checkpoint> to evaluate")
+    elif cfg.get("ckpt_path"):
+        load_weights(module, cfg.ckpt_path)
+    scores = evaluate(module, datamodule.val_dataloader(), _device(cfg))
+    results["val"] = {**flat_scores(scores)}
+    results["val_detail"] = scores
+    print(
+        format_mask_table(
+            scores, f"\n{cfg.task_name}: mask AP with ground-truth boxes ({cfg.model.head})"
+        )
+    )
+    return results
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    state = torch.load(str(path), map_location="cpu", weights_only=False)
+    module.load_state_dict(state.get("state_dict", state))
+
+
+def format_mask_table(scores: dict[str, Any], title: str) -> str:
+    """A small text table: one row per class group."""
+    rows = [title, f"{'group':<8} {'AP':>6} {'AP50':>6} {'AP75':>6} {'mIoU':>6} {'N':>6}"]
+    for group, s in scores.items():
+        if group == "per_class_IoU":
+            continue
+        rows.append(
+            f"{group:<8} {s['AP']:6.1f} {s['AP50']:6.1f} {s['AP75']:6.1f} {s['mIoU']:6.1f} {s['num_instances']:6d}"
+        )
+    return "\n".join(rows)

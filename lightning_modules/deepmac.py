@@ -1,0 +1,174 @@
+"""Deep-MAC as a LightningModule: ground-truth boxes in, class-agnostic masks out.
+
+Batches follow :mod:`datamodules.instances`: ``image`` (B, 3, S, S) in the network frame, per image
+``boxes`` (N_i, 4) xyxy and ``masks`` (N_i, S, S) in that frame, ``labels`` (N_i,), and for
+evaluation ``orig_boxes`` / ``orig_masks`` (N_i, H, W) in the original image. Validation pastes the
+predicted masks into the original image and scores mask AP with ground-truth boxes
+(:mod:`lightning_modules.deepmac_metrics`), separately for seen and unseen classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_modules.deepmac_metrics import MaskAPAccumulator, flat_scores
+from lightning_modules.nets.deepmac import crop_instance_masks, paste_masks
+from losses.mask import resolve_classes
+
+log = logging.getLogger(__name__)
+
+
+class DeepMACLitModule(pl.LightningModule):
+    """Trains a :class:`~lightning_modules.nets.deepmac.DeepMAC` net on box crops.
+
+    Args:
+        net: ``(images, boxes) -> {"mask_logits": (N, M, M), "boxes": boxes used}``.
+        loss: ``loss(logits, targets, labels) -> {"loss", ...}`` (holds ``allowed_mask_classes``).
+        optimizer: partial optimizer taking ``params``.
+        scheduler: partial ``(optimizer, steps_per_epoch) -> LRScheduler`` stepped every step.
+        seen_classes: class ids (or a preset name) reported as "seen"; None: the loss's allowed
+            classes.
+        unseen_classes: ids (or preset) reported as "unseen"; None: every other class.
+        mask_threshold: probability above which a pasted pixel belongs to the mask.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        seen_classes: str | Sequence[int] | None = None,
+        unseen_classes: str | Sequence[int] | None = None,
+        mask_threshold: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["net", "loss", "optimizer", "scheduler"])
+        self.net, self.loss = net, loss
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.seen = resolve_classes(seen_classes)
+        if self.seen is None:
+            self.seen = getattr(loss, "allowed", None)
+        self.unseen = resolve_classes(unseen_classes)
+        self.mask_threshold = float(mask_threshold)
+        self.accumulator = MaskAPAccumulator()
+        self.val_scores: dict[str, Any] | None = None
+        # Read by the shared StageEnd callback, whose table format is the parsing one: the
+        # Deep-MAC driver writes its own scores, so this stays empty.
+        self.last_scores: dict[str, Any] = {}
+        self.class_names: list[str] = []
+
+    def groups(self, present: Sequence[int]) -> dict[str, list[int] | None]:
+        """``{"seen", "unseen", "all"}`` class lists for evaluation given the classes present."""
+        if self.seen is None:
+            return {"all": None}
+        unseen = self.unseen
+        if unseen is None:
+            unseen = [c for c in present if c not in set(self.seen)]
+        return {"seen": list(self.seen), "unseen": list(unseen), "all": None}
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, image: Tensor, boxes: list[Tensor]) -> dict[str, Any]:
+        return self.net(image, boxes)
+
+    @torch.no_grad()
+    def predict_masks(
+        self,
+        image: Tensor,
+        boxes: list[Tensor],
+        orig_boxes: list[Tensor],
+        orig_sizes: list[tuple[int, int]],
+    ) -> list[Tensor]:
+        """Mask probabilities pasted into each original image.
+
+        Args:
+            image: ``(B, 3, S, S)`` network input.
+            boxes: B ``(N_i, 4)`` boxes in the network frame.
+            orig_boxes: the same boxes in the original images' pixels.
+            orig_sizes: ``(H, W)`` of each original image.
+
+        Returns:
+            B tensors ``(N_i, H, W)`` float probabilities.
+        """
+        logits = self(image, boxes)["mask_logits"]  # (sum N_i, M, M)
+        out, start = [], 0
+        for ob, size in zip(orig_boxes, orig_sizes, strict=True):
+            n = len(ob)
+            out.append(paste_masks(logits[start : start + n], ob.to(logits), size))
+            start += n
+        return out
+
+    # ------------------------------------------------------------------ steps
+
+    def _loss(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], int]:
+        out = self(batch["image"], batch["boxes"])
+        m = out["mask_logits"].shape[-1]
+        # Targets are cropped with the boxes the head saw (jittered ones in training).
+        targets = torch.cat(
+            [
+                crop_instance_masks(mk, b, m)
+                for mk, b in zip(batch["masks"], out["boxes"], strict=True)
+            ]
+        )  # (sum N_i, M, M)
+        labels = torch.cat(batch["labels"])
+        return self.loss(out["mask_logits"], targets, labels), int(labels.numel())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses, n = self._loss(batch)
+        if not torch.isfinite(losses["loss"]):
+            raise FloatingPointError(f"non-finite mask loss at step {self.global_step}")
+        for name, value in losses.items():
+            self.log(
+                f"train/{name}", value.float(), on_step=True, on_epoch=True, batch_size=max(n, 1)
+            )
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses, n = self._loss(batch)
+        self.log("val/loss", losses["loss"], on_epoch=True, batch_size=max(n, 1), sync_dist=True)
+        sizes = [tuple(m.shape[-2:]) for m in batch["orig_masks"]]
+        probs = self.predict_masks(batch["image"], batch["boxes"], batch["orig_boxes"], sizes)
+        for p, gt, lab in zip(probs, batch["orig_masks"], batch["labels"], strict=True):
+            pred = (p >= self.mask_threshold).cpu().numpy()
+            self.accumulator.update(gt.cpu().numpy(), pred, lab.cpu().tolist())
+
+    def on_validation_epoch_start(self) -> None:
+        self.accumulator.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        # Evaluated on this process's images only: run validation on one device (the driver does).
+        present = sorted({a["category_id"] for a in self.accumulator.gts})
+        scores = self.accumulator.compute(self.groups(present))
+        self.accumulator.reset()
+        self.val_scores = scores
+        # NaN (a group without instances) is logged too: checkpoint monitors then find their key.
+        for key, value in flat_scores(scores).items():
+            self.log(f"val/{key}", value)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain values only (set by the driver): the box-prompt command rebuilds the net from them.
+        if getattr(self, "build_config", None) is not None:
+            checkpoint["build_config"] = self.build_config
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        max_epochs = max(1, self.trainer.max_epochs or 1)
+        steps = self.trainer.estimated_stepping_batches
+        steps_per_epoch = max(1, math.ceil(steps / max_epochs)) if math.isfinite(steps) else 1
+        scheduler = self.scheduler_factory(optimizer=optimizer, steps_per_epoch=steps_per_epoch)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }

@@ -1,0 +1,284 @@
+"""Deep-MAC data (COCO json, Cityscapes instanceIds, MHPv2 persons), the driver and the box prompt."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from cfg_utils import compose_cfg
+from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------- COCO json
+
+
+def _write_coco(root):
+    """One 20x16 image: a polygon rectangle of class 3 and an RLE (compressed) L-shape of class 44."""
+    from pycocotools import mask as mask_utils
+
+    (root / "val2017").mkdir(parents=True)
+    Image.fromarray(np.full((16, 20, 3), 77, np.uint8)).save(root / "val2017" / "x.png")
+    ell = np.zeros((16, 20), np.uint8)
+    ell[8:14, 12:14] = 1
+    ell[12:14, 14:18] = 1
+    rle = mask_utils.encode(np.asfortranarray(ell))
+    anns = [
+        {
+            "id": 1,
+            "image_id": 5,
+            "category_id": 3,
+            "segmentation": [[2, 2, 8, 2, 8, 6, 2, 6]],
+            "area": 24,
+            "bbox": [2, 2, 6, 4],
+            "iscrowd": 0,
+        },
+        {
+            "id": 2,
+            "image_id": 5,
+            "category_id": 44,
+            "segmentation": {"size": [16, 20], "counts": rle["counts"].decode()},
+            "area": 20,
+            "bbox": [12, 8, 6, 6],
+            "iscrowd": 0,
+        },
+        {
+            "id": 3,
+            "image_id": 5,
+            "category_id": 1,
+            "segmentation": [[0, 0, 4, 0, 4, 4]],
+            "area": 8,
+            "bbox": [0, 0, 4, 4],
+            "iscrowd": 1,
+        },
+    ]
+    data = {
+        "images": [{"id": 5, "file_name": "x.png", "height": 16, "width": 20}],
+        "annotations": anns,
+        "categories": [
+            {"id": 1, "name": "person"},
+            {"id": 3, "name": "car"},
+            {"id": 44, "name": "bottle"},
+        ],
+    }
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    return ell
+
+
+def test_coco_polygon_and_rle_decode_to_the_drawn_masks(tmp_path):
+    from datamodules.coco_instances import CocoInstancesDataModule
+
+    ell = _write_coco(tmp_path / "coco")
+    dm = CocoInstancesDataModule(str(tmp_path / "coco"), image_size=40, batch_size=1, num_workers=0)
+    item = dm.dataset("val")[0]
+    rect = np.zeros((16, 20), np.uint8)
+    rect[2:6, 2:8] = 1  # polygon corners (2,2)-(8,6) cover pixels x 2..7, y 2..5
+    assert item["labels"].tolist() == [3, 44]  # the crowd annotation is left out
+    np.testing.assert_array_equal(item["masks"][0], rect)
+    np.testing.assert_array_equal(item["masks"][1], ell)
+    np.testing.assert_array_equal(item["boxes"], [[2, 2, 8, 6], [12, 8, 18, 14]])
+    # The network frame: longer side 20 -> 40 (x2), padded to 40x40.
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (1, 3, 40, 40)
+    torch.testing.assert_close(
+        batch["boxes"][0], torch.tensor([[4.0, 4, 16, 12], [24, 16, 36, 28]])
+    )
+    assert int(batch["masks"][0][0].sum()) == 4 * 24 and batch["masks"][0][0][4:12, 4:16].all()
+    assert batch["masks"][0][:, 32:].sum() == 0  # padding rows
+    np.testing.assert_array_equal(batch["orig_masks"][0][1].numpy(), ell)
+
+
+def test_train_flip_mirrors_boxes_and_masks():
+    from datamodules.instances import InstanceTransform, masks_to_boxes
+
+    m = np.zeros((1, 4, 6), np.uint8)
+    m[0, 1:3, 0:2] = 1
+    item = {
+        "image": np.zeros((4, 6, 3), np.uint8),
+        "masks": m,
+        "boxes": masks_to_boxes(m),
+        "labels": np.array([7]),
+    }
+    out = InstanceTransform(6, train=True, flip_prob=1.0)(item, np.random.default_rng(0))
+    torch.testing.assert_close(out["boxes"], torch.tensor([[4.0, 1, 6, 3]]))
+    assert out["masks"][0, 1:3, 4:6].all() and out["masks"][0].sum() == 4
+    assert "orig_masks" not in out
+
+
+# ---------------------------------------------------------------------- Cityscapes, MHPv2
+
+
+def test_cityscapes_instances_from_16bit_instance_ids(tmp_path):
+    from test_lip_cityscapes import INSTANCE_IDS, make_cityscapes
+
+    from datamodules.instances import CityscapesInstancesDataset
+
+    root = make_cityscapes(tmp_path / "cityscapes")
+    ds = CityscapesInstancesDataset(root, "train")
+    item = ds[0]
+    # person 24000, cars 26000 and 26001, bicycle 33000; the caravan (29) and the car group (26) are
+    # left out; values above 255 survive (a uint8 cast would wrap them).
+    assert item["labels"].tolist() == [24, 26, 26, 33]
+    for mask, value in zip(item["masks"], (24000, 26000, 26001, 33000), strict=True):
+        np.testing.assert_array_equal(mask, (value == INSTANCE_IDS).astype(np.uint8))
+    np.testing.assert_array_equal(
+        item["boxes"], [[2, 1, 4, 2], [2, 3, 4, 4], [4, 1, 6, 2], [3, 2, 5, 3]]
+    )
+    humans = CityscapesInstancesDataset(root, "train", classes=[24, 25])
+    assert humans[0]["labels"].tolist() == [24]
+
+
+def test_mhp_person_instances_one_mask_per_file(mhp_root):
+    from datamodules.instances import MHPPersonInstancesDataset
+
+    ds = MHPPersonInstancesDataset(mhp_root, "train")
+    item = ds[ds.ids.index("7")]
+    # person 1 rows 0-3, person 2 rows 2-5 (overlapping, both kept whole); person 3 is empty
+    assert item["labels"].tolist() == [1, 1]
+    assert item["masks"][0][0:4].all() and item["masks"][0].sum() == 40
+    assert item["masks"][1][2:6].all() and item["masks"][1].sum() == 40
+    np.testing.assert_array_equal(item["boxes"], [[0, 0, 10, 4], [0, 2, 10, 6]])
+
+
+# ---------------------------------------------------------------------- driver and box prompt
+
+QUICK = [
+    "experiment=deepmac_quick",
+    "data.synthetic.num_train=8",
+    "data.synthetic.num_val=3",
+    "data.synthetic.image_size=32",
+    "data.image_size=32",
+    "model.mask_size=8",
+    "model.fpn_channels=8",
+    "model.head_channels=8",
+    "schedule.total_epochs=2",
+    "trainer.log_every_n_steps=1",
+    "~callbacks.rich_progress_bar",
+    "~callbacks.model_summary",
+]
+
+
+def test_run_deepmac_end_to_end_and_box_prompt(tmp_path):
+    from experiments.box_prompt import box_prompt
+    from experiments.train import run
+
+    cfg = compose_cfg(QUICK, tmp_path)
+    results = run(cfg)
+    out = tmp_path / "run"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["schedule"] == "deepmac" and saved["head"] == "hourglass10"
+    for key in ("AP_seen", "AP_unseen", "mIoU_seen", "mIoU_unseen"):
+        assert key in saved["val"]
+    detail = results["val_detail"]
+    n = detail["seen"]["num_instances"] + detail["unseen"]["num_instances"]
+    assert n == detail["all"]["num_instances"] > 0
+    assert (out / "final.ckpt").is_file()
+    # the metrics logged during training reached the CSV logger
+    metrics = next((out / "csv").rglob("metrics.csv")).read_text()
+    assert "train/loss" in metrics and "val/AP_unseen" in metrics
+
+    # train=false re-evaluates the saved weights to the same scores
+    cfg2 = compose_cfg(
+        [*QUICK, "train=false", f"init_from={out / 'final.ckpt'}"], tmp_path / "again"
+    )
+    again = run(cfg2)
+    assert again["val"] == pytest.approx(results["val"], nan_ok=True)
+
+    # box prompt on a generated image: the whole image as a box of a 32x24 picture
+    img = np.zeros((24, 32, 3), np.uint8)
+    img[4:20, 6:26] = 200
+    Image.fromarray(img).save(tmp_path / "p.png")
+    boxes = np.array([[6, 4, 26, 20], [0, 0, 32, 24]], np.float32)
+    masks = box_prompt(
+        out / "final.ckpt", tmp_path / "p.png", boxes, tmp_path / "prompt", device="cpu"
+    )
+    assert masks.shape == (2, 24, 32)
+    # pasted masks never leave their boxes
+    assert masks[0][:4].sum() == 0 and masks[0][:, :6].sum() == 0 and masks[0][:, 26:].sum() == 0
+    written = np.array(Image.open(tmp_path / "prompt" / "mask_00.png"))
+    np.testing.assert_array_equal(written, masks[0] * 255)
+    assert (tmp_path / "prompt" / "overlay.png").is_file()
+
+
+def test_box_prompt_cli_reads_a_boxes_json(tmp_path, monkeypatch):
+    from experiments import box_prompt as bp
+
+    (tmp_path / "b.json").write_text(json.dumps({"boxes": [[1, 2, 5, 9]]}))
+    np.testing.assert_array_equal(bp.read_boxes(None, str(tmp_path / "b.json")), [[1, 2, 5, 9]])
+    with pytest.raises(ValueError, match="x2 > x1"):
+        bp.read_boxes([[5, 2, 1, 9]])
+    seen = {}
+    monkeypatch.setattr(
+        bp, "box_prompt", lambda *a: seen.setdefault("args", a) and np.zeros((1, 2, 2))
+    )
+    bp.main(["ckpt=c.ckpt", "image=i.png", "boxes=[[0,0,4,4],[1,1,3,3]]", "output=o"])
+    assert seen["args"][2].tolist() == [[0, 0, 4, 4], [1, 1, 3, 3]]
+
+
+# ---------------------------------------------------------------------- configs
+
+DEEPMAC_EXPERIMENTS = [
+    "deepmac_quick",
+    "deepmac_coco_voc2nonvoc",
+    "deepmac_coco_nonvoc2voc",
+    "deepmac_cityscapes",
+]
+HEADS = ["hourglass10", "hourglass20", "hourglass52", "hourglass100", "resnet", "maskrcnn"]
+
+
+@pytest.mark.parametrize("name", DEEPMAC_EXPERIMENTS)
+def test_deepmac_experiments_compose_and_instantiate(name, tmp_path):
+    import hydra
+
+    from experiments.deepmac import build_deepmac_module, validate_deepmac
+    from experiments.train import validate_config
+
+    cfg = compose_cfg(
+        [f"experiment={name}", "model.pretrained=false", "model.backbone=lite", "trainer=cpu"],
+        tmp_path,
+    )
+    validate_config(cfg)
+    validate_deepmac(cfg)
+    assert cfg.schedule.name == "deepmac" and cfg.optimized_metric == "val/AP_unseen"
+    hydra.utils.instantiate(cfg.data, _convert_="all")  # no file is read before setup
+    module = build_deepmac_module(cfg)
+    boxes = [torch.tensor([[0.0, 0.0, 16.0, 16.0]])]
+    out = module.net.eval()(torch.zeros(1, 3, 32, 32), boxes)["mask_logits"]
+    assert out.shape == (1, cfg.model.mask_size, cfg.model.mask_size)
+    if name != "deepmac_quick":
+        assert module.seen is not None and set(module.seen).isdisjoint(module.unseen)
+
+
+def test_head_sweep_models_compose(tmp_path):
+    """The paper's head comparison: every model of the documented multirun builds its head."""
+    from experiments.deepmac import build_deepmac_module
+
+    params = {}
+    for head in HEADS:
+        cfg = compose_cfg(
+            [
+                "experiment=deepmac_coco_voc2nonvoc",
+                f"model=deepmac_{head}",
+                "model.pretrained=false",
+                "model.backbone=lite",
+                "trainer=cpu",
+            ],
+            tmp_path,
+        )
+        params[head] = sum(p.numel() for p in build_deepmac_module(cfg).net.head.parameters())
+    assert (
+        params["hourglass10"]
+        < params["hourglass20"]
+        < params["hourglass52"]
+        < params["hourglass100"]
+    )
