@@ -400,6 +400,25 @@ class EpochShuffleSampler(DistributedSampler):
             yield index, mix_seed(self.seed, self.epoch, index)
 
 
+def training_order(
+    dataset: Dataset, trainer: Any | None
+) -> tuple[EpochShuffleSampler, torch.Generator]:
+    """The ``sampler`` and ``generator`` of a training DataLoader whose epochs replay exactly.
+
+    The seed is the one ``seed_everything`` exported; the epoch comes from the trainer's loop
+    state. The private generator only feeds the workers' base seed: drawing that from the global
+    RNG would shift dropout and the regional sampler depending on when the iterator was created
+    (at fit start after a resume, at epoch start otherwise). Workers need no RNG of their own:
+    every augmentation is seeded by the sampler.
+    """
+    seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    epoch_fn = (
+        (lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else None
+    )
+    sampler = EpochShuffleSampler(dataset, seed, epoch_fn)
+    return sampler, torch.Generator().manual_seed(mix_seed(sampler.seed, sampler.rank))
+
+
 # -- LightningDataModule base ------------------------------------------------------------------
 
 
@@ -603,24 +622,7 @@ class ParsingDataModule(LightningDataModule, ABC):
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = self.num_workers
-        sampler = None
-        if train:
-            # The seed that seed_everything exported; the epoch from the trainer's loop state.
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            trainer = self.trainer
-            epoch_fn = (
-                (lambda: trainer.fit_loop.epoch_progress.current.processed)
-                if trainer is not None
-                else None
-            )
-            sampler = EpochShuffleSampler(dataset, seed, epoch_fn)
-        # A private generator for the workers' base seed: drawing it from the global RNG would
-        # shift dropout and the regional sampler depending on when the iterator was created (at
-        # fit start after a resume, at epoch start otherwise). Workers need no RNG of their own:
-        # every augmentation is seeded by the sampler.
-        generator = (
-            torch.Generator().manual_seed(mix_seed(sampler.seed, sampler.rank)) if train else None
-        )
+        sampler, generator = training_order(dataset, self.trainer) if train else (None, None)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,

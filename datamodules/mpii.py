@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import EpochShuffleSampler, mix_seed, read_image
+from datamodules.base import read_image, training_order
 from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, DatasetError
 from datamodules.pose_transforms import (
     MPII_FLIP_PAIRS,
@@ -787,17 +786,7 @@ class MPIIDataModule(LightningDataModule):
     # -- loaders
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler, generator = None, None
-        if train:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            trainer = self.trainer
-            epoch_fn = (
-                (lambda: trainer.fit_loop.epoch_progress.current.processed)
-                if trainer is not None
-                else None
-            )
-            sampler = EpochShuffleSampler(dataset, seed, epoch_fn)
-            generator = torch.Generator().manual_seed(mix_seed(sampler.seed, sampler.rank))
+        sampler, generator = training_order(dataset, self.trainer) if train else (None, None)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,

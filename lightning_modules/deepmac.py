@@ -10,7 +10,6 @@ predicted masks into the original image and scores mask AP with ground-truth box
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 from lightning_modules.deepmac_metrics import MaskAPAccumulator, flat_scores
 from lightning_modules.nets.deepmac import crop_instance_masks, paste_masks
+from lightning_modules.schedulers import per_step_optimization
 from losses.mask import resolve_classes
 
 log = logging.getLogger(__name__)
@@ -161,14 +161,7 @@ class DeepMACLitModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return {"optimizer": optimizer}
-        max_epochs = max(1, self.trainer.max_epochs or 1)
-        steps = self.trainer.estimated_stepping_batches
-        steps_per_epoch = max(1, math.ceil(steps / max_epochs)) if math.isfinite(steps) else 1
-        scheduler = self.scheduler_factory(optimizer=optimizer, steps_per_epoch=steps_per_epoch)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+        params = [p for p in self.parameters() if p.requires_grad]
+        return per_step_optimization(
+            self.trainer, self.optimizer_factory, self.scheduler_factory, params
+        )

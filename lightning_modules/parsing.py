@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.metrics import ConfusionMatrix, segmentation_scores
+from lightning_modules.schedulers import per_step_optimization
 
 log = logging.getLogger(__name__)
 
@@ -263,21 +264,9 @@ class ParsingLitModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params=params)
-        if self.scheduler_factory is None:
-            return {"optimizer": optimizer}
-        max_epochs = (
-            self.trainer.max_epochs
-            if self.trainer.max_epochs and self.trainer.max_epochs > 0
-            else 1
+        return per_step_optimization(
+            self.trainer, self.optimizer_factory, self.scheduler_factory, params
         )
-        steps = self.trainer.estimated_stepping_batches
-        steps_per_epoch = max(1, math.ceil(steps / max_epochs)) if math.isfinite(steps) else 1
-        scheduler = self.scheduler_factory(optimizer=optimizer, steps_per_epoch=steps_per_epoch)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
 
     # ------------------------------------------------------------------ evaluation
 

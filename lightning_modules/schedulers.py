@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -79,3 +81,28 @@ def poly_schedule(
         return poly_factor(step + offset, total, power, min_lr_ratio)
 
     return LambdaLR(optimizer, factor)
+
+
+def per_step_optimization(
+    trainer: Any,
+    optimizer_factory: Callable[..., Optimizer],
+    scheduler_factory: Callable[..., Any] | None,
+    params: list,
+) -> dict[str, Any]:
+    """``configure_optimizers``' answer for a schedule stepped every optimisation step.
+
+    The scheduler factories of ``conf/`` take ``steps_per_epoch``, derived here from Lightning's
+    estimate of the run's optimisation steps (so gradient accumulation and ``limit_train_batches``
+    are accounted for).
+    """
+    optimizer = optimizer_factory(params=params)
+    if scheduler_factory is None:
+        return {"optimizer": optimizer}
+    max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    steps = trainer.estimated_stepping_batches
+    steps_per_epoch = max(1, math.ceil(steps / max_epochs)) if math.isfinite(steps) else 1
+    scheduler = scheduler_factory(optimizer=optimizer, steps_per_epoch=steps_per_epoch)
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+    }

@@ -17,13 +17,7 @@ from lightning_modules.nets.deepmac import (
 )
 from losses.mask import COCO_CATEGORY_IDS, COCO_NONVOC_IDS, COCO_VOC_IDS, MaskLoss, mask_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------- crops and paste-back
