@@ -324,6 +324,10 @@ class ParsingLitModule(pl.LightningModule):
         self.test_confmat.reset()
 
     def _log_scores(self, stage: str, metric: ConfusionMatrix, per_class: bool) -> None:
+        if metric.update_count == 0:
+            # e.g. the end of the epoch a resumed run restarts at: nothing was seen in this
+            # process (and so in none, since every rank runs the same loop state).
+            return
         confusion = metric.compute()
         if int(confusion.sum()) == 0:
             return
