@@ -36,7 +36,7 @@ def load_deepmac(ckpt: str | Path, device: torch.device) -> tuple[torch.nn.Modul
     """The trained net of a Deep-MAC checkpoint and its network-frame side."""
     import hydra
 
-    state = torch.load(str(ckpt), map_location="cpu", weights_only=False)
+    state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
     build = state.get("build_config")
     if build is None:
         raise ValueError(f"{ckpt} has no build_config: it was not written by a Deep-MAC run")

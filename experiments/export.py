@@ -1,7 +1,7 @@
 """Export the net of a rimlab parsing checkpoint to ONNX with dynamic batch, height and width.
 
     python -m experiments.export ckpt=<file.ckpt> format=onnx output=<model.onnx> \\
-        [weights=auto|net|schp] [opset=18] [check=true] [check_size=[h,w]]
+        [weights=auto|net|schp] [opset=18] [check=true] [check_size=[h,w]] [tolerance=1e-4]
 
 The graph maps a normalised image ``image`` ``(B, 3, H, W)`` (RGB, ImageNet mean/std, as the
 training data) to ``logits`` ``(B, C, H, W)``. Class names, palette, flip pairs, the input size
@@ -41,6 +41,7 @@ EXPORT_KEYS = (
     "opset",
     "check",
     "check_size",
+    "tolerance",
     "example_size",
     "model",
     "data",
@@ -223,6 +224,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sizes = [(h, w), tuple(args.get("check_size") or (h + 24, w + 40))]
         summary["parity"] = onnx_parity(parser.net, output, sizes)
         print(f"onnxruntime vs PyTorch max |diff| at {sizes}: {summary['parity']}")
+        tolerance = float(args.get("tolerance") or 1e-4)
+        if max(summary["parity"]) > tolerance:
+            raise PredictError(
+                f"{output}: onnxruntime and PyTorch logits differ by {max(summary['parity']):.2e} "
+                f"> tolerance={tolerance:g}; the export is not trustworthy (try another opset)"
+            )
     print(f"wrote {output}")
     return summary
 

@@ -238,8 +238,8 @@ def load_parser(
     if not path.is_file():
         raise PredictError(f"checkpoint not found: {path}")
     try:
-        # weights_only=False: Lightning checkpoints also hold loop and callback state objects.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint from elsewhere cannot run code; rimlab's hold plain values.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated file, a non-torch file, ...
         raise PredictError(f"{path}: cannot be read as a torch checkpoint ({err})") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

@@ -369,7 +369,7 @@ class ParsingLitModule(pl.LightningModule):
         Args:
             path: a rimlab Lightning checkpoint (``.ckpt``).
         """
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if "state_dict" not in ckpt:
             raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
         state = ckpt["state_dict"]

@@ -204,6 +204,9 @@ class SCHPLitModule(ParsingLitModule):
         self.schp_net.eval()
         self.register_buffer("schp_cycles", torch.zeros((), dtype=torch.long))
         self.register_buffer("schp_epoch", torch.zeros((), dtype=torch.long))
+        # Host-side copies, so a training step needs no GPU sync to read them.
+        self._cycles_seen = 0  # refreshed from schp_cycles at every epoch start
+        self._schp_side = "side_outputs" in inspect.signature(self.schp_net.forward).parameters
 
     @property
     def has_average(self) -> bool:
@@ -239,6 +242,7 @@ class SCHPLitModule(ParsingLitModule):
                         self.trainer.strategy.reduce(m.running_var, reduce_op="mean")
                     )
         self.schp_cycles.fill_(count + 1)
+        self._cycles_seen = count + 1
         self.schp_epoch.fill_(epoch)
         log.info(
             "SCHP cycle end at epoch %d: %d model(s) averaged, BatchNorm re-estimated on %d images",
@@ -259,14 +263,14 @@ class SCHPLitModule(ParsingLitModule):
             for nets with an edge branch, ``soft_edge`` ``(B, H, W)`` = ``(1 - a) p_edge + a
             edge(y)``, with ``a = 1 / (n + 1)``, ``n`` the models averaged.
         """
-        if not (self.soft_targets and self.has_average):
+        if not (self.soft_targets and self._cycles_seen > 0):
             return {}
         from losses.edge import edge_logit, edge_targets
 
         image, target = batch["image"], batch["mask"]
-        alpha = 1.0 / (int(self.schp_cycles) + 1)
+        alpha = 1.0 / (self._cycles_seen + 1)
         with torch.no_grad():
-            if "side_outputs" in inspect.signature(self.schp_net.forward).parameters:
+            if self._schp_side:
                 schp_out = self.schp_net(image, side_outputs=True)  # CE2P: edges too
             else:
                 schp_out = self.schp_net(image)
@@ -289,9 +293,13 @@ class SCHPLitModule(ParsingLitModule):
                 extra["soft_edge"] = (1 - alpha) * torch.sigmoid(edge_logit(edge)) + alpha * hard
         return extra
 
+    def on_train_epoch_start(self) -> None:
+        # One sync per epoch (the buffer may have been restored from a checkpoint since).
+        self._cycles_seen = int(self.schp_cycles)
+
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        self.log("train/schp_cycles", float(self.schp_cycles))
+        self.log("train/schp_cycles", float(self._cycles_seen))
 
     def load_init_weights(self, path: str) -> None:
         """The net weights and, when the checkpoint has them, the SCHP average and its counters.
@@ -300,7 +308,7 @@ class SCHPLitModule(ParsingLitModule):
         silently score the last cycle's weights instead of the model SCHP reports.
         """
         super().load_init_weights(path)
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         keep = {k: v for k, v in state.items() if k.startswith("schp_")}
         if keep:
             missing = [k for k in self.state_dict() if k.startswith("schp_") and k not in keep]
