@@ -141,7 +141,7 @@ def run_deepmac(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def load_weights(module: torch.nn.Module, path: str | Path) -> None:
-    state = torch.load(str(path), map_location="cpu", weights_only=False)
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
     module.load_state_dict(state.get("state_dict", state))
 
 

@@ -146,7 +146,7 @@ def predict(
 
 
 def load_weights(module: PoseRegressionLitModule, path: str | Path) -> None:
-    state = torch.load(str(path), map_location="cpu", weights_only=False)
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
     module.load_state_dict(state.get("state_dict", state))
 
 

@@ -292,3 +292,15 @@ def test_two_stage_cascade_trains_and_reports_per_stage_pckh(tmp_path):
     again = compose_cfg([*TINY_POSE, "train=false"], tmp_path)
     re = run(again)
     assert re["PCKh_per_stage"] == pytest.approx(on_disk["PCKh_per_stage"])
+
+
+def test_coordinate_head_runs_in_fp32_under_bf16_autocast():
+    """bf16 coordinates would step by ~0.002 of the box side: the regressor stays in fp32."""
+    from lightning_modules.nets.deeppose import DeepPoseResNet
+
+    net = DeepPoseResNet(depth=18, input_size=64).eval()
+    torch.nn.init.normal_(net.net.fc.weight)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(net(x), net.net(x).view(-1, 16, 2), atol=1e-6)  # same as torchvision's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(x).dtype == torch.float32

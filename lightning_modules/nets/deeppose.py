@@ -85,8 +85,15 @@ class DeepPoseAlexNet(nn.Module):
                 f"input {tuple(image.shape[-2:])} but the F layers are sized for "
                 f"{self.input_size}x{self.input_size}"
             )
-        out = self.regressor(self.features(image))  # (B, 2K)
-        return out.view(-1, self.num_joints, 2)  # (B, 2K) -> (B, K, 2)
+        hidden = self.regressor[:-1](self.features(image))  # (B, fc_dim)
+        return _fp32_head(self.regressor[-1], hidden).view(-1, self.num_joints, 2)
+
+
+def _fp32_head(layer: nn.Linear, x: Tensor) -> Tensor:
+    """The coordinate regressor outside autocast: in bf16 a normalised coordinate near 0.4 has
+    steps of ~0.002 of the box side, pixels at MPII's scales."""
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
 
 
 class DeepPoseResNet(nn.Module):
@@ -135,4 +142,8 @@ class DeepPoseResNet(nn.Module):
 
     def forward(self, image: Tensor) -> Tensor:
         """``(B, 3, S, S)`` -> joints ``(B, K, 2)`` in the normalised crop frame."""
-        return self.net(image).view(-1, self.num_joints, 2)  # (B, 2K) -> (B, K, 2)
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(image))))
+        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        features = torch.flatten(n.avgpool(x), 1)  # (B, 2048) for depth 50
+        return _fp32_head(n.fc, features).view(-1, self.num_joints, 2)  # (B, 2K) -> (B, K, 2)
