@@ -27,6 +27,7 @@ from experiments.train import (
     ConfigError,
     build_trainer,
     checkpoint_paths,
+    load_module_weights,
     resume_checkpoint,
 )
 from lightning_modules.deepmac import DeepMACLitModule
@@ -115,7 +116,7 @@ def run_deepmac(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     }
     final = out_dir / "final.ckpt"
     if cfg.get("init_from"):
-        load_weights(module, cfg.init_from)
+        load_module_weights(module, cfg.init_from)
     if cfg.train:
         trainer = build_trainer(
             cfg, out_dir, max_epochs=int(cfg.schedule.total_epochs), final_checkpoint=final
@@ -123,12 +124,12 @@ def run_deepmac(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         ckpt = cfg.get("ckpt_path") or resume_checkpoint(cfg, out_dir)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         # Spawn launchers train in child processes: the weights come back through final.ckpt.
-        load_weights(module, final)
+        load_module_weights(module, final)
         results["checkpoints"] = {**checkpoint_paths(trainer), "final": str(final)}
     elif not cfg.get("init_from") and not cfg.get("ckpt_path"):
         raise ConfigError("train=false needs init_from=<a Deep-MAC checkpoint> to evaluate")
     elif cfg.get("ckpt_path"):
-        load_weights(module, cfg.ckpt_path)
+        load_module_weights(module, cfg.ckpt_path)
     scores = evaluate(module, datamodule.val_dataloader(), _device(cfg))
     results["val"] = {**flat_scores(scores)}
     results["val_detail"] = scores
@@ -138,11 +139,6 @@ def run_deepmac(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         )
     )
     return results
-
-
-def load_weights(module: torch.nn.Module, path: str | Path) -> None:
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    module.load_state_dict(state.get("state_dict", state))
 
 
 def format_mask_table(scores: dict[str, Any], title: str) -> str:

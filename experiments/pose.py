@@ -41,6 +41,7 @@ from experiments.train import (
     build_loggers,
     build_trainer,
     checkpoint_paths,
+    load_module_weights,
     resume_checkpoint,
 )
 from lightning_modules.pose import PoseRegressionLitModule, draw_skeleton
@@ -145,11 +146,6 @@ def predict(
     return out
 
 
-def load_weights(module: PoseRegressionLitModule, path: str | Path) -> None:
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    module.load_state_dict(state.get("state_dict", state))
-
-
 def write_overlays(
     dataset: Any, pred: np.ndarray, folder: Path, count: int
 ) -> list[tuple[str, np.ndarray]]:
@@ -243,7 +239,7 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             entry["sigma"] = sigma
         loggers = build_loggers(scfg, stage_dir, name_suffix=f"-stage{s}")
         if init_from:
-            load_weights(module, init_from)
+            load_module_weights(module, init_from)
             entry["init_from"] = str(init_from)
         elif cfg.train and not (cfg.get("resume") and final.is_file()):
             trainer = build_trainer(
@@ -256,11 +252,11 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             )
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, stage_dir))
             # Spawn launchers train in child processes: the weights come back through final.ckpt.
-            load_weights(module, final)
+            load_module_weights(module, final)
             entry["checkpoints"] = {**checkpoint_paths(trainer), "final": str(final)}
         elif final.is_file():
             log.info("stage %d: using the trained weights of %s", s, final)
-            load_weights(module, final)
+            load_module_weights(module, final)
             entry["checkpoints"] = {"final": str(final)}
         else:
             raise ConfigError(

@@ -373,6 +373,15 @@ def resume_checkpoint(cfg: DictConfig, stage_dir: Path) -> str | None:
     return None
 
 
+def load_module_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Loads a checkpoint's ``state_dict`` (or a bare state dict) into ``module``, strictly.
+
+    ``weights_only=True``: a checkpoint from elsewhere cannot run code.
+    """
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    module.load_state_dict(state.get("state_dict", state))
+
+
 def read_scores(stage_dir: Path) -> dict[str, Any] | None:
     """The val entry that :class:`StageEnd` wrote for a fit in ``stage_dir`` (spawn launchers)."""
     path = stage_dir / "scores.json"
