@@ -5,6 +5,12 @@ epoch-70 checkpoint. A sweep over samplers and losses therefore trains stage 1 o
 keyed by a hash of everything that influences stage 1 (data, model, module, main loss, optimizer,
 schedule length, seed, trainer numerics), and later runs find it there. A stage 1 that was killed
 resumes from its ``last.ckpt``; a file lock keeps parallel sweep jobs from training it twice.
+
+Under an external launcher (torchrun, SLURM) every rank of a job starts at once, but only rank 0
+takes the lock: the other ranks follow the decision rank 0 made under it (reuse or train), which it
+publishes in a small file named after the launch. Deciding on their own, they could see a different
+state of the shared directory (another sweep job finishing stage 1 in between) and enter a
+different ``fit`` than their rank 0, which hangs or crashes the job.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ import fcntl
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,16 +126,68 @@ def _launcher_rank() -> int:
     return int(_get_rank() or 0)
 
 
+def _launch_token() -> str | None:
+    """An id shared by all ranks of one external launch (torchrun, multi-task SLURM), else None.
+
+    Under Lightning's own ``ddp`` launcher the other ranks are started from inside rank 0's
+    ``fit``, after rank 0 has decided, so they need no token.
+    """
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env and int(env.get("WORLD_SIZE", "1")) > 1:
+        keys = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
+        prefix = "torchrun"
+    elif "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        keys = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT")
+        prefix = "slurm"
+    else:
+        return None
+    raw = "-".join([prefix, *(env.get(k, "") for k in keys)])
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", raw)
+
+
+def _decision_path(lock: Path, token: str) -> Path:
+    return lock.with_name(f"{lock.name}.{token}.decision")
+
+
+def _await_decision(lock: Path, token: str, poll_s: float = 0.5) -> bool:
+    """Waits for rank 0 of this launch to publish its reuse/train decision; returns reuse."""
+    path = _decision_path(lock, token)
+    started = last_log = time.monotonic()
+    while not path.exists():
+        # Rank 0 may itself wait hours for the lock while another sweep job trains stage 1.
+        if time.monotonic() - last_log > 600:
+            log.info(
+                "still waiting for rank 0's decision on %s (%.0f min)",
+                lock.with_suffix(""),
+                (time.monotonic() - started) / 60,
+            )
+            last_log = time.monotonic()
+        time.sleep(poll_s)
+    return bool(json.loads(path.read_text())["reuse"])
+
+
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _coordinated(lock: Path, finished: Callable[[], bool]) -> Iterator[bool]:
+    """Holds ``lock`` (rank 0 only) and yields whether the shared run can be reused.
+
+    Rank 0 evaluates ``finished`` under the lock; the other ranks of an external launch use
+    rank 0's published answer, so every rank enters the same ``fit``.
+    """
+    token = _launch_token()
     if _launcher_rank() != 0:
-        yield
+        yield _await_decision(lock, token) if token else finished()
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            reuse = finished()
+            if token:
+                decision = _decision_path(lock, token)
+                tmp = decision.with_name(decision.name + ".tmp")
+                tmp.write_text(json.dumps({"reuse": reuse}))
+                os.replace(tmp, decision)
+            yield reuse
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -163,15 +224,17 @@ def shared_stage1(cfg: DictConfig) -> Stage1:
     directory = Path(cfg.schedule.stage1_dir) / key
     done = directory / "done.json"
     final = directory / "checkpoints" / "stage1.ckpt"
-    with _locked(directory.with_suffix(".lock")):
-        if done.exists() and final.exists():
+    lock = directory.with_suffix(".lock")
+    with _coordinated(lock, lambda: done.exists() and final.exists()) as reuse:
+        if reuse:
             log.info("reusing shared stage 1 %s", directory)
             return Stage1(directory, final, json.loads(done.read_text()).get("val"))
         epochs = int(cfg.schedule.stage1_epochs)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "stage1_config.yaml").write_text(
-            OmegaConf.to_yaml(OmegaConf.create(stage1_config(cfg)))
-        )
+        if _launcher_rank() == 0:
+            (directory / "stage1_config.yaml").write_text(
+                OmegaConf.to_yaml(OmegaConf.create(stage1_config(cfg)))
+            )
         last = directory / "checkpoints" / "last.ckpt"
         resume = str(last) if last.exists() else None
         log.info(
@@ -197,8 +260,8 @@ def shared_baseline(cfg: DictConfig, stage1: Stage1) -> Stage1:
     directory = stage1.directory / "baseline"
     done = directory / "done.json"
     final = directory / "checkpoints" / "final.ckpt"
-    with _locked(directory.with_suffix(".lock")):
-        if done.exists():
+    with _coordinated(directory.with_suffix(".lock"), done.exists) as reuse:
+        if reuse:
             log.info("reusing the shared baseline %s", directory)
             return Stage1(directory, final, json.loads(done.read_text()).get("val"))
         total = int(cfg.schedule.total_epochs)
