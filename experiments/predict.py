@@ -6,7 +6,7 @@
         [max_frames=N] [save_frames=false]
 
 Per image: ``<name>.png`` (class ids as a palette PNG at the original size, the format SCHP's
-``simple_extractor.py`` writes), ``<name>_overlay.jpg`` (colours blended on the photo) and, with
+``simple_extractor.py`` writes; a 16-bit grey PNG for label sets of more than 256 classes), ``<name>_overlay.jpg`` (colours blended on the photo) and, with
 ``save_logits=true``, ``<name>_logits.npy`` (``(C, H, W)`` float32 scores at the original size).
 A video file gives ``<name>_parsing.mp4`` (the overlay per frame); a camera index shows a live
 window when a display exists, and writes ``camera<idx>_parsing.mp4`` otherwise. Frames per
@@ -111,9 +111,14 @@ class Parser:
         return out[0].float()
 
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, Tensor]:
-        """``(H, W)`` uint8 class ids and the ``(C, H, W)`` scores of an ``(H, W, 3)`` RGB image."""
+        """``(H, W)`` class ids and the ``(C, H, W)`` scores of an ``(H, W, 3)`` RGB image.
+
+        The ids are uint8 for up to 256 classes, uint16 beyond (:func:`ids_dtype`).
+        """
         scores = self.scores(image)
-        return scores.argmax(0).to(torch.uint8).cpu().numpy(), scores
+        # argmax on the device, then the smallest integer type that holds every id
+        ids = scores.argmax(0).to(torch.int32).cpu().numpy()
+        return ids.astype(ids_dtype(self.num_classes)), scores
 
     def colorize(self, ids: np.ndarray) -> np.ndarray:
         """``(H, W)`` class ids -> ``(H, W, 3)`` uint8 RGB colours."""
@@ -124,6 +129,44 @@ class Parser:
         blend = (1.0 - alpha) * image.astype(np.float32) + alpha * self.colorize(ids)
         out = np.where((ids > 0)[..., None], blend, image.astype(np.float32))
         return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+MAX_PALETTE_CLASSES = 256  # an 8-bit palette PNG holds ids 0..255
+MAX_CLASSES = 65536  # a 16-bit PNG holds ids 0..65535
+
+
+def ids_dtype(num_classes: int) -> type[np.integer]:
+    """uint8 for up to 256 classes, uint16 up to 65536.
+
+    Raises:
+        PredictError: for more classes than a 16-bit PNG can hold.
+    """
+    if num_classes <= MAX_PALETTE_CLASSES:
+        return np.uint8
+    if num_classes <= MAX_CLASSES:
+        return np.uint16
+    raise PredictError(f"{num_classes} classes: class-id PNGs hold at most {MAX_CLASSES}")
+
+
+def save_ids_png(path: Path, ids: np.ndarray, palette: np.ndarray, num_classes: int) -> None:
+    """Writes ``(H, W)`` class ids as a PNG whose pixel values are the ids.
+
+    Up to 256 classes: an 8-bit palette PNG (``mode "P"``, coloured for viewers, what SCHP
+    writes). More: a 16-bit greyscale PNG (``mode "I;16"``; PNG palettes stop at 256 entries),
+    so that the ids survive a round trip (``np.asarray(Image.open(path))``); the colours are
+    in the overlay image only.
+    """
+    if num_classes <= MAX_PALETTE_CLASSES:
+        save_label_png(path, ids, palette)
+        return
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or (ids.size and (ids.min() < 0 or ids.max() >= MAX_CLASSES)):
+        raise PredictError(f"{path}: expected (H, W) ids in 0..{MAX_CLASSES - 1}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(ids.astype(np.uint16))  # uint16 (H, W) -> mode "I;16"
+    if image.mode != "I;16":
+        raise PredictError(f"{path}: Pillow made a {image.mode!r} image of uint16 ids")
+    image.save(path)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -286,6 +329,13 @@ def load_parser(
         size = None
     eval_size = tuple(int(v) for v in size) if size is not None else None
     log.info("loaded %s (%s weights, %d classes) on %s", path, prefix[:-1], num_classes, device)
+    if num_classes > MAX_PALETTE_CLASSES:
+        log.info(
+            "%d classes do not fit an 8-bit palette PNG: class ids are written as 16-bit "
+            "greyscale PNGs (mode I;16, no colours; see the overlay images for colours)",
+            num_classes,
+        )
+    ids_dtype(num_classes)  # fails now, not after the first image, beyond 65536 classes
     return Parser(
         net=net,
         num_classes=num_classes,
@@ -325,7 +375,7 @@ def predict_image(
     """Writes ``<stem>.png``, ``<stem>_overlay.jpg`` (and ``<stem>_logits.npy``); returns the ids."""
     ids, scores = parser.predict(image)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    save_label_png(stem.with_name(stem.name + ".png"), ids, parser.palette)
+    save_ids_png(stem.with_name(stem.name + ".png"), ids, parser.palette, parser.num_classes)
     overlay = parser.overlay(image, ids, alpha)
     Image.fromarray(overlay).save(stem.with_name(stem.name + "_overlay.jpg"), quality=92)
     if save_logits:
@@ -424,7 +474,9 @@ def predict_stream(
             overlay = cv2.cvtColor(parser.overlay(frame, ids, alpha), cv2.COLOR_RGB2BGR)
             if save_frames:
                 (output / name).mkdir(exist_ok=True)
-                save_label_png(output / name / f"{frames - 1:06d}.png", ids, parser.palette)
+                save_ids_png(
+                    output / name / f"{frames - 1:06d}.png", ids, parser.palette, parser.num_classes
+                )
             if video_path is not None:
                 if writer is None:
                     h, w = overlay.shape[:2]

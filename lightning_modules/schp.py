@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_modules.parsing import ParsingLitModule
 from lightning_modules.schedulers import cosine_factor
@@ -42,9 +43,15 @@ from lightning_modules.schedulers import cosine_factor
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BNMoments",
     "SCHPCycle",
     "SCHPLitModule",
+    "all_reduce_bn_moments",
     "average_into",
+    "bn_shard_loader",
+    "collect_bn_moments",
+    "load_bn_moments",
+    "merge_bn_moments",
     "reestimate_bn",
     "schp_lr_factor",
     "schp_schedule",
@@ -127,48 +134,187 @@ def average_into(average: nn.Module, model: nn.Module, count: int) -> None:
         target.mul_(1.0 - alpha).add_(param.detach().to(target.dtype), alpha=alpha)
 
 
+BNMoments = dict[str, Tensor]
+"""Per BatchNorm layer (by module name): ``(3, C)`` float64 rows ``[n, sum x, sum x^2]`` of its
+input over the pixels seen, ``n`` repeated per channel. Sums, so shards merge by addition."""
+
+
+@torch.no_grad()
+def collect_bn_moments(
+    model: nn.Module, images: Iterable[Tensor], forward: Any = None
+) -> tuple[BNMoments, int]:
+    """Sums of every BatchNorm's input over ``images``, the model running in train mode.
+
+    Train mode is what SCHP's ``bn_re_estimate`` runs: each layer normalises a batch with that
+    batch's statistics, so the inputs of deeper layers do not depend on the statistics being
+    estimated, and a batch contributes the same sums whichever process sees it.
+
+    Args:
+        model: the network (its BatchNorm buffers are changed; :func:`load_bn_moments` sets them).
+        images: ``(B, 3, H, W)`` batches on the model's device.
+        forward: ``callable(model, images)``; default ``model(images)``.
+
+    Returns:
+        The moments of each BatchNorm that tracks statistics, and the number of images seen.
+    """
+    bns = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.running_mean is not None
+    }
+    # Every layer starts at zero, so all ranks hold the same keys even if one saw no batch.
+    moments: BNMoments = {
+        name: torch.zeros(3, m.num_features, dtype=torch.float64, device=m.running_mean.device)
+        for name, m in bns.items()
+    }
+
+    def accumulate(name: str, x: Tensor) -> None:
+        x = x.detach()
+        dims = [d for d in range(x.dim()) if d != 1]
+        # Two-pass float32 statistics of the batch (stable), summed in float64 across batches.
+        var, mean = torch.var_mean(x.float(), dim=dims, unbiased=False)  # (C,), (C,)
+        n = x.numel() // x.shape[1]
+        mean, var = mean.double(), var.double()
+        rows = torch.stack([torch.full_like(mean, n), n * mean, n * (var + mean * mean)])
+        moments[name] += rows
+
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, inputs, name=name: accumulate(name, inputs[0]))
+        for name, m in bns.items()
+    ]
+    for m in bns.values():
+        m.reset_running_stats()
+    was_training = model.training
+    model.train()
+    seen = 0
+    try:
+        for x in images:
+            if forward is None:
+                model(x)
+            else:
+                forward(model, x)
+            seen += int(x.shape[0])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return moments, seen
+
+
+def merge_bn_moments(parts: Iterable[BNMoments]) -> BNMoments:
+    """Moments of the union of disjoint image sets: the element-wise sums of theirs."""
+    merged: BNMoments = {}
+    for part in parts:
+        for name, rows in part.items():
+            merged[name] = merged[name] + rows if name in merged else rows.clone()
+    return merged
+
+
+def all_reduce_bn_moments(moments: BNMoments) -> BNMoments:
+    """Sums the moments of every DDP rank (one ``all_reduce`` of one flat float64 tensor).
+
+    Identity without an initialised process group of more than one process. Every rank must
+    call it with the moments of the same BatchNorm layers (the same model), in the same order.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return moments
+    names = sorted(moments)
+    # {name: (3, C)} -> (sum 3 C,)
+    flat = torch.cat([moments[name].reshape(-1) for name in names])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out, offset = {}, 0
+    for name in names:
+        size = moments[name].numel()
+        out[name] = flat[offset : offset + size].view_as(moments[name])
+        offset += size
+    return out
+
+
+def bn_shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
+    """``loader`` restricted to rank ``rank`` of ``world_size`` for BatchNorm re-estimation.
+
+    A loader whose sampler is already a ``DistributedSampler`` over ``world_size`` replicas (the
+    rimlab datamodules' training loaders) is returned as is. Otherwise the dataset is split
+    like ``DistributedSampler(shuffle=False)``: index ``i`` goes to rank ``i % world_size``, the
+    last few indices repeated so that every rank gets the same number of images (and batches).
+
+    Args:
+        loader: the training loader.
+        rank: this process's global rank.
+        world_size: the number of processes.
+    """
+    if world_size <= 1:
+        return loader
+    sampler = loader.sampler
+    if isinstance(sampler, DistributedSampler) and sampler.num_replicas == world_size:
+        return loader
+    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", 1)
+    return DataLoader(
+        loader.dataset,
+        batch_size=batch_size,
+        sampler=DistributedSampler(
+            loader.dataset, num_replicas=world_size, rank=rank, shuffle=False
+        ),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+    )
+
+
+@torch.no_grad()
+def load_bn_moments(model: nn.Module, moments: BNMoments) -> None:
+    """Sets each BatchNorm's running statistics from its moments.
+
+    ``running_mean = sum x / n`` and ``running_var = (sum x^2 - n mean^2) / (n - 1)``: the mean
+    and the unbiased variance (BatchNorm's own ``running_var`` convention) over every pixel of
+    every image seen. Layers that saw no pixel keep their statistics.
+    """
+    for name, m in model.named_modules():
+        rows = moments.get(name)
+        if rows is None or not isinstance(m, _BatchNorm) or m.running_mean is None:
+            continue
+        n, sum_x, sum_x2 = rows  # (C,) each, float64
+        if not bool((n > 0).all()):
+            continue
+        mean = sum_x / n.clamp(min=1)
+        var = ((sum_x2 - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.to(m.running_var.dtype))
+
+
 @torch.no_grad()
 def reestimate_bn(
     model: nn.Module,
     images: Iterable[Tensor],
     forward: Any = None,
+    reduce: Any = None,
 ) -> int:
     """Recomputes every BatchNorm's running statistics from ``images`` (SCHP's ``bn_re_estimate``).
 
-    The statistics are reset, then batch ``k`` of size ``b_k`` enters with momentum
-    ``b_k / (n_k + b_k)`` (``n_k`` images before it), which makes the running mean and variance the
-    batch-size-weighted averages of the per-batch mean and unbiased variance.
+    The statistics become the mean and unbiased variance of each layer's input over all pixels
+    of all images (:func:`collect_bn_moments`, :func:`load_bn_moments`). They are exact sums,
+    so under DDP each rank passes its own shard and ``reduce=all_reduce_bn_moments``: the merged
+    statistics equal those of one process reading every shard. (SCHP's code averages per-batch
+    variances instead, which drops the spread between batch means and depends on the batch size
+    and the number of GPUs; see docs/schp.md.)
 
     Args:
         model: the network; left in eval mode.
         images: ``(B, 3, H, W)`` batches on the model's device.
         forward: ``callable(model, images)``; default ``model(images)``.
+        reduce: ``callable(moments) -> moments`` merging the shards of other processes
+            (:func:`all_reduce_bn_moments`); None: this process saw every image.
 
     Returns:
-        The number of images seen.
+        The number of images this process saw.
     """
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    if not bns:
-        return 0
-    momenta = {m: m.momentum for m in bns}
-    for m in bns:
-        m.reset_running_stats()
-    model.train()
-    seen = 0
-    try:
-        for x in images:
-            b = int(x.shape[0])
-            for m in bns:
-                m.momentum = b / (seen + b)
-            if forward is None:
-                model(x)
-            else:
-                forward(model, x)
-            seen += b
-    finally:
-        for m, momentum in momenta.items():
-            m.momentum = momentum
-        model.eval()
+    moments, seen = collect_bn_moments(model, images, forward)
+    if reduce is not None:
+        moments = reduce(moments)
+    load_bn_moments(model, moments)
+    model.eval()
     return seen
 
 
@@ -230,22 +376,16 @@ class SCHPLitModule(ParsingLitModule):
         """
         count = int(self.schp_cycles)
         average_into(self.schp_net, self.net, count)
-        seen = reestimate_bn(self.schp_net, images)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            # Each rank saw its own shard: average the statistics so every rank holds the same model.
-            for m in self.schp_net.modules():
-                if isinstance(m, _BatchNorm) and m.running_mean is not None:
-                    m.running_mean.copy_(
-                        self.trainer.strategy.reduce(m.running_mean, reduce_op="mean")
-                    )
-                    m.running_var.copy_(
-                        self.trainer.strategy.reduce(m.running_var, reduce_op="mean")
-                    )
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        # Under DDP every rank reads its own shard; the exact sums of all shards are merged.
+        reduce = all_reduce_bn_moments if distributed else None
+        seen = reestimate_bn(self.schp_net, images, reduce=reduce)
         self.schp_cycles.fill_(count + 1)
         self._cycles_seen = count + 1
         self.schp_epoch.fill_(epoch)
         log.info(
-            "SCHP cycle end at epoch %d: %d model(s) averaged, BatchNorm re-estimated on %d images",
+            "SCHP cycle end at epoch %d: %d model(s) averaged, BatchNorm re-estimated on %d images"
+            " (this process)",
             epoch,
             count + 1,
             seen,
@@ -338,8 +478,10 @@ class SCHPCycle(pl.Callback):
     Args:
         schp_start: epochs of ordinary training before the first average (SCHP: 100 of 150).
         cycle_epochs: length of a cycle (SCHP: 10).
-        bn_batches: training batches used to re-estimate BatchNorm (None: one epoch's worth,
-            ``trainer.num_training_batches``, i.e. the whole training set like SCHP).
+        bn_batches: training batches per process used to re-estimate BatchNorm (None: one
+            epoch's worth, ``trainer.num_training_batches``, i.e. the whole training set like
+            SCHP). Under DDP each rank reads its own shard (:func:`bn_shard_loader`) and the
+            statistics of all shards are merged exactly (:func:`all_reduce_bn_moments`).
     """
 
     def __init__(self, schp_start: int, cycle_epochs: int, bn_batches: int | None = None) -> None:
@@ -371,12 +513,15 @@ class SCHPCycle(pl.Callback):
         pl_module.schp_update(self._images(trainer, pl_module), epoch)
 
     def _images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable[Tensor]:
-        """Training images for the BatchNorm re-estimation, from a fresh training loader."""
+        """This rank's share of the training images for the BatchNorm re-estimation."""
         datamodule = trainer.datamodule
         if datamodule is None:
             raise RuntimeError("SCHP's BatchNorm re-estimation needs a datamodule")
-        limit = self.bn_batches or trainer.num_training_batches
-        loader = datamodule.train_dataloader()
+        loader = bn_shard_loader(
+            datamodule.train_dataloader(), trainer.global_rank, trainer.world_size
+        )
+        # Equal shards give every rank the same number of batches (SyncBatchNorm needs that).
+        limit = min(self.bn_batches or trainer.num_training_batches, len(loader))
         for i, batch in enumerate(loader):
             if i >= limit:
                 break

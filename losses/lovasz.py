@@ -5,9 +5,18 @@ pixel errors ``m_i = |fg_i - p_ci|`` are fed to the Lovasz extension of the Jacc
 ``Delta_J(M) = |M| / |fg_c ∪ M|``: sort the errors in decreasing order and weight each by the
 increment of ``Delta_J`` when its pixel joins the mismatch set. The loss averages the classes
 present in the target (SCHP's and Berman's ``classes="present"``) or all classes.
+
+Memory: the classes are processed in chunks of at most ``CHUNK_ELEMENTS // P`` classes (one at
+a time at SCHP's scale), so the sort and its weights cost a few ``(P,)`` vectors per class
+(``P`` labelled pixels) instead of several ``(P, C)`` matrices (about 2 GB per output at SCHP's
+16 x 473 x 473 x 20). The loss is piecewise linear in the probabilities with weights fixed
+by the sort, so its gradient is written into one probabilities-sized tensor during the forward
+pass (:class:`_LovaszSoftmaxFunction`) instead of autograd keeping every class's sort.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,16 +28,16 @@ def lovasz_grad(fg_sorted: Tensor) -> Tensor:
     """Increments of the Jaccard loss along a sorted mismatch order.
 
     Args:
-        fg_sorted: ``(P, K)`` float 0/1 ground truth of ``K`` independent problems, each column
-            ordered by decreasing error.
+        fg_sorted: ``(P,)`` float 0/1 ground truth ordered by decreasing error, or ``(P, K)``
+            for ``K`` independent problems (one per column).
 
     Returns:
-        ``(P, K)`` weights ``Delta_J(M_i) - Delta_J(M_{i-1})`` with ``M_i`` the first ``i``
-        pixels of the order.
+        Weights of the same shape, ``Delta_J(M_i) - Delta_J(M_{i-1})`` with ``M_i`` the first
+        ``i`` pixels of the order.
     """
-    gts = fg_sorted.sum(0, keepdim=True)  # (1, K)
-    intersection = gts - fg_sorted.cumsum(0)  # (P, K)
-    union = gts + (1.0 - fg_sorted).cumsum(0)  # (P, K), >= 1 after the first pixel
+    gts = fg_sorted.sum(0, keepdim=True)  # (1,) or (1, K)
+    intersection = gts - fg_sorted.cumsum(0)  # (P,) or (P, K)
+    union = gts + (1.0 - fg_sorted).cumsum(0)  # >= 1 after the first pixel
     jaccard = 1.0 - intersection / union
     # First differences along the order; the first entry is Delta_J(M_1) - Delta_J(empty set).
     return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]], dim=0)
@@ -59,37 +68,99 @@ def lovasz_softmax(
     probs = logits.float().softmax(1)
     if per_image:
         losses = [
-            _lovasz_flat(*_flatten(probs[i : i + 1], target[i : i + 1], ignore_index), classes)
+            _lovasz_flat(probs[i : i + 1], target[i : i + 1], ignore_index, classes)
             for i in range(probs.shape[0])
         ]
         return torch.stack(losses).mean()
-    return _lovasz_flat(*_flatten(probs, target, ignore_index), classes)
+    return _lovasz_flat(probs, target, ignore_index, classes)
 
 
-def _flatten(probs: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """``(B, C, H, W)``, ``(B, H, W)`` -> labelled pixels ``(P, C)`` and their labels ``(P,)``."""
-    num_classes = probs.shape[1]
-    probs = probs.permute(0, 2, 3, 1).reshape(-1, num_classes)  # (B, C, H, W) -> (BHW, C)
-    labels = target.reshape(-1)  # (BHW,)
-    valid = labels != ignore_index
-    # Boolean indexing syncs with the host once; the sort below needs the real pixel count anyway.
-    return probs[valid], labels[valid]
+# Classes share one sort while the (pixels x classes) block stays under this many elements: a
+# few 16 MB temporaries at most, one class at a time at SCHP's 16 x 473 x 473, all classes at
+# once for small CPU batches (where per-class kernel launches would dominate).
+CHUNK_ELEMENTS = 1 << 22
 
 
-def _lovasz_flat(probs: Tensor, labels: Tensor, classes: str) -> Tensor:
-    """Lovasz-softmax of ``(P, C)`` probabilities and ``(P,)`` labels, all classes at once."""
-    num_classes = probs.shape[1]
-    if probs.shape[0] == 0:
+def _lovasz_flat(
+    probs: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    classes: str,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> Tensor:
+    """Lovasz-softmax of ``(B, C, H, W)`` probabilities and ``(B, H, W)`` labels, by class chunks."""
+    batch, num_classes = probs.shape[:2]
+    probs = probs.contiguous()
+    hw = probs[0, 0].numel()
+    labels = target.reshape(batch, hw)  # (B, H, W) -> (B, HW)
+    # Flat positions of the labelled pixels in class 0's plane of probs: b * C * HW + hw, so
+    # class c's probabilities are probs.view(-1)[base + c * HW] (no (P, C) copy is made).
+    pixel = torch.nonzero(labels.reshape(-1) != ignore_index).squeeze(1)  # (P,), one host sync
+    if pixel.numel() == 0:
         return probs.sum() * 0.0
-    fg = (labels[:, None] == torch.arange(num_classes, device=labels.device)).float()  # (P, C)
-    errors = (fg - probs).abs()  # (P, C)
-    errors_sorted, order = torch.sort(errors, dim=0, descending=True)  # per class column
-    fg_sorted = fg.gather(0, order)  # (P, C)
-    per_class = (errors_sorted * lovasz_grad(fg_sorted)).sum(0)  # (C,)
+    base = (pixel // hw) * (num_classes * hw) + pixel % hw  # (P,)
+    labels = labels.reshape(-1)[pixel]  # (P,)
     if classes == "all":
-        return per_class.mean()
-    present = fg.sum(0) > 0  # (C,)
-    return (per_class * present).sum() / present.sum().clamp(min=1)
+        class_ids = list(range(num_classes))
+    else:
+        # Labels outside 0..C-1 (other than ignore_index) belong to no class, as before.
+        inside = (labels >= 0) & (labels < num_classes)
+        counts = torch.bincount(torch.where(inside, labels, num_classes), minlength=num_classes + 1)
+        class_ids = torch.nonzero(counts[:num_classes]).squeeze(1).tolist()
+        if not class_ids:
+            return probs.sum() * 0.0
+    chunk = max(1, chunk_elements // pixel.numel())
+    want_grad = torch.is_grad_enabled() and probs.requires_grad
+    return _LovaszSoftmaxFunction.apply(probs, labels, base, class_ids, chunk, want_grad)
+
+
+class _LovaszSoftmaxFunction(torch.autograd.Function):
+    """Mean over ``class_ids`` of the per-class Lovasz extensions, with its exact gradient.
+
+    ``loss_c = sum_k e_(k) g_k`` with ``e_(k)`` the errors in decreasing order and ``g`` the
+    :func:`lovasz_grad` of that order, so ``d loss_c / d p_ci = sign(p_ci - fg_ci) g_rank(i)``
+    (``sign(0) = 0``, as autograd's ``abs``). It is computed ``chunk`` classes at a time in the
+    forward pass and stored densely; the backward pass only scales it.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        probs: Tensor,
+        labels: Tensor,
+        base: Tensor,
+        class_ids: list[int],
+        chunk: int,
+        want_grad: bool,
+    ) -> Tensor:
+        flat = probs.view(-1)  # (B * C * H * W,)
+        plane = probs[0, 0].numel()
+        grad = torch.zeros_like(flat) if want_grad else None
+        total = flat.new_zeros(())
+        for start in range(0, len(class_ids), chunk):
+            cls = torch.tensor(class_ids[start : start + chunk], device=labels.device)  # (K,)
+            index = base[:, None] + cls[None, :] * plane  # (P, K) positions in flat
+            p = flat[index]  # (P, K)
+            fg = (labels[:, None] == cls[None, :]).to(p.dtype)  # (P, K)
+            diff = p - fg  # (P, K)
+            errors, order = torch.sort(diff.abs(), dim=0, descending=True)  # per class column
+            weights = lovasz_grad(fg.gather(0, order))  # (P, K)
+            total = total + (errors * weights).sum()
+            if grad is not None:
+                # d loss_c / d p at the sorted pixels; positions are unique, so no accumulation.
+                grad.index_put_(
+                    (index.gather(0, order),), torch.sign(diff.gather(0, order)) * weights
+                )
+        scale = 1.0 / len(class_ids)
+        if grad is not None:
+            ctx.save_for_backward(grad.view_as(probs))
+        ctx.scale = scale
+        return total * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_output * ctx.scale), None, None, None, None, None
 
 
 class LovaszSoftmaxLoss(nn.Module):

@@ -90,6 +90,84 @@ def test_lovasz_softmax_limits_and_gradient():
     assert float(per_image) == pytest.approx(float(sum(singles) / 2))
 
 
+def _vectorised_lovasz(logits, target, ignore_index=255, classes="present"):
+    """The former all-classes-at-once implementation (several (P, C) temporaries), kept as an
+    independent reference for the class-by-class one."""
+    num_classes = logits.shape[1]
+    probs = logits.float().softmax(1).permute(0, 2, 3, 1).reshape(-1, num_classes)
+    labels = target.reshape(-1)
+    probs, labels = probs[labels != ignore_index], labels[labels != ignore_index]
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    fg = (labels[:, None] == torch.arange(num_classes)).float()  # (P, C)
+    errors_sorted, order = torch.sort((fg - probs).abs(), dim=0, descending=True)
+    fg_sorted = fg.gather(0, order)
+    gts = fg_sorted.sum(0, keepdim=True)
+    jaccard = 1.0 - (gts - fg_sorted.cumsum(0)) / (gts + (1.0 - fg_sorted).cumsum(0))
+    weights = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]], dim=0)
+    per_class = (errors_sorted * weights).sum(0)  # (C,)
+    if classes == "all":
+        return per_class.mean()
+    present = fg.sum(0) > 0
+    return (per_class * present).sum() / present.sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("classes", ["present", "all"])
+@pytest.mark.parametrize("chunk_elements", [1, 200, None])  # 1 or 2 classes per sort, or all
+def test_lovasz_softmax_class_loop_equals_vectorised_values_and_gradients(classes, chunk_elements):
+    from losses.lovasz import _lovasz_flat
+
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(4):
+        logits = (torch.randn(2, 5, 7, 6, generator=gen) * 2).requires_grad_()
+        target = torch.randint(0, 5, (2, 7, 6), generator=gen)
+        target[0, 0, :3] = 255  # 81 labelled pixels
+        if trial % 2:
+            target[target == 3] = 1  # an absent class
+        if chunk_elements is None:
+            got = lovasz_softmax(logits, target, classes=classes)
+        else:
+            got = _lovasz_flat(logits.softmax(1), target, 255, classes, chunk_elements)
+        (grad,) = torch.autograd.grad(got, logits)
+        expected = _vectorised_lovasz(logits, target, classes=classes)
+        (expected_grad,) = torch.autograd.grad(expected, logits)
+        assert float(got.detach()) == pytest.approx(float(expected.detach()), abs=1e-6)
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-6)
+        assert grad.abs().sum() > 0
+
+
+def test_lovasz_softmax_gradient_matches_finite_differences_of_definition():
+    """d loss / d p from the class loop against central differences of the set-by-set
+    definition (the loss is piecewise linear in p, so a small step is exact)."""
+    from losses.lovasz import _lovasz_flat
+
+    gen = torch.Generator().manual_seed(4)
+    probs = torch.rand(1, 3, 3, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    target = torch.randint(0, 3, (1, 3, 4), generator=gen)
+    target[0, 0, 0] = 255
+    target[target == 2] = 0  # class 2 absent
+    labels = target.reshape(-1).numpy()
+    keep = labels != 255
+    base = probs.detach().numpy()
+    for classes in ("present", "all"):
+        (grad,) = torch.autograd.grad(_lovasz_flat(probs, target, 255, classes), probs)
+
+        def definition(p, classes=classes):
+            flat = p.transpose(0, 2, 3, 1).reshape(-1, 3)  # (1, C, H, W) -> (HW, C)
+            return _brute_force_lovasz(flat[keep], labels[keep], classes == "present")
+
+        numeric = np.zeros_like(base)
+        eps = 1e-7
+        for idx in np.ndindex(base.shape):
+            up, down = base.copy(), base.copy()
+            up[idx] += eps
+            down[idx] -= eps
+            numeric[idx] = (definition(up) - definition(down)) / (2 * eps)
+        np.testing.assert_allclose(grad.numpy(), numeric, atol=1e-6)
+        # The absent class 2 counts (its largest false positive) only with classes="all".
+        assert (np.abs(numeric[0, 2]).sum() > 0) == (classes == "all")
+
+
 # ---------------------------------------------------------------------- edges
 
 

@@ -286,3 +286,57 @@ def test_slide_config_follows_the_data_crop() -> None:
     data = {"flip_pairs": [], "crop_size": [473, 473], "num_classes": 20}
     protocol = instantiate(_root(data, "slide.yaml").eval)
     assert protocol.crop_size == (473, 473) and protocol.stride == (315, 315)
+
+
+# ---------------------------------------------------------------------- predict: class-id PNGs
+
+
+class _FixedScores(nn.Module):
+    """A fake parser net: the same scores for any image, argmax = ``ids``."""
+
+    def __init__(self, ids: Tensor, num_classes: int) -> None:
+        super().__init__()
+        # (H, W) -> (1, H, W, C) -> (1, C, H, W); the true class gets 5, the others 0
+        self.scores = F.one_hot(ids, num_classes).permute(2, 0, 1)[None].float() * 5.0
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"out": self.scores.expand(x.shape[0], -1, -1, -1)}
+
+
+@pytest.mark.parametrize("num_classes", [300, 20])
+def test_predict_writes_class_ids_beyond_255_as_16_bit_png(
+    num_classes: int, tmp_path: Path
+) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from datamodules.batch import make_palette
+    from experiments.predict import Parser, predict_image, save_ids_png
+
+    ids = torch.tensor([[0, 1, 255, 256], [257, 299, 7, 128]]) % num_classes
+    parser = Parser(
+        net=_FixedScores(ids, num_classes),
+        num_classes=num_classes,
+        class_names=[str(i) for i in range(num_classes)],
+        palette=make_palette(num_classes),
+    )
+    image = np.full((2, 4, 3), 100, dtype=np.uint8)
+    written = predict_image(parser, image, tmp_path / "photo")
+    with Image.open(tmp_path / "photo.png") as png:
+        mode, back = png.mode, np.asarray(png)
+    assert np.array_equal(back, ids.numpy()) and np.array_equal(written, ids.numpy())
+    if num_classes > 256:
+        # 256..299 would wrap around in 8 bits (256 -> 0); 16-bit grey keeps them.
+        assert mode == "I;16" and back.dtype == np.uint16 and int(back.max()) == 299
+    else:
+        assert mode == "P" and back.dtype == np.uint8  # the palette PNG SCHP users know
+    assert (tmp_path / "photo_overlay.jpg").is_file()
+    if num_classes > 256:
+        from experiments.predict import PredictError, ids_dtype
+
+        with pytest.raises(PredictError, match="65536"):
+            ids_dtype(70000)
+        # Video frames go through the same writer.
+        save_ids_png(tmp_path / "frame.png", ids.numpy(), parser.palette, num_classes)
+        with Image.open(tmp_path / "frame.png") as png:
+            assert png.mode == "I;16" and np.array_equal(np.asarray(png), ids.numpy())
