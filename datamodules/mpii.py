@@ -54,14 +54,18 @@ HEAD_SIZE_FACTOR = 0.6
 
 
 def _as_list(value: Any) -> list[Any]:
-    """A struct array as a list: ``squeeze_me`` turns one-element arrays into a bare struct and
-    empty fields into empty arrays."""
+    """A struct or cell array as a list: ``squeeze_me`` turns one-element arrays into a bare struct
+    and empty fields into empty arrays.
+
+    A numeric array is a list of its elements (``single_person`` saved as a plain vector instead of
+    a cell, one rect id per image); a 0-d array or a bare value is a one-element list.
+    """
     if value is None:
         return []
     if isinstance(value, np.ndarray):
         if value.size == 0:
             return []
-        return list(value.ravel()) if value.dtype == object else [value]
+        return [value] if value.ndim == 0 else list(value.ravel())
     return [value]
 
 
@@ -213,15 +217,18 @@ def load_release_mat(path: str | Path) -> tuple[dict[str, list[dict[str, Any]]],
 
 
 def load_json_annotations(
-    path: str | Path, gt_val_mat: str | Path | None = None
+    path: str | Path, gt_val_mat: str | Path | None = None, skipped: Counter | None = None
 ) -> list[dict[str, Any]]:
     """Reads ``mpii_{train,val,test}.json``; head sizes come from ``mpii_gt_val.mat`` when given.
 
     The gt mat must list the same persons in the same order: its joints are checked against the
-    json's (a mismatch means the files belong to different splits or versions).
+    json's (a mismatch means the files belong to different splits or versions). Persons without a
+    usable box (``center`` of -1, the form's "missing", or ``scale <= 0``) are skipped and counted
+    in ``skipped``: no crop can be made for them.
 
     Returns:
-        records like :func:`load_release_mat` (``visible`` = labelled: the json dropped occlusion).
+        records like :func:`load_release_mat` (``visible`` = labelled: the json dropped occlusion)
+        with ``source_index``, the person's position in the json (= its row in the gt mat).
     """
     path = Path(path)
     try:
@@ -233,7 +240,7 @@ def load_json_annotations(
     records = []
     for n, e in enumerate(entries):
         try:
-            center = np.asarray(e["center"], np.float64)
+            center = np.asarray(e["center"], np.float64).reshape(2)
             scale = float(e["scale"])
             name = str(e["image"])
             kp = np.zeros((NUM_JOINTS, 3), np.float32)
@@ -253,6 +260,8 @@ def load_json_annotations(
                 "head_size": float("nan"),
                 "center": (center - 1.0).astype(np.float32),
                 "scale": scale,
+                "source_index": n,
+                "_center_1based": center,
             }
         )
     if gt_val_mat is not None:
@@ -270,7 +279,20 @@ def load_json_annotations(
                     gt_val_mat, f"person {n} disagrees with {path.name}: different split or order"
                 )
             rec["head_size"] = float(head_sizes[n])
-    return records
+    kept = []
+    for rec in records:
+        center = rec.pop("_center_1based")
+        # -1 is the json form's "no objpos"; a person box needs a positive scale.
+        if not np.isfinite(center).all() or (center == -1).any():
+            reason = "no center (-1)"
+        elif not rec["scale"] > 0:
+            reason = "scale <= 0"
+        else:
+            kept.append(rec)
+            continue
+        if skipped is not None:
+            skipped[reason] += 1
+    return kept
 
 
 def load_gt_val_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -373,7 +395,9 @@ class MPIIDataset(Dataset):
                 raise DatasetError(
                     self.root, "mpii_gt_val.mat not found: val head sizes come from it"
                 )
-            self.records = load_json_annotations(path, gt if split == "val" else None)
+            self.records = load_json_annotations(
+                path, gt if split == "val" else None, skipped=self.skipped
+            )
         if self.skipped:
             log.info(
                 "MPII %s (%s): skipped %s",
@@ -441,12 +465,23 @@ class MPIIDataset(Dataset):
 # -- crops ------------------------------------------------------------------------------------------
 
 
+def to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 array -> (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
+def normalise_images(images: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) uint8 -> float32 normalised with the ImageNet statistics, on the images'
+    device (the model calls it on stage >= 2 batches, which travel as uint8)."""
+    x = images.float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
 def to_tensor_image(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 normalised with the ImageNet statistics."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return normalise_images(to_uint8_tensor(image))
 
 
 def _rng(seed: int | None) -> np.random.Generator:
@@ -536,7 +571,8 @@ class JointCrops:
     with probability 0.5 (the crop of joint j then trains the output of its mirror joint).
     Evaluation (``centers`` given): the crops sit on the given estimates.
 
-    Output item: ``image`` (K, 3, S, S); ``target`` (K, 2) joint j in crop j's normalised frame;
+    Output item: ``image`` (K, 3, S, S) uint8 (normalised by the model, see
+    :func:`normalise_images`); ``target`` (K, 2) joint j in crop j's normalised frame;
     ``slot`` (K,) the network output read for crop j; ``labelled``; ``keypoints``; ``head_size``;
     ``affine`` (K, 2, 3); ``box_side``; ``index``; ``name``.
 
@@ -600,7 +636,9 @@ class JointCrops:
         affines = np.stack(
             [crop_affine(centers[j], side, 0.0, flips[j]) for j in range(NUM_JOINTS)]
         )
-        crops = [to_tensor_image(crop_image(item["image"], a, self.size)) for a in affines]
+        # uint8 (K, 3, S, S): 16 float crops per person would be 4x the memory and host-to-device
+        # traffic; the model normalises them on its device (normalise_images).
+        crops = [to_uint8_tensor(crop_image(item["image"], a, self.size)) for a in affines]
         target = apply_affine(affines, kp[:, :2])  # (K, 2): joint j in crop j's frame
         return {
             "image": torch.stack(crops),
@@ -733,6 +771,35 @@ class MPIIDataModule(LightningDataModule):
         return float(np.median(ratio)) if len(ratio) else 0.3
 
     # -- stages
+
+    def set_stage_options(
+        self,
+        batch_size: int | None = None,
+        eval_batch_size: int | None = None,
+        num_workers: int | None = None,
+        scale_jitter: float | None = None,
+        rotate: float | None = None,
+        rotate_prob: float | None = None,
+        flip: bool | None = None,
+        min_diam: float | None = None,
+    ) -> None:
+        """Loader and augmentation settings of one cascade stage (the constructor's meaning;
+        None keeps the current value, an ``eval_batch_size`` of None follows ``batch_size``)."""
+        if batch_size is not None:
+            self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or self.batch_size)
+        if num_workers is not None:
+            self.num_workers = int(num_workers)
+        if scale_jitter is not None:
+            self.scale_jitter = float(scale_jitter)
+        if rotate is not None:
+            self.rotate = float(rotate)
+        if rotate_prob is not None:
+            self.rotate_prob = float(rotate_prob)
+        if flip is not None:
+            self.flip_pairs = list(self.all_flip_pairs) if flip else []
+        if min_diam is not None:
+            self.min_diam = float(min_diam)
 
     def configure_stage(
         self,

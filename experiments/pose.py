@@ -14,6 +14,20 @@ Config (``conf/cascade/deeppose.yaml``)::
     cascade.sigma=1.0                    # crop side / diam for every refinement stage
     cascade.stages.2.epochs=10           # per-stage knobs: epochs, sigma, init_from
     +cascade.stages.2.optimizer.lr=1e-4  # any other key is merged into that stage's config
+    +cascade.stages.2.data.rotate=0      # data keys: only those of STAGE_DATA_KEYS
+
+Every stage records the hash of its config (:func:`stage_record`) in ``stage<s>/stage.json``
+before it trains, and ``errors.json`` the hash of the errors it holds. ``resume=true`` reuses a
+finished stage (``final.ckpt``) and its ``errors.json`` only when the hashes match the current
+config; a finished or interrupted stage trained with another config stops the run with a
+ConfigError (nothing is retrained or overwritten behind the user's back).
+
+Under a DDP launcher every rank runs this driver (Lightning's ``ddp`` re-executes the script,
+torchrun starts them all). Every rank enters every stage's ``fit``; only launcher rank 0 runs the
+cascade between stages and writes files (predictions, overlays, ``errors.json``, W&B). It then
+publishes the stage's outcome (scores, error statistics) in ``stage<s>/handoff.json`` with an id
+of the launch, and the other ranks wait for that file and read the val estimates and error
+statistics from it: every rank builds the next stage's data from the same numbers.
 
 ``run_pose`` returns the results entry (per-stage PCKh tables, ``val`` = the full cascade) that
 :func:`experiments.train.run` writes to ``results.json``.
@@ -21,9 +35,13 @@ Config (``conf/cascade/deeppose.yaml``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +54,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.mpii import find_annotation
 from datamodules.pose_transforms import error_statistics
+from experiments.stages import _launch_token, _launcher_rank
 from experiments.train import (
     ConfigError,
     build_loggers,
@@ -51,6 +70,54 @@ log = logging.getLogger(__name__)
 
 #: Keys of ``cascade.stages.<s>`` that are not config overrides.
 STAGE_KEYS = ("epochs", "sigma", "init_from")
+#: ``data`` keys a stage may override (``cascade.stages.<s>.data.<key>``): they change only how
+#: that stage's loaders batch and augment. The others define the persons, their boxes (the unit of
+#: the error statistics) or the skeleton, which every stage of one cascade shares.
+STAGE_DATA_KEYS = (
+    "batch_size",
+    "eval_batch_size",
+    "num_workers",
+    "scale_jitter",
+    "rotate",
+    "rotate_prob",
+    "flip",
+    "min_diam",
+)
+#: Top-level keys that say where a run writes or how it reports, not what a stage computes.
+_HASH_IGNORED = (
+    "paths",
+    "hydra",
+    "resume",
+    "train",
+    "test",
+    "ckpt_path",
+    "init_from",
+    "save_predictions",
+    "logger",
+    "callbacks",
+    "task_name",
+    "tags",
+    "optimized_metric",
+    "cascade",
+)
+#: ``data`` keys that do not change a stage's weights (the driver sets sigma and input_size).
+_HASH_IGNORED_DATA = (
+    "num_workers",
+    "pin_memory",
+    "persistent_workers",
+    "eval_batch_size",
+    "sigma",
+    "input_size",
+)
+_HASH_IGNORED_TRAINER = (
+    "default_root_dir",
+    "log_every_n_steps",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "num_sanity_val_steps",
+)
+#: Environment variable carrying the launch id to the ranks Lightning's ``ddp`` launcher starts.
+LAUNCH_ENV = "RIMLAB_POSE_LAUNCH"
 
 
 # ---------------------------------------------------------------------- configuration
@@ -73,12 +140,156 @@ def validate_cascade(cfg: DictConfig) -> int:
     if "input_size" not in cfg.model:
         raise ConfigError("the pose model config needs model.input_size (the crop side)")
     for s in range(1, n + 1):
+        _check_data_overrides(cfg, s)
         _, epochs, sigma, _ = stage_config(cfg, s)
         if epochs < 1:
             raise ConfigError(f"cascade.stages.{s}.epochs={epochs}: must be >= 1")
         if not sigma > 0:
             raise ConfigError(f"cascade.stages.{s}.sigma={sigma}: must be > 0")
     return n
+
+
+def _check_data_overrides(cfg: DictConfig, stage: int) -> None:
+    """Rejects ``cascade.stages.<stage>.data.<key>`` for keys outside :data:`STAGE_DATA_KEYS`."""
+    over = (cfg.cascade.get("stages") or {}).get(str(stage)) or {}
+
+    def leaves(prefix: str, value: Any) -> list[str]:
+        if isinstance(value, DictConfig) and len(value):
+            return [k for sub, v in value.items() for k in leaves(f"{prefix}.{sub}", v)]
+        return [prefix]
+
+    keys: list[str] = []
+    for key, value in over.items():
+        key = str(key)
+        if key == "data" and not isinstance(value, DictConfig):
+            raise ConfigError(f"cascade.stages.{stage}.data: give single keys (data.<key>)")
+        if key == "data" or key.startswith("data."):
+            keys += [k[len("data.") :] for k in leaves(key, value)]
+    for key in keys:
+        if key.split(".")[0] not in STAGE_DATA_KEYS:
+            raise ConfigError(
+                f"cascade.stages.{stage}.data.{key}: a stage may override only data."
+                f"{{{', '.join(STAGE_DATA_KEYS)}}}; data.{key} is shared by every stage of the "
+                f"cascade (set it as data.{key})"
+            )
+
+
+def stage_data_options(scfg: DictConfig) -> dict[str, Any]:
+    """The :data:`STAGE_DATA_KEYS` values of a stage config (``cfg.data`` with its overrides)."""
+    return {k: scfg.data[k] for k in STAGE_DATA_KEYS if k in scfg.data}
+
+
+def stage_record(
+    scfg: DictConfig,
+    stage: int,
+    epochs: int,
+    sigma: float,
+    init_from: str | None,
+    previous: str | None,
+) -> dict[str, Any]:
+    """What determines the weights of stage ``stage``: its resolved config without the keys that
+    only name run directories or reporting, its cascade knobs, and the hash of the error
+    statistics it was trained on (``previous``; None for stage 1)."""
+    full = OmegaConf.to_container(scfg, resolve=True)
+    record = {k: v for k, v in full.items() if k not in _HASH_IGNORED}
+    record["data"] = {
+        k: v for k, v in (record.get("data") or {}).items() if k not in _HASH_IGNORED_DATA
+    }
+    record["trainer"] = {
+        k: v for k, v in (record.get("trainer") or {}).items() if k not in _HASH_IGNORED_TRAINER
+    }
+    record["stage"] = {
+        "stage": stage,
+        "epochs": epochs,
+        "sigma": sigma if stage >= 2 else None,
+        "init_from": init_from,
+        "previous_errors": previous,
+    }
+    return record
+
+
+def config_hash(obj: Any) -> str:
+    """A short stable hash of a JSON-able object."""
+    blob = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic write (NaN stays NaN: the ranks read back the very values rank 0 used)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def check_stage_record(stage_dir: Path, stage: int, digest: str, what: Path) -> None:
+    """Resuming ``what`` (final.ckpt or last.ckpt) needs ``stage.json`` of the same config.
+
+    Raises:
+        ConfigError: naming the stage, both hashes and what to do.
+    """
+    saved = _read_json(stage_dir / "stage.json")
+    if saved is not None and saved.get("hash") == digest:
+        return
+    why = (
+        f"has no readable {stage_dir / 'stage.json'}, so its config is unknown"
+        if saved is None
+        else f"was made with another config (hash {saved.get('hash')}, this run {digest}; "
+        f"the old one is in {stage_dir / 'stage.json'})"
+    )
+    raise ConfigError(
+        f"resume=true: stage {stage}'s {what.name} {why}. Resume with the config it was trained "
+        f"with, or choose a new run directory (or delete {stage_dir}) to train the stage again"
+    )
+
+
+def _launch_id(rank: int) -> str | None:
+    """An id shared by the ranks of this launch: torchrun/SLURM's, or one rank 0 makes and puts
+    in the environment before its first fit (Lightning's ``ddp`` launcher copies it to the ranks
+    it starts). None on a non-zero rank that got neither (handoffs then match by hash only)."""
+    token = _launch_token()
+    if token:
+        return token
+    if rank == 0:
+        os.environ[LAUNCH_ENV] = uuid.uuid4().hex
+    return os.environ.get(LAUNCH_ENV)
+
+
+def await_handoff(
+    stage_dir: Path, digest: str, launch: str | None, poll_s: float = 0.5
+) -> dict[str, Any]:
+    """Waits for rank 0's ``handoff.json`` of this stage (same config hash and launch id)."""
+    path = stage_dir / "handoff.json"
+    started = last_log = time.monotonic()
+    while True:
+        handoff = _read_json(path) if path.is_file() else None
+        if (
+            handoff is not None
+            and handoff.get("hash") == digest
+            and (launch is None or handoff.get("launch") == launch)
+        ):
+            return handoff
+        # Rank 0 runs the cascade over the training persons: minutes on the full MPII.
+        if time.monotonic() - last_log > 600:
+            log.info(
+                "still waiting for rank 0's %s (%.0f min)",
+                path,
+                (time.monotonic() - started) / 60,
+            )
+            last_log = time.monotonic()
+        time.sleep(poll_s)
 
 
 def stage_config(cfg: DictConfig, stage: int) -> tuple[DictConfig, int, float, str | None]:
@@ -187,10 +398,12 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     Returns:
         ``{"task_name", "schedule": "cascade", "stages": {"stage1": {"val": scores, ...}, ...},
         "PCKh_per_stage": [...], "val": scores of the whole cascade}`` with scores as in
-        :func:`lightning_modules.pose_metrics.pose_scores`.
+        :func:`lightning_modules.pose_metrics.pose_scores` (the same on every rank).
     """
     num_stages = validate_cascade(cfg)
     casc = cfg.cascade
+    rank = _launcher_rank()
+    launch = _launch_id(rank)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     if not hasattr(datamodule, "configure_stage"):
@@ -211,6 +424,8 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     )
     box_side = 200.0 * train["scale"][err_idx] * datamodule.enlarge
     gt_val_mat = find_annotation(datamodule.root, ("mpii_gt_val.mat", "gt_valid.mat"))
+    # The gt-mat rows of the val persons (persons without a usable box were skipped).
+    val_rows = [int(r.get("source_index", i)) for i, r in enumerate(val_set.records)]
     device = _device(cfg)
 
     results: dict[str, Any] = {
@@ -222,26 +437,45 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     val_pred: np.ndarray | None = None
     train_pred: np.ndarray | None = None
     displacement: tuple[np.ndarray, np.ndarray] | None = None
+    errors_hash: str | None = None
     for s in range(1, num_stages + 1):
         scfg, epochs, sigma, init_from = stage_config(cfg, s)
         stage_dir = out_dir / f"stage{s}"
         stage_dir.mkdir(parents=True, exist_ok=True)
+        record = stage_record(scfg, s, epochs, sigma, init_from, errors_hash)
+        digest = config_hash(record)
+        # The errors of stage s also depend on which training persons measure them.
+        errors_hash = config_hash(
+            {"weights": digest, "error_persons": limit, "seed": int(cfg.seed)}
+        )
         input_size = int(scfg.model.input_size)
-        datamodule.batch_size = int(scfg.data.get("batch_size", datamodule.batch_size))
+        datamodule.set_stage_options(**stage_data_options(scfg))
         datamodule.configure_stage(
             s, input_size=input_size, sigma=sigma, displacement=displacement, val_centers=val_pred
         )
         pl.seed_everything(int(cfg.seed) + s - 1, workers=True)
         module = build_pose_module(scfg, s)
         final = stage_dir / "final.ckpt"
-        entry: dict[str, Any] = {"epochs": epochs, "input_size": input_size}
+        entry: dict[str, Any] = {"epochs": epochs, "input_size": input_size, "config_hash": digest}
         if s >= 2:
             entry["sigma"] = sigma
         loggers = build_loggers(scfg, stage_dir, name_suffix=f"-stage{s}")
+        # False once the stage trains in this run: its errors are then measured afresh, never
+        # read from an errors.json of earlier weights.
+        reused = True
         if init_from:
             load_module_weights(module, init_from)
             entry["init_from"] = str(init_from)
         elif cfg.train and not (cfg.get("resume") and final.is_file()):
+            ckpt_path = resume_checkpoint(cfg, stage_dir)
+            if ckpt_path is not None:
+                check_stage_record(stage_dir, s, digest, Path(ckpt_path))
+            if rank == 0:
+                # Before the fit (which starts the other ranks of Lightning's ddp launcher): they
+                # must not find a handoff of an earlier run of this stage.
+                (stage_dir / "handoff.json").unlink(missing_ok=True)
+                _write_json(stage_dir / "stage.json", {"hash": digest, "config": record})
+            reused = False
             trainer = build_trainer(
                 scfg,
                 stage_dir,
@@ -250,11 +484,24 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                 final_checkpoint=final,
                 seed=int(cfg.seed) + s - 1,
             )
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, stage_dir))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             # Spawn launchers train in child processes: the weights come back through final.ckpt.
             load_module_weights(module, final)
             entry["checkpoints"] = {**checkpoint_paths(trainer), "final": str(final)}
         elif final.is_file():
+            if cfg.train:
+                check_stage_record(stage_dir, s, digest, final)
+            else:
+                saved = _read_json(stage_dir / "stage.json") or {}
+                if saved.get("hash") != digest:
+                    log.warning(
+                        "train=false: stage %d's %s was trained with another config (hash %s, "
+                        "this config %s); evaluating it anyway",
+                        s,
+                        final,
+                        saved.get("hash"),
+                        digest,
+                    )
             log.info("stage %d: using the trained weights of %s", s, final)
             load_module_weights(module, final)
             entry["checkpoints"] = {"final": str(final)}
@@ -262,6 +509,17 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             raise ConfigError(
                 f"stage {s} has no weights: train=false needs {final} or cascade.stages.{s}.init_from"
             )
+
+        if rank != 0:
+            # Rank 0 evaluates and measures the errors; this rank uses its numbers.
+            handoff = await_handoff(stage_dir, digest, launch)
+            entry = handoff["entry"]
+            val_pred = np.load(stage_dir / "val_predictions.npy")
+            if handoff.get("displacement") is not None:
+                d = handoff["displacement"]
+                displacement = (np.asarray(d["mean"]), np.asarray(d["cov"]))
+            results["stages"][f"stage{s}"] = entry
+            continue
 
         # The whole cascade so far on val: stage s refines the stage s-1 estimates.
         loader = datamodule.predict_loader(
@@ -273,8 +531,8 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         )
         entry["val"] = scores
         if gt_val_mat is not None:
-            entry["val_official_PCKh"] = evaluate_official(val_pred, gt_val_mat)["PCKh"]
-        np.save(stage_dir / "val_predictions.npy", val_pred)
+            entry["val_official_PCKh"] = evaluate_official(val_pred, gt_val_mat, val_rows)["PCKh"]
+        _save_npy(stage_dir / "val_predictions.npy", val_pred)
         print(format_pose_table(scores, f"\nMPII val, cascade of {s} stage(s) (PCKh@0.5 / PCP, %)"))
         overlays = write_overlays(
             val_set, val_pred, stage_dir / "overlays", int(casc.get("num_overlays", 4))
@@ -282,29 +540,33 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         _log_to_wandb(loggers, s, scores, overlays)
 
         if s < num_stages:
-            # Stage s's errors on training persons drive stage s+1's simulated inputs.
-            loader = datamodule.predict_loader(
-                "train", centers=train_pred, indices=err_idx, input_size=input_size, sigma=sigma
+            stats = _stage_errors(
+                stage_dir,
+                errors_hash,
+                reused,
+                module,
+                datamodule,
+                train_pred,
+                err_idx,
+                train,
+                box_side,
+                input_size,
+                sigma,
+                device,
             )
-            full = predict(module, loader, n_train, device)
-            train_pred = full  # rows outside err_idx stay NaN and are never used as centres
-            errors = (full[err_idx] - train["keypoints"][err_idx, :, :2]) / box_side[:, None, None]
-            mean, cov, count = error_statistics(errors, train["keypoints"][err_idx, :, 2])
-            displacement = (mean, cov)
-            (stage_dir / "errors.json").write_text(
-                json.dumps(
-                    {
-                        "unit": "person-box side (200 * scale * enlarge px)",
-                        "persons": len(err_idx),
-                        "mean": mean.tolist(),
-                        "cov": cov.tolist(),
-                        "count": count.tolist(),
-                    }
-                )
-            )
-            entry["train_error_rms"] = float(
-                np.sqrt(np.nanmean((errors**2).sum(-1)[train["keypoints"][err_idx, :, 2] > 0]))
-            )
+            train_pred, displacement = stats["train_pred"], (stats["mean"], stats["cov"])
+            entry["train_error_rms"] = stats["rms"]
+        _write_json(
+            stage_dir / "handoff.json",
+            {
+                "hash": digest,
+                "launch": launch,
+                "entry": entry,
+                "displacement": None
+                if s == num_stages
+                else {"mean": displacement[0].tolist(), "cov": displacement[1].tolist()},
+            },
+        )
         results["stages"][f"stage{s}"] = entry
         # One W&B run per stage (their steps restart), grouped by task_name.
         if (
@@ -318,3 +580,63 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     ]
     results["val"] = results["stages"][f"stage{num_stages}"]["val"]
     return results
+
+
+def _stage_errors(
+    stage_dir: Path,
+    errors_hash: str,
+    reused: bool,
+    module: PoseRegressionLitModule,
+    datamodule: Any,
+    train_pred: np.ndarray | None,
+    err_idx: np.ndarray,
+    train: dict[str, np.ndarray],
+    box_side: np.ndarray,
+    input_size: int,
+    sigma: float,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Stage s's errors on the training persons (rank 0): read from ``errors.json`` and
+    ``train_predictions.npy`` when the stage was not trained in this run and their hash matches,
+    else measured by running the cascade and written there.
+
+    Returns:
+        ``mean`` (K, 2), ``cov`` (K, 2, 2) in person-box sides, ``rms``, and ``train_pred``
+        (N_train, K, 2) image pixels (NaN outside the measured persons).
+    """
+    errors_file = stage_dir / "errors.json"
+    pred_file = stage_dir / "train_predictions.npy"
+    saved = _read_json(errors_file) if reused else None
+    if saved is not None and saved.get("hash") == errors_hash and pred_file.is_file():
+        log.info("%s: reusing the error statistics of %s", stage_dir.name, errors_file)
+        return {
+            "mean": np.asarray(saved["mean"], np.float64),
+            "cov": np.asarray(saved["cov"], np.float64),
+            "rms": saved.get("train_error_rms"),
+            "train_pred": np.load(pred_file),
+        }
+    # Stage s's errors on training persons drive stage s+1's simulated inputs.
+    loader = datamodule.predict_loader(
+        "train", centers=train_pred, indices=err_idx, input_size=input_size, sigma=sigma
+    )
+    full = predict(module, loader, len(train["scale"]), device)
+    errors = (full[err_idx] - train["keypoints"][err_idx, :, :2]) / box_side[:, None, None]
+    labelled = train["keypoints"][err_idx, :, 2]
+    mean, cov, count = error_statistics(errors, labelled)
+    rms = float(np.sqrt(np.nanmean((errors**2).sum(-1)[labelled > 0])))
+    # rows outside err_idx stay NaN and are never used as centres
+    _save_npy(pred_file, full)
+    _write_json(
+        errors_file,
+        {
+            "hash": errors_hash,
+            "unit": "person-box side (200 * scale * enlarge px)",
+            "persons": len(err_idx),
+            "mean": mean.tolist(),
+            "cov": cov.tolist(),
+            "count": count.tolist(),
+            "train_error_rms": rms,
+        },
+    )
+    # The numbers the file holds (JSON keeps float64 exactly), as a resumed run reads them.
+    return {"mean": mean, "cov": cov, "rms": rms, "train_pred": full}

@@ -5,10 +5,10 @@ same module serves both kinds of batches of :mod:`datamodules.mpii`:
 
 - stage 1: ``image`` (B, 3, S, S) person crops; the net regresses all K joints in the crop's
   normalised frame;
-- stage s >= 2: ``image`` (B, K, 3, S, S), one crop per joint centred on the previous estimate;
-  the net sees every crop and, for crop j, its output ``slot[j]`` (joint j, or its mirror when
-  the crop was flipped) is joint j's position, i.e. its displacement from the previous estimate in
-  the crop's normalised frame (the paper's ``psi_i``).
+- stage s >= 2: ``image`` (B, K, 3, S, S) uint8 (normalised here), one crop per joint centred on
+  the previous estimate; the net sees every crop and, for crop j, its output ``slot[j]`` (joint
+  j, or its mirror when the crop was flipped) is joint j's position, i.e. its displacement from
+  the previous estimate in the crop's normalised frame (the paper's ``psi_i``).
 
 Either way the prediction is (B, K, 2) in per-joint frames whose image -> frame maps are
 ``affine`` (B, K, 2, 3); the loss is L2 over labelled joints, and validation un-crops the
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from datamodules.mpii import normalise_images
 from datamodules.pose_transforms import MPII_JOINTS
 from lightning_modules.pose_metrics import PoseMetric
 from lightning_modules.schedulers import per_step_optimization
@@ -87,6 +88,10 @@ class PoseRegressionLitModule(pl.LightningModule):
         # written by the cascade driver instead.
         self.last_scores: dict[str, Any] = {}
         self.class_names: list[str] = self.joint_names
+        # First non-finite training step and its loss terms, kept on the device (see
+        # _record_nonfinite); None until the first step.
+        self._nonfinite: dict[str, Tensor] | None = None
+        self._nonfinite_names: list[str] = []
 
     # ------------------------------------------------------------------ forward
 
@@ -97,6 +102,9 @@ class PoseRegressionLitModule(pl.LightningModule):
     def predict_normalised(self, batch: dict[str, Any]) -> Tensor:
         """(B, K, 2) predictions, joint j in the normalised frame of its crop (``affine[:, j]``)."""
         image = batch["image"]
+        if image.dtype == torch.uint8:
+            # Stage >= 2 crops travel as uint8 (a quarter of the float size): normalised here.
+            image = normalise_images(image)
         if image.dim() == 4:
             return self(image)
         b, k = image.shape[:2]
@@ -115,15 +123,66 @@ class PoseRegressionLitModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         pred = self.predict_normalised(batch)
         losses = self.loss(pred, batch["target"], batch["labelled"])
-        if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(
-                f"stage {self.stage}: non-finite loss at step {self.global_step}: "
-                + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-            )
+        self._record_nonfinite(losses)
         bs = batch["target"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=bs)
         return losses["loss"]
+
+    def _record_nonfinite(self, losses: dict[str, Tensor]) -> None:
+        """Remembers, on the device, the first step with a non-finite loss and its terms.
+
+        Device-side only (``torch.where``, no ``bool(tensor)``): checking every step would make the
+        host wait for the GPU each step. :meth:`check_finite` reads it every
+        ``trainer.log_every_n_steps`` steps and at the end of each epoch.
+        """
+        loss = losses["loss"].detach()
+        terms = torch.stack([v.detach().float().reshape(()) for v in losses.values()])  # (T,)
+        if self._nonfinite is None or self._nonfinite["step"].device != loss.device:
+            self._nonfinite = {
+                "step": torch.full((), -1, dtype=torch.long, device=loss.device),
+                "terms": torch.zeros_like(terms),
+            }
+        state = self._nonfinite
+        first = ~torch.isfinite(loss) & (state["step"] < 0)
+        state["step"] = torch.where(
+            first, torch.full_like(state["step"], self.global_step), state["step"]
+        )
+        state["terms"] = torch.where(first, terms, state["terms"])
+        self._nonfinite_names = list(losses)
+
+    def check_finite(self) -> None:
+        """Raises FloatingPointError naming the first step whose loss was NaN/Inf (one host sync).
+
+        Under DDP every rank calls it at the same step and the flag is summed over the ranks, so
+        all of them stop together (a rank stopping alone would leave the others waiting).
+
+        Raises:
+            FloatingPointError: with the step and the loss terms of that step.
+        """
+        state = self._nonfinite
+        step = state["step"] if state is not None else torch.full((), -1, device=self.device)
+        bad = (step >= 0).float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bad.item() > 0:
+            return
+        first = int(step.item())
+        if first < 0:
+            raise FloatingPointError(f"stage {self.stage}: non-finite loss on another rank")
+        terms = state["terms"].tolist()
+        raise FloatingPointError(
+            f"stage {self.stage}: non-finite loss at step {first}: "
+            + ", ".join(f"{k}={v:.4g}" for k, v in zip(self._nonfinite_names, terms, strict=True))
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
+        if (batch_idx + 1) % every == 0:
+            self.check_finite()
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         pred = self.predict_normalised(batch)

@@ -147,14 +147,23 @@ def evaluate_pose(
     return pose_scores(hits, counts, ph, pc)
 
 
-def evaluate_official(pred: np.ndarray, gt_val_mat: str | Path) -> dict[str, Any]:
+def evaluate_official(
+    pred: np.ndarray, gt_val_mat: str | Path, persons: Sequence[int] | None = None
+) -> dict[str, Any]:
     """Scores 0-based predictions (N, 16, 2) against the official ``mpii_gt_val.mat``.
 
     The predictions get +1 (the gt file is MATLAB 1-based); order = ``mpii_val.json``.
+
+    Args:
+        persons: the gt rows ``pred`` holds (the dataset's ``source_index``), when the loader
+            skipped persons without a usable box; None = all rows.
     """
     from datamodules.mpii import load_gt_val_mat
 
     head, joints, missing = load_gt_val_mat(gt_val_mat)
+    if persons is not None:
+        rows = np.asarray(persons, np.int64)
+        head, joints, missing = head[rows], joints[rows], missing[rows]
     pred = np.asarray(pred, np.float64) + 1.0
     if pred.shape != joints.shape:
         raise ValueError(f"predictions {pred.shape} but {gt_val_mat} holds {joints.shape}")
@@ -191,13 +200,24 @@ class PoseMetric(Metric):
     def update(
         self, pred: torch.Tensor, gt: torch.Tensor, labelled: torch.Tensor, head_size: torch.Tensor
     ) -> None:
-        args = [x.detach().double().cpu().numpy() for x in (pred, gt, labelled, head_size)]
-        hits, counts = pckh_counts(*args)
-        ph, pc = pcp_counts(*args[:3])
-        self.hits += torch.as_tensor(hits, device=self.hits.device)
-        self.counts += torch.as_tensor(counts, device=self.counts.device)
-        self.pcp_hits += torch.as_tensor(ph, device=self.pcp_hits.device)
-        self.pcp_counts += torch.as_tensor(pc, device=self.pcp_counts.device)
+        # Counted on the tensors' device with torch ops: no host sync per batch (the counts reach
+        # the host once, in compute()). Same arithmetic as pckh_counts / pcp_counts, in float64.
+        pred, gt = pred.detach().double(), gt.detach().double()
+        lab = labelled.detach() > 0  # (B, K)
+        diff = pred - gt
+        err = (diff * diff).sum(-1).sqrt()  # (B, K), = np.linalg.norm(..., axis=-1)
+        # NaN head sizes give NaN ratios, which are never <= thr: the joint counts, never hits.
+        scaled = err / head_size.detach().double().reshape(-1, 1)
+        for t_i, t in enumerate(THRESHOLDS):
+            self.hits[t_i] += ((scaled <= t) & lab).sum(0)
+        self.counts += lab.sum(0)
+        a, b = (torch.as_tensor(x, device=pred.device) for x in zip(*LIMB_PAIRS, strict=True))
+        ok = lab[:, a] & lab[:, b]  # (B, P)
+        dlimb = gt[:, a] - gt[:, b]
+        length = (dlimb * dlimb).sum(-1).sqrt()
+        good = ok & (err[:, a] <= 0.5 * length) & (err[:, b] <= 0.5 * length)
+        self.pcp_hits += good.sum(0)
+        self.pcp_counts += ok.sum(0)
 
     def compute(self) -> dict[str, Any]:
         return pose_scores(

@@ -433,3 +433,74 @@ def test_displacement_sampler_reproduces_mean_and_covariance():
         np.testing.assert_allclose(m[j], e.mean(0))
         np.testing.assert_allclose(c[j], np.cov(e, rowvar=False))
         assert count[j] == lab[:, j].sum()
+
+
+# -- persons without a usable box, numeric single_person ------------------------------------------
+
+
+def test_json_persons_without_a_box_are_skipped_and_counted(json_root, caplog):
+    from lightning_modules.pose_metrics import evaluate_official
+
+    root, joints, vis = json_root
+    ok = json_person("000000003.jpg", joints[0], vis[0], (20.0, 25.0), 1.0)
+    write_json_split(
+        root,
+        "train",
+        [
+            {**ok, "center": [-1, -1]},  # the json form's "no objpos"
+            ok,
+            {**ok, "scale": -1},
+            {**ok, "scale": 0.0},
+        ],
+    )
+    caplog.set_level(logging.INFO, logger="datamodules.mpii")
+    train = MPIIDataset(root, "train")
+    assert len(train) == 1 and train.records[0]["source_index"] == 1
+    assert train.skipped == {"no center (-1)": 1, "scale <= 0": 2}
+    assert "1 x no center (-1)" in caplog.text and "2 x scale <= 0" in caplog.text
+    np.testing.assert_array_equal(train[0]["center"], [19.0, 24.0])
+    # val: the gt mat keeps every person; the kept ones keep their own head sizes and gt rows
+    persons = [
+        json_person(f"{i + 1:09d}.jpg", joints[i], vis[i], (30.0, 31.0), 0.3 + i) for i in range(2)
+    ]
+    write_json_split(root, "val", [{**persons[0], "center": [-1.0, -1.0]}, persons[1]])
+    val = MPIIDataset(root, "val")
+    assert len(val) == 1 and val.skipped == {"no center (-1)": 1}
+    assert val[0]["head_size"] == pytest.approx(0.6 * 5.0)  # person 1's head box (3 x 4)
+    pred = val.arrays()["keypoints"][:, :, :2]  # the ground truth itself: 100 %
+    assert evaluate_official(pred, root / "annotations" / "mpii_gt_val.mat", [1])["PCKh"] == 100.0
+
+
+def test_numeric_single_person_vector_is_one_entry_per_image(tmp_path):
+    from datamodules.mpii import _as_list
+
+    assert [int(v) for v in _as_list(np.array([2, 1, 3]))] == [2, 1, 3]
+    assert len(_as_list(np.array(5))) == 1 and _as_list(np.zeros((0, 0))) == []
+    # A RELEASE whose single_person is a plain numeric column (not a cell): image 1 -> rect 2,
+    # image 2 -> rect 1. As one value it would have put both ids on image 1.
+    rect = {
+        "x1": np.array([[1.0]]), "y1": np.array([[1.0]]), "x2": np.array([[4.0]]),
+        "y2": np.array([[5.0]]), "scale": np.array([[1.0]]),
+        "objpos": {"x": np.array([[9.0]]), "y": np.array([[9.0]])},
+        "annopoints": {"point": points([(0, 2.0, 3.0, np.array([[1]])), (1, 4.0, 5.0, "1")])},
+    }  # fmt: skip
+    annolist = struct_array(
+        [
+            {"image": {"name": f"{i:09d}.jpg"}, "annorect": struct_array([rect, rect], RECT_FIELDS)}
+            for i in (1, 2)
+        ],
+        ["image", "annorect"],
+    )
+    release = {
+        "annolist": annolist,
+        "img_train": np.array([[1, 1]]),
+        "single_person": np.array([[2.0], [1.0]]),
+    }
+    path = tmp_path / "mpii_human_pose_v1_u12_1.mat"
+    scipy.io.savemat(path, {"RELEASE": release})
+    records, _ = load_release_mat(path)
+    got = [(r["name"], r["rect_index"], r["single_person"]) for r in records["train"]]
+    assert got == [
+        ("000000001.jpg", 0, False), ("000000001.jpg", 1, True),
+        ("000000002.jpg", 0, True), ("000000002.jpg", 1, False),
+    ]  # fmt: skip

@@ -1,10 +1,14 @@
-"""DeepPose cascade: metrics against independent implementations, loss, nets, stage module, and a
-2-stage cascade end to end on generated data."""
+"""DeepPose cascade: metrics against independent implementations, loss, nets, stage module, a
+2-stage cascade end to end on generated data, and the driver (DDP ranks, resume, per-stage data)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +17,9 @@ import torch
 from cfg_utils import compose_cfg
 from torch import nn
 
+import experiments.pose as pose
 from datamodules.pose_transforms import crop_affine, invert_affine
+from experiments.train import ConfigError
 from lightning_modules.nets.deeppose import DeepPoseAlexNet, DeepPoseResNet
 from lightning_modules.pose import PoseRegressionLitModule, uncrop
 from lightning_modules.pose_metrics import (
@@ -240,14 +246,27 @@ TINY_POSE = [
 ]
 
 
-def test_two_stage_cascade_trains_and_reports_per_stage_pckh(tmp_path):
+@pytest.fixture(scope="module")
+def cascade_run(tmp_path_factory):
+    """The tiny 2-stage cascade trained once (rank 0); the driver tests work on copies of it."""
+    from experiments.pose import LAUNCH_ENV
+    from experiments.train import run
+
+    tmp_path = tmp_path_factory.mktemp("cascade")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(LAUNCH_ENV, "unset")  # run_pose sets its own; undone afterwards
+        results = run(compose_cfg(TINY_POSE, tmp_path))
+    return tmp_path, results
+
+
+def test_two_stage_cascade_trains_and_reports_per_stage_pckh(cascade_run):
     from experiments.pose import stage_config
     from experiments.train import run
 
+    tmp_path, results = cascade_run
     cfg = compose_cfg(TINY_POSE, tmp_path)
     _, epochs, sigma, _ = stage_config(cfg, 2)
     assert (epochs, sigma) == (2, 1.5)
-    results = run(cfg)
     out = tmp_path / "run"
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["schedule"] == "cascade" and set(on_disk["stages"]) == {"stage1", "stage2"}
@@ -304,3 +323,268 @@ def test_coordinate_head_runs_in_fp32_under_bf16_autocast():
     assert torch.allclose(net(x), net.net(x).view(-1, 16, 2), atol=1e-6)  # same as torchvision's
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert net(x).dtype == torch.float32
+
+
+# -- the driver: rank 0 alone writes between stages, resume by config hash, per-stage data ---------
+# (on copies of the run of ``cascade_run``)
+
+RANK_VARS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def _copy_run(base: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(base / "run", out)
+    return out
+
+
+def _cfg(base: Path, tmp_path: Path, extra: list[str]):
+    # Same data root as the trained run: data.root is part of every stage's config hash.
+    return compose_cfg([*TINY_POSE, *extra], tmp_path, data_dir=base / "data")
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def _as_rank(monkeypatch, rank: int) -> None:
+    for key in RANK_VARS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", str(rank))
+
+
+def test_other_ranks_write_nothing_and_use_rank0s_numbers(cascade_run, tmp_path, monkeypatch):
+    base, _ = cascade_run
+    out = _copy_run(base, tmp_path)
+    # Rank 0's hand-offs, made recognisable: rank 1 must take these numbers, not compute its own.
+    handoffs = {}
+    for s in (1, 2):
+        path = out / f"stage{s}" / "handoff.json"
+        h = json.loads(path.read_text())
+        h["entry"]["val"]["PCKh"] = 11.0 * s
+        if h["displacement"] is not None:
+            h["displacement"]["mean"] = np.full((16, 2), 0.125).tolist()
+        path.write_text(json.dumps(h))
+        handoffs[s] = h
+    launch = handoffs[1]["launch"]
+    assert launch and handoffs[2]["launch"] == launch
+    _as_rank(monkeypatch, 1)
+    monkeypatch.setenv(pose.LAUNCH_ENV, launch)  # what Lightning's ddp launcher hands down
+
+    def no_predictions(*args, **kwargs):
+        raise AssertionError("a non-zero rank ran the cascade")
+
+    monkeypatch.setattr(pose, "predict", no_predictions)
+    seen = []
+    from datamodules.mpii import MPIIDataModule
+
+    original = MPIIDataModule.configure_stage
+
+    def spy(self, stage, **kwargs):
+        seen.append((stage, kwargs["displacement"], kwargs["val_centers"]))
+        return original(self, stage, **kwargs)
+
+    monkeypatch.setattr(MPIIDataModule, "configure_stage", spy)
+    before = _files(out)
+    results = pose.run_pose(_cfg(base, tmp_path, ["train=false"]), out)
+    after = _files(out)
+    # Loggers may create their (empty) folders; no file of rank 0 was touched, none was added.
+    assert after == before
+    assert results["PCKh_per_stage"] == [11.0, 22.0]
+    # stage 2's data were built from rank 0's statistics and val estimates
+    stage, displacement, centers = seen[1]
+    assert stage == 2
+    np.testing.assert_array_equal(displacement[0], np.full((16, 2), 0.125))
+    np.testing.assert_array_equal(displacement[1], handoffs[1]["displacement"]["cov"])
+    np.testing.assert_array_equal(centers, np.load(out / "stage1" / "val_predictions.npy"))
+
+
+def test_handoff_of_another_launch_is_not_taken(tmp_path):
+    stage_dir = tmp_path / "stage1"
+    stage_dir.mkdir()
+    (stage_dir / "handoff.json").write_text(json.dumps({"hash": "h", "launch": "old", "v": 1}))
+
+    def publish():
+        time.sleep(0.3)
+        (stage_dir / "handoff.json").write_text(json.dumps({"hash": "h", "launch": "new", "v": 2}))
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    got = pose.await_handoff(stage_dir, "h", "new", poll_s=0.02)
+    thread.join()
+    assert got["v"] == 2
+
+
+def test_resume_reuses_finished_stages_and_their_errors(cascade_run, tmp_path, monkeypatch):
+    base, trained = cascade_run
+    out = _copy_run(base, tmp_path)
+    errors_before = (out / "stage1" / "errors.json").read_text()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed what resume should reuse")
+
+    monkeypatch.setattr(pose, "error_statistics", fail)
+    monkeypatch.setattr(pose, "build_trainer", fail)
+    calls = []
+    real_predict = pose.predict
+
+    def counting(module, loader, num, device):
+        calls.append(num)
+        return real_predict(module, loader, num, device)
+
+    monkeypatch.setattr(pose, "predict", counting)
+    results = pose.run_pose(_cfg(base, tmp_path, ["resume=true"]), out)
+    assert results["PCKh_per_stage"] == pytest.approx(trained["PCKh_per_stage"])
+    assert calls == [5, 5]  # val after each stage; no pass over the 12 training persons
+    assert (out / "stage1" / "errors.json").read_text() == errors_before
+    record = json.loads((out / "stage2" / "stage.json").read_text())
+    assert record["hash"] == results["stages"]["stage2"]["config_hash"]
+    assert record["hash"] == pose.config_hash(record["config"])
+
+
+def test_resume_refuses_a_stage_trained_with_another_config(cascade_run, tmp_path, monkeypatch):
+    base, _ = cascade_run
+    out = _copy_run(base, tmp_path)
+    changed = [o.replace("lr=5e-4", "lr=1e-4") for o in TINY_POSE]
+    assert changed != TINY_POSE
+    monkeypatch.setattr(pose, "build_trainer", lambda *a, **k: pytest.fail("must not train"))
+    cfg = compose_cfg([*changed, "resume=true"], tmp_path, data_dir=base / "data")
+    with pytest.raises(ConfigError, match=r"stage 2's final.ckpt was made with another config"):
+        pose.run_pose(cfg, out)
+
+
+def test_resume_remeasures_errors_whose_hash_differs(cascade_run, tmp_path, monkeypatch):
+    """error_persons changes stage 1's errors (recomputed) and so stage 2's inputs (refused)."""
+    base, _ = cascade_run
+    out = _copy_run(base, tmp_path)
+    old = json.loads((out / "stage1" / "errors.json").read_text())
+    monkeypatch.setattr(pose, "build_trainer", lambda *a, **k: pytest.fail("must not train"))
+    cfg = _cfg(base, tmp_path, ["resume=true", "cascade.error_persons=6"])
+    with pytest.raises(ConfigError, match="stage 2's final.ckpt"):
+        pose.run_pose(cfg, out)
+    new = json.loads((out / "stage1" / "errors.json").read_text())
+    assert new["persons"] == 6 and old["persons"] == 12 and new["hash"] != old["hash"]
+    rows = np.isfinite(np.load(out / "stage1" / "train_predictions.npy")[:, 0, 0])
+    assert rows.sum() == 6
+
+
+def test_per_stage_data_overrides_are_applied_or_rejected(tmp_path):
+    from datamodules.mpii import MPIIDataModule
+
+    cfg = compose_cfg([*TINY_POSE, "+cascade.stages.2.data.root=/elsewhere"], tmp_path)
+    with pytest.raises(ConfigError, match=r"cascade\.stages\.2\.data\.root"):
+        pose.validate_cascade(cfg)
+    cfg = compose_cfg([*TINY_POSE, "+cascade.stages.2.data.synthetic.num_train=3"], tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"cascade\.stages\.2\.data\.synthetic\.num_train"):
+        pose.validate_cascade(cfg)
+    cfg = compose_cfg(
+        [*TINY_POSE, "+cascade.stages.2.data.rotate=0", "+cascade.stages.2.data.flip=false"],
+        tmp_path / "c",
+    )
+    assert pose.validate_cascade(cfg) == 2
+    dm = MPIIDataModule(root=str(tmp_path), rotate=15.0, batch_size=4)
+    for stage, rotate, flips in ((2, 0.0, 0), (1, 15.0, 6)):
+        opts = pose.stage_data_options(pose.stage_config(cfg, stage)[0])
+        dm.set_stage_options(**opts)
+        assert dm.rotate == rotate and len(dm.person_transform(True).flip_pairs) == flips
+        assert dm.batch_size == 4 and dm.eval_batch_size == 4
+
+
+# -- no host syncs per step -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Inside ``with no_host_sync():`` any tensor -> host conversion raises."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("cpu", "numpy", "item", "tolist", "__bool__", "__float__", "__int__"):
+
+                def refuse(self, *args, _name=name, **kwargs):
+                    raise AssertionError(f"host sync: Tensor.{_name}")
+
+                mp.setattr(torch.Tensor, name, refuse)
+            yield
+
+    return guard
+
+
+def test_pose_metric_counts_on_device_and_skips_nan_head_sizes(no_host_sync):
+    # Person 0 has no head size (NaN): its 16 labelled joints count, none can be a hit. Person 1 is
+    # exact. PCKh over the 14 scored joints = 14 / 28; PCP needs no head size: every limb right.
+    gt = np.arange(64, dtype=np.float64).reshape(2, 16, 2)
+    pred = gt.copy()
+    head = np.array([np.nan, 6.0])
+    lab = np.ones((2, 16))
+    s = evaluate_pose(pred, gt, lab, head)
+    assert s["PCKh"] == pytest.approx(50.0) and s["PCKh@0.1"] == pytest.approx(50.0)
+    assert s["joint_counts"]["head_top"] == 2 and s["Head"] == 50.0 and s["PCP"] == 100.0
+    metric = PoseMetric()
+    args = [torch.tensor(x) for x in (pred, gt, lab, head)]
+    with no_host_sync():
+        metric.update(*args)
+    acc = metric.compute()
+    assert acc["PCKh"] == pytest.approx(50.0) and acc["PCP"] == 100.0
+    assert acc["joint_counts"] == s["joint_counts"]
+
+
+def test_nonfinite_loss_is_caught_without_a_sync_per_step(no_host_sync):
+    module = PoseRegressionLitModule(_Fixed(), JointL2Loss(), torch.optim.SGD)
+    good = {"loss": torch.tensor(1.0), "loss/l2": torch.tensor(1.0)}
+    bad = {"loss": torch.tensor(float("nan")), "loss/l2": torch.tensor(float("inf"))}
+    with no_host_sync():
+        module._record_nonfinite(good)
+    module.check_finite()  # nothing recorded yet: no error
+    with no_host_sync():
+        module._record_nonfinite(bad)
+        module._record_nonfinite(good)  # a later finite step does not hide the first bad one
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite loss at step 0: loss=nan, loss/l2=inf"
+    ):
+        module.check_finite()
+
+
+# -- stage >= 2 crops travel as uint8 -------------------------------------------------------------
+
+
+def test_joint_crops_are_uint8_and_normalise_to_the_float_path():
+    from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD
+    from datamodules.mpii import JointCrops, normalise_images, to_tensor_image
+    from datamodules.pose_transforms import crop_image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (60, 50, 3), dtype=np.uint8)
+    kp = np.concatenate([rng.uniform(10, 40, (16, 2)), np.ones((16, 1))], 1).astype(np.float32)
+    item = {
+        "image": image,
+        "keypoints": kp,
+        "head_size": 5.0,
+        "center": np.array([25.0, 25.0], np.float32),
+        "scale": 0.2,
+        "name": "a.jpg",
+        "index": 0,
+    }
+    centers = kp[None, :, :2] + rng.normal(0, 2, (1, 16, 2))
+    out = JointCrops(24, sigma=1.0, centers=centers)(item)
+    assert out["image"].dtype == torch.uint8 and out["image"].shape == (16, 3, 24, 24)
+    # the float32 crops of the old path, bit for bit
+    old = torch.stack([to_tensor_image(crop_image(image, a, 24)) for a in out["affine"].numpy()])
+    assert torch.equal(normalise_images(out["image"]), old)
+    # ... and an independent float64 normalisation, within float32 rounding
+    ref = out["image"].numpy().astype(np.float64) / 255.0 - np.array(IMAGENET_MEAN)[:, None, None]
+    ref /= np.array(IMAGENET_STD)[:, None, None]
+    np.testing.assert_allclose(normalise_images(out["image"]).numpy(), ref, atol=1e-5)
+    # the stage module normalises uint8 batches itself
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 24 * 24, 32), nn.Unflatten(1, (16, 2)))
+    module = PoseRegressionLitModule(net, JointL2Loss(), torch.optim.SGD, stage=2).eval()
+    batch = {"image": out["image"][None], "slot": out["slot"][None]}
+    as_float = {"image": old[None], "slot": out["slot"][None]}
+    with torch.no_grad():
+        assert torch.equal(module.predict_normalised(batch), module.predict_normalised(as_float))
