@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.mpii import find_annotation
 from datamodules.pose_transforms import error_statistics
-from experiments.stages import _launch_token, _launcher_rank
+from experiments.stages import launch_token, launcher_rank
 from experiments.train import (
     ConfigError,
     build_loggers,
@@ -259,7 +259,7 @@ def _launch_id(rank: int) -> str | None:
     """An id shared by the ranks of this launch: torchrun/SLURM's, or one rank 0 makes and puts
     in the environment before its first fit (Lightning's ``ddp`` launcher copies it to the ranks
     it starts). None on a non-zero rank that got neither (handoffs then match by hash only)."""
-    token = _launch_token()
+    token = launch_token()
     if token:
         return token
     if rank == 0:
@@ -402,7 +402,7 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """
     num_stages = validate_cascade(cfg)
     casc = cfg.cascade
-    rank = _launcher_rank()
+    rank = launcher_rank()
     launch = _launch_id(rank)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")

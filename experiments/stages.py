@@ -115,7 +115,7 @@ def stage1_key(cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _launcher_rank() -> int:
+def launcher_rank() -> int:
     """Global rank of this process as launched (0 for the process a user started).
 
     Under the ``ddp`` subprocess launcher, torchrun or SLURM every rank runs this driver; only rank
@@ -126,7 +126,7 @@ def _launcher_rank() -> int:
     return int(_get_rank() or 0)
 
 
-def _launch_token() -> str | None:
+def launch_token() -> str | None:
     """An id shared by all ranks of one external launch (torchrun, multi-task SLURM), else None.
 
     Under Lightning's own ``ddp`` launcher the other ranks are started from inside rank 0's
@@ -173,8 +173,8 @@ def _coordinated(lock: Path, finished: Callable[[], bool]) -> Iterator[bool]:
     Rank 0 evaluates ``finished`` under the lock; the other ranks of an external launch use
     rank 0's published answer, so every rank enters the same ``fit``.
     """
-    token = _launch_token()
-    if _launcher_rank() != 0:
+    token = launch_token()
+    if launcher_rank() != 0:
         yield _await_decision(lock, token) if token else finished()
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +231,7 @@ def shared_stage1(cfg: DictConfig) -> Stage1:
             return Stage1(directory, final, json.loads(done.read_text()).get("val"))
         epochs = int(cfg.schedule.stage1_epochs)
         directory.mkdir(parents=True, exist_ok=True)
-        if _launcher_rank() == 0:
+        if launcher_rank() == 0:
             (directory / "stage1_config.yaml").write_text(
                 OmegaConf.to_yaml(OmegaConf.create(stage1_config(cfg)))
             )
@@ -244,7 +244,7 @@ def shared_stage1(cfg: DictConfig) -> Stage1:
             f", resuming {last}" if resume else "",
         )
         val = _train_shared(cfg, directory, epochs, resume, final, cfg.seed)
-        if _launcher_rank() == 0:
+        if launcher_rank() == 0:
             write_results(done, {"key": key, "epochs": epochs, "val": val})
         return Stage1(directory, final, val)
 
@@ -270,6 +270,6 @@ def shared_baseline(cfg: DictConfig, stage1: Stage1) -> Stage1:
         log.info("training the baseline to epoch %d in %s from %s", total, directory, resume)
         # Every epoch is seeded from (seed, epoch): the continuation is the uninterrupted baseline.
         val = _train_shared(cfg, directory, total, resume, final, cfg.seed)
-        if _launcher_rank() == 0:
+        if launcher_rank() == 0:
             write_results(done, {"epochs": total, "val": val})
         return Stage1(directory, final, val)

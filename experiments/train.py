@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from experiments.stages import shared_stage1
+from experiments.stages import launcher_rank, shared_stage1
 from lightning_modules import ParsingLitModule
 from lightning_modules.callbacks import EpochSeed, Interruption, StageEnd
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
@@ -438,8 +438,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # Multirun jobs share a process: each must close its own W&B run.
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
             sys.modules["wandb"].finish()
-    write_results(out_dir / "results.json", results)
-    log.info("results written to %s", out_dir / "results.json")
+    # Under DDP every rank runs the driver; rank 0 alone writes (the ranks' temporary files would
+    # race on the same name).
+    if launcher_rank() == 0:
+        write_results(out_dir / "results.json", results)
+        log.info("results written to %s", out_dir / "results.json")
     return results
 
 

@@ -111,7 +111,7 @@ def test_other_ranks_train_when_rank0_trains(cfg, trained, monkeypatch):
 def test_ddp_launcher_children_decide_from_the_directory(cfg, trained, monkeypatch):
     """Lightning's own launcher starts rank 1 after rank 0 decided: no token, no waiting."""
     _launch(monkeypatch, 1, None)
-    assert stages._launch_token() is None
+    assert stages.launch_token() is None
     directory = Path(cfg.schedule.stage1_dir) / stages.stage1_key(cfg)
     (directory / "checkpoints").mkdir(parents=True)
     (directory / "checkpoints" / "stage1.ckpt").write_bytes(b"ckpt")
