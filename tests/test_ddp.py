@@ -195,3 +195,53 @@ def test_ddp_spawn_shared_stage1_continues_exactly(tmp_path):
         tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
     assert last["epoch"] == 2  # 3 epochs in all, not 2 + 3
+
+
+@pytest.mark.slow
+def test_ddp_launcher_pose_cascade_writes_once(tmp_path):
+    """The real ``ddp`` launcher re-runs the pose driver on rank 1: only rank 0 writes, rank 1
+    takes rank 0's between-stage numbers, and both ranks finish both stages."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    args = [
+        "experiment=deeppose_quick",
+        "data.synthetic.num_train=12",
+        "data.synthetic.num_val=5",
+        "data.synthetic.image_size=72",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "schedule.total_epochs=1",
+        "cascade.stages.2.epochs=1",
+        "model.fc_dim=64",
+        "model.width=0.125",
+        "logger=csv",
+        "~callbacks.rich_progress_bar",
+        "+trainer.strategy=ddp",
+        "trainer.devices=2",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(root / "run.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("results written to") == 1, out[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert len(results["PCKh_per_stage"]) == 2
+    for stage in (1, 2):
+        stage_dir = run_dir / f"stage{stage}"
+        assert len(list(stage_dir.rglob("final.ckpt"))) == 1
+        assert (stage_dir / "handoff.json").is_file()
+    assert (run_dir / "stage1" / "errors.json").is_file()
