@@ -6,8 +6,10 @@ Layout (COCO 2017 as released)::
     <root>/{train,val}2017/<file_name>
 
 Items follow :mod:`datamodules.instances`; labels are the json's own category ids (COCO's official
-ids for COCO, so ``allowed_mask_classes`` presets apply unchanged). Crowd annotations and
-annotations with an empty mask are left out; images without any remaining instance are dropped.
+ids for COCO, so ``allowed_mask_classes`` presets apply unchanged). Annotations with an empty mask
+are left out; images without any remaining instance are dropped. Crowd annotations (``iscrowd=1``)
+are never instances; with ``load_crowd`` (the validation split) they come as ``crowd_masks`` /
+``crowd_labels`` for COCO's evaluation rule (predictions matching a crowd region are ignored).
 """
 
 from __future__ import annotations
@@ -54,18 +56,26 @@ class CocoInstancesDataset(Dataset):
         ann_file: the instances json.
         image_dir: folder of the images (``file_name`` is relative to it).
         category_ids: keep only these categories (None = all).
+        load_crowd: also return the image's crowd regions (``crowd_masks`` (K, H, W) uint8,
+            ``crowd_labels`` (K,)), for evaluation.
     """
 
     def __init__(
-        self, ann_file: str | Path, image_dir: str | Path, category_ids: Sequence[int] | None = None
+        self,
+        ann_file: str | Path,
+        image_dir: str | Path,
+        category_ids: Sequence[int] | None = None,
+        load_crowd: bool = False,
     ):
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
         self.coco = _coco(self.ann_file)
         cats = (
             set(self.coco.getCatIds()) if category_ids is None else {int(c) for c in category_ids}
         )
+        self.load_crowd = bool(load_crowd)
         self.ids: list[int] = []
         self._anns: dict[int, list[dict[str, Any]]] = {}
+        self._crowds: dict[int, list[dict[str, Any]]] = {}
         for img_id in sorted(self.coco.getImgIds()):
             anns = [
                 a
@@ -78,6 +88,11 @@ class CocoInstancesDataset(Dataset):
             if anns:
                 self.ids.append(img_id)
                 self._anns[img_id] = anns
+                self._crowds[img_id] = [
+                    a
+                    for a in self.coco.loadAnns(self.coco.getAnnIds(imgIds=img_id, iscrowd=True))
+                    if a["category_id"] in cats
+                ]
         if not self.ids:
             raise DatasetError(self.ann_file, "no image with a usable instance")
 
@@ -100,13 +115,23 @@ class CocoInstancesDataset(Dataset):
             [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], np.float32
         )
         keep = masks.reshape(len(masks), -1).any(1)
-        return {
+        item = {
             "image": image,
             "masks": masks[keep],
             "boxes": boxes[keep],
             "labels": np.array([a["category_id"] for a in anns], np.int64)[keep],
             "name": str(info["file_name"]),
         }
+        if self.load_crowd:
+            crowds = self._crowds[img_id]
+            h, w = image.shape[:2]
+            item["crowd_masks"] = (
+                np.stack([self.coco.annToMask(a) for a in crowds]).astype(np.uint8)
+                if crowds
+                else np.zeros((0, h, w), np.uint8)
+            )  # (K, H, W)
+            item["crowd_labels"] = np.array([a["category_id"] for a in crowds], np.int64)
+        return item
 
 
 class CocoInstancesDataModule(InstanceDataModule):
@@ -137,7 +162,10 @@ class CocoInstancesDataModule(InstanceDataModule):
 
     def make_dataset(self, split: str) -> Dataset:
         ann, images = self.files[split]
-        return CocoInstancesDataset(self.root / ann, self.root / images, self.category_ids)
+        # Crowd regions matter to the evaluation only (they are never training instances).
+        return CocoInstancesDataset(
+            self.root / ann, self.root / images, self.category_ids, load_crowd=split != "train"
+        )
 
 
 # ---------------------------------------------------------------------- generated shapes

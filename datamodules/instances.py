@@ -10,12 +10,16 @@ Raw item (what a dataset's ``load`` returns)::
     labels (N,) int64 class ids of the dataset's own id space (COCO category ids, Cityscapes
            labelIds, 1 = person for MHPv2)
     name   str
+    crowd_masks (K, H, W) uint8, crowd_labels (K,) int64: optional (COCO ``iscrowd=1`` regions of
+           evaluation items): not instances; predictions matching them are ignored by mask AP
 
 Batch (:func:`collate_instances`): ``image`` (B, 3, S, S) normalised, the network frame being the
 image resized so that its longer side is S, then zero-padded to S x S; lists over images of
 ``boxes`` (N_i, 4), ``masks`` (N_i, S, S) uint8 and ``labels`` (N_i,) in that frame; ``orig_boxes``
-and ``orig_masks`` (N_i, H, W) in the original image (for evaluation at full resolution);
-``scale`` (B,) and ``name``.
+and ``orig_masks`` (N_i, H, W) in the original image (for evaluation at full resolution), with
+``orig_crowd_masks`` (K_i, H, W) and ``crowd_labels`` (K_i,) when the items have crowd regions;
+``scale`` (B, 2), ``name``, and ``index`` (B,) the items' dataset indices (evaluation merges the
+shards of several processes by it).
 """
 
 from __future__ import annotations
@@ -101,10 +105,12 @@ class InstanceTransform:
         m = torch.from_numpy(np.ascontiguousarray(masks))
         net_masks = torch.zeros(len(m), self.size, self.size, dtype=torch.uint8)
         if len(m):
-            # (N, H, W) -> (N, nh, nw): nearest keeps the masks binary
-            net_masks[:, :nh, :nw] = F.interpolate(m[None].float(), size=(nh, nw), mode="nearest")[
-                0
-            ].to(torch.uint8)
+            # (N, H, W) -> (N, nh, nw): nearest keeps the masks binary. "nearest-exact" reads the
+            # source pixel under each output pixel's centre, as the bilinear image resize does;
+            # "nearest" reads floor(i / scale), shifting masks up-left against the image and never
+            # reading the last source row/column when downscaling.
+            resized = F.interpolate(m[None].float(), size=(nh, nw), mode="nearest-exact")[0]
+            net_masks[:, :nh, :nw] = resized.to(torch.uint8)
         sx, sy = nw / w, nh / h
         b = torch.from_numpy(boxes) * torch.tensor([sx, sy, sx, sy])
         out = {
@@ -118,16 +124,24 @@ class InstanceTransform:
         if not self.train:
             out["orig_boxes"] = torch.from_numpy(boxes)
             out["orig_masks"] = m
+            if "crowd_masks" in item:
+                out["orig_crowd_masks"] = torch.from_numpy(
+                    np.ascontiguousarray(item["crowd_masks"])
+                )
+                out["crowd_labels"] = torch.as_tensor(item["crowd_labels"], dtype=torch.int64)
         return out
 
 
 def collate_instances(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stacks images; keeps per-image instance tensors as lists (their counts differ)."""
     batch: dict[str, Any] = {"image": torch.stack([it["image"] for it in items])}
-    for key in ("boxes", "masks", "labels", "orig_boxes", "orig_masks", "name"):
+    keys = ("boxes", "masks", "labels", "orig_boxes", "orig_masks", "orig_crowd_masks")
+    for key in (*keys, "crowd_labels", "name"):
         if key in items[0]:
             batch[key] = [it[key] for it in items]
     batch["scale"] = torch.stack([it["scale"] for it in items])
+    if "index" in items[0]:
+        batch["index"] = torch.tensor([int(it["index"]) for it in items])
     return batch
 
 
@@ -143,7 +157,7 @@ class TransformedInstances(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         # Drawn from torch's generator, which Lightning seeds per epoch and worker (EpochSeed).
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
-        return self.transform(self.raw[index], rng)
+        return {**self.transform(self.raw[index], rng), "index": int(index)}
 
 
 class InstanceDataModule(LightningDataModule, ABC):

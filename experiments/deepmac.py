@@ -88,9 +88,8 @@ def evaluate(module: DeepMACLitModule, loader: Any, device: torch.device) -> dic
         probs = module.predict_masks(
             image, boxes, [b.to(device) for b in batch["orig_boxes"]], sizes
         )
-        for p, gt, lab in zip(probs, batch["orig_masks"], batch["labels"], strict=True):
-            acc.update(gt.numpy(), (p >= module.mask_threshold).cpu().numpy(), lab.tolist())
-    present = sorted({a["category_id"] for a in acc.gts})
+        module.accumulate(acc, batch, probs)
+    present = acc.present_classes()
     module.cpu()
     return acc.compute(module.groups(present))
 

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.deepmac_metrics import MaskAPAccumulator, flat_scores
+from lightning_modules.deepmac_metrics import MaskAPAccumulator, flat_scores, gather_accumulator
 from lightning_modules.nets.deepmac import crop_instance_masks, paste_masks
 from lightning_modules.schedulers import per_step_optimization
 from losses.mask import resolve_classes
@@ -136,17 +136,42 @@ class DeepMACLitModule(pl.LightningModule):
         self.log("val/loss", losses["loss"], on_epoch=True, batch_size=max(n, 1), sync_dist=True)
         sizes = [tuple(m.shape[-2:]) for m in batch["orig_masks"]]
         probs = self.predict_masks(batch["image"], batch["boxes"], batch["orig_boxes"], sizes)
-        for p, gt, lab in zip(probs, batch["orig_masks"], batch["labels"], strict=True):
-            pred = (p >= self.mask_threshold).cpu().numpy()
-            self.accumulator.update(gt.cpu().numpy(), pred, lab.cpu().tolist())
+        self.accumulate(self.accumulator, batch, probs)
+
+    def accumulate(
+        self, acc: MaskAPAccumulator, batch: dict[str, Any], probs: list[Tensor]
+    ) -> None:
+        """Adds an evaluation batch to ``acc``.
+
+        Args:
+            acc: the accumulator.
+            batch: an evaluation batch (``orig_masks``, ``labels``, optional ``orig_crowd_masks``
+                / ``crowd_labels`` and ``index``).
+            probs: B tensors ``(N_i, H, W)`` from :meth:`predict_masks`.
+        """
+        crowds = batch.get("orig_crowd_masks") or [None] * len(probs)
+        crowd_labels = batch.get("crowd_labels") or [None] * len(probs)
+        index = batch.get("index")
+        for i, (p, gt, lab) in enumerate(
+            zip(probs, batch["orig_masks"], batch["labels"], strict=True)
+        ):
+            acc.update(
+                gt.cpu().numpy(),
+                (p >= self.mask_threshold).cpu().numpy(),
+                lab.cpu().tolist(),
+                None if crowds[i] is None else crowds[i].cpu().numpy(),
+                None if crowd_labels[i] is None else crowd_labels[i].cpu().tolist(),
+                key=None if index is None else int(index[i]),
+            )
 
     def on_validation_epoch_start(self) -> None:
         self.accumulator.reset()
 
     def on_validation_epoch_end(self) -> None:
-        # Evaluated on this process's images only: run validation on one device (the driver does).
-        present = sorted({a["category_id"] for a in self.accumulator.gts})
-        scores = self.accumulator.compute(self.groups(present))
+        # Under DDP every rank gathers all shards and scores the whole set: the logged values (and
+        # the checkpoint monitor reading them) are the same on every rank.
+        acc = gather_accumulator(self.accumulator)
+        scores = acc.compute(self.groups(acc.present_classes()))
         self.accumulator.reset()
         self.val_scores = scores
         # NaN (a group without instances) is logged too: checkpoint monitors then find their key.

@@ -2,7 +2,10 @@
 
 Every ground-truth instance becomes one detection of score 1 whose mask is the predicted one; COCOeval
 on segmentation then measures only mask quality. Scores are reported per class group (``seen``: the
-classes whose masks trained the head, ``unseen``: the others, ``all``).
+classes whose masks trained the head, ``unseen``: the others, ``all``). COCO crowd regions
+(``iscrowd=1``) follow COCO's rule: not ground truth, and a prediction matching one (intersection over
+the prediction's area at the IoU threshold) is ignored rather than counted as a false positive.
+Under DDP each process accumulates its shard; :func:`gather_accumulator` merges them.
 """
 
 from __future__ import annotations
@@ -39,55 +42,131 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 @dataclass
 class MaskAPAccumulator:
-    """Collects per-image ground truth and predictions (as RLEs) for :func:`mask_ap_scores`."""
+    """Collects per-image ground truth and predictions (as RLEs) for :func:`mask_ap_scores`.
 
-    images: list[dict[str, Any]] = field(default_factory=list)
-    gts: list[dict[str, Any]] = field(default_factory=list)
-    dts: list[dict[str, Any]] = field(default_factory=list)
-    ious: list[tuple[int, float]] = field(default_factory=list)
+    One record per image (plain Python values, so shards of several processes can be gathered with
+    ``all_gather_object`` and merged by :meth:`merge`). ``key`` is the image's index in the
+    evaluated dataset: merging sorts by it and keeps the first copy of a repeated key, which undoes
+    the interleaving and the padding of a ``DistributedSampler``. The order matters: every
+    detection has score 1, so COCOeval's ranking of tied detections follows the image order.
+    """
 
-    def update(self, gt_masks: np.ndarray, pred_masks: np.ndarray, labels: Sequence[int]) -> None:
-        """One image: ``(N, H, W)`` binary ground truth and predictions, ``(N,)`` class ids."""
-        image_id = len(self.images) + 1
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def update(
+        self,
+        gt_masks: np.ndarray,
+        pred_masks: np.ndarray,
+        labels: Sequence[int],
+        crowd_masks: np.ndarray | None = None,
+        crowd_labels: Sequence[int] | None = None,
+        key: int | None = None,
+    ) -> None:
+        """One image.
+
+        Args:
+            gt_masks: ``(N, H, W)`` binary ground truth.
+            pred_masks: ``(N, H, W)`` binary predictions, row ``i`` for ground-truth instance ``i``.
+            labels: ``(N,)`` class ids.
+            crowd_masks: ``(K, H, W)`` binary crowd regions (COCO ``iscrowd=1``): not ground truth;
+                a prediction matching one is ignored instead of counted as a false positive.
+            crowd_labels: ``(K,)`` their class ids.
+            key: the image's dataset index (see the class docstring); None: arrival order.
+        """
         h, w = gt_masks.shape[-2:]
-        self.images.append({"id": image_id, "height": int(h), "width": int(w)})
-        if len(labels) == 0:
-            return
-        from pycocotools import mask as mask_utils
-
-        gt_rles, dt_rles = encode_masks(gt_masks), encode_masks(pred_masks)
-        for lab, g, d in zip(labels, gt_rles, dt_rles, strict=True):
-            area = float(mask_utils.area(g))
-            x, y, bw, bh = mask_utils.toBbox(g).tolist()
-            self.gts.append(
-                {
-                    "id": len(self.gts) + 1,
-                    "image_id": image_id,
-                    "category_id": int(lab),
-                    "segmentation": g,
-                    "area": area,
-                    "bbox": [x, y, bw, bh],
-                    "iscrowd": 0,
-                }
-            )
-            # The ground-truth box is the detection, score 1: only the mask differs.
-            self.dts.append(
-                {
-                    "image_id": image_id,
-                    "category_id": int(lab),
-                    "segmentation": d,
-                    "score": 1.0,
-                    "bbox": [x, y, bw, bh],
-                }
-            )
-        for lab, iou in zip(labels, mask_iou(pred_masks, gt_masks), strict=True):
-            self.ious.append((int(lab), float(iou)))
+        rec: dict[str, Any] = {
+            "key": None if key is None else int(key),
+            "height": int(h),
+            "width": int(w),
+            "gts": [],
+            "crowds": [],
+            "dts": [],
+            "ious": [],
+        }
+        self.records.append(rec)
+        if len(labels):
+            gt_rles, dt_rles = encode_masks(gt_masks), encode_masks(pred_masks)
+            rec["gts"] = [(int(c), g) for c, g in zip(labels, gt_rles, strict=True)]
+            rec["dts"] = dt_rles
+            rec["ious"] = [float(v) for v in mask_iou(pred_masks, gt_masks)]
+        if crowd_labels is not None and len(crowd_labels):
+            rec["crowds"] = [
+                (int(c), r) for c, r in zip(crowd_labels, encode_masks(crowd_masks), strict=True)
+            ]
 
     def reset(self) -> None:
-        self.images, self.gts, self.dts, self.ious = [], [], [], []
+        self.records = []
+
+    def present_classes(self) -> list[int]:
+        """Class ids of the (non-crowd) ground-truth instances seen so far."""
+        return sorted({c for r in self.records for c, _ in r["gts"]})
+
+    @classmethod
+    def merge(cls, shards: Sequence[MaskAPAccumulator]) -> MaskAPAccumulator:
+        """One accumulator from the shards of several processes (see the class docstring)."""
+        records = [r for s in shards for r in s.records]
+        if records and all(r["key"] is not None for r in records):
+            unique: dict[int, dict[str, Any]] = {}
+            for r in records:
+                unique.setdefault(r["key"], r)  # a padded sampler repeats images: keep one
+            records = [unique[k] for k in sorted(unique)]
+        return cls(records=list(records))
+
+    def coco(self) -> tuple[list[dict], list[dict], list[dict], list[tuple[int, float]]]:
+        """COCO ``images``, ground truth (crowds with ``iscrowd=1``), detections, ``(label, IoU)``."""
+        from pycocotools import mask as mask_utils
+
+        images, gts, dts, ious = [], [], [], []
+        for image_id, rec in enumerate(self.records, start=1):
+            images.append({"id": image_id, "height": rec["height"], "width": rec["width"]})
+            for (lab, g), d, iou in zip(rec["gts"], rec["dts"], rec["ious"], strict=True):
+                x, y, bw, bh = mask_utils.toBbox(g).tolist()
+                gts.append(_gt_ann(len(gts) + 1, image_id, lab, g, 0))
+                # The ground-truth box is the detection, score 1: only the mask differs.
+                dts.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": lab,
+                        "segmentation": d,
+                        "score": 1.0,
+                        "bbox": [x, y, bw, bh],
+                    }
+                )
+                ious.append((lab, iou))
+            for lab, r in rec["crowds"]:
+                gts.append(_gt_ann(len(gts) + 1, image_id, lab, r, 1))
+        return images, gts, dts, ious
 
     def compute(self, groups: Mapping[str, Sequence[int] | None]) -> dict[str, Any]:
-        return mask_ap_scores(self.images, self.gts, self.dts, self.ious, groups)
+        return mask_ap_scores(*self.coco(), groups)
+
+
+def _gt_ann(ann_id: int, image_id: int, label: int, rle: dict, iscrowd: int) -> dict[str, Any]:
+    from pycocotools import mask as mask_utils
+
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": label,
+        "segmentation": rle,
+        "area": float(mask_utils.area(rle)),
+        "bbox": mask_utils.toBbox(rle).tolist(),
+        "iscrowd": iscrowd,
+    }
+
+
+def gather_accumulator(acc: MaskAPAccumulator) -> MaskAPAccumulator:
+    """The accumulator of the whole evaluated set: every process's shard, merged (on every rank).
+
+    Without an initialised process group of more than one process, ``acc`` itself.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return acc
+    shards: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, acc)
+    return MaskAPAccumulator.merge(shards)
 
 
 def _coco_eval(images, gts, dts, cat_ids: list[int]) -> dict[str, float]:
@@ -102,13 +181,38 @@ def _coco_eval(images, gts, dts, cat_ids: list[int]) -> dict[str, float]:
         dt = gt.loadRes([dict(d) for d in dts])
         ev = COCOeval(gt, dt, "segm")
         ev.params.catIds = cat_ids
+        # Every instance is a detection: COCO's cap of 100 per image and class would drop the
+        # instances of a crowded image beyond it (Cityscapes frames); raise it to the largest count.
+        per_image: dict[tuple[int, int], int] = {}
+        for d in dts:
+            k = (d["image_id"], d["category_id"])
+            per_image[k] = per_image.get(k, 0) + 1
+        ev.params.maxDets = [1, 10, max([100, *per_image.values()])]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    # COCOeval gives -1 where a statistic has no ground truth (e.g. no large objects).
+    return _stats(ev)
+
+
+def _stats(ev: Any) -> dict[str, float]:
+    """COCOeval.summarize's first six numbers (x100) at the largest ``maxDets``; NaN where COCOeval
+    has no ground truth (e.g. no large objects)."""
+    p = ev.params
+    prec = ev.eval["precision"]  # (T iou thresholds, R recalls, K classes, A areas, M maxDets)
+    iou_thrs = list(np.round(p.iouThrs, 2))
+    area = {name: i for i, name in enumerate(p.areaRngLbl)}
+
+    def mean(s: np.ndarray) -> float:
+        s = s[s > -1]
+        return float(s.mean()) * 100 if s.size else float("nan")
+
+    m = len(p.maxDets) - 1
     return {
-        name: (float(v) * 100 if v >= 0 else float("nan"))
-        for name, v in zip(_STAT_NAMES, ev.stats[:6], strict=True)
+        "AP": mean(prec[:, :, :, area["all"], m]),
+        "AP50": mean(prec[iou_thrs.index(0.5), :, :, area["all"], m]),
+        "AP75": mean(prec[iou_thrs.index(0.75), :, :, area["all"], m]),
+        "APs": mean(prec[:, :, :, area["small"], m]),
+        "APm": mean(prec[:, :, :, area["medium"], m]),
+        "APl": mean(prec[:, :, :, area["large"], m]),
     }
 
 
@@ -122,13 +226,17 @@ def mask_ap_scores(
     """COCO mask AP (x100) and mean mask IoU (x100) per class group.
 
     Args:
+        images, gts, dts: COCO images, ground truth (crowd regions with ``iscrowd=1``) and
+            detections (:meth:`MaskAPAccumulator.coco`).
+        ious: ``(class id, mask IoU)`` per ground-truth instance.
         groups: ``{"seen": [ids], "unseen": [ids], "all": None}``; None = every class present.
 
     Returns:
         ``{"<group>": {"AP", "AP50", "AP75", "APs", "APm", "APl", "mIoU", "num_instances"}, ...,
         "per_class_IoU": {id: IoU}}``; a group without instances has NaN scores.
     """
-    present = sorted({a["category_id"] for a in gts})
+    # Crowd regions (iscrowd=1) are not instances: a class with only crowds is not "present".
+    present = sorted({a["category_id"] for a in gts if not a.get("iscrowd", 0)})
     lab_iou: dict[int, list[float]] = {}
     for lab, iou in ious:
         lab_iou.setdefault(lab, []).append(iou)
