@@ -273,6 +273,7 @@ def await_handoff(
     """Waits for rank 0's ``handoff.json`` of this stage (same config hash and launch id)."""
     path = stage_dir / "handoff.json"
     started = last_log = time.monotonic()
+    parent = os.getppid()
     while True:
         handoff = _read_json(path) if path.is_file() else None
         if (
@@ -280,7 +281,12 @@ def await_handoff(
             and handoff.get("hash") == digest
             and (launch is None or handoff.get("launch") == launch)
         ):
+            if "error" in handoff:
+                raise RuntimeError(f"rank 0 failed between cascade stages: {handoff['error']}")
             return handoff
+        if os.getppid() != parent:
+            # Started by Lightning's ddp launcher from rank 0, which has exited.
+            raise RuntimeError(f"rank 0 exited before writing {path}")
         # Rank 0 runs the cascade over the training persons: minutes on the full MPII.
         if time.monotonic() - last_log > 600:
             log.info(
@@ -474,6 +480,10 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                 # Before the fit (which starts the other ranks of Lightning's ddp launcher): they
                 # must not find a handoff of an earlier run of this stage.
                 (stage_dir / "handoff.json").unlink(missing_ok=True)
+                # Errors measured on earlier weights of this stage must never be paired with
+                # the weights trained now (same config hash, other run).
+                (stage_dir / "errors.json").unlink(missing_ok=True)
+                (stage_dir / "train_predictions.npy").unlink(missing_ok=True)
                 _write_json(stage_dir / "stage.json", {"hash": digest, "config": record})
             reused = False
             trainer = build_trainer(
@@ -521,52 +531,67 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             results["stages"][f"stage{s}"] = entry
             continue
 
-        # The whole cascade so far on val: stage s refines the stage s-1 estimates.
-        loader = datamodule.predict_loader(
-            "val", centers=val_pred, input_size=input_size, sigma=sigma
-        )
-        val_pred = predict(module, loader, len(val_set), device)
-        scores = evaluate_pose(
-            val_pred, val["keypoints"][..., :2], val["keypoints"][..., 2], val["head_size"]
-        )
-        entry["val"] = scores
-        if gt_val_mat is not None:
-            entry["val_official_PCKh"] = evaluate_official(val_pred, gt_val_mat, val_rows)["PCKh"]
-        _save_npy(stage_dir / "val_predictions.npy", val_pred)
-        print(format_pose_table(scores, f"\nMPII val, cascade of {s} stage(s) (PCKh@0.5 / PCP, %)"))
-        overlays = write_overlays(
-            val_set, val_pred, stage_dir / "overlays", int(casc.get("num_overlays", 4))
-        )
-        _log_to_wandb(loggers, s, scores, overlays)
-
-        if s < num_stages:
-            stats = _stage_errors(
-                stage_dir,
-                errors_hash,
-                reused,
-                module,
-                datamodule,
-                train_pred,
-                err_idx,
-                train,
-                box_side,
-                input_size,
-                sigma,
-                device,
+        try:
+            # The whole cascade so far on val: stage s refines the stage s-1 estimates.
+            loader = datamodule.predict_loader(
+                "val", centers=val_pred, input_size=input_size, sigma=sigma
             )
-            train_pred, displacement = stats["train_pred"], (stats["mean"], stats["cov"])
-            entry["train_error_rms"] = stats["rms"]
-        _write_json(
-            stage_dir / "handoff.json",
-            {
-                "hash": digest,
-                "launch": launch,
-                "entry": entry,
-                "displacement": None
-                if s == num_stages
-                else {"mean": displacement[0].tolist(), "cov": displacement[1].tolist()},
-            },
-        )
+            val_pred = predict(module, loader, len(val_set), device)
+            scores = evaluate_pose(
+                val_pred, val["keypoints"][..., :2], val["keypoints"][..., 2], val["head_size"]
+            )
+            entry["val"] = scores
+            if gt_val_mat is not None:
+                entry["val_official_PCKh"] = evaluate_official(val_pred, gt_val_mat, val_rows)[
+                    "PCKh"
+                ]
+            _save_npy(stage_dir / "val_predictions.npy", val_pred)
+            print(
+                format_pose_table(
+                    scores, f"\nMPII val, cascade of {s} stage(s) (PCKh@0.5 / PCP, %)"
+                )
+            )
+            overlays = write_overlays(
+                val_set, val_pred, stage_dir / "overlays", int(casc.get("num_overlays", 4))
+            )
+            _log_to_wandb(loggers, s, scores, overlays)
+
+            if s < num_stages:
+                stats = _stage_errors(
+                    stage_dir,
+                    errors_hash,
+                    reused,
+                    module,
+                    datamodule,
+                    train_pred,
+                    err_idx,
+                    train,
+                    box_side,
+                    input_size,
+                    sigma,
+                    device,
+                )
+                train_pred, displacement = stats["train_pred"], (stats["mean"], stats["cov"])
+                entry["train_error_rms"] = stats["rms"]
+            _write_json(
+                stage_dir / "handoff.json",
+                {
+                    "hash": digest,
+                    "launch": launch,
+                    "entry": entry,
+                    "displacement": None
+                    if s == num_stages
+                    else {"mean": displacement[0].tolist(), "cov": displacement[1].tolist()},
+                },
+            )
+        except BaseException as error:
+            # The other ranks wait for this handoff: tell them rank 0 failed instead of leaving
+            # them polling forever (Lightning's ddp launcher does not stop them).
+            _write_json(
+                stage_dir / "handoff.json",
+                {"hash": digest, "launch": launch, "error": f"{type(error).__name__}: {error}"},
+            )
+            raise
         results["stages"][f"stage{s}"] = entry
         # One W&B run per stage (their steps restart), grouped by task_name.
         if (

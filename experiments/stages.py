@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -145,15 +146,36 @@ def launch_token() -> str | None:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", raw)
 
 
-def _decision_path(lock: Path, token: str) -> Path:
-    return lock.with_name(f"{lock.name}.{token}.decision")
+# When this process started (all ranks of one launch start within minutes of each other), and
+# how many coordinated decisions it has made: every rank makes the same sequence of them (a Hydra
+# multirun inside one launch makes several), so (token, call) names one decision of one launch.
+_PROCESS_START = time.time()
+_CALLS = itertools.count()
+# A decision whose rank 0 started this much earlier or later belongs to another launch that
+# happened to get the same token (torchrun with a fixed port and no rendezvous id).
+_SAME_LAUNCH_S = 600.0
 
 
-def _await_decision(lock: Path, token: str, poll_s: float = 0.5) -> bool:
+def _decision_path(lock: Path, token: str, call: int) -> Path:
+    return lock.with_name(f"{lock.name}.{token}.{call}.decision")
+
+
+def _read_decision(path: Path) -> bool | None:
+    """Rank 0's decision at ``path`` if it was made in this launch, else None."""
+    try:
+        decision = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if abs(float(decision.get("started", 0.0)) - _PROCESS_START) > _SAME_LAUNCH_S:
+        return None
+    return bool(decision["reuse"])
+
+
+def _await_decision(lock: Path, token: str, call: int, poll_s: float = 0.5) -> bool:
     """Waits for rank 0 of this launch to publish its reuse/train decision; returns reuse."""
-    path = _decision_path(lock, token)
+    path = _decision_path(lock, token, call)
     started = last_log = time.monotonic()
-    while not path.exists():
+    while (reuse := _read_decision(path)) is None:
         # Rank 0 may itself wait hours for the lock while another sweep job trains stage 1.
         if time.monotonic() - last_log > 600:
             log.info(
@@ -163,7 +185,7 @@ def _await_decision(lock: Path, token: str, poll_s: float = 0.5) -> bool:
             )
             last_log = time.monotonic()
         time.sleep(poll_s)
-    return bool(json.loads(path.read_text())["reuse"])
+    return reuse
 
 
 @contextlib.contextmanager
@@ -174,8 +196,9 @@ def _coordinated(lock: Path, finished: Callable[[], bool]) -> Iterator[bool]:
     rank 0's published answer, so every rank enters the same ``fit``.
     """
     token = launch_token()
+    call = next(_CALLS)
     if launcher_rank() != 0:
-        yield _await_decision(lock, token) if token else finished()
+        yield _await_decision(lock, token, call) if token else finished()
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as handle:
@@ -183,9 +206,9 @@ def _coordinated(lock: Path, finished: Callable[[], bool]) -> Iterator[bool]:
         try:
             reuse = finished()
             if token:
-                decision = _decision_path(lock, token)
+                decision = _decision_path(lock, token, call)
                 tmp = decision.with_name(decision.name + ".tmp")
-                tmp.write_text(json.dumps({"reuse": reuse}))
+                tmp.write_text(json.dumps({"reuse": reuse, "started": _PROCESS_START}))
                 os.replace(tmp, decision)
             yield reuse
         finally:

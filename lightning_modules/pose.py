@@ -178,7 +178,10 @@ class PoseRegressionLitModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
-        if (batch_idx + 1) % every == 0:
+        # Also at an epoch's last batch: validation and last.ckpt come before on_train_epoch_end,
+        # and must never see weights a non-finite step produced.
+        last = batch_idx + 1 == getattr(self.trainer, "num_training_batches", -1)
+        if (batch_idx + 1) % every == 0 or last:
             self.check_finite()
 
     def on_train_epoch_end(self) -> None:

@@ -588,3 +588,16 @@ def test_joint_crops_are_uint8_and_normalise_to_the_float_path():
     as_float = {"image": old[None], "slot": out["slot"][None]}
     with torch.no_grad():
         assert torch.equal(module.predict_normalised(batch), module.predict_normalised(as_float))
+
+
+def test_other_ranks_stop_when_rank0_reports_a_failure(tmp_path):
+    """A failure in rank 0's between-stage work reaches the waiting ranks instead of a hang."""
+    import json
+
+    from experiments.pose import await_handoff
+
+    (tmp_path / "handoff.json").write_text(
+        json.dumps({"hash": "abc", "launch": "L1", "error": "OSError: disk full"})
+    )
+    with pytest.raises(RuntimeError, match="disk full"):
+        await_handoff(tmp_path, "abc", "L1", poll_s=0.01)

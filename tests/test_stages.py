@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -40,7 +41,19 @@ def trained(monkeypatch):
     return calls
 
 
+def _decision(lock: Path, token: str, call: int = 0) -> Path:
+    return lock.with_name(f"{lock.name}.{token}.{call}.decision")
+
+
+def _publish(path: Path, reuse: bool, started: float | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = stages._PROCESS_START if started is None else started
+    path.write_text(json.dumps({"reuse": reuse, "started": start}))
+
+
 def _launch(monkeypatch, rank: int, env: dict[str, str] | None) -> None:
+    # Each test is one fresh launch: its coordinated calls count from 0.
+    monkeypatch.setattr(stages, "_CALLS", itertools.count())
     for key in (
         "RANK",
         "LOCAL_RANK",
@@ -60,14 +73,14 @@ def test_rank0_publishes_its_decision_per_launch(cfg, trained, monkeypatch):
     first = stages.shared_stage1(cfg)
     assert trained == [first.directory]
     lock = first.directory.with_suffix(".lock")
-    decision = lock.with_name(f"{lock.name}.torchrun-sweep7-node1-29500-.decision")
-    assert json.loads(decision.read_text()) == {"reuse": False}
-    # A second launch of the same config reuses stage 1 and says so.
-    monkeypatch.setenv("MASTER_PORT", "29501")
+    token = "torchrun-sweep7-node1-29500-"
+    assert json.loads(_decision(lock, token, 0).read_text())["reuse"] is False
+    # A second call in the same launch (a multirun's next job) reuses stage 1 and says so under
+    # its own name, so no rank can read the first answer for it.
     second = stages.shared_stage1(cfg)
     assert trained == [first.directory] and second.val == {"mIoU": 1.0}
-    decision2 = lock.with_name(f"{lock.name}.torchrun-sweep7-node1-29501-.decision")
-    assert json.loads(decision2.read_text()) == {"reuse": True}
+    assert json.loads(_decision(lock, token, 1).read_text())["reuse"] is True
+    assert json.loads(_decision(lock, token, 0).read_text())["reuse"] is False
 
 
 def test_other_ranks_follow_rank0_not_the_directory(cfg, trained, monkeypatch):
@@ -83,9 +96,7 @@ def test_other_ranks_follow_rank0_not_the_directory(cfg, trained, monkeypatch):
         (directory / "checkpoints").mkdir(parents=True)
         (directory / "checkpoints" / "stage1.ckpt").write_bytes(b"ckpt")
         (directory / "done.json").write_text(json.dumps({"val": {"mIoU": 2.0}}))
-        lock.with_name(f"{lock.name}.torchrun-sweep7-node1-29500-.decision").write_text(
-            json.dumps({"reuse": True})
-        )
+        _publish(_decision(lock, "torchrun-sweep7-node1-29500-"), True)
 
     other = threading.Thread(target=rank0_of_this_launch)
     other.start()
@@ -99,8 +110,7 @@ def test_other_ranks_train_when_rank0_trains(cfg, trained, monkeypatch):
     _launch(monkeypatch, 1, {"SLURM_JOB_ID": "812", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"})
     directory = Path(cfg.schedule.stage1_dir) / stages.stage1_key(cfg)
     lock = directory.with_suffix(".lock")
-    lock.parent.mkdir(parents=True)
-    lock.with_name(f"{lock.name}.slurm-812-0-.decision").write_text(json.dumps({"reuse": False}))
+    _publish(_decision(lock, "slurm-812-0-"), False)
     stages.shared_stage1(cfg)
     assert trained == [directory]
     # Only rank 0 writes the shared files.
@@ -118,3 +128,28 @@ def test_ddp_launcher_children_decide_from_the_directory(cfg, trained, monkeypat
     (directory / "done.json").write_text(json.dumps({"val": {"mIoU": 3.0}}))
     assert stages.shared_stage1(cfg).val == {"mIoU": 3.0}
     assert trained == []
+
+
+def test_a_decision_left_by_an_earlier_launch_with_the_same_token_is_not_taken(
+    cfg, trained, monkeypatch
+):
+    """torchrun with a fixed port and no rendezvous id repeats its token across launches: an old
+    'train' decision on disk must not send rank 1 into a stage-1 fit its rank 0 will skip."""
+    _launch(monkeypatch, 1, TORCHRUN)
+    directory = Path(cfg.schedule.stage1_dir) / stages.stage1_key(cfg)
+    lock = directory.with_suffix(".lock")
+    path = _decision(lock, "torchrun-sweep7-node1-29500-")
+    _publish(path, False, started=stages._PROCESS_START - 7200)  # the earlier launch
+
+    def rank0_of_this_launch() -> None:
+        time.sleep(0.5)
+        (directory / "checkpoints").mkdir(parents=True)
+        (directory / "checkpoints" / "stage1.ckpt").write_bytes(b"ckpt")
+        (directory / "done.json").write_text(json.dumps({"val": {"mIoU": 4.0}}))
+        _publish(path, True)
+
+    other = threading.Thread(target=rank0_of_this_launch)
+    other.start()
+    result = stages.shared_stage1(cfg)
+    other.join()
+    assert trained == [] and result.val == {"mIoU": 4.0}
