@@ -419,6 +419,32 @@ def training_order(
     return sampler, torch.Generator().manual_seed(mix_seed(sampler.seed, sampler.rank))
 
 
+def split_loader(
+    dataset: Dataset,
+    train: bool,
+    trainer: Any | None,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    persistent_workers: bool,
+    collate_fn: Any = None,
+) -> DataLoader:
+    """A DataLoader over ``dataset``: in the exactly replayable :func:`training_order` with full
+    batches only when ``train``, in dataset order otherwise."""
+    sampler, generator = training_order(dataset, trainer) if train else (None, None)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        generator=generator,
+        drop_last=train,
+        num_workers=num_workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        persistent_workers=persistent_workers and num_workers > 0,
+        collate_fn=collate_fn,
+    )
+
+
 # -- LightningDataModule base ------------------------------------------------------------------
 
 
@@ -621,18 +647,15 @@ class ParsingDataModule(LightningDataModule, ABC):
     # -- loaders --------------------------------------------------------------------------------
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        workers = self.num_workers
-        sampler, generator = training_order(dataset, self.trainer) if train else (None, None)
-        return DataLoader(
+        return split_loader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=sampler,
-            generator=generator,
-            drop_last=train,
-            num_workers=workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and workers > 0,
-            collate_fn=collate_train if train else collate_eval,
+            train,
+            self.trainer,
+            self.batch_size if train else self.eval_batch_size,
+            self.num_workers,
+            self.pin_memory,
+            self.persistent_workers,
+            collate_train if train else collate_eval,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -30,7 +30,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import read_image, training_order
+from datamodules.base import read_image, split_loader
 from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, DatasetError
 from datamodules.pose_transforms import (
     MPII_FLIP_PAIRS,
@@ -853,16 +853,14 @@ class MPIIDataModule(LightningDataModule):
     # -- loaders
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler, generator = training_order(dataset, self.trainer) if train else (None, None)
-        return DataLoader(
+        return split_loader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=sampler,
-            generator=generator,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            train,
+            self.trainer,
+            self.batch_size if train else self.eval_batch_size,
+            self.num_workers,
+            self.pin_memory,
+            self.persistent_workers,
         )
 
     def _stage_dataset(self, split: str, train: bool) -> MPIIDataset:

@@ -29,6 +29,7 @@ from experiments.train import (
     checkpoint_paths,
     load_module_weights,
     resume_checkpoint,
+    trainer_device,
 )
 from lightning_modules.deepmac import DeepMACLitModule
 from lightning_modules.deepmac_metrics import MaskAPAccumulator, flat_scores
@@ -67,13 +68,6 @@ def build_deepmac_module(cfg: DictConfig) -> DeepMACLitModule:
         "data": {"image_size": int(cfg.data.image_size)},
     }
     return module
-
-
-def _device(cfg: DictConfig) -> torch.device:
-    accel = str(cfg.trainer.get("accelerator", "auto"))
-    if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda"):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -129,7 +123,7 @@ def run_deepmac(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         raise ConfigError("train=false needs init_from=<a Deep-MAC checkpoint> to evaluate")
     elif cfg.get("ckpt_path"):
         load_module_weights(module, cfg.ckpt_path)
-    scores = evaluate(module, datamodule.val_dataloader(), _device(cfg))
+    scores = evaluate(module, datamodule.val_dataloader(), trainer_device(cfg))
     results["val"] = {**flat_scores(scores)}
     results["val_detail"] = scores
     print(

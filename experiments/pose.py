@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.mpii import find_annotation
 from datamodules.pose_transforms import error_statistics
-from experiments.stages import launch_token, launcher_rank
+from experiments.stages import launch_token, launcher_rank, wait_for_rank0
 from experiments.train import (
     ConfigError,
     build_loggers,
@@ -62,6 +61,7 @@ from experiments.train import (
     checkpoint_paths,
     load_module_weights,
     resume_checkpoint,
+    trainer_device,
 )
 from lightning_modules.pose import PoseRegressionLitModule, draw_skeleton
 from lightning_modules.pose_metrics import evaluate_official, evaluate_pose, format_pose_table
@@ -272,9 +272,9 @@ def await_handoff(
 ) -> dict[str, Any]:
     """Waits for rank 0's ``handoff.json`` of this stage (same config hash and launch id)."""
     path = stage_dir / "handoff.json"
-    started = last_log = time.monotonic()
     parent = os.getppid()
-    while True:
+
+    def read() -> dict[str, Any] | None:
         handoff = _read_json(path) if path.is_file() else None
         if (
             handoff is not None
@@ -287,15 +287,10 @@ def await_handoff(
         if os.getppid() != parent:
             # Started by Lightning's ddp launcher from rank 0, which has exited.
             raise RuntimeError(f"rank 0 exited before writing {path}")
-        # Rank 0 runs the cascade over the training persons: minutes on the full MPII.
-        if time.monotonic() - last_log > 600:
-            log.info(
-                "still waiting for rank 0's %s (%.0f min)",
-                path,
-                (time.monotonic() - started) / 60,
-            )
-            last_log = time.monotonic()
-        time.sleep(poll_s)
+        return None
+
+    # Rank 0 runs the cascade over the training persons: minutes on the full MPII.
+    return wait_for_rank0(read, str(path), poll_s)
 
 
 def stage_config(cfg: DictConfig, stage: int) -> tuple[DictConfig, int, float, str | None]:
@@ -336,13 +331,6 @@ def build_pose_module(cfg: DictConfig, stage: int) -> PoseRegressionLitModule:
 
 
 # ---------------------------------------------------------------------- running the cascade
-
-
-def _device(cfg: DictConfig) -> torch.device:
-    accel = str(cfg.trainer.get("accelerator", "auto"))
-    if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda"):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -432,7 +420,7 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     gt_val_mat = find_annotation(datamodule.root, ("mpii_gt_val.mat", "gt_valid.mat"))
     # The gt-mat rows of the val persons (persons without a usable box were skipped).
     val_rows = [int(r.get("source_index", i)) for i, r in enumerate(val_set.records)]
-    device = _device(cfg)
+    device = trainer_device(cfg)
 
     results: dict[str, Any] = {
         "task_name": cfg.task_name,

@@ -27,12 +27,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Stage 1 trains the whole network on the natural distribution with the main loss only.
 STAGE1_OVERRIDES: dict[str, Any] = {
@@ -171,21 +172,29 @@ def _read_decision(path: Path) -> bool | None:
     return bool(decision["reuse"])
 
 
-def _await_decision(lock: Path, token: str, call: int, poll_s: float = 0.5) -> bool:
-    """Waits for rank 0 of this launch to publish its reuse/train decision; returns reuse."""
-    path = _decision_path(lock, token, call)
+def wait_for_rank0(read: Callable[[], T | None], what: str, poll_s: float = 0.5) -> T:
+    """Polls ``read`` until it returns something other than None, logging every 10 minutes.
+
+    For ranks that wait on a file rank 0 writes (rank 0 may itself wait hours for a lock, or run
+    a long evaluation); ``read`` may raise to stop waiting.
+    """
     started = last_log = time.monotonic()
-    while (reuse := _read_decision(path)) is None:
-        # Rank 0 may itself wait hours for the lock while another sweep job trains stage 1.
+    while (value := read()) is None:
         if time.monotonic() - last_log > 600:
             log.info(
-                "still waiting for rank 0's decision on %s (%.0f min)",
-                lock.with_suffix(""),
-                (time.monotonic() - started) / 60,
+                "still waiting for rank 0's %s (%.0f min)", what, (time.monotonic() - started) / 60
             )
             last_log = time.monotonic()
         time.sleep(poll_s)
-    return reuse
+    return value
+
+
+def _await_decision(lock: Path, token: str, call: int, poll_s: float = 0.5) -> bool:
+    """Waits for rank 0 of this launch to publish its reuse/train decision; returns reuse."""
+    path = _decision_path(lock, token, call)
+    return wait_for_rank0(
+        lambda: _read_decision(path), f"decision on {lock.with_suffix('')}", poll_s
+    )
 
 
 @contextlib.contextmanager

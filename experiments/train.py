@@ -373,6 +373,14 @@ def resume_checkpoint(cfg: DictConfig, stage_dir: Path) -> str | None:
     return None
 
 
+def trainer_device(cfg: DictConfig) -> torch.device:
+    """The device ``cfg.trainer`` trains on, for the drivers' own evaluation passes."""
+    accel = str(cfg.trainer.get("accelerator", "auto"))
+    if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda"):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def load_module_weights(module: torch.nn.Module, path: str | Path) -> None:
     """Loads a checkpoint's ``state_dict`` (or a bare state dict) into ``module``, strictly.
 
