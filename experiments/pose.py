@@ -188,8 +188,10 @@ def stage_record(
     previous: str | None,
 ) -> dict[str, Any]:
     """What determines the weights of stage ``stage``: its resolved config without the keys that
-    only name run directories or reporting, its cascade knobs, and the hash of the error
-    statistics it was trained on (``previous``; None for stage 1)."""
+    only name run directories or reporting, its cascade knobs, the hash of the error statistics it
+    was trained on (``previous``; None for stage 1) and, for ``init_from``, the checkpoint's
+    content (:func:`file_digest`): a file replaced at the same path makes a new hash, so errors
+    measured with the old weights are not reused."""
     full = OmegaConf.to_container(scfg, resolve=True)
     record = {k: v for k, v in full.items() if k not in _HASH_IGNORED}
     record["data"] = {
@@ -203,6 +205,7 @@ def stage_record(
         "epochs": epochs,
         "sigma": sigma if stage >= 2 else None,
         "init_from": init_from,
+        "init_weights": file_digest(Path(init_from)) if init_from else None,
         "previous_errors": previous,
     }
     return record
@@ -212,6 +215,17 @@ def config_hash(obj: Any) -> str:
     """A short stable hash of a JSON-able object."""
     blob = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks: checkpoints can be large)."""
+    if not path.is_file():
+        raise ConfigError(f"init_from={path}: no such checkpoint")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -471,6 +471,42 @@ def test_resume_remeasures_errors_whose_hash_differs(cascade_run, tmp_path, monk
     assert rows.sum() == 6
 
 
+def test_init_from_replaced_at_the_same_path_remeasures_errors(cascade_run, tmp_path, monkeypatch):
+    """The errors hash covers the init_from file's bytes, not only its path."""
+    base, _ = cascade_run
+    out = _copy_run(base, tmp_path)
+    weights = tmp_path / "stage1_init.ckpt"
+    shutil.copy(out / "stage1" / "final.ckpt", weights)
+    extra = [
+        "resume=true",
+        f"+cascade.stages.1.init_from={weights}",
+        f"+cascade.stages.2.init_from={out / 'stage2' / 'final.ckpt'}",
+    ]
+    monkeypatch.setattr(pose, "build_trainer", lambda *a, **k: pytest.fail("must not train"))
+    measured = []
+    real = pose.error_statistics
+
+    def counting(*args, **kwargs):
+        measured.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pose, "error_statistics", counting)
+    pose.run_pose(_cfg(base, tmp_path, extra), out)
+    first = json.loads((out / "stage1" / "errors.json").read_text())
+    pose.run_pose(_cfg(base, tmp_path, extra), out)
+    assert len(measured) == 1, "same file, same bytes: the errors are reused"
+
+    ckpt = torch.load(weights, weights_only=False)
+    key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1.0
+    torch.save(ckpt, weights)
+    pose.run_pose(_cfg(base, tmp_path, extra), out)
+    second = json.loads((out / "stage1" / "errors.json").read_text())
+    assert len(measured) == 2, "new bytes at the same path: the errors are measured again"
+    assert second["hash"] != first["hash"]
+    assert second["mean"] != first["mean"]
+
+
 def test_per_stage_data_overrides_are_applied_or_rejected(tmp_path):
     from datamodules.mpii import MPIIDataModule
 
