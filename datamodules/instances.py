@@ -37,7 +37,7 @@ from lightning import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import read_image
+from datamodules.base import read_image, training_order
 from datamodules.batch import DatasetError
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,11 @@ def collate_instances(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class TransformedInstances(Dataset):
-    """A raw instance dataset seen through :class:`InstanceTransform`."""
+    """A raw instance dataset seen through :class:`InstanceTransform`.
+
+    Indexed by ``index`` or, from :class:`~datamodules.base.EpochShuffleSampler`, by
+    ``(index, sample_seed)``; items carry ``index`` (the dataset index) either way.
+    """
 
     def __init__(self, raw: Dataset, transform: InstanceTransform) -> None:
         self.raw, self.transform = raw, transform
@@ -154,14 +158,22 @@ class TransformedInstances(Dataset):
     def __len__(self) -> int:
         return len(self.raw)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        # Drawn from torch's generator, which Lightning seeds per epoch and worker (EpochSeed).
-        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        # (index, seed) comes from EpochShuffleSampler: the seed alone fixes this draw's flip, so
+        # a resumed run replays an epoch exactly. A plain index (evaluation, direct use) draws the
+        # seed from torch's generator, which EpochSeed and the worker seeding keep reproducible.
+        index, seed = index if isinstance(index, tuple) else (index, None)
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        rng = np.random.default_rng(seed)
         return {**self.transform(self.raw[index], rng), "index": int(index)}
 
 
 class InstanceDataModule(LightningDataModule, ABC):
     """Shared loaders of the instance datasets; subclasses implement :meth:`make_dataset`.
+
+    The training loader follows :func:`~datamodules.base.training_order` (exact resumes; the last
+    batch may be partial); the validation loader is in dataset order, one image per batch.
 
     Args:
         batch_size: images per batch (each brings all its instances).
@@ -200,10 +212,15 @@ class InstanceDataModule(LightningDataModule, ABC):
         if train and self.max_instances:
             raw = _CapInstances(raw, int(self.max_instances))
         data = TransformedInstances(raw, InstanceTransform(self.image_size, train=train))
+        # Training: the order and each item's augmentation depend on (seed, epoch, index) only,
+        # so resume=true equals an uninterrupted run. EpochShuffleSampler is a DistributedSampler
+        # (split over the DDP ranks), which Lightning leaves in place. Evaluation: dataset order.
+        sampler, generator = training_order(data, self.trainer) if train else (None, None)
         return DataLoader(
             data,
             batch_size=self.batch_size if train else 1,
-            shuffle=train,
+            sampler=sampler,
+            generator=generator,
             num_workers=self.num_workers,
             collate_fn=collate_instances,
             pin_memory=self.pin_memory,
