@@ -413,6 +413,48 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def eval_protocol(cfg: DictConfig) -> dict[str, Any] | None:
+    """The resolved ``eval`` config (conf/eval/*.yaml: scales, flip, mode, ...) the scores were
+    computed under; None when there is none (the plain forward pass)."""
+    if not cfg.get("eval"):
+        return None
+    return OmegaConf.to_container(cfg.eval, resolve=True)
+
+
+def evaluated_checkpoint(cfg: DictConfig, ckpt_path: str | None) -> dict[str, Any]:
+    """The results.json record of the checkpoint a ``train=false`` run scores.
+
+    ``{"checkpoint": path, "source": "ckpt_path" | "init_from" | "resume", "epoch": ...,
+    "global_step": ...}``, epoch and global_step when the checkpoint holds them.
+
+    Raises:
+        ConfigError: neither ``ckpt_path`` nor ``init_from`` is given (the run would score an
+            untrained network), or the file does not exist.
+    """
+    if ckpt_path:
+        path, source = str(ckpt_path), "ckpt_path" if cfg.get("ckpt_path") else "resume"
+    elif cfg.get("init_from"):
+        path, source = str(cfg.init_from), "init_from"
+    else:
+        raise ConfigError(
+            "train=false needs ckpt_path=<checkpoint to evaluate> (or init_from=<checkpoint>): "
+            "without one it would score an untrained network"
+        )
+    if not Path(path).is_file():
+        raise ConfigError(f"{source}={path}: no such checkpoint")
+    record: dict[str, Any] = {"checkpoint": path, "source": source}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - only metadata: the weights are loaded (and checked) later
+        log.debug("%s: epoch and step not read (%s)", path, e)
+        ckpt = None
+    if isinstance(ckpt, dict):
+        for key in ("epoch", "global_step"):
+            if isinstance(ckpt.get(key), int):
+                record[key] = ckpt[key]
+    return record
+
+
 def summarise(
     module: ParsingLitModule, scores: dict[str, Any] | None, title: str
 ) -> dict[str, Any] | None:
@@ -458,13 +500,18 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """The plain schedule: one run of ``total_epochs`` epochs (optionally via a shared stage 1)."""
     schedule = cfg.schedule
     total = int(schedule.total_epochs)
+    ckpt_path = cfg.get("ckpt_path") or resume_checkpoint(cfg, out_dir)
+    # train=false scores these weights: ckpt_path (loaded last) wins over init_from.
+    evaluated = None if cfg.train else evaluated_checkpoint(cfg, ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
     if cfg.get("init_from"):
         module.load_init_weights(cfg.init_from)
-    ckpt_path = cfg.get("ckpt_path") or resume_checkpoint(cfg, out_dir)
     results: dict[str, Any] = {"task_name": cfg.task_name, "schedule": "single"}
+    if evaluated is not None:
+        results["evaluated"] = evaluated
+    results["eval_protocol"] = eval_protocol(cfg)
     if cfg.train:
         s1 = schedule.get("stage1_epochs")
         # Stage 1 is shared only when this run trains exactly what stage 1 trains.

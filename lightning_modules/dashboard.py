@@ -42,12 +42,49 @@ def palette(num_classes: int) -> np.ndarray:
     return colours
 
 
+def class_colours(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, num_classes: int
+) -> np.ndarray:
+    """The (C, 3) uint8 RGB colours of the overlays: the dataset's palette when one is given.
+
+    Looked up on the trainer's datamodule (``palette``, e.g. ``data.palette`` of conf/data/*.yaml),
+    then in the module's saved build config (``build_config["data"]["palette"]``, set by the
+    training driver and restored from checkpoints); without either, :func:`palette`.
+
+    Raises:
+        ValueError: the palette is not ``num_classes`` RGB triples in 0..255.
+    """
+    colours, source = getattr(getattr(trainer, "datamodule", None), "palette", None), "datamodule"
+    if colours is None:
+        build = getattr(pl_module, "build_config", None) or {}
+        colours, source = (build.get("data") or {}).get("palette"), "build_config data"
+    if colours is None:
+        return palette(num_classes)
+    pal = np.asarray(colours)
+    if (
+        pal.ndim != 2
+        or pal.shape != (num_classes, 3)
+        or not np.issubdtype(pal.dtype, np.number)
+        or pal.min() < 0
+        or pal.max() > 255
+    ):
+        raise ValueError(
+            f"the {source} palette must be {num_classes} RGB triples in 0..255 (one per class of "
+            f"the module's {num_classes} class_names), got shape {pal.shape}"
+        )
+    return pal.astype(np.uint8)
+
+
 def overlay(
-    image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: float = 0.5
+    image: np.ndarray,
+    mask: np.ndarray,
+    colours: np.ndarray,
+    alpha: float = 0.5,
+    ignore_index: int = 255,
 ) -> np.ndarray:
     """Blends class colours into ``image`` (H, W, 3) uint8 where ``mask`` (H, W) is labelled."""
     out = image.astype(np.float32).copy()
-    valid = mask != 255
+    valid = mask != ignore_index
     out[valid] = (1 - alpha) * out[valid] + alpha * colours[mask[valid]].astype(np.float32)
     return out.clip(0, 255).astype(np.uint8)
 
@@ -139,7 +176,6 @@ class WandbDashboard(pl.Callback):
             payload["val/per_class"] = wandb.Table(columns=["id", "class", "IoU", "CPA"], data=rows)
             epoch = trainer.current_epoch
             if epoch % self.every_n_epochs == 0:
-                confusion = scores["confusion"].numpy()
                 confusion = scores["confusion"].numpy().astype(np.float64)
                 # Row-normalised: each ground-truth class's pixels spread over the predictions.
                 normed = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
@@ -147,11 +183,16 @@ class WandbDashboard(pl.Callback):
                     _heatmap(normed, names), caption="rows: ground truth, cols: prediction"
                 )
         if self._images:
-            colours = palette(len(names))
+            colours = class_colours(trainer, pl_module, len(names))
+            ignore = int(getattr(pl_module, "ignore_index", 255))
             payload["val/examples"] = [
                 wandb.Image(
                     np.concatenate(
-                        [overlay(img, gt, colours), overlay(img, pred, colours)], axis=1
+                        [
+                            overlay(img, gt, colours, ignore_index=ignore),
+                            overlay(img, pred, colours, ignore_index=ignore),
+                        ],
+                        axis=1,
                     ),
                     caption="ground truth | prediction",
                 )

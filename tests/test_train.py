@@ -254,3 +254,69 @@ def test_evaluate_command_and_flip_protocol(tmp_path, data_dir):
     )
     # (flip averaging itself is checked value by value in tests/test_inference.py)
     assert 0.0 <= flipped["val"]["PA"] <= 100.0 and len(flipped["val"]["IoU"]) == 59
+    # results.json says which checkpoint was scored, and under which protocol.
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    for folder, flip in (("b", False), ("c", True)):
+        on_disk = json.loads((tmp_path / folder / "run" / "results.json").read_text())
+        assert on_disk["evaluated"] == {
+            "checkpoint": str(ckpt),
+            "source": "ckpt_path",
+            "epoch": saved["epoch"],
+            "global_step": saved["global_step"],
+        }
+        assert saved["global_step"] == 16 // 4  # one epoch of 4 batches
+        protocol = on_disk["eval_protocol"]
+        assert protocol["flip"] is flip and protocol["scales"] == [1.0]
+        assert protocol["mode"] == "whole" and protocol["num_classes"] == 59
+        assert protocol["_target_"] == "lightning_modules.inference.InferenceProtocol"
+
+
+def test_evaluate_without_checkpoint_is_a_config_error(tmp_path, data_dir):
+    """train=false with neither ckpt_path nor init_from would score an untrained network."""
+    from experiments.train import ConfigError
+
+    base = ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=1", "train=false"]
+    with pytest.raises(ConfigError, match=r"train=false needs ckpt_path=<checkpoint to evaluate>"):
+        run(compose_cfg([*base, "eval=flip"], tmp_path / "a", data_dir))
+    assert not (tmp_path / "a" / "run" / "results.json").exists()
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*missing\.ckpt: no such checkpoint"):
+        run(
+            compose_cfg([*base, f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path / "b", data_dir)
+        )
+
+
+def test_evaluate_records_init_from_and_multiscale_protocol(tmp_path, data_dir):
+    """train=false init_from=... eval=ms_flip: results.json names the weights and the scales."""
+    import experiments.train as train
+
+    module = train.build_module(
+        compose_cfg(["experiment=quickstart", *TINY, *SINGLE], tmp_path / "m", data_dir)
+    )
+    ckpt = tmp_path / "init.ckpt"
+    torch.save({"state_dict": module.state_dict(), "epoch": 7, "global_step": 123}, ckpt)
+    results = run(
+        compose_cfg(
+            [
+                "experiment=quickstart",
+                *TINY,
+                *SINGLE,
+                "schedule.total_epochs=1",
+                "train=false",
+                f"init_from={ckpt}",
+                "eval=ms_flip",
+                "eval.scales=[0.75,1.0]",
+            ],
+            tmp_path / "a",
+            data_dir,
+        )
+    )
+    on_disk = json.loads((tmp_path / "a" / "run" / "results.json").read_text())
+    assert on_disk["evaluated"] == {
+        "checkpoint": str(ckpt),
+        "source": "init_from",
+        "epoch": 7,
+        "global_step": 123,
+    }
+    assert on_disk["eval_protocol"]["scales"] == [0.75, 1.0]
+    assert on_disk["eval_protocol"]["flip"] is True
+    assert results["evaluated"] == on_disk["evaluated"]
