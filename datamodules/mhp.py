@@ -302,6 +302,9 @@ class MHPv2DataModule(ParsingDataModule):
         num_classes: number of classes including background.
         class_names: ``num_classes`` names (default: ``MHP_CLASSES``).
         flip_pairs: left/right class ids swapped by the horizontal flip.
+        palette: ``num_classes`` RGB triples for plots and overlays (None: the VOC colour map;
+            MHPv2 publishes no palette of its own).
+        ignore_index: the label value never scored (255, the padding value of the transforms).
         color_jitter: colour jitter strength (0 disables).
         cache_dir: merged-label and count cache folder (None: no merge cache).
         synthetic: keyword arguments of :func:`ensure_synthetic_mhp`; when given, ``prepare_data``
@@ -327,6 +330,8 @@ class MHPv2DataModule(ParsingDataModule):
         num_classes: int = MHP_NUM_CLASSES,
         class_names: Sequence[str] | None = None,
         flip_pairs: Sequence[Sequence[int]] = MHP_FLIP_PAIRS,
+        palette: Sequence[Sequence[int]] | None = None,
+        ignore_index: int = 255,
         color_jitter: float = 0.2,
         cache_dir: str | None = None,
         synthetic: dict[str, Any] | None = None,
@@ -346,6 +351,8 @@ class MHPv2DataModule(ParsingDataModule):
             persistent_workers=persistent_workers,
             class_names=class_names if class_names is not None else MHP_CLASSES,
             flip_pairs=flip_pairs,
+            palette=palette,
+            ignore_index=ignore_index,
             color_jitter=color_jitter,
             cache_dir=cache_dir,
         )

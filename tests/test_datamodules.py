@@ -521,6 +521,11 @@ def test_data_configs_match_constructor(name, tmp_path):
     dm = instantiate(cfg.data)
     assert isinstance(dm, MHPv2DataModule) and dm.num_classes == 59
     assert str(dm.root).startswith(str(tmp_path))
+    # palette: null is the VOC colour map (class 1 dark red, class 2 green); a given one is kept.
+    assert dm.ignore_index == 255 and dm.palette.shape == (59, 3)
+    assert dm.palette[:3].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
+    cfg.data.palette = [[i, 255 - i, 7] for i in range(59)]
+    assert instantiate(cfg.data).palette[58].tolist() == [58, 197, 7]
 
 
 def test_check_tool(mhp_root, capsys):
