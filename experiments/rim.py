@@ -3,7 +3,9 @@
 Stage 1: the first ``stage1_epochs`` epochs of the ``total_epochs`` baseline (shared between runs, see
 :mod:`experiments.stages`). Stage 2: the remaining epochs from the stage-1 weights with the encoder
 frozen (BatchNorm in eval), the regional sampler on the main loss, the configured loss (ILM with
-``loss=ce_ilm``), no auxiliary head, and the learning rate continuing the same cosine curve.
+``loss=ce_ilm``), no auxiliary FCN head, and the learning rate continuing the same cosine curve.
+Side outputs on the decoder (DANet's ``pam``/``cam``) keep their ``loss.side_weight``, as in the
+baseline.
 With ``schedule.baseline=true`` the baseline's remaining epochs are trained from the same checkpoint
 too (once per stage 1, shared like it), and the run ends with a comparison table.
 """
@@ -46,7 +48,8 @@ def stage2_overrides(cfg: DictConfig) -> dict[str, Any]:
         # Continue the baseline's cosine curve at epoch s1 (or restart it over stage 2).
         "module.scheduler.total_epochs": total - s1 if restart else total,
         "module.scheduler.start_epoch": 0 if restart else s1,
-        # The auxiliary head sits on the frozen encoder: it has nothing left to teach.
+        # The auxiliary head sits on the frozen encoder: it has nothing left to teach. (The side
+        # outputs, DANet's pam/cam, sit on the decoder: loss.side_weight stays as in the baseline.)
         "loss.aux_weight": 0.0,
     }
 

@@ -26,6 +26,44 @@ def _terms(losses: dict[str, Tensor]) -> str:
     return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
 
 
+def match_outputs_to_loss(net: nn.Module, loss: nn.Module) -> list[str]:
+    """Switches off the net's training-only outputs that ``loss`` does not score; freezes their heads.
+
+    ``aux`` stays on when ``loss.aux_weight > 0`` (``net.use_aux``); the side outputs (DANet's
+    ``pam``/``cam``, ``net.use_side``) when ``loss.side_weight > 0`` and ``loss.side_outputs``
+    names them. The head of every output that is switched off, or computed but not scored, would
+    get no gradient: DDP without ``find_unused_parameters`` would wait for it forever (and the
+    optimizer would decay it for nothing), so its parameters get ``requires_grad=False``.
+
+    Args:
+        net: the parsing net; nets without the switches (plain modules) are left alone.
+        loss: the training loss; missing weights count as 0.
+
+    Returns:
+        The names of the outputs whose heads were frozen (e.g. ``["aux"]`` in RIM stage 2).
+    """
+    scored: set[str] = set()
+    if float(getattr(loss, "aux_weight", 0.0)) > 0.0:
+        scored.add("aux")
+    if float(getattr(loss, "side_weight", 0.0)) > 0.0:
+        scored.update(getattr(loss, "side_outputs", ()))
+    if hasattr(net, "output_heads"):
+        heads = dict(net.output_heads())
+    else:
+        aux_head = getattr(net, "aux_head", None)
+        heads = {"aux": aux_head} if aux_head is not None else {}
+    if hasattr(net, "use_aux"):
+        net.use_aux = "aux" in scored
+    if hasattr(net, "use_side"):
+        net.use_side = bool((set(heads) - {"aux"}) & scored)
+    frozen = [name for name in heads if name not in scored]
+    for name in frozen:
+        heads[name].requires_grad_(False)
+    if frozen:
+        log.info("outputs not weighted by the loss, heads frozen: %s", ", ".join(frozen))
+    return frozen
+
+
 class ParsingLitModule(pl.LightningModule):
     """Semantic / human parsing with a dense-prediction net.
 
@@ -94,12 +132,8 @@ class ParsingLitModule(pl.LightningModule):
         self.ignore_index = ignore_index
         if freeze_encoder:
             net.freeze_encoder()
-        # The auxiliary head only costs time when its loss weight is zero (RIM stage 2).
-        if hasattr(net, "use_aux"):
-            net.use_aux = float(getattr(loss, "aux_weight", 0.0)) > 0.0
-            if not net.use_aux and getattr(net, "aux_head", None) is not None:
-                # An unused head would leave DDP waiting for gradients that never come.
-                net.aux_head.requires_grad_(False)
+        # Outputs the loss does not weight (the auxiliary head in RIM stage 2) only cost time.
+        self.frozen_heads = match_outputs_to_loss(net, loss)
         self.train_confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index)
         self.val_confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index)
         self.test_confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index)

@@ -102,13 +102,15 @@ class DANet(EncoderDecoderNet):
 
     Each branch is 3x3 ConvBNReLU (c4 -> `inter_channels`) -> attention module -> 3x3 ConvBNReLU.
     The sum of the two branches is classified (`out`). The paper also supervises each branch
-    through its own classifier: during training, with `use_aux`, the position-only and
-    channel-only logits come back as `"pam"` and `"cam"`. An auxiliary FCN head on layer3 gives
-    `"aux"` as in the other nets.
+    through its own classifier: during training, with the side outputs on (`use_side`), the
+    position-only and channel-only logits come back as `"pam"` and `"cam"`. An auxiliary FCN head
+    on layer3 gives `"aux"` as in the other nets (switched by `use_aux`).
 
-    `ParsingLoss` weights only `out` and `aux` for now: it ignores `pam` and `cam`, so their
-    classifiers receive no gradient. (Under DDP without `find_unused_parameters`, unused
-    parameters are an error: set `use_aux = False` or weight these outputs before training there.)
+    `ParsingLoss` scores `pam` and `cam` as side terms (`side_outputs`, `side_weight`).
+    `ParsingLitModule` turns each switch on only when the loss weights its outputs and freezes the
+    heads of the outputs it turns off, so every trainable parameter gets a gradient (as DDP
+    without `find_unused_parameters` requires). RIM's stage 2 drops `aux` (its head sits on the
+    frozen encoder) but keeps `pam`/`cam`: their heads sit on the decoder, which still trains.
 
     Args:
         num_classes: number of output classes.
@@ -123,7 +125,9 @@ class DANet(EncoderDecoderNet):
         aux_channels: hidden channels of the auxiliary head.
 
     Attributes:
-        use_aux: runtime switch for the auxiliary outputs `aux`, `pam` and `cam`.
+        use_aux: runtime switch for the auxiliary output `aux`.
+        use_side: runtime switch for the side outputs `pam` and `cam`; `None` follows `use_aux`
+            (see `EncoderDecoderNet`).
     """
 
     def __init__(
@@ -165,6 +169,10 @@ class DANet(EncoderDecoderNet):
         """The backbone."""
         return [self.backbone]
 
+    def side_heads(self) -> dict[str, nn.Module]:
+        """The per-branch classifiers behind the side outputs `pam` and `cam`."""
+        return {"pam": self.pam_head, "cam": self.cam_head}
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Segment a batch of images.
 
@@ -172,9 +180,9 @@ class DANet(EncoderDecoderNet):
             x: `(B, 3, H, W)` normalised images.
 
         Returns:
-            `{"out": (B, num_classes, H, W) logits}`; when training with `use_aux`, also `"pam"`
-            and `"cam"` (per-branch logits) and, if the head exists, `"aux"` (from layer3), all of
-            the same shape.
+            `{"out": (B, num_classes, H, W) logits}`; when training, also `"pam"` and `"cam"`
+            (per-branch logits) with the side outputs on, and `"aux"` (from layer3) with `use_aux`
+            if the head exists, all of the same shape.
         """
         size = x.shape[-2:]
         feats = self.backbone(x)
@@ -184,15 +192,15 @@ class DANet(EncoderDecoderNet):
         out = self.classifier(self.dropout(pam + cam))  # (B, num_classes, H/os, W/os)
         # (B, num_classes, H/os, W/os) -> (B, num_classes, H, W)
         outputs = {"out": F.interpolate(out, size=size, mode="bilinear", align_corners=False)}
-        if self.training and self.use_aux:
+        if self.training and self.side_enabled:
             for name, feat, head in (("pam", pam, self.pam_head), ("cam", cam, self.cam_head)):
                 logits = head(feat)  # (B, num_classes, H/os, W/os)
                 # (B, num_classes, H/os, W/os) -> (B, num_classes, H, W)
                 outputs[name] = F.interpolate(
                     logits, size=size, mode="bilinear", align_corners=False
                 )
-            if self.aux:
-                aux = self.aux_head(feats["c3"])  # (B, num_classes, H/os3, W/os3)
-                # (B, num_classes, H/os3, W/os3) -> (B, num_classes, H, W)
-                outputs["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+        if self.training and self.aux and self.use_aux:
+            aux = self.aux_head(feats["c3"])  # (B, num_classes, H/os3, W/os3)
+            # (B, num_classes, H/os3, W/os3) -> (B, num_classes, H, W)
+            outputs["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
         return outputs

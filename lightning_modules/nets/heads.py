@@ -120,16 +120,51 @@ class EncoderDecoderNet(nn.Module):
     heads) is the decoder. Stage 2 of RIM fine-tunes only the decoder: `freeze_encoder()` stops
     gradients into the encoder and keeps it in eval mode even when the trainer calls `.train()`.
 
+    Training-only outputs come in two kinds, each with its own runtime switch, so the training
+    system can turn them off (e.g. in stage 2) without rebuilding the net:
+
+    - the auxiliary FCN head `aux` on layer3 (weighted by the loss's `aux_weight`), computed only
+      when `self.training and self.use_aux` (and the head exists);
+    - side outputs of the decoder (DANet's per-branch `pam`/`cam` logits, weighted by the loss's
+      `side_weight`), computed only when `self.training and self.side_enabled`.
+
+    `output_heads()` names the head behind each of these outputs: a head whose output is switched
+    off gets no gradient, so its parameters must be frozen (under DDP without
+    `find_unused_parameters` a trainable parameter without a gradient is an error).
+
     Attributes:
-        use_aux: switch for the auxiliary head(s); the training system can turn it off (e.g. in
-            stage 2) without rebuilding the net. Subclasses only compute auxiliary outputs when
-            `self.training and self.use_aux` (and the head exists).
+        use_aux: switch for the auxiliary output `aux`.
+        use_side: switch for the side outputs; `None` (the default) follows `use_aux`, the
+            behaviour of nets built before the two were separated.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.use_aux = True
+        self.use_side: bool | None = None
         self._frozen_encoder = False
+
+    @property
+    def side_enabled(self) -> bool:
+        """Whether the side outputs are on: `use_side`, or `use_aux` while `use_side` is None."""
+        return self.use_aux if self.use_side is None else self.use_side
+
+    def side_heads(self) -> dict[str, nn.Module]:
+        """The heads of the side outputs by output name (none here; DANet: `pam`, `cam`)."""
+        return {}
+
+    def output_heads(self) -> dict[str, nn.Module]:
+        """The head behind every switchable training-only output, by output name.
+
+        `"aux"` (when the net has an auxiliary head) plus `side_heads()`. The parameters of each
+        head are used only for its output, so they get a gradient only when the loss scores it.
+        """
+        heads: dict[str, nn.Module] = {}
+        aux_head = getattr(self, "aux_head", None)
+        if aux_head is not None:
+            heads["aux"] = aux_head
+        heads.update(self.side_heads())
+        return heads
 
     def encoder_modules(self) -> list[nn.Module]:
         """The modules that make up the encoder (usually the ImageNet-initialised backbone)."""
