@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.batch import IGNORE_INDEX, DatasetError, collate_eval, collate_train, make_palette
 from datamodules.transforms import (
+    PHOTOMETRIC_MODES,
     EvalTransform,
     TrainTransform,
     build_eval_transform,
@@ -473,11 +474,15 @@ class ParsingDataModule(LightningDataModule, ABC):
         persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
         class_names: ``num_classes`` names (default: the ids as strings).
         flip_pairs: left/right class ids swapped by the horizontal flip.
-        color_jitter: colour jitter strength (0 disables).
+        color_jitter: colour jitter strength (0 disables; used when ``photometric="jitter"``).
         cache_dir: cache folder (pixel counts when ``root`` is read-only; dataset specific uses).
         palette: ``num_classes`` RGB triples for visualisation (default: the VOC colour map).
         ignore_index: the label value that is never scored; the transforms and collate pad with
             255, so it must be 255 (it is a key so configs can interpolate it).
+        cat_max_ratio: None: plain random training crop; a float: mmsegmentation's
+            ``cat_max_ratio`` crop (see ``datamodules.transforms.CatMaxRatioRandomCrop``).
+        photometric: ``"jitter"`` (``ColorJitter`` of strength ``color_jitter``) or ``"mmseg"``
+            (mmsegmentation's ``PhotoMetricDistortion``).
     """
 
     #: Stage -> split name given to ``make_dataset`` ("test" also serves ``predict``).
@@ -511,6 +516,8 @@ class ParsingDataModule(LightningDataModule, ABC):
         cache_dir: str | None = None,
         palette: Sequence[Sequence[int]] | None = None,
         ignore_index: int = IGNORE_INDEX,
+        cat_max_ratio: float | None = None,
+        photometric: str = "jitter",
     ) -> None:
         super().__init__()
         self._save_plain_hyperparameters(inspect.currentframe())
@@ -538,6 +545,10 @@ class ParsingDataModule(LightningDataModule, ABC):
         self.persistent_workers = bool(persistent_workers)
         self.flip_pairs = [tuple(int(v) for v in pair) for pair in flip_pairs]
         self.color_jitter = float(color_jitter)
+        self.cat_max_ratio = None if cat_max_ratio is None else float(cat_max_ratio)
+        if photometric not in PHOTOMETRIC_MODES:
+            raise ValueError(f"photometric must be one of {PHOTOMETRIC_MODES}, got {photometric!r}")
+        self.photometric = str(photometric)
         self.cache_dir = cache_dir
         self._num_classes = int(num_classes)
         names = [str(n) for n in class_names] if class_names is not None else None
@@ -619,6 +630,8 @@ class ParsingDataModule(LightningDataModule, ABC):
             rotate=self.rotate,
             flip_pairs=self.flip_pairs,
             color_jitter=self.color_jitter,
+            cat_max_ratio=self.cat_max_ratio,
+            photometric=self.photometric,
         )
 
     def eval_transform(self) -> EvalTransform:

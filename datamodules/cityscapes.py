@@ -341,6 +341,8 @@ class CityscapesDataModule(ParsingDataModule):
         cache_dir: str | None = None,
         palette: Sequence[Sequence[int]] | None = None,
         ignore_index: int = IGNORE_INDEX,
+        cat_max_ratio: float | None = None,
+        photometric: str = "jitter",
     ) -> None:
         if int(num_classes) != CITYSCAPES_NUM_CLASSES:
             raise ValueError(
@@ -368,6 +370,8 @@ class CityscapesDataModule(ParsingDataModule):
             cache_dir=cache_dir,
             palette=palette if palette is not None else table[1].tolist(),
             ignore_index=ignore_index,
+            cat_max_ratio=cat_max_ratio,
+            photometric=photometric,
         )
 
     def has_split(self, split: str) -> bool:

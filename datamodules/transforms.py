@@ -7,6 +7,7 @@ objects, so DataLoader workers can receive them.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,8 +19,11 @@ import torch
 from datamodules.batch import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, collate_eval, collate_train
 
 __all__ = [
+    "PHOTOMETRIC_MODES",
+    "CatMaxRatioRandomCrop",
     "EvalTransform",
     "HorizontalFlipSwap",
+    "PhotoMetricDistortion",
     "TrainTransform",
     "build_eval_transform",
     "build_train_transform",
@@ -71,6 +75,176 @@ class HorizontalFlipSwap(A.DualTransform):
         return ("flip_pairs",)
 
 
+class CatMaxRatioRandomCrop(A.DualTransform):
+    """Random crop that avoids crops dominated by one class (mmsegmentation's ``cat_max_ratio``).
+
+    A crop box is drawn uniformly (top-left offset in ``0..H-h`` and ``0..W-w``). While the box
+    fails the check, a new one is drawn, at most ``max_tries`` times; the box drawn after the last
+    failed check is kept unchecked. A box passes when its mask holds more than one class and the
+    most frequent class covers less than ``cat_max_ratio`` of the labelled (non-``ignore_index``)
+    pixels. ``cat_max_ratio >= 1`` disables the check (a plain random crop). The draws come from
+    the transform's generator, which :func:`seed_augmentation` fixes.
+
+    Args:
+        height, width: crop size; an image smaller than it is cropped to its own size along that
+            side (pad first, as ``build_train_transform`` does).
+        cat_max_ratio: largest allowed share of the most frequent class.
+        ignore_index: the label value left out of the counts.
+        max_tries: how many boxes are checked before the next one is taken as it is.
+        p: probability of applying the transform.
+    """
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        cat_max_ratio: float = 0.75,
+        ignore_index: int = IGNORE_INDEX,
+        max_tries: int = 10,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        self.height, self.width = int(height), int(width)
+        self.cat_max_ratio = float(cat_max_ratio)
+        self.ignore_index = int(ignore_index)
+        self.max_tries = int(max_tries)
+
+    def _draw_box(self, shape: Sequence[int]) -> tuple[int, int]:
+        # Offsets uniform over every position that keeps the box inside (both ends included).
+        top = self.py_random.randint(0, max(int(shape[0]) - self.height, 0))
+        left = self.py_random.randint(0, max(int(shape[1]) - self.width, 0))
+        return top, left
+
+    def crop_passes(self, mask: np.ndarray) -> bool:
+        """Whether a cropped ``mask`` has >1 class and no class reaching ``cat_max_ratio``."""
+        counts = np.bincount(mask.ravel(), minlength=256)
+        counts[self.ignore_index] = 0
+        counts = counts[counts > 0]
+        return bool(len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio)
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        shape = params["shape"]
+        top, left = self._draw_box(shape)
+        mask = data.get("mask")
+        if mask is not None and self.cat_max_ratio < 1.0:
+            for _ in range(self.max_tries):
+                crop = mask[top : top + self.height, left : left + self.width]
+                if self.crop_passes(crop):
+                    break
+                top, left = self._draw_box(shape)
+        return {"top": top, "left": left}
+
+    def apply(self, img: np.ndarray, top: int = 0, left: int = 0, **params: Any) -> np.ndarray:
+        return np.ascontiguousarray(img[top : top + self.height, left : left + self.width])
+
+    def apply_to_mask(
+        self, mask: np.ndarray, top: int = 0, left: int = 0, **params: Any
+    ) -> np.ndarray:
+        return np.ascontiguousarray(mask[top : top + self.height, left : left + self.width])
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("height", "width", "cat_max_ratio", "ignore_index", "max_tries")
+
+
+def _scale_clip_uint8(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """``img * alpha + beta`` in float32, clipped to 0..255 and truncated back to uint8."""
+    return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+class PhotoMetricDistortion(A.ImageOnlyTransform):
+    """mmsegmentation's photometric distortion on a uint8 RGB image.
+
+    In order: brightness (add ``delta ~ U(-brightness_delta, brightness_delta)``, p=0.5); contrast
+    (multiply by ``U(*contrast_range)``, p=0.5) here when ``contrast_first``; saturation (to HSV,
+    multiply S by ``U(*saturation_range)``, back to RGB, p=0.5); hue (to HSV, add an integer
+    delta to H modulo 180 (OpenCV's 0..179 hue), back to RGB, p=0.5); contrast here otherwise.
+    ``contrast_first`` is a fair coin. Every step computes in float32 and truncates to uint8
+    after clipping to 0..255, and the saturation and hue steps each convert to HSV and back (as
+    mmseg does). The hue delta is drawn from ``-hue_delta..hue_delta-1``: mmseg draws it with
+    ``numpy.random.randint``, whose upper end is exclusive.
+
+    The image must be uint8 (place it before ``Normalize``). All draws come from the transform's
+    generator (:func:`seed_augmentation` fixes them); every call draws every parameter, so the
+    stream of draws does not depend on which steps fire. ``apply`` takes the parameters
+    explicitly, which makes the maths testable without the generator.
+
+    Args:
+        brightness_delta: largest absolute brightness offset (32 in mmseg).
+        contrast_range, saturation_range: ``(low, high)`` of the multiplicative factors.
+        hue_delta: hue offsets are ``-hue_delta..hue_delta-1`` (18 in mmseg).
+        p: probability of running the whole distortion (each step has its own coin).
+    """
+
+    def __init__(
+        self,
+        brightness_delta: float = 32.0,
+        contrast_range: Sequence[float] = (0.5, 1.5),
+        saturation_range: Sequence[float] = (0.5, 1.5),
+        hue_delta: int = 18,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        self.brightness_delta = float(brightness_delta)
+        self.contrast_range = tuple(float(v) for v in contrast_range)
+        self.saturation_range = tuple(float(v) for v in saturation_range)
+        self.hue_delta = int(hue_delta)
+
+    def get_params(self) -> dict[str, Any]:
+        rng = self.py_random
+        return {
+            "brightness": rng.random() < 0.5,
+            "beta": rng.uniform(-self.brightness_delta, self.brightness_delta),
+            "contrast_first": rng.random() < 0.5,
+            "contrast": rng.random() < 0.5,
+            "alpha": rng.uniform(*self.contrast_range),
+            "saturation": rng.random() < 0.5,
+            "saturation_alpha": rng.uniform(*self.saturation_range),
+            "hue": rng.random() < 0.5,
+            "hue_shift": rng.randint(-self.hue_delta, self.hue_delta - 1),
+        }
+
+    def apply(
+        self,
+        img: np.ndarray,
+        brightness: bool = False,
+        beta: float = 0.0,
+        contrast_first: bool = False,
+        contrast: bool = False,
+        alpha: float = 1.0,
+        saturation: bool = False,
+        saturation_alpha: float = 1.0,
+        hue: bool = False,
+        hue_shift: int = 0,
+        **params: Any,
+    ) -> np.ndarray:
+        if img.dtype != np.uint8:
+            raise TypeError(f"PhotoMetricDistortion needs a uint8 image, got {img.dtype}")
+        if brightness:
+            img = _scale_clip_uint8(img, beta=beta)
+        if contrast and contrast_first:
+            img = _scale_clip_uint8(img, alpha=alpha)
+        if saturation:
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            hsv[..., 1] = _scale_clip_uint8(hsv[..., 1], alpha=saturation_alpha)
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if hue:
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            hsv[..., 0] = (hsv[..., 0].astype(np.int64) + int(hue_shift)) % 180
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if contrast and not contrast_first:
+            img = _scale_clip_uint8(img, alpha=alpha)
+        return img
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("brightness_delta", "contrast_range", "saturation_range", "hue_delta")
+
+
+#: ``photometric`` choices of :func:`build_train_transform`.
+PHOTOMETRIC_MODES = ("jitter", "mmseg")
+
+
 def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) float numpy -> (3, H, W) float32 tensor."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
@@ -83,6 +257,17 @@ def _mask_to_uint8(mask: np.ndarray) -> np.ndarray:
             raise ValueError(f"mask values must lie in 0..255, got {mask.min()}..{mask.max()}")
         mask = mask.astype(np.uint8)
     return mask
+
+
+def seed_augmentation(aug: A.BaseCompose, seed: int) -> None:
+    """Seeds ``aug`` with one random stream that all its transforms draw from in turn.
+
+    ``Compose.set_random_seed`` would give every transform its own generator with the same seed,
+    so their first draws coincide: a flip with p=0.5 would fire exactly when the random scale is
+    below the middle of its range, and the colour step whenever the image is flipped.
+    """
+    seed = int(seed) % 2**32
+    aug.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 class TrainTransform:
@@ -103,7 +288,7 @@ class TrainTransform:
         info = torch.utils.data.get_worker_info()
         seed = info.seed if info is not None else torch.initial_seed()
         if seed != self._seeded_for:
-            self.aug.set_random_seed(seed % 2**32)
+            seed_augmentation(self.aug, seed)
             self._seeded_for = seed
 
     def __call__(self, item: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
@@ -111,7 +296,7 @@ class TrainTransform:
         if seed is None:
             self._maybe_reseed()
         else:
-            self.aug.set_random_seed(seed % 2**32)
+            seed_augmentation(self.aug, seed)
             self._seeded_for = None
         out = self.aug(image=item["image"], mask=_mask_to_uint8(item["mask"]))
         return {
@@ -152,6 +337,9 @@ def build_train_transform(
     color_jitter: float = 0.2,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    *,
+    cat_max_ratio: float | None = None,
+    photometric: str = "jitter",
 ) -> TrainTransform:
     """Paired training augmentation.
 
@@ -162,13 +350,23 @@ def build_train_transform(
             interpolation and fills 255, the image fills 0.
         flip_pairs: left/right class id pairs swapped by the horizontal flip.
         flip_prob: probability of the horizontal flip.
-        color_jitter: brightness/contrast/saturation strength (hue gets a tenth); 0 disables.
+        color_jitter: brightness/contrast/saturation strength (hue gets a tenth), applied with
+            probability 0.8; 0 disables. Used by ``photometric="jitter"`` only.
         mean, std: normalisation on the 0..1 scale (ImageNet by default).
+        cat_max_ratio: None: plain random crop. A float: redraw crops in which one class covers
+            ``cat_max_ratio`` or more of the labelled pixels (or that hold a single class), as
+            mmsegmentation's ``RandomCrop(cat_max_ratio=...)`` (see ``CatMaxRatioRandomCrop``).
+        photometric: ``"jitter"``: ``ColorJitter`` of strength ``color_jitter``; ``"mmseg"``:
+            mmsegmentation's ``PhotoMetricDistortion`` (``color_jitter`` is then unused).
     """
     crop_h, crop_w = (int(v) for v in crop_size)
     lo, hi = (float(v) for v in scale_range)
     if not 0 < lo <= hi:
         raise ValueError(f"scale_range must satisfy 0 < min <= max, got {scale_range}")
+    if photometric not in PHOTOMETRIC_MODES:
+        raise ValueError(f"photometric must be one of {PHOTOMETRIC_MODES}, got {photometric!r}")
+    if cat_max_ratio is not None and not 0 < float(cat_max_ratio) <= 1:
+        raise ValueError(f"cat_max_ratio must lie in (0, 1] or be None, got {cat_max_ratio}")
     ops: list[A.BasicTransform] = []
     if (lo, hi) != (1.0, 1.0):
         # RandomScale samples 1 + U(scale_limit): express (lo, hi) relative to 1.
@@ -203,10 +401,14 @@ def build_train_transform(
             fill=0,
             fill_mask=IGNORE_INDEX,
         ),
-        A.RandomCrop(height=crop_h, width=crop_w),
+        A.RandomCrop(height=crop_h, width=crop_w)
+        if cat_max_ratio is None
+        else CatMaxRatioRandomCrop(crop_h, crop_w, cat_max_ratio=float(cat_max_ratio)),
         HorizontalFlipSwap(flip_pairs=flip_pairs, p=flip_prob),
     ]
-    if color_jitter:
+    if photometric == "mmseg":
+        ops.append(PhotoMetricDistortion())
+    elif color_jitter:
         cj = float(color_jitter)
         ops.append(
             A.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=min(cj / 10.0, 0.5), p=0.8)

@@ -472,7 +472,7 @@ def test_mhp_datamodule_builds_on_the_base(mhp_root):
     dm = MHPv2DataModule(root=str(mhp_root), batch_size=1, num_workers=0, crop_size=(8, 8))
     assert isinstance(dm, ParsingDataModule) and dm.splits["validate"] == "val"
     assert set(dm.hparams) == set(inspect.signature(MHPv2DataModule.__init__).parameters) - {"self"}
-    assert "palette" not in dm.hparams and dm.eval_size == (8, 8)
+    assert dm.hparams["palette"] is None and dm.eval_size == (8, 8)
     assert not dm.has_test_labels
     batch = next(iter(dm.val_dataloader()))
     assert batch["mask"].shape[0] == 1 and batch["image"].shape == (1, 3, 8, 8)

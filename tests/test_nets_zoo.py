@@ -276,3 +276,120 @@ def test_default_loss_reaches_every_parameter(name: str) -> None:
     loss["loss"].backward()
     missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
+
+
+# ------------------------------------------------------------------ DeepLabv3+ options
+
+
+def _conv_bn(cin: int, cout: int, k: int = 1, groups: int = 1) -> int:
+    """Parameters of a bias-free kxk conv followed by BatchNorm (weight and bias)."""
+    return cout * (cin // groups) * k * k + 2 * cout
+
+
+def _sep(cin: int, cout: int) -> int:
+    """Depthwise 3x3 conv + BN, then pointwise 1x1 conv + BN."""
+    return _conv_bn(cin, cin, 3, groups=cin) + _conv_bn(cin, cout)
+
+
+def _head_params(net: DeepLabV3Plus) -> int:
+    parts = (net.aspp, net.low_level_reduce, net.decoder, net.classifier)
+    return sum(p.numel() for m in parts for p in m.parameters())
+
+
+@pytest.mark.parametrize("project_kernel", [1, 3])
+def test_separable_parameter_count_by_hand(project_kernel: int) -> None:
+    a, low, d, k = 16, 8, 16, 5  # SMALL's channels, 5 classes
+    sep = make_net("deeplabv3plus", separable=True, aspp_project_kernel_size=project_kernel)
+    plain = make_net("deeplabv3plus", aspp_project_kernel_size=project_kernel)
+    c1, c4 = sep.backbone.channels["c1"], sep.backbone.channels["c4"]
+    assert (c1, c4) == (32, 256)  # the lite encoder's widths
+    shared = (
+        _conv_bn(c4, a)  # 1x1 branch
+        + _conv_bn(c4, a)  # image pooling branch
+        + _conv_bn(5 * a, a, project_kernel)  # projection of the 5 branches
+        + _conv_bn(c1, low)  # stride-4 reduction
+        + d * k
+        + k  # classifier (with bias)
+    )
+    separable = shared + 3 * _sep(c4, a) + _sep(a + low, d) + _sep(d, d)
+    dense = shared + 3 * _conv_bn(c4, a, 3) + _conv_bn(a + low, d, 3) + _conv_bn(d, d, 3)
+    assert _head_params(sep) == separable
+    assert _head_params(plain) == dense
+    # The 1x1 branch, the projection and the reduction stay plain convs; rate-1 "atrous" branches
+    # stay plain too.
+    assert sep.aspp.branches[0].conv.kernel_size == (1, 1)
+    assert sep.aspp.project[0].conv.kernel_size == (project_kernel,) * 2
+    rates = [b.depthwise.conv.dilation for b in sep.aspp.branches[1:]]
+    assert rates == [(12, 12), (24, 24), (36, 36)]
+    assert all(b.depthwise.conv.groups == c4 for b in sep.aspp.branches[1:])
+    ones = make_net("deeplabv3plus", separable=True, atrous_rates=[1, 2])
+    assert ones.aspp.branches[1].conv.kernel_size == (3, 3)  # rate 1: plain ConvBNReLU
+    assert ones.aspp.branches[2].depthwise.conv.dilation == (2, 2)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_separable_output_shapes(output_stride: int) -> None:
+    net = make_net(
+        "deeplabv3plus",
+        output_stride=output_stride,
+        separable=True,
+        aspp_project_kernel_size=3,
+        dropout_position="classifier",
+    )
+    out = net.train()(torch.randn(2, 3, H, W))
+    assert set(out) == {"out", "aux"}
+    assert all(v.shape == (2, 5, H, W) and torch.isfinite(v).all() for v in out.values())
+    with torch.no_grad():
+        assert net.eval()(torch.randn(1, 3, H, W))["out"].shape == (1, 5, H, W)
+
+
+def test_dropout_position() -> None:
+    default = make_net("deeplabv3plus")
+    assert default.aspp.project[1].p == 0.1 and default.classifier_dropout.p == 0.0
+    mmseg = make_net("deeplabv3plus", dropout_position="classifier")
+    assert mmseg.aspp.project[1].p == 0.0 and mmseg.classifier_dropout.p == 0.1
+    assert mmseg.aux_head.dropout.p == 0.1
+    # Same module tree, so checkpoints load across the option.
+    assert default.state_dict().keys() == mmseg.state_dict().keys()
+    with pytest.raises(ValueError, match="dropout_position"):
+        make_net("deeplabv3plus", dropout_position="head")
+
+
+@pytest.mark.parametrize("separable", [False, True])
+def test_output_depends_on_the_stride4_features(separable: bool) -> None:
+    """Perturbing only c1 (the backbone's layer1 output as the decoder sees it) moves the logits;
+    an unperturbed pass through the same hook leaves them bit-identical."""
+    net = make_net("deeplabv3plus", separable=separable).eval()
+    x = torch.randn(1, 3, H, W)
+    delta = {"c1": 0.0}
+    seen = {}
+
+    def perturb_c1(module, inputs, feats):
+        # Only the c1 entry changes: c2..c4 were already computed from the clean layer1 output.
+        seen["c4"] = feats["c4"]
+        return {**feats, "c1": feats["c1"] + delta["c1"]}
+
+    with torch.no_grad():
+        base = net(x)["out"]
+        handle = net.backbone.register_forward_hook(perturb_c1)
+        try:
+            same = net(x)["out"]
+            clean_c4 = seen["c4"].clone()
+            delta["c1"] = torch.randn(1, net.backbone.channels["c1"], 17, 21)
+            moved = net(x)["out"]
+            torch.testing.assert_close(seen["c4"], clean_c4, rtol=0, atol=0)
+        finally:
+            handle.remove()
+    torch.testing.assert_close(same, base, rtol=0, atol=0)
+    assert (moved - base).abs().max() > 1e-3
+    # A perturbation in one corner of c1 moves that corner of the logits more than the far one.
+    with torch.no_grad():
+        corner = torch.zeros(1, net.backbone.channels["c1"], 17, 21)
+        corner[..., :3, :3] = 5.0
+        delta["c1"] = corner
+        handle = net.backbone.register_forward_hook(perturb_c1)
+        try:
+            local = (net(x)["out"] - base).abs()
+        finally:
+            handle.remove()
+    assert local[..., :8, :8].mean() > 10 * local[..., -8:, -8:].mean()

@@ -1,11 +1,14 @@
 """DeepLabv3+ (Chen et al., ECCV 2018) on a dilated ResNet, with an auxiliary FCN head on layer3.
 
 ASPP on the last features (`c4`), then a light decoder that fuses the upsampled ASPP output with
-the stride-4 low-level features (`c1`) before the classifier.
+the stride-4 low-level features (`c1`) before the classifier. `separable=True` turns the atrous
+ASPP branches and the two decoder convs into depthwise-separable convs (the paper's "atrous
+separable convolution", as mmsegmentation's `DepthwiseSeparableASPPHead`).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +22,54 @@ from lightning_modules.nets.heads import (
     FCNHead,
     init_decoder_weights,
 )
+
+DROPOUT_POSITIONS = ("aspp", "classifier")
+
+
+class SeparableConvBNReLU(nn.Sequential):
+    """Depthwise-separable conv: depthwise kxk conv -> BN -> ReLU, then 1x1 conv -> BN -> ReLU.
+
+    Maps `(B, in_channels, H, W)` to `(B, out_channels, H, W)` ("same" padding for odd kernels,
+    growing with the dilation). Parameters: `in*k*k + 2*in` (depthwise conv, BN) plus
+    `in*out + 2*out` (pointwise conv, BN); no conv biases (BN follows).
+
+    Args:
+        in_channels: input channels (also the depthwise conv's groups).
+        out_channels: output channels of the pointwise conv.
+        kernel_size: square kernel of the depthwise conv (odd).
+        dilation: dilation of the depthwise conv.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, dilation: int = 1
+    ) -> None:
+        super().__init__()
+        padding = dilation * (kernel_size - 1) // 2
+        self.add_module(
+            "depthwise",
+            nn.Sequential(
+                OrderedDict(
+                    conv=nn.Conv2d(
+                        in_channels,
+                        in_channels,
+                        kernel_size,
+                        padding=padding,
+                        dilation=dilation,
+                        groups=in_channels,
+                        bias=False,
+                    ),
+                    bn=nn.BatchNorm2d(in_channels),
+                    relu=nn.ReLU(inplace=True),
+                )
+            ),
+        )
+        self.add_module("pointwise", ConvBNReLU(in_channels, out_channels, kernel_size=1))
+
+
+def _conv3x3(in_channels: int, out_channels: int, dilation: int, separable: bool) -> nn.Module:
+    if separable:
+        return SeparableConvBNReLU(in_channels, out_channels, kernel_size=3, dilation=dilation)
+    return ConvBNReLU(in_channels, out_channels, kernel_size=3, dilation=dilation)
 
 
 def default_atrous_rates(output_stride: int) -> tuple[int, int, int]:
@@ -40,14 +91,17 @@ class AtrousSpatialPyramidPooling(nn.Module):
     """ASPP: parallel 1x1, atrous 3x3 and image-pooling branches, concatenated and projected.
 
     Branches: 1x1 ConvBNReLU; one 3x3 ConvBNReLU per atrous rate (dilation = rate, padding keeps
-    the size); global average pool -> 1x1 ConvBNReLU -> upsample back. The concatenation is
-    projected by a 1x1 ConvBNReLU followed by Dropout2d.
+    the size), or a `SeparableConvBNReLU` when `separable` (a rate of 1 stays a plain conv); global
+    average pool -> 1x1 ConvBNReLU -> upsample back. The concatenation is projected by a
+    `project_kernel_size` ConvBNReLU (1 in the paper, 3 in mmsegmentation) followed by Dropout2d.
 
     Args:
         in_channels: channels of the input feature map (2048 for layer4 of ResNet-50).
         channels: output channels of every branch and of the projection.
         atrous_rates: dilation rates of the 3x3 branches.
         dropout: Dropout2d probability after the projection.
+        separable: depthwise-separable atrous branches.
+        project_kernel_size: kernel of the projection conv (odd).
 
     Attributes:
         atrous_rates: the rates as a tuple of ints.
@@ -60,6 +114,8 @@ class AtrousSpatialPyramidPooling(nn.Module):
         channels: int,
         atrous_rates: Sequence[int],
         dropout: float = 0.1,
+        separable: bool = False,
+        project_kernel_size: int = 1,
     ) -> None:
         super().__init__()
         self.atrous_rates = tuple(int(r) for r in atrous_rates)  # Hydra passes a ListConfig
@@ -69,7 +125,7 @@ class AtrousSpatialPyramidPooling(nn.Module):
             [
                 ConvBNReLU(in_channels, channels, kernel_size=1),
                 *(
-                    ConvBNReLU(in_channels, channels, kernel_size=3, dilation=rate)
+                    _conv3x3(in_channels, channels, rate, separable and rate > 1)
                     for rate in self.atrous_rates
                 ),
             ]
@@ -81,7 +137,8 @@ class AtrousSpatialPyramidPooling(nn.Module):
         )
         num_branches = len(self.branches) + 1
         self.project = nn.Sequential(
-            ConvBNReLU(num_branches * channels, channels, kernel_size=1), nn.Dropout2d(dropout)
+            ConvBNReLU(num_branches * channels, channels, kernel_size=int(project_kernel_size)),
+            nn.Dropout2d(dropout),
         )
         self.out_channels = channels
 
@@ -117,9 +174,18 @@ class DeepLabV3Plus(EncoderDecoderNet):
         low_level_channels: channels the stride-4 features are reduced to (48 in the paper, so
             they do not outweigh the ASPP features).
         decoder_channels: channels of the two 3x3 decoder convs.
-        dropout: Dropout2d probability after the ASPP projection and in the auxiliary head.
+        dropout: Dropout2d probability in the decoder (where `dropout_position` says) and in the
+            auxiliary head.
         aux: build the auxiliary head on layer3.
         aux_channels: hidden channels of the auxiliary head.
+        separable: depthwise-separable 3x3 convs (`SeparableConvBNReLU`) in the atrous ASPP
+            branches and the two decoder convs, as in the paper and mmsegmentation's
+            `DepthwiseSeparableASPPHead`; the 1x1 and image-pooling branches, the ASPP projection
+            and the low-level 1x1 reduction stay plain ConvBNReLU.
+        aspp_project_kernel_size: kernel of the conv projecting the ASPP concatenation (1 in the
+            paper; mmsegmentation's "bottleneck" is 3x3).
+        dropout_position: `"aspp"`: Dropout2d after the ASPP projection; `"classifier"`:
+            Dropout2d right before the 1x1 classifier (mmsegmentation's decode heads).
 
     Attributes:
         use_aux: runtime switch for the auxiliary output (see `EncoderDecoderNet`).
@@ -138,22 +204,38 @@ class DeepLabV3Plus(EncoderDecoderNet):
         dropout: float = 0.1,
         aux: bool = True,
         aux_channels: int = 256,
+        separable: bool = False,
+        aspp_project_kernel_size: int = 1,
+        dropout_position: str = "aspp",
     ) -> None:
         super().__init__()
+        if dropout_position not in DROPOUT_POSITIONS:
+            raise ValueError(
+                f"dropout_position must be one of {DROPOUT_POSITIONS}, got {dropout_position!r}"
+            )
         self.num_classes = num_classes
+        self.separable = bool(separable)
         self.backbone = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
         channels = self.backbone.channels
         if atrous_rates is None:
             atrous_rates = default_atrous_rates(output_stride)
 
+        # Dropout2d(0) is the identity: the module tree (and checkpoint keys) is the same either way.
+        at_classifier = dropout_position == "classifier"
         self.aspp = AtrousSpatialPyramidPooling(
-            channels["c4"], aspp_channels, atrous_rates, dropout
+            channels["c4"],
+            aspp_channels,
+            atrous_rates,
+            0.0 if at_classifier else dropout,
+            separable=self.separable,
+            project_kernel_size=aspp_project_kernel_size,
         )
         self.low_level_reduce = ConvBNReLU(channels["c1"], low_level_channels, kernel_size=1)
         self.decoder = nn.Sequential(
-            ConvBNReLU(aspp_channels + low_level_channels, decoder_channels, kernel_size=3),
-            ConvBNReLU(decoder_channels, decoder_channels, kernel_size=3),
+            _conv3x3(aspp_channels + low_level_channels, decoder_channels, 1, self.separable),
+            _conv3x3(decoder_channels, decoder_channels, 1, self.separable),
         )
+        self.classifier_dropout = nn.Dropout2d(dropout if at_classifier else 0.0)
         self.classifier = nn.Conv2d(decoder_channels, num_classes, kernel_size=1)
 
         self.aux = aux
@@ -182,7 +264,7 @@ class DeepLabV3Plus(EncoderDecoderNet):
         # (B, aspp, H/os, W/os) -> (B, aspp, H/4, W/4)
         high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
         out = self.decoder(torch.cat([high, low], dim=1))  # (B, decoder, H/4, W/4)
-        out = self.classifier(out)  # (B, num_classes, H/4, W/4)
+        out = self.classifier(self.classifier_dropout(out))  # (B, num_classes, H/4, W/4)
         # (B, num_classes, H/4, W/4) -> (B, num_classes, H, W)
         outputs = {"out": F.interpolate(out, size=size, mode="bilinear", align_corners=False)}
         if self.training and self.aux and self.use_aux:
