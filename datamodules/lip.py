@@ -247,6 +247,8 @@ class LIPDataModule(ParsingDataModule):
         cache_dir: str | None = None,
         palette: Sequence[Sequence[int]] | None = None,
         ignore_index: int = 255,
+        cat_max_ratio: float | None = None,
+        photometric: str = "jitter",
     ) -> None:
         super().__init__(
             root,
@@ -267,6 +269,8 @@ class LIPDataModule(ParsingDataModule):
             cache_dir=cache_dir,
             palette=palette if palette is not None else LIP_PALETTE.tolist(),
             ignore_index=ignore_index,
+            cat_max_ratio=cat_max_ratio,
+            photometric=photometric,
         )
 
     def has_split(self, split: str) -> bool:

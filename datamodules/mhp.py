@@ -305,6 +305,8 @@ class MHPv2DataModule(ParsingDataModule):
         palette: ``num_classes`` RGB triples for plots and overlays (None: the VOC colour map;
             MHPv2 publishes no palette of its own).
         ignore_index: the label value never scored (255, the padding value of the transforms).
+        cat_max_ratio, photometric: training crop and colour augmentation, as in
+            :class:`~datamodules.base.ParsingDataModule`.
         color_jitter: colour jitter strength (0 disables).
         cache_dir: merged-label and count cache folder (None: no merge cache).
         synthetic: keyword arguments of :func:`ensure_synthetic_mhp`; when given, ``prepare_data``
@@ -332,6 +334,8 @@ class MHPv2DataModule(ParsingDataModule):
         flip_pairs: Sequence[Sequence[int]] = MHP_FLIP_PAIRS,
         palette: Sequence[Sequence[int]] | None = None,
         ignore_index: int = 255,
+        cat_max_ratio: float | None = None,
+        photometric: str = "jitter",
         color_jitter: float = 0.2,
         cache_dir: str | None = None,
         synthetic: dict[str, Any] | None = None,
@@ -353,6 +357,8 @@ class MHPv2DataModule(ParsingDataModule):
             flip_pairs=flip_pairs,
             palette=palette,
             ignore_index=ignore_index,
+            cat_max_ratio=cat_max_ratio,
+            photometric=photometric,
             color_jitter=color_jitter,
             cache_dir=cache_dir,
         )

@@ -387,6 +387,8 @@ class NYUDv2DataModule(ParsingDataModule):
         cache_dir: str | None = None,
         palette: Sequence[Sequence[int]] | None = None,
         ignore_index: int = IGNORE_INDEX,
+        cat_max_ratio: float | None = None,
+        photometric: str = "jitter",
         mapping_file: str | None = None,
     ) -> None:
         if int(num_classes) not in NYU_NUM_CLASSES:
@@ -417,6 +419,8 @@ class NYUDv2DataModule(ParsingDataModule):
             cache_dir=cache_dir,
             palette=palette,
             ignore_index=ignore_index,
+            cat_max_ratio=cat_max_ratio,
+            photometric=photometric,
         )
         self.mapping_file = mapping_file
 

@@ -259,6 +259,12 @@ def _mask_to_uint8(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
+#: Bumped whenever the same (seed, epoch, index) starts giving other augmentation draws: it is
+#: part of the shared stage-1 key and of every parsing checkpoint, so neither a cached stage 1 nor a
+#: resume silently mixes draws of two versions. 2: one shared stream (:func:`seed_augmentation`).
+AUGMENTATION_VERSION = 2
+
+
 def seed_augmentation(aug: A.BaseCompose, seed: int) -> None:
     """Seeds ``aug`` with one random stream that all its transforms draw from in turn.
 
@@ -271,7 +277,7 @@ def seed_augmentation(aug: A.BaseCompose, seed: int) -> None:
 
 
 class TrainTransform:
-    """Random scale, rotate, pad, crop, flip-with-swap, colour jitter, normalise, to tensor.
+    """Random scale, rotate, pad, crop, flip-with-swap, photometric change, normalise, to tensor.
 
     Output item: ``image`` (3, h, w) float32 normalised, ``mask`` (h, w) int64 with 255 where the
     rotation or padding left no label, ``name`` unchanged; ``(h, w) = crop_size``.

@@ -205,9 +205,11 @@ def stage_record(
         "epochs": epochs,
         "sigma": sigma if stage >= 2 else None,
         "init_from": init_from,
-        "init_weights": file_digest(Path(init_from)) if init_from else None,
         "previous_errors": previous,
     }
+    if init_from:
+        # Only with init_from: stages without one keep the hash they had before this key existed.
+        record["stage"]["init_weights"] = file_digest(Path(init_from), f"cascade.stages.{stage}")
     return record
 
 
@@ -217,10 +219,14 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks: checkpoints can be large)."""
+def file_digest(path: Path, key: str = "") -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks: checkpoints can be large).
+
+    Raises:
+        ConfigError: no such file; the message names ``<key>.init_from``.
+    """
     if not path.is_file():
-        raise ConfigError(f"init_from={path}: no such checkpoint")
+        raise ConfigError(f"{key + '.' if key else ''}init_from={path}: no such checkpoint")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -29,6 +29,8 @@ from experiments.train import (
     build_trainer,
     checkpoint_paths,
     enable_prediction_pngs,
+    eval_protocol,
+    evaluated_checkpoint,
     final_scores,
     read_scores,
     resume_checkpoint,
@@ -84,15 +86,16 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     if not cfg.train:
         # Evaluation only: score the given stage-2 (or any rimlab) checkpoint, train nothing.
-        ckpt = cfg.get("ckpt_path") or cfg.get("init_from")
-        if not ckpt:
-            raise ConfigError("train=false needs ckpt_path=<checkpoint to evaluate>")
+        evaluated = evaluated_checkpoint(cfg, cfg.get("ckpt_path"))
+        ckpt = evaluated["checkpoint"]
         datamodule = build_datamodule(cfg)
         module = build_module(cfg, stage2_overrides(cfg))
         module.load_init_weights(str(ckpt))
         trainer = build_trainer(cfg, out_dir / "eval", max_epochs=1)
         enable_prediction_pngs(cfg, module, datamodule, out_dir)
         results["checkpoint"] = str(ckpt)
+        results["evaluated"] = evaluated
+        results["eval_protocol"] = eval_protocol(cfg)
         results["val"] = summarise(
             module, final_scores(trainer, module, datamodule, "val"), f"evaluation of {ckpt}"
         )

@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from datamodules.transforms import AUGMENTATION_VERSION
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -43,7 +45,15 @@ STAGE1_OVERRIDES: dict[str, Any] = {
     "module.scheduler.start_epoch": 0,
 }
 # Keys that do not change what stage 1 computes.
-_DATA_IGNORED = ("num_workers", "pin_memory", "persistent_workers", "eval_batch_size", "skip_bad")
+# Data keys that never change what stage 1 computes (loader speed, error policy, plot colours).
+_DATA_IGNORED = (
+    "num_workers",
+    "pin_memory",
+    "persistent_workers",
+    "eval_batch_size",
+    "skip_bad",
+    "palette",
+)
 _TRAINER_KEPT = (
     "precision",
     "devices",
@@ -104,6 +114,8 @@ def stage1_config(cfg: DictConfig) -> dict[str, Any]:
         },
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "seed": cfg.seed,
+        # The same seed draws other augmentations in another version of the transforms.
+        "augmentation": AUGMENTATION_VERSION,
         "trainer": {k: trainer.get(k) for k in _TRAINER_KEPT},
         "schedule": {
             k: cfg.schedule.get(k) for k in ("total_epochs", "stage1_epochs", "cpa_epoch")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datamodules.transforms import AUGMENTATION_VERSION
 from lightning_modules.metrics import ConfusionMatrix, segmentation_scores
 from lightning_modules.schedulers import per_step_optimization
 
@@ -392,10 +393,20 @@ class ParsingLitModule(pl.LightningModule):
         build_config = getattr(self, "build_config", None)
         if build_config is not None:
             checkpoint["rimlab_config"] = build_config
+        checkpoint["rimlab_augmentation"] = AUGMENTATION_VERSION
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if getattr(self, "build_config", None) is None:
             self.build_config = checkpoint.get("rimlab_config")
+        version = checkpoint.get("rimlab_augmentation", 1)
+        if version != AUGMENTATION_VERSION:
+            # Resuming is still correct training, only no longer a replay of an unbroken run.
+            log.warning(
+                "this checkpoint was trained with augmentation draws of version %s (now %s): the "
+                "resumed epochs draw other augmentations than an uninterrupted run would have",
+                version,
+                AUGMENTATION_VERSION,
+            )
 
     def load_init_weights(self, path: str) -> None:
         """Loads the net weights (and the ARBS statistics) of a checkpoint, nothing of its training state.

@@ -507,6 +507,21 @@ def test_init_from_replaced_at_the_same_path_remeasures_errors(cascade_run, tmp_
     assert second["mean"] != first["mean"]
 
 
+def test_stage_record_hashes_init_weights_only_with_init_from(tmp_path):
+    """Stages without init_from keep the record (and hash) they had before weights were hashed."""
+    cfg = compose_cfg(TINY_POSE, tmp_path)
+    scfg, epochs, sigma, _ = pose.stage_config(cfg, 1)
+    plain = pose.stage_record(scfg, 1, epochs, sigma, None, None)
+    assert "init_weights" not in plain["stage"]
+    weights = tmp_path / "w.ckpt"
+    weights.write_bytes(b"abc")
+    given = pose.stage_record(scfg, 1, epochs, sigma, str(weights), None)
+    # sha256("abc"), first 16 hex digits
+    assert given["stage"]["init_weights"] == "ba7816bf8f01cfea"
+    with pytest.raises(ConfigError, match=r"cascade\.stages\.1\.init_from=.*no such checkpoint"):
+        pose.stage_record(scfg, 1, epochs, sigma, str(tmp_path / "missing.ckpt"), None)
+
+
 def test_per_stage_data_overrides_are_applied_or_rejected(tmp_path):
     from datamodules.mpii import MPIIDataModule
 

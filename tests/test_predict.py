@@ -69,6 +69,19 @@ def test_checkpoint_carries_build_config(trained):
     assert config["model"]["_target_"] == "lightning_modules.nets.PSPNet"
     assert config["model"]["num_classes"] == 59
     assert config["data"]["eval_size"] == [40, 48]
+    from datamodules.transforms import AUGMENTATION_VERSION
+
+    assert saved["rimlab_augmentation"] == AUGMENTATION_VERSION
+
+
+def test_resume_from_another_augmentation_version_warns(trained, caplog):
+    module, ckpt = trained
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    module.on_load_checkpoint(saved)
+    assert "augmentation draws" not in caplog.text
+    del saved["rimlab_augmentation"]  # written before the version existed: version 1
+    module.on_load_checkpoint(saved)
+    assert "augmentation draws of version 1" in caplog.text
 
 
 def test_predict_image_matches_predict_logits(trained, tmp_path):

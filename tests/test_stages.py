@@ -153,3 +153,14 @@ def test_a_decision_left_by_an_earlier_launch_with_the_same_token_is_not_taken(
     result = stages.shared_stage1(cfg)
     other.join()
     assert trained == [] and result.val == {"mIoU": 4.0}
+
+
+def test_stage1_key_ignores_plot_colours_but_not_the_augmentation_version(cfg, monkeypatch):
+    """A palette only colours plots: stage 1 is shared across it. Another version of the
+    augmentation draws trains another stage 1: it must not be reused."""
+    key = stages.stage1_key(cfg)
+    recoloured = cfg.copy()
+    recoloured.data.palette = [[i, i, i] for i in range(int(cfg.data.num_classes))]
+    assert stages.stage1_key(recoloured) == key
+    monkeypatch.setattr(stages, "AUGMENTATION_VERSION", stages.AUGMENTATION_VERSION + 1)
+    assert stages.stage1_key(cfg) != key

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from cfg_utils import SINGLE, TINY, compose_cfg
 
-from experiments.train import run
+from experiments.train import ConfigError, run
 from lightning_modules import ParsingLitModule
 from lightning_modules.schedulers import cosine_factor, poly_schedule
 
@@ -273,7 +273,6 @@ def test_evaluate_command_and_flip_protocol(tmp_path, data_dir):
 
 def test_evaluate_without_checkpoint_is_a_config_error(tmp_path, data_dir):
     """train=false with neither ckpt_path nor init_from would score an untrained network."""
-    from experiments.train import ConfigError
 
     base = ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=1", "train=false"]
     with pytest.raises(ConfigError, match=r"train=false needs ckpt_path=<checkpoint to evaluate>"):
@@ -320,3 +319,28 @@ def test_evaluate_records_init_from_and_multiscale_protocol(tmp_path, data_dir):
     assert on_disk["eval_protocol"]["scales"] == [0.75, 1.0]
     assert on_disk["eval_protocol"]["flip"] is True
     assert results["evaluated"] == on_disk["evaluated"]
+
+
+def test_rim_evaluation_records_the_checkpoint_and_protocol(tmp_path, data_dir):
+    """schedule=rim train=false scores the given weights and says so, like schedule=single."""
+    import experiments.train as train
+
+    base = ["experiment=quickstart", *TINY]
+    module = train.build_module(compose_cfg(base, tmp_path / "m", data_dir))
+    ckpt = tmp_path / "stage2.ckpt"
+    torch.save({"state_dict": module.state_dict(), "epoch": 3, "global_step": 9}, ckpt)
+    with pytest.raises(ConfigError, match=r"train=false needs ckpt_path=<checkpoint to evaluate>"):
+        run(compose_cfg([*base, "train=false"], tmp_path / "a", data_dir))
+    results = run(
+        compose_cfg(
+            [*base, "train=false", f"ckpt_path={ckpt}", "eval=flip"], tmp_path / "b", data_dir
+        )
+    )
+    assert results["schedule"] == "rim"
+    assert results["evaluated"] == {
+        "checkpoint": str(ckpt),
+        "source": "ckpt_path",
+        "epoch": 3,
+        "global_step": 9,
+    }
+    assert results["eval_protocol"]["flip"] is True and results["eval_protocol"]["scales"] == [1.0]
