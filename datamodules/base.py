@@ -483,6 +483,11 @@ class ParsingDataModule(LightningDataModule, ABC):
             ``cat_max_ratio`` crop (see ``datamodules.transforms.CatMaxRatioRandomCrop``).
         photometric: ``"jitter"`` (``ColorJitter`` of strength ``color_jitter``) or ``"mmseg"``
             (mmsegmentation's ``PhotoMetricDistortion``).
+        eval_keep_ratio: with an ``eval_size``, fit each evaluation image into it with its
+            aspect ratio kept (scale ``min(h / H, w / W)``, centred, black padding; SCHP's LIP
+            evaluation) instead of stretching it; batches then carry ``valid_box`` and the
+            scores are cropped to it before being resized to the original size. No effect when
+            evaluation runs at the original size.
     """
 
     #: Stage -> split name given to ``make_dataset`` ("test" also serves ``predict``).
@@ -518,6 +523,7 @@ class ParsingDataModule(LightningDataModule, ABC):
         ignore_index: int = IGNORE_INDEX,
         cat_max_ratio: float | None = None,
         photometric: str = "jitter",
+        eval_keep_ratio: bool = False,
     ) -> None:
         super().__init__()
         self._save_plain_hyperparameters(inspect.currentframe())
@@ -549,6 +555,7 @@ class ParsingDataModule(LightningDataModule, ABC):
         if photometric not in PHOTOMETRIC_MODES:
             raise ValueError(f"photometric must be one of {PHOTOMETRIC_MODES}, got {photometric!r}")
         self.photometric = str(photometric)
+        self.eval_keep_ratio = bool(eval_keep_ratio)
         self.cache_dir = cache_dir
         self._num_classes = int(num_classes)
         names = [str(n) for n in class_names] if class_names is not None else None
@@ -635,7 +642,7 @@ class ParsingDataModule(LightningDataModule, ABC):
         )
 
     def eval_transform(self) -> EvalTransform:
-        return build_eval_transform(self.eval_size)
+        return build_eval_transform(self.eval_size, keep_ratio=self.eval_keep_ratio)
 
     def setup(self, stage: str | None = None) -> None:
         # Idempotent and cheap once done; covers setup() called without prepare_data().

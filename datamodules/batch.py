@@ -9,6 +9,9 @@ Batch (after transforms and collate):
 - ``mask``: (B, H, W) int64, 255 = ignore. Training: the crop size. Evaluation: the label at its
   original resolution, padded with 255 to the largest label of the batch.
 - ``orig_size``: (B, 2) int64 ``(H, W)`` of each original image (evaluation batches only).
+- ``valid_box``: (B, 4) int64 ``(top, left, height, width)`` of each image inside its network
+  input (evaluation batches with ``eval_keep_ratio`` only: the image was scaled with its aspect
+  ratio kept and padded with black around it).
 - ``name``: list of B sample ids.
 """
 
@@ -106,7 +109,8 @@ def collate_eval(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         ``image`` (B, 3, h, w) float32, ``mask`` (B, H_max, W_max) int64 (only when the items have
-        labels), ``orig_size`` (B, 2) int64 ``(H, W)``, ``name`` list of B str.
+        labels), ``orig_size`` (B, 2) int64 ``(H, W)``, ``name`` list of B str, and
+        ``valid_box`` (B, 4) int64 ``(top, left, height, width)`` when the items have one.
     """
     sizes = {tuple(item["image"].shape) for item in batch}
     if len(sizes) > 1:
@@ -121,6 +125,10 @@ def collate_eval(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ),
         "name": [item["name"] for item in batch],
     }
+    if "valid_box" in batch[0]:
+        out["valid_box"] = torch.stack(
+            [torch.as_tensor(item["valid_box"], dtype=torch.int64) for item in batch]
+        )
     if "mask" in batch[0]:
         masks = [torch.as_tensor(item["mask"]).long() for item in batch]
         h = max(m.shape[0] for m in masks)

@@ -343,6 +343,7 @@ class CityscapesDataModule(ParsingDataModule):
         ignore_index: int = IGNORE_INDEX,
         cat_max_ratio: float | None = None,
         photometric: str = "jitter",
+        eval_keep_ratio: bool = False,
     ) -> None:
         if int(num_classes) != CITYSCAPES_NUM_CLASSES:
             raise ValueError(
@@ -372,6 +373,7 @@ class CityscapesDataModule(ParsingDataModule):
             ignore_index=ignore_index,
             cat_max_ratio=cat_max_ratio,
             photometric=photometric,
+            eval_keep_ratio=eval_keep_ratio,
         )
 
     def has_split(self, split: str) -> bool:

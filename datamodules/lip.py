@@ -249,6 +249,7 @@ class LIPDataModule(ParsingDataModule):
         ignore_index: int = 255,
         cat_max_ratio: float | None = None,
         photometric: str = "jitter",
+        eval_keep_ratio: bool = False,
     ) -> None:
         super().__init__(
             root,
@@ -271,6 +272,7 @@ class LIPDataModule(ParsingDataModule):
             ignore_index=ignore_index,
             cat_max_ratio=cat_max_ratio,
             photometric=photometric,
+            eval_keep_ratio=eval_keep_ratio,
         )
 
     def has_split(self, split: str) -> bool:

@@ -307,6 +307,8 @@ class MHPv2DataModule(ParsingDataModule):
         ignore_index: the label value never scored (255, the padding value of the transforms).
         cat_max_ratio, photometric: training crop and colour augmentation, as in
             :class:`~datamodules.base.ParsingDataModule`.
+        eval_keep_ratio: aspect-preserving evaluation input (black padding, ``valid_box``), as
+            in :class:`~datamodules.base.ParsingDataModule`.
         color_jitter: colour jitter strength (0 disables).
         cache_dir: merged-label and count cache folder (None: no merge cache).
         synthetic: keyword arguments of :func:`ensure_synthetic_mhp`; when given, ``prepare_data``
@@ -339,6 +341,7 @@ class MHPv2DataModule(ParsingDataModule):
         color_jitter: float = 0.2,
         cache_dir: str | None = None,
         synthetic: dict[str, Any] | None = None,
+        eval_keep_ratio: bool = False,
     ) -> None:
         super().__init__(
             root,
@@ -359,6 +362,7 @@ class MHPv2DataModule(ParsingDataModule):
             ignore_index=ignore_index,
             cat_max_ratio=cat_max_ratio,
             photometric=photometric,
+            eval_keep_ratio=eval_keep_ratio,
             color_jitter=color_jitter,
             cache_dir=cache_dir,
         )

@@ -390,6 +390,7 @@ class NYUDv2DataModule(ParsingDataModule):
         cat_max_ratio: float | None = None,
         photometric: str = "jitter",
         mapping_file: str | None = None,
+        eval_keep_ratio: bool = False,
     ) -> None:
         if int(num_classes) not in NYU_NUM_CLASSES:
             raise ValueError(f"NYUDv2 has 40 or 13 classes, got num_classes={num_classes}")
@@ -421,6 +422,7 @@ class NYUDv2DataModule(ParsingDataModule):
             ignore_index=ignore_index,
             cat_max_ratio=cat_max_ratio,
             photometric=photometric,
+            eval_keep_ratio=eval_keep_ratio,
         )
         self.mapping_file = mapping_file
 

@@ -7,6 +7,7 @@ objects, so DataLoader workers can receive them.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,8 @@ __all__ = [
     "collate_eval",
     "collate_train",
     "flip_lut",
+    "letterbox_box",
+    "letterbox_image",
 ]
 
 
@@ -312,22 +315,84 @@ class TrainTransform:
         }
 
 
+def letterbox_box(
+    height: int, width: int, out_height: int, out_width: int
+) -> tuple[int, int, int, int]:
+    """Where an ``(height, width)`` image lies inside an ``(out_height, out_width)`` input when it is
+    scaled to fit with its aspect ratio kept and centred (SCHP's evaluation input for LIP).
+
+    The scale is ``s = min(out_height / height, out_width / width)``; the scaled image is
+    ``(round(height * s), round(width * s))`` (halves round up), and the leftover rows and columns
+    are split between the two sides, the extra one (odd leftover) going to the bottom / right.
+
+    Returns:
+        ``(top, left, box_height, box_width)`` of the image inside the input, in input pixels.
+    """
+    height, width, out_height, out_width = (int(v) for v in (height, width, out_height, out_width))
+    if min(height, width, out_height, out_width) <= 0:
+        raise ValueError(
+            f"letterbox of a {height}x{width} image into {out_height}x{out_width}: sizes must be "
+            "positive"
+        )
+    scale = min(out_height / height, out_width / width)
+    # floor(x + 0.5): Python's round() would round halves to even.
+    box_h = min(out_height, max(1, int(math.floor(height * scale + 0.5))))
+    box_w = min(out_width, max(1, int(math.floor(width * scale + 0.5))))
+    return (out_height - box_h) // 2, (out_width - box_w) // 2, box_h, box_w
+
+
+def letterbox_image(
+    image: np.ndarray, size: Sequence[int]
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Scales ``image`` to fit ``size`` with its aspect ratio kept and pads it centred with 0.
+
+    Args:
+        image: ``(H, W, 3)`` (or ``(H, W)``) image, any dtype OpenCV resizes (uint8 here).
+        size: ``(h, w)`` of the output.
+
+    Returns:
+        The ``(h, w, 3)`` image (same dtype; padding 0, i.e. black before normalisation) resized
+        with bilinear interpolation (``cv2.INTER_LINEAR``), and its :func:`letterbox_box`.
+    """
+    out_h, out_w = (int(v) for v in size)
+    top, left, box_h, box_w = letterbox_box(image.shape[0], image.shape[1], out_h, out_w)
+    if (box_h, box_w) != image.shape[:2]:
+        image = cv2.resize(image, (box_w, box_h), interpolation=cv2.INTER_LINEAR)
+    out = np.zeros((out_h, out_w, *image.shape[2:]), dtype=image.dtype)
+    out[top : top + box_h, left : left + box_w] = image
+    return out, (top, left, box_h, box_w)
+
+
 class EvalTransform:
     """Resize the image only (to the network input size), normalise; the label stays untouched.
 
     Output item: ``image`` (3, h, w) float32, ``mask`` (H, W) int64 at original resolution (if the
-    item has one), ``orig_size`` (2,) int64 ``(H, W)``, ``name``.
+    item has one), ``orig_size`` (2,) int64 ``(H, W)``, ``name``; with ``letterbox`` also
+    ``valid_box`` (4,) int64 ``(top, left, height, width)`` of the image inside the input.
+
+    Args:
+        aug: the albumentations pipeline (resize and/or normalisation).
+        letterbox: ``(h, w)``: before ``aug``, scale the image to fit ``(h, w)`` with its aspect
+            ratio kept and pad it centred with black (:func:`letterbox_image`); None: ``aug``
+            alone decides the size.
     """
 
-    def __init__(self, aug: A.Compose) -> None:
+    def __init__(self, aug: A.Compose, letterbox: Sequence[int] | None = None) -> None:
         self.aug = aug
+        self.letterbox = tuple(int(v) for v in letterbox) if letterbox is not None else None
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        h, w = item["image"].shape[:2]
+        image = item["image"]
+        h, w = image.shape[:2]
+        extra: dict[str, Any] = {}
+        if self.letterbox is not None:
+            image, box = letterbox_image(image, self.letterbox)
+            extra["valid_box"] = torch.tensor(box, dtype=torch.int64)
         out = {
             **item,
-            "image": _to_chw_tensor(self.aug(image=item["image"])["image"]),
+            "image": _to_chw_tensor(self.aug(image=image)["image"]),
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
+            **extra,
         }
         if "mask" in item:
             out["mask"] = torch.as_tensor(np.asarray(item["mask"], dtype=np.int64))
@@ -427,15 +492,28 @@ def build_eval_transform(
     eval_size: Sequence[int] | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    keep_ratio: bool = False,
 ) -> EvalTransform:
     """Evaluation transform: image resized to ``eval_size`` ``(h, w)`` (kept as is if None).
 
     The mask is not resized: scoring happens at the original resolution after the LightningModule
     upsamples the logits to ``orig_size``.
+
+    Args:
+        eval_size: network input ``(h, w)``; None keeps each image's own size.
+        mean, std: normalisation on the 0..1 scale.
+        keep_ratio: with ``eval_size``, scale the image by ``min(h / H, w / W)`` instead of
+            stretching it, pad it centred with black and record the image's ``valid_box``
+            (SCHP's evaluation input); the evaluation crops the scores to that box before
+            resizing them to ``orig_size``. No effect without ``eval_size``.
     """
     ops: list[A.BasicTransform] = []
+    letterbox = None
     if eval_size is not None:
         h, w = (int(v) for v in eval_size)
-        ops.append(A.Resize(height=h, width=w, interpolation=cv2.INTER_LINEAR))
+        if keep_ratio:
+            letterbox = (h, w)
+        else:
+            ops.append(A.Resize(height=h, width=w, interpolation=cv2.INTER_LINEAR))
     ops.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
-    return EvalTransform(A.Compose(ops))
+    return EvalTransform(A.Compose(ops), letterbox=letterbox)

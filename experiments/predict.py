@@ -2,8 +2,8 @@
 
     python -m experiments.predict ckpt=<file.ckpt> input=<image|folder|video|camera index> \\
         output=<dir> [device=auto|cpu|cuda] [save_logits=true] [eval=flip] [eval.scales=[..]] \\
-        [size=original|[h,w]] [weights=auto|net|schp] [alpha=0.5] [show=auto|true|false] \\
-        [max_frames=N] [save_frames=false]
+        [size=original|[h,w]] [keep_ratio=true|false] [weights=auto|net|schp] [alpha=0.5] \\
+        [show=auto|true|false] [max_frames=N] [save_frames=false]
 
 Per image: ``<name>.png`` (class ids as a palette PNG at the original size, the format SCHP's
 ``simple_extractor.py`` writes; a 16-bit grey PNG for label sets of more than 256 classes), ``<name>_overlay.jpg`` (colours blended on the photo) and, with
@@ -31,13 +31,13 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from PIL import Image
 from torch import Tensor, nn
 
 from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, make_palette, save_label_png
 from datamodules.transforms import build_eval_transform
+from lightning_modules.inference import scores_to_original
 
 log = logging.getLogger("rimlab.predict")
 
@@ -64,6 +64,8 @@ class Parser:
         palette: ``(C, 3)`` uint8 RGB colours.
         flip_pairs: left/right class pairs (used by flip test-time augmentation).
         eval_size: network input ``(h, w)``; None runs each image at its own size.
+        keep_ratio: fit each image into ``eval_size`` with its aspect ratio kept (centred, black
+            padding) and crop the scores back to it (``data.eval_keep_ratio`` of validation).
         inference: evaluation protocol ``(net_forward, image) -> scores`` or None (one pass).
         device: where the net runs.
         config: the checkpoint's build config (``model`` / ``eval`` / ``data``).
@@ -75,6 +77,7 @@ class Parser:
     palette: np.ndarray
     flip_pairs: list[list[int]] = field(default_factory=list)
     eval_size: tuple[int, int] | None = None
+    keep_ratio: bool = False
     inference: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     config: dict[str, Any] = field(default_factory=dict)
@@ -82,11 +85,22 @@ class Parser:
     def __post_init__(self) -> None:
         # The same resize + normalisation as validation (datamodules.transforms), so a prediction
         # here equals the validation prediction of the same image.
-        self._transform = build_eval_transform(self.eval_size, IMAGENET_MEAN, IMAGENET_STD)
+        self._transform = build_eval_transform(
+            self.eval_size, IMAGENET_MEAN, IMAGENET_STD, keep_ratio=self.keep_ratio
+        )
+
+    def prepare(self, image: np.ndarray) -> tuple[Tensor, list[int] | None]:
+        """``(H, W, 3)`` uint8 RGB -> ``(1, 3, h, w)`` normalised float32 on ``device``, and the
+        image's ``(top, left, height, width)`` inside it (None unless ``keep_ratio``)."""
+        item = self._transform({"image": image})
+        box = item.get("valid_box")
+        return item["image"].unsqueeze(0).to(self.device), (
+            box.tolist() if box is not None else None
+        )
 
     def preprocess(self, image: np.ndarray) -> Tensor:
         """``(H, W, 3)`` uint8 RGB -> ``(1, 3, h, w)`` normalised float32 on ``device``."""
-        return self._transform({"image": image})["image"].unsqueeze(0).to(self.device)
+        return self.prepare(image)[0]
 
     @torch.inference_mode()
     def scores(self, image: np.ndarray) -> Tensor:
@@ -99,15 +113,14 @@ class Parser:
             ``(C, H, W)`` float32 on ``device``: logits for a single pass, averaged probabilities
             under flip / multi-scale protocols (see ``lightning_modules.inference``).
         """
-        height, width = image.shape[:2]
-        x = self.preprocess(image)
+        x, box = self.prepare(image)
         if self.inference is None:
             out = self.net(x)["out"]
         else:
             out = self.inference(lambda t: self.net(t)["out"], x)
-        if out.shape[-2:] != (height, width):
-            # (1, C, h, w) -> (1, C, H, W): back to the photo's resolution
-            out = F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
+        # (1, C, h, w) -> (1, C, H, W): back to the photo's resolution (cropped to the image's
+        # box first when it was letterboxed), as validation scores it
+        out = scores_to_original(out, image.shape[:2], valid_box=box, input_size=x.shape[-2:])
         return out[0].float()
 
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, Tensor]:
@@ -200,7 +213,15 @@ def _compose_fallback(model: str | None, data: str | None) -> dict[str, Any]:
             "paths": {"data_dir": "."},
         }
     )
-    keys = ("num_classes", "class_names", "flip_pairs", "palette", "eval_size", "crop_size")
+    keys = (
+        "num_classes",
+        "class_names",
+        "flip_pairs",
+        "palette",
+        "eval_size",
+        "crop_size",
+        "eval_keep_ratio",
+    )
     data_cfg = {k: cfg.data.get(k) for k in keys if k in cfg.data}
     return {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -248,6 +269,16 @@ def eval_protocol(
     return hydra.utils.instantiate(OmegaConf.to_container(root, resolve=True)["eval"])
 
 
+def checkpoint_keep_ratio(checkpoint: dict[str, Any], data_cfg: dict[str, Any]) -> bool:
+    """Whether validation letterboxed its inputs (``data.eval_keep_ratio``): the build config's
+    value (``ParsingLitModule`` adds it when saving), else the datamodule's saved
+    hyper-parameters (``datamodule_hyper_parameters``, written by Lightning), else false."""
+    if data_cfg.get("eval_keep_ratio") is not None:
+        return bool(data_cfg["eval_keep_ratio"])
+    datamodule = checkpoint.get("datamodule_hyper_parameters") or {}
+    return bool(datamodule.get("eval_keep_ratio", False))
+
+
 def load_parser(
     ckpt: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -257,6 +288,7 @@ def load_parser(
     weights: str = "auto",
     model: str | None = None,
     data: str | None = None,
+    keep_ratio: bool | str | None = "checkpoint",
 ) -> Parser:
     """Rebuilds the net of a rimlab checkpoint for inference.
 
@@ -271,6 +303,10 @@ def load_parser(
             run) or ``auto`` (``schp`` when the checkpoint has an average, else ``net``).
         model: conf/model name, only for checkpoints without ``rimlab_config``.
         data: conf/data name, idem.
+        keep_ratio: fit images into the input size with their aspect ratio kept (black padding,
+            scores cropped back); ``"checkpoint"`` or None: as validation did
+            (``data.eval_keep_ratio`` of the build config, else of the datamodule's saved
+            hyper-parameters, else false).
 
     Raises:
         PredictError: missing file, not a rimlab checkpoint, or weights that do not fit the net.
@@ -328,6 +364,10 @@ def load_parser(
     if size == "original":
         size = None
     eval_size = tuple(int(v) for v in size) if size is not None else None
+    if keep_ratio in ("checkpoint", None):
+        keep_ratio = checkpoint_keep_ratio(checkpoint, data_cfg)
+    elif not isinstance(keep_ratio, bool):
+        raise PredictError(f"keep_ratio={keep_ratio!r}: expected true or false")
     log.info("loaded %s (%s weights, %d classes) on %s", path, prefix[:-1], num_classes, device)
     if num_classes > MAX_PALETTE_CLASSES:
         log.info(
@@ -343,6 +383,7 @@ def load_parser(
         palette=palette,
         flip_pairs=[list(p) for p in data_cfg.get("flip_pairs") or []],
         eval_size=eval_size,
+        keep_ratio=keep_ratio,
         inference=eval_protocol(config, eval_name, eval_overrides),
         device=device,
         config=config,
@@ -527,6 +568,7 @@ PREDICT_KEYS = (
     "save_logits",
     "eval",
     "size",
+    "keep_ratio",
     "weights",
     "alpha",
     "show",
@@ -582,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         weights=str(args.get("weights") or "auto"),
         model=args.get("model"),
         data=args.get("data"),
+        keep_ratio=args.get("keep_ratio", "checkpoint"),
     )
     output = Path(args["output"])
     output.mkdir(parents=True, exist_ok=True)

@@ -161,7 +161,15 @@ def checkpoint_build_config(cfg: DictConfig) -> dict[str, Any]:
 
     Only plain values (no partials), so the checkpoint still loads with ``weights_only=True``.
     """
-    data_keys = ("num_classes", "class_names", "flip_pairs", "palette", "eval_size", "crop_size")
+    data_keys = (
+        "num_classes",
+        "class_names",
+        "flip_pairs",
+        "palette",
+        "eval_size",
+        "eval_keep_ratio",
+        "crop_size",
+    )
     data = {k: cfg.data.get(k) for k in data_keys if k in cfg.data}
     return {
         "model": OmegaConf.to_container(cfg.model, resolve=True),

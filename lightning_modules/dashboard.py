@@ -108,6 +108,44 @@ def _heatmap(matrix: np.ndarray, names: list[str]) -> np.ndarray:
     return image
 
 
+def validation_example(
+    pl_module: pl.LightningModule, batch: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first image of an evaluation batch, its label and its prediction at the original size.
+
+    The prediction goes through the module's protocol (``predict_logits``) and
+    :func:`~lightning_modules.inference.scores_to_original`, as scoring does: with ``valid_box``
+    (``data.eval_keep_ratio``) the scores and the de-normalised input are cropped to the image's
+    box before being resized to ``orig_size``, so the black padding never shows.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB image, ``(H, W)`` label and ``(H, W)`` predicted ids.
+    """
+    from PIL import Image
+
+    from lightning_modules.inference import scores_to_original
+
+    image = batch["image"][:1]
+    with torch.no_grad():
+        logits = pl_module.predict_logits(image)
+    h, w = (int(s) for s in batch["orig_size"][0]) if "orig_size" in batch else logits.shape[-2:]
+    box = batch["valid_box"][0].tolist() if "valid_box" in batch else None
+    pred = (
+        scores_to_original(logits, (h, w), valid_box=box, input_size=image.shape[-2:])
+        .argmax(1)[0]
+        .cpu()
+        .numpy()
+    )
+    gt = batch["mask"][0, :h, :w].cpu().numpy()
+    img = image[0].float().cpu().permute(1, 2, 0).numpy()  # (3, h, w) -> (h, w, 3)
+    if box is not None:
+        top, left, box_h, box_w = box
+        img = img[top : top + box_h, left : left + box_w]
+    img = ((img * _STD + _MEAN) * 255).clip(0, 255).astype(np.uint8)
+    img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+    return img, gt, pred
+
+
 class WandbDashboard(pl.Callback):
     """Logs per-class IoU / CPA tables, a confusion matrix, the sampler's distribution and keep
     probabilities, and a few validation images with ground truth and prediction overlaid.
@@ -135,26 +173,7 @@ class WandbDashboard(pl.Callback):
             or not trainer.is_global_zero
         ):
             return
-        with torch.no_grad():
-            logits = pl_module.predict_logits(batch["image"][:1])
-        h, w = (
-            (int(s) for s in batch["orig_size"][0]) if "orig_size" in batch else logits.shape[-2:]
-        )
-        pred = (
-            torch.nn.functional.interpolate(
-                logits, size=(h, w), mode="bilinear", align_corners=False
-            )
-            .argmax(1)[0]
-            .cpu()
-            .numpy()
-        )
-        gt = batch["mask"][0, :h, :w].cpu().numpy()
-        img = batch["image"][0].float().cpu().permute(1, 2, 0).numpy()  # (3, h, w) -> (h, w, 3)
-        img = ((img * _STD + _MEAN) * 255).clip(0, 255).astype(np.uint8)
-        from PIL import Image
-
-        img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
-        self._images.append((img, gt, pred))
+        self._images.append(validation_example(pl_module, batch))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the module's epoch end, which computes the scores this reads.

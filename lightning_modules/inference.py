@@ -8,6 +8,8 @@ implementation:
   than the training crop (Cityscapes 1024x2048 with 512x1024 crops).
 - `InferenceProtocol`: the config-built callable (``conf/eval/*.yaml``) that runs a net under a
   protocol and returns ``(B, C, h, w)`` scores at the input size.
+- `scores_to_original`: input-size scores -> the original image size, cropping first to the
+  image's ``valid_box`` when the input was letterboxed (``data.eval_keep_ratio``).
 
 With its defaults (one scale 1.0, no flip, whole image) `InferenceProtocol` returns the net's
 logits untouched, so the plain evaluation path is unchanged bit for bit.
@@ -154,6 +156,51 @@ def slide_inference(
         count[:, :, y1:y2, x1:x2] += 1
     # (B, C, H', W') / (1, 1, H', W') -> (B, C, H', W') -> (B, C, H, W) without the padding
     return (scores / count)[:, :, :height, :width]
+
+
+def scores_to_original(
+    scores: Tensor,
+    orig_size: Sequence[int],
+    valid_box: Sequence[int] | None = None,
+    input_size: Sequence[int] | None = None,
+) -> Tensor:
+    """Maps scores of a network input back to the original image (bilinear, no corner alignment).
+
+    Without ``valid_box`` the whole map is resized to ``orig_size`` (the input was the image,
+    stretched). With it (the image was scaled with its aspect ratio kept and padded, see
+    ``datamodules.transforms.letterbox_image``) the map is first brought to ``input_size`` when
+    the net returned another resolution, then cropped to the box, then resized: the inverse of the
+    letterbox, as SCHP warps its logits back with the inverse affine.
+
+    Args:
+        scores: ``(N, C, h', w')`` logits or probabilities of ``N`` inputs of one size.
+        orig_size: ``(H, W)`` of the original image(s).
+        valid_box: ``(top, left, height, width)`` of the image inside the input (shared by the
+            ``N`` maps), in input pixels; None: the input is the whole image.
+        input_size: ``(h, w)`` of the network input the box refers to (default: the map's size).
+
+    Returns:
+        ``(N, C, H, W)`` scores at the original size.
+    """
+    height, width = (int(v) for v in orig_size)
+    if valid_box is not None:
+        top, left, box_h, box_w = (int(v) for v in valid_box)
+        in_h, in_w = (int(v) for v in (input_size or scores.shape[-2:]))
+        if min(top, left) < 0 or min(box_h, box_w) <= 0:
+            raise ValueError(f"valid_box {[top, left, box_h, box_w]} is not a box")
+        if top + box_h > in_h or left + box_w > in_w:
+            raise ValueError(
+                f"valid_box {[top, left, box_h, box_w]} does not fit the {in_h}x{in_w} input"
+            )
+        if scores.shape[-2:] != (in_h, in_w):
+            # (N, C, h', w') -> (N, C, h, w): the net's output at the input resolution
+            scores = F.interpolate(scores, size=(in_h, in_w), mode="bilinear", align_corners=False)
+        # (N, C, h, w) -> (N, C, box_h, box_w): the image without its padding
+        scores = scores[:, :, top : top + box_h, left : left + box_w]
+    if scores.shape[-2:] != (height, width):
+        # (N, C, h'', w'') -> (N, C, H, W)
+        scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
+    return scores
 
 
 @dataclass

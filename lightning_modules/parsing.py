@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.transforms import AUGMENTATION_VERSION
+from lightning_modules.inference import scores_to_original
 from lightning_modules.metrics import ConfusionMatrix, segmentation_scores
 from lightning_modules.schedulers import per_step_optimization
 
@@ -313,11 +314,20 @@ class ParsingLitModule(pl.LightningModule):
         return self.inference(lambda x: self(x)["out"], image)
 
     def _eval_step(self, batch: dict[str, Any], metric: ConfusionMatrix, stage: str) -> None:
+        """Scores a batch at the original label resolution.
+
+        The protocol's scores (aligned with the network input, whatever flip / multi-scale /
+        sliding-window runs made them) are resized to each image's ``orig_size``; when the batch
+        has ``valid_box`` (``data.eval_keep_ratio``: the image was fitted into the input with its
+        aspect ratio kept and padded) they are cropped to the box first
+        (:func:`~lightning_modules.inference.scores_to_original`).
+        """
         logits = self.predict_logits(batch["image"])
         target = batch["mask"]
         orig = batch.get("orig_size")
+        boxes = batch.get("valid_box")
         sizes = [tuple(target.shape[-2:])] * len(target) if orig is None else orig.tolist()
-        if all(tuple(s) == tuple(target.shape[-2:]) for s in sizes):
+        if boxes is None and all(tuple(s) == tuple(target.shape[-2:]) for s in sizes):
             # Every image has the (padded) label size: score the batch in one go.
             if logits.shape[-2:] != target.shape[-2:]:
                 # (B, C, h, w) -> (B, C, H, W)
@@ -328,10 +338,16 @@ class ParsingLitModule(pl.LightningModule):
             metric.update(preds, target)
             self._write_predictions(stage, batch, [p for p in preds])
             return
+        input_size = tuple(batch["image"].shape[-2:])
         per_image = []
         for i, (h, w) in enumerate(sizes):
             # (1, C, h', w') -> (1, C, H_i, W_i): score at the image's original resolution
-            up = F.interpolate(logits[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)
+            up = scores_to_original(
+                logits[i : i + 1],
+                (h, w),
+                valid_box=None if boxes is None else boxes[i].tolist(),
+                input_size=input_size,
+            )
             pred = up.argmax(1)
             metric.update(pred, target[i : i + 1, :h, :w])
             per_image.append(pred[0])
