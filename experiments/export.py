@@ -210,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rimlab.palette": json.dumps(parser.palette.tolist()),
         "rimlab.flip_pairs": json.dumps(parser.flip_pairs),
         "rimlab.eval_size": json.dumps(list(parser.eval_size) if parser.eval_size else None),
+        # true: validation letterboxed its inputs into eval_size (aspect kept, black padding)
+        "rimlab.eval_keep_ratio": json.dumps(bool(parser.keep_ratio)),
         "rimlab.mean": json.dumps(list(IMAGENET_MEAN)),
         "rimlab.std": json.dumps(list(IMAGENET_STD)),
         "rimlab.input": "image (B, 3, H, W) float32 RGB, (x / 255 - mean) / std",

@@ -73,4 +73,5 @@ def test_onnx_export_parity_two_sizes(model, tmp_path):
         np.testing.assert_array_equal(got.argmax(1)[clear], ref.argmax(1)[clear])
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["rimlab.eval_size"]) == [48, 64]
+    assert json.loads(meta["rimlab.eval_keep_ratio"]) is False
     assert len(json.loads(meta["rimlab.class_names"])) == 59
