@@ -74,6 +74,25 @@ def label_id_to_train_id() -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
+def train_id_to_label_id() -> tuple[np.ndarray, np.ndarray]:
+    """The way back, for the official evaluation and the test server: (256,) uint8 look-up table
+    trainId -> labelId (ignore 255 -> 0, "unlabeled") and the (256, 3) uint8 palette of the
+    labelIds (each label's colour in the official table).
+
+    Several labelIds share trainId 255, so the map is one-way: predictions only ever hold 0..18.
+    """
+    lut = np.zeros(256, dtype=np.uint8)
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    for label in cityscapes_labels():
+        if 0 <= label.id < 256:
+            colours[label.id] = label.color
+        if 0 <= label.trainId < IGNORE_INDEX:
+            lut[label.trainId] = label.id
+    lut.flags.writeable = colours.flags.writeable = False
+    return lut, colours
+
+
+@functools.lru_cache(maxsize=1)
 def _valid_label_ids() -> np.ndarray:
     """(256,) bool: the labelIds that the table defines (0..33; license plate -1 is never drawn)."""
     valid = np.zeros(256, dtype=bool)
@@ -375,6 +394,12 @@ class CityscapesDataModule(ParsingDataModule):
             photometric=photometric,
             eval_keep_ratio=eval_keep_ratio,
         )
+
+    def to_dataset_ids(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted trainIds ``(H, W)`` as official labelIds (what cityscapesscripts'
+        evaluation and the test server read), with the labelId palette."""
+        lut, colours = train_id_to_label_id()
+        return lut[np.asarray(ids, dtype=np.uint8)], colours
 
     def has_split(self, split: str) -> bool:
         return (self.root / "leftImg8bit" / split).is_dir()

@@ -345,15 +345,39 @@ def final_scores(
 def enable_prediction_pngs(
     cfg: DictConfig, module: ParsingLitModule, datamodule: pl.LightningDataModule, out_dir: Path
 ) -> None:
-    """With ``save_predictions=true``, evaluation writes ``out_dir/predictions/<stage>/*.png``."""
+    """With ``save_predictions=true``, evaluation writes ``out_dir/predictions/<stage>/*.png``.
+
+    ``prediction_format=class_ids`` (default) writes the training class ids with the data
+    palette; ``dataset_ids`` writes the dataset's own ids where it has them (Cityscapes: labelIds,
+    the official evaluation's and test server's format).
+
+    Raises:
+        ConfigError: an unknown ``prediction_format``, or ``dataset_ids`` for a dataset without
+            its own ids.
+    """
     if not cfg.get("save_predictions"):
         return
     from datamodules.batch import save_label_png
 
     folder, palette = out_dir / "predictions", getattr(datamodule, "palette", None)
+    fmt = str(cfg.get("prediction_format") or "class_ids")
+    convert = None
+    if fmt == "dataset_ids":
+        convert = getattr(datamodule, "to_dataset_ids", None)
+        if convert is None:
+            raise ConfigError(
+                f"prediction_format=dataset_ids: {type(datamodule).__name__} has no ids of its "
+                "own beyond the class ids (use prediction_format=class_ids)"
+            )
+    elif fmt != "class_ids":
+        raise ConfigError(f"prediction_format={fmt}: use class_ids or dataset_ids")
 
     def write(stage: str, name: str, ids: Any) -> None:
-        save_label_png(folder / stage / f"{name}.png", ids, palette)
+        if convert is not None:
+            ids, colours = convert(ids)
+            save_label_png(folder / stage / f"{name}.png", ids, colours)
+        else:
+            save_label_png(folder / stage / f"{name}.png", ids, palette)
 
     module.prediction_writer = write
     log.info("writing predicted class-id PNGs to %s", folder)
