@@ -479,6 +479,14 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         reused = True
         if init_from:
             load_module_weights(module, init_from)
+            # The hash was taken from an earlier read: the weights must be those bytes.
+            if (
+                file_digest(Path(init_from), f"cascade.stages.{s}")
+                != record["stage"]["init_weights"]
+            ):
+                raise ConfigError(
+                    f"cascade.stages.{s}.init_from={init_from} changed while this run read it"
+                )
             entry["init_from"] = str(init_from)
         elif cfg.train and not (cfg.get("resume") and final.is_file()):
             ckpt_path = resume_checkpoint(cfg, stage_dir)

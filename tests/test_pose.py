@@ -522,6 +522,23 @@ def test_stage_record_hashes_init_weights_only_with_init_from(tmp_path):
         pose.stage_record(scfg, 1, epochs, sigma, str(tmp_path / "missing.ckpt"), None)
 
 
+def test_init_from_changed_while_loading_is_refused(cascade_run, tmp_path, monkeypatch):
+    base, _ = cascade_run
+    out = _copy_run(base, tmp_path)
+    weights = tmp_path / "stage1_init.ckpt"
+    shutil.copy(out / "stage1" / "final.ckpt", weights)
+    real = pose.load_module_weights
+
+    def load_then_replace(module, path):
+        real(module, path)
+        Path(path).write_bytes(Path(path).read_bytes() + b"x")  # another writer, mid-run
+
+    monkeypatch.setattr(pose, "load_module_weights", load_then_replace)
+    cfg = _cfg(base, tmp_path, ["resume=true", f"+cascade.stages.1.init_from={weights}"])
+    with pytest.raises(ConfigError, match=r"cascade\.stages\.1\.init_from=.*changed while"):
+        pose.run_pose(cfg, out)
+
+
 def test_per_stage_data_overrides_are_applied_or_rejected(tmp_path):
     from datamodules.mpii import MPIIDataModule
 
