@@ -98,7 +98,13 @@ class DeepMACLitModule(pl.LightningModule):
         Returns:
             B tensors ``(N_i, H, W)`` float probabilities.
         """
-        logits = self(image, boxes)["mask_logits"]  # (sum N_i, M, M)
+        return self._paste(self(image, boxes)["mask_logits"], orig_boxes, orig_sizes)
+
+    @staticmethod
+    def _paste(
+        logits: Tensor, orig_boxes: list[Tensor], orig_sizes: list[tuple[int, int]]
+    ) -> list[Tensor]:
+        """``(sum N_i, M, M)`` mask logits -> B ``(N_i, H_i, W_i)`` probabilities in the images."""
         out, start = [], 0
         for ob, size in zip(orig_boxes, orig_sizes, strict=True):
             n = len(ob)
@@ -108,8 +114,12 @@ class DeepMACLitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
 
-    def _loss(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], int]:
-        out = self(batch["image"], batch["boxes"])
+    def _loss(
+        self, batch: dict[str, Any], out: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Tensor], int]:
+        """The mask loss of ``batch`` and its instance count; ``out``: the net's output, if known."""
+        if out is None:
+            out = self(batch["image"], batch["boxes"])
         m = out["mask_logits"].shape[-1]
         # Targets are cropped with the boxes the head saw (jittered ones in training).
         targets = torch.cat(
@@ -132,10 +142,12 @@ class DeepMACLitModule(pl.LightningModule):
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        losses, n = self._loss(batch)
+        # One forward pass serves the loss and the pasted masks (eval mode: boxes not jittered).
+        out = self(batch["image"], batch["boxes"])
+        losses, n = self._loss(batch, out)
         self.log("val/loss", losses["loss"], on_epoch=True, batch_size=max(n, 1), sync_dist=True)
         sizes = [tuple(m.shape[-2:]) for m in batch["orig_masks"]]
-        probs = self.predict_masks(batch["image"], batch["boxes"], batch["orig_boxes"], sizes)
+        probs = self._paste(out["mask_logits"], batch["orig_boxes"], sizes)
         self.accumulate(self.accumulator, batch, probs)
 
     def accumulate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -291,3 +292,44 @@ def test_resized_masks_read_the_source_pixel_under_each_output_pixel_centre():
     src = np.floor((np.arange(8) + 0.5) / 0.8).astype(int)
     np.testing.assert_array_equal(out, masks[:, src][:, :, src])
     assert out[0, :, 7].all()  # the edge column survives (plain "nearest" reads column 8, not 9)
+
+
+def test_validation_runs_the_net_once_and_scores_what_predict_masks_pastes():
+    from lightning_modules.deepmac import DeepMACLitModule
+
+    calls = []
+
+    class Net(torch.nn.Module):
+        def forward(self, image, boxes):
+            calls.append(len(boxes))
+            g = torch.linspace(-2, 2, 8)
+            n = sum(len(b) for b in boxes)
+            return {
+                "mask_logits": (g[None, :, None] + g[None, None, :]).repeat(n, 1, 1),
+                "boxes": boxes,
+            }
+
+    def loss(logits, targets, labels):
+        return {"loss": (logits.sigmoid() - targets).abs().mean()}
+
+    module = DeepMACLitModule(net=Net(), loss=loss, optimizer=None).eval()
+    mask = np.zeros((20, 30), np.uint8)
+    mask[4:14, 6:20] = 1
+    batch = {
+        "image": torch.zeros(1, 3, 32, 32),
+        "boxes": [torch.tensor([[4.0, 4.0, 20.0, 20.0]])],
+        "orig_boxes": [torch.tensor([[6.0, 4.0, 20.0, 14.0]])],
+        "masks": [torch.from_numpy(mask[None]).float()],
+        "orig_masks": [torch.from_numpy(mask[None])],
+        "labels": [torch.tensor([1])],
+        "index": torch.tensor([0]),
+    }
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a trainer: nothing to log to
+        module.validation_step(batch, 0)
+    assert calls == [1]
+    expected = MaskAPAccumulator()
+    probs = module.predict_masks(batch["image"], batch["boxes"], batch["orig_boxes"], [(20, 30)])
+    module.accumulate(expected, batch, probs)
+    assert module.accumulator.records == expected.records
+    assert 0.0 < module.accumulator.records[0]["ious"][0] < 1.0
