@@ -75,7 +75,7 @@ def label_id_to_train_id() -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def train_id_to_label_id() -> tuple[np.ndarray, np.ndarray]:
-    """The way back, for the official evaluation and the test server: (256,) uint8 look-up table
+    """The way back, for cityscapesscripts' evaluation: (256,) uint8 look-up table
     trainId -> labelId (ignore 255 -> 0, "unlabeled") and the (256, 3) uint8 palette of the
     labelIds (each label's colour in the official table).
 
@@ -397,7 +397,7 @@ class CityscapesDataModule(ParsingDataModule):
 
     def to_dataset_ids(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted trainIds ``(H, W)`` as official labelIds (what cityscapesscripts'
-        evaluation and the test server read), with the labelId palette."""
+        evaluation reads), with the labelId palette."""
         lut, colours = train_id_to_label_id()
         return lut[np.asarray(ids, dtype=np.uint8)], colours
 

@@ -93,6 +93,7 @@ _HASH_IGNORED = (
     "ckpt_path",
     "init_from",
     "save_predictions",
+    "prediction_format",
     "logger",
     "callbacks",
     "task_name",

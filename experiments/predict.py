@@ -360,7 +360,10 @@ def load_parser(
         np.asarray(palette, dtype=np.uint8) if palette is not None else make_palette(num_classes)
     )
     if size == "checkpoint":
-        size = data_cfg.get("eval_size") or data_cfg.get("crop_size")
+        size = data_cfg.get("eval_size")
+        if size is None:
+            # Validation's own input: full-resolution datasets ran each image at its own size.
+            size = "original" if data_cfg.get("full_resolution_eval") else data_cfg.get("crop_size")
     if size == "original":
         size = None
     eval_size = tuple(int(v) for v in size) if size is not None else None

@@ -53,6 +53,10 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------- validation
 
 
+#: What ``save_predictions`` PNGs hold (see :func:`enable_prediction_pngs`).
+PREDICTION_FORMATS = ("class_ids", "dataset_ids")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Checks the composed config for mistakes that would otherwise surface hours into a run.
 
@@ -74,6 +78,9 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"schedule.total_epochs={total}: must be >= 1")
     if name in OWN_VALIDATION:
         return  # no classes or sampler: the driver checks its own keys
+    fmt = cfg.get("prediction_format")
+    if fmt is not None and fmt not in PREDICTION_FORMATS:
+        raise ConfigError(f"prediction_format={fmt}: use {' or '.join(PREDICTION_FORMATS)}")
     s1 = schedule.get("stage1_epochs")
     if s1 is not None and not 0 < int(s1) <= total:
         raise ConfigError(f"schedule.stage1_epochs={s1}: must be in 1..total_epochs ({total})")
@@ -171,6 +178,12 @@ def checkpoint_build_config(cfg: DictConfig) -> dict[str, Any]:
         "crop_size",
     )
     data = {k: cfg.data.get(k) for k in data_keys if k in cfg.data}
+    # eval_size null means "the crop size" for most datasets but "each image at its own size" for
+    # those scored at full resolution (Cityscapes, NYUDv2): predict must know which.
+    target = cfg.data.get("_target_")
+    if target:
+        cls = hydra.utils.get_class(str(target))
+        data["full_resolution_eval"] = bool(getattr(cls, "full_resolution_eval", False))
     return {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "eval": OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else None,
@@ -349,7 +362,7 @@ def enable_prediction_pngs(
 
     ``prediction_format=class_ids`` (default) writes the training class ids with the data
     palette; ``dataset_ids`` writes the dataset's own ids where it has them (Cityscapes: labelIds,
-    the official evaluation's and test server's format).
+    the format cityscapesscripts' evaluation reads).
 
     Raises:
         ConfigError: an unknown ``prediction_format``, or ``dataset_ids`` for a dataset without
@@ -369,8 +382,8 @@ def enable_prediction_pngs(
                 f"prediction_format=dataset_ids: {type(datamodule).__name__} has no ids of its "
                 "own beyond the class ids (use prediction_format=class_ids)"
             )
-    elif fmt != "class_ids":
-        raise ConfigError(f"prediction_format={fmt}: use class_ids or dataset_ids")
+    elif fmt not in PREDICTION_FORMATS:
+        raise ConfigError(f"prediction_format={fmt}: use {' or '.join(PREDICTION_FORMATS)}")
 
     def write(stage: str, name: str, ids: Any) -> None:
         if convert is not None:
@@ -380,7 +393,7 @@ def enable_prediction_pngs(
             save_label_png(folder / stage / f"{name}.png", ids, palette)
 
     module.prediction_writer = write
-    log.info("writing predicted class-id PNGs to %s", folder)
+    log.info("writing predicted %s PNGs to %s", fmt.replace("_", " "), folder)
 
 
 def checkpoint_paths(trainer: pl.Trainer) -> dict[str, str]:

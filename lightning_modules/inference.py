@@ -177,7 +177,8 @@ def scores_to_original(
         orig_size: ``(H, W)`` of the original image(s).
         valid_box: ``(top, left, height, width)`` of the image inside the input (shared by the
             ``N`` maps), in input pixels; None: the input is the whole image.
-        input_size: ``(h, w)`` of the network input the box refers to (default: the map's size).
+        input_size: ``(h, w)`` of the network input the box refers to; required with
+            ``valid_box`` (a net's output may be smaller than its input).
 
     Returns:
         ``(N, C, H, W)`` scores at the original size.
@@ -185,7 +186,10 @@ def scores_to_original(
     height, width = (int(v) for v in orig_size)
     if valid_box is not None:
         top, left, box_h, box_w = (int(v) for v in valid_box)
-        in_h, in_w = (int(v) for v in (input_size or scores.shape[-2:]))
+        if input_size is None:
+            # Reading the box in the score map's pixels would crop the wrong region silently.
+            raise ValueError("valid_box needs input_size, the network input it refers to")
+        in_h, in_w = (int(v) for v in input_size)
         if min(top, left) < 0 or min(box_h, box_w) <= 0:
             raise ValueError(f"valid_box {[top, left, box_h, box_w]} is not a box")
         if top + box_h > in_h or left + box_w > in_w:

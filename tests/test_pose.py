@@ -539,6 +539,21 @@ def test_init_from_changed_while_loading_is_refused(cascade_run, tmp_path, monke
         pose.run_pose(cfg, out)
 
 
+def test_output_only_keys_leave_the_stage_hash_alone(tmp_path):
+    cfg = compose_cfg(TINY_POSE, tmp_path)
+    other = compose_cfg(
+        [*TINY_POSE, "prediction_format=dataset_ids", "save_predictions=true"], tmp_path
+    )
+    for s in (1, 2):
+        hashes = []
+        for c in (cfg, other):
+            scfg, epochs, sigma, init_from = pose.stage_config(c, s)
+            hashes.append(
+                pose.config_hash(pose.stage_record(scfg, s, epochs, sigma, init_from, None))
+            )
+        assert hashes[0] == hashes[1]
+
+
 def test_per_stage_data_overrides_are_applied_or_rejected(tmp_path):
     from datamodules.mpii import MPIIDataModule
 

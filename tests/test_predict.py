@@ -74,6 +74,26 @@ def test_checkpoint_carries_build_config(trained):
     assert saved["rimlab_augmentation"] == AUGMENTATION_VERSION
 
 
+def test_predict_runs_full_resolution_datasets_at_their_own_size(trained, tmp_path):
+    """eval_size null: the crop size for most datasets, each image's own size for Cityscapes and
+    NYUDv2, as their validation does; the checkpoint says which."""
+    from experiments.train import checkpoint_build_config
+
+    cs = checkpoint_build_config(compose_cfg(["experiment=pspnet_cityscapes"], tmp_path / "c"))
+    assert cs["data"]["eval_size"] is None and cs["data"]["full_resolution_eval"] is True
+    _, ckpt = trained
+    assert (
+        torch.load(ckpt, weights_only=True)["rimlab_config"]["data"]["full_resolution_eval"]
+        is False
+    )
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    for full, expected in ((True, None), (False, (24, 24))):
+        data = saved["rimlab_config"]["data"]
+        data.update(eval_size=None, crop_size=[24, 24], full_resolution_eval=full)
+        torch.save(saved, tmp_path / "c.ckpt")
+        assert load_parser(tmp_path / "c.ckpt").eval_size == expected
+
+
 def test_resume_from_another_augmentation_version_warns(trained, caplog):
     module, ckpt = trained
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
