@@ -395,7 +395,8 @@ class CityscapesDataModule(ParsingDataModule):
             eval_keep_ratio=eval_keep_ratio,
         )
 
-    def to_dataset_ids(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def to_dataset_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted trainIds ``(H, W)`` as official labelIds (what cityscapesscripts'
         evaluation reads), with the labelId palette."""
         lut, colours = train_id_to_label_id()

@@ -3,7 +3,8 @@
     python -m experiments.predict ckpt=<file.ckpt> input=<image|folder|video|camera index> \\
         output=<dir> [device=auto|cpu|cuda] [save_logits=true] [eval=flip] [eval.scales=[..]] \\
         [size=original|[h,w]] [keep_ratio=true|false] [weights=auto|net|schp] [alpha=0.5] \\
-        [show=auto|true|false] [max_frames=N] [save_frames=false]
+        [show=auto|true|false] [max_frames=N] [save_frames=false] \\
+        [prediction_format=class_ids|dataset_ids]
 
 Per image: ``<name>.png`` (class ids as a palette PNG at the original size, the format SCHP's
 ``simple_extractor.py`` writes; a 16-bit grey PNG for label sets of more than 256 classes), ``<name>_overlay.jpg`` (colours blended on the photo) and, with
@@ -69,6 +70,8 @@ class Parser:
         inference: evaluation protocol ``(net_forward, image) -> scores`` or None (one pass).
         device: where the net runs.
         config: the checkpoint's build config (``model`` / ``eval`` / ``data``).
+        dataset_ids: None writes the class ids; else ``ids -> (dataset ids, palette)`` of the
+            training datamodule (Cityscapes: labelIds), ``prediction_format=dataset_ids``.
     """
 
     net: nn.Module
@@ -81,6 +84,7 @@ class Parser:
     inference: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     config: dict[str, Any] = field(default_factory=dict)
+    dataset_ids: Any = None
 
     def __post_init__(self) -> None:
         # The same resize + normalisation as validation (datamodules.transforms), so a prediction
@@ -88,6 +92,14 @@ class Parser:
         self._transform = build_eval_transform(
             self.eval_size, IMAGENET_MEAN, IMAGENET_STD, keep_ratio=self.keep_ratio
         )
+
+    def write_ids(self, path: Path, ids: np.ndarray) -> None:
+        """Writes predicted ``(H, W)`` class ids as a PNG: the class ids, or the dataset's ids."""
+        if self.dataset_ids is None:
+            save_ids_png(path, ids, self.palette, self.num_classes)
+        else:
+            dataset_ids, colours = self.dataset_ids(ids)
+            save_label_png(path, dataset_ids, colours)
 
     def prepare(self, image: np.ndarray) -> tuple[Tensor, list[int] | None]:
         """``(H, W, 3)`` uint8 RGB -> ``(1, 3, h, w)`` normalised float32 on ``device``, and the
@@ -289,6 +301,7 @@ def load_parser(
     model: str | None = None,
     data: str | None = None,
     keep_ratio: bool | str | None = "checkpoint",
+    prediction_format: str = "class_ids",
 ) -> Parser:
     """Rebuilds the net of a rimlab checkpoint for inference.
 
@@ -379,6 +392,18 @@ def load_parser(
             num_classes,
         )
     ids_dtype(num_classes)  # fails now, not after the first image, beyond 65536 classes
+    dataset_ids = None
+    if prediction_format == "dataset_ids":
+        target = data_cfg.get("datamodule")
+        cls = hydra.utils.get_class(str(target)) if target else None
+        dataset_ids = getattr(cls, "to_dataset_ids", None)
+        if dataset_ids is None:
+            raise PredictError(
+                f"prediction_format=dataset_ids: {target or 'this checkpoint'}'s dataset has no ids "
+                "of its own beyond the class ids (or the checkpoint predates the key)"
+            )
+    elif prediction_format != "class_ids":
+        raise PredictError(f"prediction_format={prediction_format}: use class_ids or dataset_ids")
     return Parser(
         net=net,
         num_classes=num_classes,
@@ -390,6 +415,7 @@ def load_parser(
         inference=eval_protocol(config, eval_name, eval_overrides),
         device=device,
         config=config,
+        dataset_ids=dataset_ids,
     )
 
 
@@ -419,7 +445,7 @@ def predict_image(
     """Writes ``<stem>.png``, ``<stem>_overlay.jpg`` (and ``<stem>_logits.npy``); returns the ids."""
     ids, scores = parser.predict(image)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    save_ids_png(stem.with_name(stem.name + ".png"), ids, parser.palette, parser.num_classes)
+    parser.write_ids(stem.with_name(stem.name + ".png"), ids)
     overlay = parser.overlay(image, ids, alpha)
     Image.fromarray(overlay).save(stem.with_name(stem.name + "_overlay.jpg"), quality=92)
     if save_logits:
@@ -518,9 +544,7 @@ def predict_stream(
             overlay = cv2.cvtColor(parser.overlay(frame, ids, alpha), cv2.COLOR_RGB2BGR)
             if save_frames:
                 (output / name).mkdir(exist_ok=True)
-                save_ids_png(
-                    output / name / f"{frames - 1:06d}.png", ids, parser.palette, parser.num_classes
-                )
+                parser.write_ids(output / name / f"{frames - 1:06d}.png", ids)
             if video_path is not None:
                 if writer is None:
                     h, w = overlay.shape[:2]
@@ -572,6 +596,7 @@ PREDICT_KEYS = (
     "eval",
     "size",
     "keep_ratio",
+    "prediction_format",
     "weights",
     "alpha",
     "show",
@@ -628,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model=args.get("model"),
         data=args.get("data"),
         keep_ratio=args.get("keep_ratio", "checkpoint"),
+        prediction_format=str(args.get("prediction_format") or "class_ids"),
     )
     output = Path(args["output"])
     output.mkdir(parents=True, exist_ok=True)

@@ -184,6 +184,8 @@ def checkpoint_build_config(cfg: DictConfig) -> dict[str, Any]:
     if target:
         cls = hydra.utils.get_class(str(target))
         data["full_resolution_eval"] = bool(getattr(cls, "full_resolution_eval", False))
+        # predict's prediction_format=dataset_ids asks the datamodule class for its own ids
+        data["datamodule"] = str(target)
     return {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "eval": OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else None,

@@ -277,3 +277,27 @@ def test_camera_index_without_display_writes_a_video(trained, tmp_path, monkeypa
     result = cv2.VideoCapture(summary["video"])
     assert int(result.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
     result.release()
+
+
+def test_dataset_ids_write_cityscapes_label_ids(trained, tmp_path):
+    from cityscapesscripts.helpers.labels import trainId2label
+
+    from experiments.predict import predict_image
+
+    _, ckpt = trained
+    with pytest.raises(PredictError, match="has no ids of its own"):
+        load_parser(ckpt, prediction_format="dataset_ids")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved["rimlab_config"]["data"]["datamodule"] == "datamodules.mhp.MHPv2DataModule"
+    saved["rimlab_config"]["data"]["datamodule"] = "datamodules.cityscapes.CityscapesDataModule"
+    torch.save(saved, tmp_path / "cs.ckpt")
+    image = _image(3)
+    ids, _ = load_parser(tmp_path / "cs.ckpt").predict(image)
+    parser = load_parser(tmp_path / "cs.ckpt", prediction_format="dataset_ids")
+    predict_image(parser, image, tmp_path / "out" / "x")
+    to_label_id = np.zeros(256, np.uint8)
+    for t in range(19):
+        to_label_id[t] = trainId2label[t].id
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "out" / "x.png")), to_label_id[ids]
+    )
