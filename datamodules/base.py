@@ -421,27 +421,26 @@ def training_order(
 
 
 def split_loader(
-    dataset: Dataset,
-    train: bool,
-    trainer: Any | None,
-    batch_size: int,
-    num_workers: int,
-    pin_memory: bool,
-    persistent_workers: bool,
-    collate_fn: Any = None,
+    dataset: Dataset, train: bool, datamodule: LightningDataModule, collate_fn: Any = None
 ) -> DataLoader:
     """A DataLoader over ``dataset``: in the exactly replayable :func:`training_order` with full
-    batches only when ``train``, in dataset order otherwise."""
+    batches only when ``train``, in dataset order otherwise.
+
+    ``datamodule`` gives the loader settings: ``batch_size`` (training), ``eval_batch_size``,
+    ``num_workers``, ``pin_memory``, ``persistent_workers`` and its ``trainer`` (for the epoch).
+    """
+    trainer = datamodule.trainer
     sampler, generator = training_order(dataset, trainer) if train else (None, None)
+    workers = int(datamodule.num_workers)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=datamodule.batch_size if train else datamodule.eval_batch_size,
         sampler=sampler,
         generator=generator,
         drop_last=train,
-        num_workers=num_workers,
-        pin_memory=pin_memory and torch.cuda.is_available(),
-        persistent_workers=persistent_workers and num_workers > 0,
+        num_workers=workers,
+        pin_memory=bool(datamodule.pin_memory) and torch.cuda.is_available(),
+        persistent_workers=bool(datamodule.persistent_workers) and workers > 0,
         collate_fn=collate_fn,
     )
 
@@ -667,16 +666,7 @@ class ParsingDataModule(LightningDataModule, ABC):
     # -- loaders --------------------------------------------------------------------------------
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return split_loader(
-            dataset,
-            train,
-            self.trainer,
-            self.batch_size if train else self.eval_batch_size,
-            self.num_workers,
-            self.pin_memory,
-            self.persistent_workers,
-            collate_train if train else collate_eval,
-        )
+        return split_loader(dataset, train, self, collate_train if train else collate_eval)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

@@ -853,15 +853,7 @@ class MPIIDataModule(LightningDataModule):
     # -- loaders
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return split_loader(
-            dataset,
-            train,
-            self.trainer,
-            self.batch_size if train else self.eval_batch_size,
-            self.num_workers,
-            self.pin_memory,
-            self.persistent_workers,
-        )
+        return split_loader(dataset, train, self)
 
     def _stage_dataset(self, split: str, train: bool) -> MPIIDataset:
         base = self.dataset(split)
