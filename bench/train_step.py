@@ -261,8 +261,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     module = build_module(cfg, stage_overrides)
     if args.stage == 2:
         classes = int(cfg.data.num_classes)
-        # A long-tailed early CPA, as stage 1 would have recorded.
-        module.early_cpa.copy_(torch.linspace(0.9, 0.05, classes, dtype=torch.float64))
+        # A long-tailed early confusion matrix, as stage 1 would have recorded: class i is
+        # recalled at a rate falling from 0.9 to 0.05, its misses predicted as background.
+        recall = torch.linspace(0.9, 0.05, classes, dtype=torch.float64)
+        confusion = torch.zeros(classes, classes, dtype=torch.int64)
+        confusion[:, 0] = (1000 * (1 - recall)).long()
+        confusion += torch.diag((1000 * recall).long())
+        module.early_confusion.copy_(confusion)
         module.early_cpa_epoch.fill_(3)
     net_copy = copy.deepcopy(module.net).to(device)
     if args.channels_last:

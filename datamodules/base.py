@@ -36,8 +36,11 @@ from datamodules.transforms import (
     PHOTOMETRIC_MODES,
     EvalTransform,
     TrainTransform,
+    augmentation_settings,
     build_eval_transform,
     build_train_transform,
+    check_base_resize,
+    eval_input,
 )
 from samplers.seeding import mix_seed
 
@@ -134,12 +137,15 @@ class ScanResult:
         num_ok: number of good samples.
         problems: sample id -> "file: problem" for every bad sample.
         errors: the errors behind ``problems`` found during the pass.
+        region_counts: (C,) int64 number of good samples in which each class has a labelled
+            pixel (the class regions NRBS counts; None without labels).
     """
 
     counts: np.ndarray | None
     num_ok: int
     problems: dict[str, str] = field(default_factory=dict)
     errors: list[DatasetError] = field(default_factory=list)
+    region_counts: np.ndarray | None = None
 
 
 # -- Dataset base ------------------------------------------------------------------------------
@@ -291,7 +297,10 @@ class ParsingDataset(Dataset, ABC):
             return name, hist.astype(np.int64), None
 
         counts = np.zeros(c, dtype=np.int64) if self.has_labels else None
-        result = ScanResult(counts=counts, num_ok=0, problems=dict(self.bad_samples))
+        regions = np.zeros(c, dtype=np.int64) if self.has_labels else None
+        result = ScanResult(
+            counts=counts, num_ok=0, problems=dict(self.bad_samples), region_counts=regions
+        )
         threads = num_threads or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for name, hist, err in pool.map(one, range(len(self))):
@@ -300,8 +309,9 @@ class ParsingDataset(Dataset, ABC):
                     result.errors.append(err)
                     continue
                 result.num_ok += 1
-                if hist is not None and counts is not None:
+                if hist is not None and counts is not None and regions is not None:
                     counts += hist
+                    regions += hist > 0
         return result
 
     def count_key(self) -> str:
@@ -318,6 +328,22 @@ class ParsingDataset(Dataset, ABC):
         Returns:
             (C,) int64 pixel count per class id.
         """
+        return self.class_counts(num_classes)[0]
+
+    def class_region_counts(self, num_classes: int | None = None) -> np.ndarray:
+        """Number of samples of the split that contain each class (a labelled pixel of it).
+
+        The class region of an image is the sampling unit of RIM's regional sampler, so this is
+        NRBS's sample count (``sampler.nrbs_count=regions``). Cached with the pixel counts.
+
+        Returns:
+            (C,) int64 image count per class id.
+        """
+        return self.class_counts(num_classes)[1]
+
+    def class_counts(self, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(pixel counts, region counts)`` of the split, each (C,) int64, computed in one pass
+        and cached (see :meth:`class_pixel_counts`)."""
         c = num_classes or self.num_classes
         if not self.has_labels:
             raise DatasetError(self.index_source, f"split '{self.split}' has no labels to count")
@@ -326,8 +352,16 @@ class ParsingDataset(Dataset, ABC):
         for path in paths:
             try:
                 data = json.loads(path.read_text())
-                if data.get("key") == key and data.get("num_classes") == c:
-                    return np.asarray(data["counts"], dtype=np.int64)
+                # Caches written before region counts existed are recomputed once.
+                if (
+                    data.get("key") == key
+                    and data.get("num_classes") == c
+                    and "region_counts" in data
+                ):
+                    return (
+                        np.asarray(data["counts"], dtype=np.int64),
+                        np.asarray(data["region_counts"], dtype=np.int64),
+                    )
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         result = self.scan(c, decode_images=False)
@@ -343,6 +377,7 @@ class ParsingDataset(Dataset, ABC):
             "split": self.split,
             "skipped": sorted(result.problems),
             "counts": [int(v) for v in result.counts],
+            "region_counts": [int(v) for v in result.region_counts],
         }
         data = json.dumps(payload).encode()
         for path in paths:
@@ -351,7 +386,7 @@ class ParsingDataset(Dataset, ABC):
                 break
             except OSError as e:  # read-only dataset folder: fall back to the cache dir
                 log.debug("could not write %s: %s", path, e)
-        return result.counts
+        return result.counts, result.region_counts
 
     def _count_cache_paths(self) -> list[Path]:
         root_key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
@@ -462,11 +497,14 @@ class ParsingDataModule(LightningDataModule, ABC):
         batch_size: training batch size (drop_last, so each batch is full).
         num_workers: DataLoader workers.
         crop_size: ``(h, w)`` training crop.
-        scale_range: ``(min, max)`` random scale factor.
+        scale_range: ``(min, max)`` random scale factor (relative to the base resize when
+            ``base_size`` is given).
         rotate: maximum absolute rotation in degrees.
         eval_size: ``(h, w)`` network input size at evaluation; labels stay at their original
-            resolution. None: ``crop_size``, or the original image size when the class sets
-            ``full_resolution_eval``.
+            resolution. None: the ``base_size`` fit when given, else ``crop_size``, or the
+            original image size when the class sets ``full_resolution_eval``
+            (``datamodules.transforms.eval_input``). Given together with ``base_size`` it wins
+            at evaluation (a warning says the scales then differ).
         eval_batch_size: evaluation batch size (default: ``batch_size``).
         skip_bad: skip bad samples with a warning instead of raising.
         pin_memory: pin host memory (only when CUDA is available).
@@ -486,7 +524,22 @@ class ParsingDataModule(LightningDataModule, ABC):
             aspect ratio kept (scale ``min(h / H, w / W)``, centred, black padding; SCHP's LIP
             evaluation) instead of stretching it; batches then carry ``valid_box`` and the
             scores are cropped to it before being resized to the original size. No effect when
-            evaluation runs at the original size.
+            evaluation runs at the original size or by the ``base_size`` fit (which always keeps
+            the aspect ratio).
+        base_size: the scale protocol (``docs/scale_protocol.md``). None: no base resize
+            (training scales the original image, evaluation follows ``eval_size``). An int:
+            training first resizes each image so that its ``base_side`` equals it (aspect kept;
+            in the same interpolation as the random scale), and evaluation fits each image the
+            same way, so the random scale is relative to the evaluation scale.
+        base_side: ``"long"`` (evaluation input ``base_size x base_size``, the image centred
+            with black padding) or ``"short"`` (the input is the resized image; evaluation
+            batches are padded bottom/right to their largest image).
+        flip_prob: probability of the training flip (0 disables it and the left/right swap).
+        augmentation: ``"default"`` (the keys above) or ``"paper"`` (only the RIM paper's
+            rotation of +-10 degrees and plain cropping: it replaces ``scale_range``,
+            ``rotate``, ``flip_prob``, colour and ``cat_max_ratio``, see
+            ``datamodules.transforms.AUGMENTATION_PRESETS``). The attributes hold the values
+            in effect.
     """
 
     #: Stage -> split name given to ``make_dataset`` ("test" also serves ``predict``).
@@ -523,6 +576,10 @@ class ParsingDataModule(LightningDataModule, ABC):
         cat_max_ratio: float | None = None,
         photometric: str = "jitter",
         eval_keep_ratio: bool = False,
+        base_size: int | None = None,
+        base_side: str = "long",
+        flip_prob: float = 0.5,
+        augmentation: str = "default",
     ) -> None:
         super().__init__()
         self._save_plain_hyperparameters(inspect.currentframe())
@@ -540,9 +597,37 @@ class ParsingDataModule(LightningDataModule, ABC):
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
         self.crop_size = tuple(int(v) for v in crop_size)
-        if eval_size is None and not self.full_resolution_eval:
-            eval_size = crop_size
-        self.eval_size = tuple(int(v) for v in eval_size) if eval_size is not None else None
+        self.base_size, self.base_side = check_base_resize(base_size, base_side)
+        if eval_size is not None and self.base_size is not None:
+            log.warning(
+                "%s: data.eval_size=%s overrides the base_size=%d fit at evaluation: training "
+                "sees images at the base_size scale, evaluation at eval_size (set "
+                "data.eval_size=null to evaluate as training fits)",
+                self.dataset_name,
+                list(eval_size),
+                self.base_size,
+            )
+        # The evaluation input: eval_size, else the base_size fit, else crop_size / own size.
+        self.eval_size, self.eval_base_size = eval_input(
+            eval_size, self.crop_size, self.base_size, self.full_resolution_eval
+        )
+        # The preset replaces the augmentation keys it lists; the attributes hold what is used.
+        aug = augmentation_settings(
+            str(augmentation),
+            scale_range=scale_range,
+            rotate=rotate,
+            flip_prob=flip_prob,
+            color_jitter=color_jitter,
+            photometric=photometric,
+            cat_max_ratio=cat_max_ratio,
+        )
+        self.augmentation = str(augmentation)
+        scale_range, rotate, flip_prob = aug["scale_range"], aug["rotate"], aug["flip_prob"]
+        color_jitter, photometric = aug["color_jitter"], aug["photometric"]
+        cat_max_ratio = aug["cat_max_ratio"]
+        if not 0.0 <= float(flip_prob) <= 1.0:
+            raise ValueError(f"data.flip_prob must lie in [0, 1], got {flip_prob}")
+        self.flip_prob = float(flip_prob)
         self.scale_range = tuple(float(v) for v in scale_range)
         self.rotate = float(rotate)
         self.skip_bad = bool(skip_bad)
@@ -635,13 +720,21 @@ class ParsingDataModule(LightningDataModule, ABC):
             scale_range=self.scale_range,
             rotate=self.rotate,
             flip_pairs=self.flip_pairs,
+            flip_prob=self.flip_prob,
             color_jitter=self.color_jitter,
             cat_max_ratio=self.cat_max_ratio,
             photometric=self.photometric,
+            base_size=self.base_size,
+            base_side=self.base_side,
         )
 
     def eval_transform(self) -> EvalTransform:
-        return build_eval_transform(self.eval_size, keep_ratio=self.eval_keep_ratio)
+        return build_eval_transform(
+            self.eval_size,
+            keep_ratio=self.eval_keep_ratio,
+            base_size=self.eval_base_size,
+            base_side=self.base_side,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         # Idempotent and cheap once done; covers setup() called without prepare_data().
@@ -708,11 +801,18 @@ class ParsingDataModule(LightningDataModule, ABC):
 
     def class_pixel_counts(self) -> np.ndarray:
         """(C,) int64 label pixel histogram of the train split (cached by the dataset)."""
+        return self._train_counts()[0]
+
+    def class_region_counts(self) -> np.ndarray:
+        """(C,) int64 number of training images containing each class (cached by the dataset)."""
+        return self._train_counts()[1]
+
+    def _train_counts(self) -> tuple[np.ndarray, np.ndarray]:
         dataset = self.train_set
         if dataset is None:
             self.prepare_data()
             dataset = self.make_dataset(self.splits["fit"], None)
-        return dataset.class_pixel_counts(self._num_classes)
+        return dataset.class_counts(self._num_classes)
 
 
 def first_existing(candidates: Iterable[Path], kind: str = "dir") -> Path | None:

@@ -44,6 +44,21 @@ STAGE1_OVERRIDES: dict[str, Any] = {
     "module.freeze_encoder": False,
     "module.scheduler.start_epoch": 0,
 }
+
+
+def stage1_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """:data:`STAGE1_OVERRIDES`, plus side outputs on the full target when the loss has them.
+
+    ``loss.side_target`` (and ``loss.main_normalizer``) only choose how stage 2 scores; stage 1
+    and the baseline train as the network's paper does, so variants that differ in them share
+    stage 1.
+    """
+    overrides = dict(STAGE1_OVERRIDES)
+    if "side_target" in (cfg.get("loss") or {}):
+        overrides["loss.side_target"] = "full"
+    return overrides
+
+
 # Keys that do not change what stage 1 computes.
 # Data keys that never change what stage 1 computes (loader speed, error policy, plot colours).
 _DATA_IGNORED = (
@@ -86,7 +101,7 @@ def stage1_config(cfg: DictConfig) -> dict[str, Any]:
     """The part of ``cfg`` that determines stage 1, with the stage-1 overrides applied."""
     cfg = cfg.copy()
     with open_dict(cfg):
-        for key, value in STAGE1_OVERRIDES.items():
+        for key, value in stage1_overrides(cfg).items():
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
     data = {
         k: v
@@ -110,7 +125,7 @@ def stage1_config(cfg: DictConfig) -> dict[str, Any]:
         "loss": {
             k: v
             for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items()
-            if k not in ("ilm", "ilm_weight", "ilm_region")
+            if k not in ("ilm", "ilm_weight", "ilm_region", "main_normalizer", "side_target")
         },
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "seed": cfg.seed,
@@ -248,7 +263,7 @@ def _train_shared(
 
     pl.seed_everything(seed, workers=True)
     datamodule = build_datamodule(cfg)
-    module = build_module(cfg, STAGE1_OVERRIDES)
+    module = build_module(cfg, stage1_overrides(cfg))
     trainer = build_trainer(cfg, directory, max_epochs=epochs, final_checkpoint=final, seed=seed)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     trainer.strategy.barrier()

@@ -31,7 +31,9 @@ from experiments.stages import launcher_rank, shared_stage1
 from lightning_modules import ParsingLitModule
 from lightning_modules.callbacks import EpochSeed, Interruption, StageEnd
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
-from lightning_modules.metrics import format_scores_table, scores_to_json
+from lightning_modules.metrics import MPA_DEFINITIONS, format_scores_table, scores_to_json
+from losses.modules import MAIN_NORMALIZERS, SIDE_TARGETS
+from samplers.regional import CPA_READINGS, NRBS_COUNTS, check_eta
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +99,16 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.class_names has {len(names)} names but data.num_classes={data_classes}"
         )
+    _check_choices(cfg)
     sampler = sampler_config(cfg)
     if sampler is not None:
         source = sampler.get("source")
         if source not in ("arbs", "nrbs"):
             raise ConfigError(f"sampler.source={source!r}: expected 'arbs' or 'nrbs'")
+        try:
+            check_eta(sampler.get("eta", "min"))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if source == "arbs" and name != "rim" and not cfg.get("init_from"):
             raise ConfigError(
                 "sampler=arbs has no CPA source: ARBS draws its probabilities from the CPA of an "
@@ -115,6 +122,24 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"schedule.cpa_epoch={cpa_epoch} must lie within stage 1 (1..{s1}) for sampler=arbs"
             )
+
+
+# key -> allowed values of the RIM switches (checked before anything is built)
+_CHOICES = {
+    "metrics.mpa": MPA_DEFINITIONS,
+    "module.mpa": MPA_DEFINITIONS,
+    "sampler.cpa": CPA_READINGS,
+    "sampler.nrbs_count": NRBS_COUNTS,
+    "loss.main_normalizer": MAIN_NORMALIZERS,
+    "loss.side_target": SIDE_TARGETS,
+}
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
 
 
 def sampler_config(cfg: DictConfig) -> DictConfig | None:
@@ -176,6 +201,8 @@ def checkpoint_build_config(cfg: DictConfig) -> dict[str, Any]:
         "eval_size",
         "eval_keep_ratio",
         "crop_size",
+        "base_size",
+        "base_side",
     )
     data = {k: cfg.data.get(k) for k in data_keys if k in cfg.data}
     # eval_size null means "the crop size" for most datasets but "each image at its own size" for

@@ -94,12 +94,14 @@ class Interruption(pl.Callback):
 
 
 class CPASnapshot(pl.Callback):
-    """Records the class pixel accuracy (CPA) of the training batches of one epoch.
+    """Records the confusion matrix of the training batches of one early epoch, for ARBS.
 
-    ARBS (accuracy-based regionally balanced sampling) draws its keep probabilities from the CPA of
-    the model early in training: the paper's Fig. 2 uses the third epoch. The confusion matrix of that
-    epoch's training batches (summed over DDP ranks by the metric) is turned into CPA and stored in
-    the module's ``early_cpa`` buffer, so it travels with every later checkpoint.
+    ARBS (accuracy-based regionally balanced sampling) draws its keep probabilities from the class
+    pixel accuracy (CPA) of the model early in training: the paper's Fig. 2 uses the third epoch.
+    The ``(C, C)`` confusion matrix of that epoch's training batches (summed over DDP ranks by the
+    metric) is stored in the module's ``early_confusion`` buffer, so it travels with every later
+    checkpoint and stage 2 derives the CPA under the reading it is configured with
+    (``sampler.cpa``) without retraining stage 1.
 
     Args:
         epoch: 1-based epoch whose training batches are measured, or ``"stage_end"`` for the last
@@ -138,16 +140,19 @@ class CPASnapshot(pl.Callback):
         from samplers.regional import class_pixel_accuracy
 
         confusion = pl_module.train_confmat.compute()
-        cpa = class_pixel_accuracy(confusion.double())
-        pl_module.early_cpa.copy_(cpa.to(pl_module.early_cpa))
+        pl_module.early_confusion.copy_(confusion.to(pl_module.early_confusion))
         pl_module.early_cpa_epoch.fill_(trainer.current_epoch + 1)
         pl_module.force_train_confusion = False
-        valid = torch.isfinite(cpa)
+        recall = class_pixel_accuracy(confusion, "recall")
+        precision = class_pixel_accuracy(confusion, "precision")
         log.info(
-            "CPA snapshot of epoch %d: %d classes predicted, mean CPA %.4f",
+            "confusion matrix of epoch %d's training batches recorded for ARBS: %d classes in the "
+            "ground truth, %d predicted; mean CPA %.4f (recall), %.4f (precision)",
             trainer.current_epoch + 1,
-            int(valid.sum()),
-            float(cpa[valid].mean()) if valid.any() else float("nan"),
+            int(torch.isfinite(recall).sum()),
+            int(torch.isfinite(precision).sum()),
+            float(torch.nanmean(recall)),
+            float(torch.nanmean(precision)),
         )
 
 

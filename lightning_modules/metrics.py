@@ -2,20 +2,21 @@
 
 - `confusion_matrix_update`: count a batch of predictions into a `(C, C)` matrix.
 - `ConfusionMatrix`: the DDP-synced torchmetrics state that accumulates it over an epoch.
-- `segmentation_scores`: PA, CPA, MPA, IoU, mIoU, recall, mAcc (percent) from the matrix.
+- `segmentation_scores`: PA, per-class precision / recall / IoU, their means, and MPA (percent).
 - `format_scores_table` / `scores_to_json`: terminal table and the results.json layout.
 
-Definitions (all in percent; `n_ij` = pixels of class i predicted as j):
-    PA     = sum_i n_ii / sum_ij n_ij
-    CPA_i  = n_ii / sum_j n_ji     (over pixels PREDICTED as i: the RIM paper's class pixel accuracy)
-    MPA    = nanmean_i CPA_i
-    recall_i = n_ii / sum_j n_ij   (over ground-truth pixels of i)
-    mAcc   = nanmean_i recall_i    (mmsegmentation's mAcc)
-    IoU_i  = n_ii / (sum_j n_ij + sum_j n_ji - n_ii)
-    mIoU   = nanmean_i IoU_i
+Definitions (all in percent; `n_ij` = pixels of ground-truth class i predicted as j):
+    PA          = sum_i n_ii / sum_ij n_ij
+    precision_i = n_ii / sum_j n_ji   (over pixels PREDICTED as i: eq. 4 of the RIM paper as written)
+    recall_i    = n_ii / sum_j n_ij   (over ground-truth pixels of i)
+    mPrecision  = nanmean_i precision_i
+    mRecall     = nanmean_i recall_i  (= mAcc, mmsegmentation's name for it)
+    IoU_i       = n_ii / (sum_j n_ij + sum_j n_ji - n_ii);  mIoU = nanmean_i IoU_i
+    MPA         = mRecall or mPrecision, by ``mpa`` (default ``recall``: the reading the RIM paper's
+                  tables behave like, see docs/rim.md); ``CPA`` is the per-class vector MPA averages.
 A zero denominator makes the entry NaN (undefined), and NaNs are left out of the means. So a class
-absent from both ground truth and prediction does not count towards mIoU, and a class never
-predicted does not count towards MPA.
+absent from both ground truth and prediction does not count towards mIoU, a class never predicted
+does not count towards mPrecision, and a class absent from the ground truth not towards mRecall.
 """
 
 from __future__ import annotations
@@ -28,8 +29,22 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-SCALAR_KEYS = ("PA", "MPA", "mIoU", "mAcc")
-VECTOR_KEYS = ("IoU", "CPA", "recall")
+SCALAR_KEYS = ("PA", "MPA", "mIoU", "mAcc", "mPrecision", "mRecall")
+VECTOR_KEYS = ("IoU", "precision", "recall", "CPA")
+#: The two readings of the RIM paper's class pixel accuracy (eq. 4) and so of its MPA (eq. 10).
+MPA_DEFINITIONS = ("recall", "precision")
+
+
+def check_mpa_definition(mpa: str, key: str = "metrics.mpa") -> str:
+    """Returns ``mpa`` if it is one of :data:`MPA_DEFINITIONS`, else raises naming ``key``."""
+    if mpa not in MPA_DEFINITIONS:
+        raise ValueError(f"{key}={mpa!r}: expected one of {', '.join(MPA_DEFINITIONS)}")
+    return mpa
+
+
+def mpa_label(mpa: str) -> str:
+    """How a table header names MPA under the definition ``mpa``: ``"MPA (mean recall)"``."""
+    return f"MPA (mean {check_mpa_definition(mpa)})"
 
 
 def _count(index: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -133,16 +148,21 @@ def _nanmean(x: torch.Tensor) -> float:
     return float(torch.nanmean(x))  # all-NaN gives NaN
 
 
-def segmentation_scores(confusion: torch.Tensor | np.ndarray) -> dict[str, Any]:
+def segmentation_scores(
+    confusion: torch.Tensor | np.ndarray, mpa: str = "recall"
+) -> dict[str, Any]:
     """All segmentation scores of a confusion matrix, in percent (definitions in the module doc).
 
     Args:
         confusion: `(C, C)` counts, rows = ground truth, columns = prediction.
+        mpa: which per-class accuracy `MPA` and `CPA` follow: ``"recall"`` or ``"precision"``.
 
     Returns:
-        `PA`, `MPA`, `mIoU`, `mAcc` as Python floats; `CPA`, `IoU`, `recall` as `(C,)` float64
-        CPU tensors. Undefined entries are NaN and left out of the means.
+        `PA`, `MPA`, `mIoU`, `mAcc`, `mPrecision`, `mRecall` as Python floats, `mpa_definition`;
+        `IoU`, `precision`, `recall`, `CPA` as `(C,)` float64 CPU tensors. Undefined entries are
+        NaN and left out of the means.
     """
+    check_mpa_definition(mpa)
     conf = torch.as_tensor(confusion).detach().to("cpu", torch.float64)
     if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
         raise ValueError(f"confusion matrix must be (C, C), got {tuple(conf.shape)}")
@@ -151,17 +171,22 @@ def segmentation_scores(confusion: torch.Tensor | np.ndarray) -> dict[str, Any]:
     predicted = conf.sum(dim=0)  # (C,) predicted pixels per class
     total = conf.sum()
 
-    cpa = _ratio(diag, predicted)
+    precision = _ratio(diag, predicted)
     recall = _ratio(diag, gt)
     iou = _ratio(diag, gt + predicted - diag)
     pa = float(100.0 * diag.sum() / total) if total > 0 else math.nan
+    cpa = recall if mpa == "recall" else precision
     return {
         "PA": pa,
-        "CPA": cpa,
         "MPA": _nanmean(cpa),
+        "mpa_definition": mpa,
+        "CPA": cpa,
         "IoU": iou,
         "mIoU": _nanmean(iou),
+        "precision": precision,
+        "mPrecision": _nanmean(precision),
         "recall": recall,
+        "mRecall": _nanmean(recall),
         "mAcc": _nanmean(recall),
     }
 
@@ -181,21 +206,29 @@ def scores_to_json(scores: Mapping[str, Any], class_names: Sequence[str]) -> dic
     """The results.json layout of `segmentation_scores` output; NaN becomes `null`.
 
     Returns:
-        `{"PA", "MPA", "mIoU", "mAcc": float | None, "IoU": {name: ..}, "CPA": {name: ..}}`.
+        `{"PA", "MPA", "mIoU", "mAcc", "mPrecision", "mRecall": float | None,
+        "mpa_definition": "recall" | "precision", "IoU" | "precision" | "recall" | "CPA":
+        {name: float | None}, "confusion": (C, C) nested list of int}` (`confusion` when the
+        scores carry it).
     """
     _check_names(scores, class_names)
-    result: dict[str, Any] = {key: _json_float(scores[key]) for key in SCALAR_KEYS}
-    for key in ("IoU", "CPA"):
-        result[key] = {
-            name: _json_float(v) for name, v in zip(class_names, scores[key], strict=True)
-        }
+    result: dict[str, Any] = {key: _json_float(scores[key]) for key in SCALAR_KEYS if key in scores}
+    result["mpa_definition"] = scores.get("mpa_definition", "precision")
+    for key in VECTOR_KEYS:
+        if key in scores:
+            result[key] = {
+                name: _json_float(v) for name, v in zip(class_names, scores[key], strict=True)
+            }
+    if scores.get("confusion") is not None:
+        result["confusion"] = torch.as_tensor(scores["confusion"]).to(torch.int64).tolist()
     return result
 
 
 def format_scores_table(scores: Mapping[str, Any], class_names: Sequence[str]) -> str:
-    """Plain-text table for the terminal: per-class IoU, CPA, recall, then the summary scores.
+    """Plain-text table for the terminal: per-class IoU, precision, recall, then the summaries.
 
-    Undefined (NaN) values print as `-`.
+    The header line says which per-class accuracy MPA averages. Undefined (NaN) values print as
+    `-`.
     """
     _check_names(scores, class_names)
 
@@ -203,12 +236,24 @@ def format_scores_table(scores: Mapping[str, Any], class_names: Sequence[str]) -
         value = float(value)
         return "-" if math.isnan(value) else f"{value:.2f}"
 
+    mpa = str(scores.get("mpa_definition", "recall"))
     width = max([len("class"), *(len(n) for n in class_names)])
-    header = f"{'class':<{width}}  {'IoU':>7}  {'CPA':>7}  {'recall':>7}"
-    lines = [header, "-" * len(header)]
+    header = f"{'class':<{width}}  {'IoU':>7}  {'prec.':>7}  {'recall':>7}"
+    lines = [
+        f"{mpa_label(mpa)}; precision = correct / predicted, recall = correct / ground truth",
+        header,
+        "-" * len(header),
+    ]
     for i, name in enumerate(class_names):
-        row = [fmt(scores[key][i]) for key in ("IoU", "CPA", "recall")]
+        row = [fmt(scores[key][i]) for key in ("IoU", "precision", "recall")]
         lines.append(f"{name:<{width}}  {row[0]:>7}  {row[1]:>7}  {row[2]:>7}")
     lines.append("-" * len(header))
-    lines.append("  ".join(f"{key} {fmt(scores[key])}" for key in SCALAR_KEYS))
+    summary = [
+        f"PA {fmt(scores['PA'])}",
+        f"MPA({mpa}) {fmt(scores['MPA'])}",
+        f"mIoU {fmt(scores['mIoU'])}",
+        f"mPrecision {fmt(scores['mPrecision'])}",
+        f"mRecall(=mAcc) {fmt(scores['mRecall'])}",
+    ]
+    lines.append("  ".join(summary))
     return "\n".join(lines)

@@ -14,8 +14,13 @@ from torch import Tensor, nn
 
 from datamodules.transforms import AUGMENTATION_VERSION
 from lightning_modules.inference import scores_to_original
-from lightning_modules.metrics import ConfusionMatrix, segmentation_scores
+from lightning_modules.metrics import (
+    ConfusionMatrix,
+    check_mpa_definition,
+    segmentation_scores,
+)
 from lightning_modules.schedulers import per_step_optimization
+from samplers.regional import sampling_statistics
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +37,8 @@ def match_outputs_to_loss(net: nn.Module, loss: nn.Module) -> list[str]:
     """Switches off the net's training-only outputs that ``loss`` does not score; freezes their heads.
 
     ``aux`` stays on when ``loss.aux_weight > 0`` (``net.use_aux``); the side outputs (DANet's
-    ``pam``/``cam``, ``net.use_side``) when ``loss.side_weight > 0`` and ``loss.side_outputs``
-    names them. The head of every output that is switched off, or computed but not scored, would
+    ``pam``/``cam``, ``net.use_side``) when ``loss.side_weight > 0``, ``loss.side_target`` is not
+    ``"off"`` and ``loss.side_outputs`` names them. The head of every output that is switched off, or computed but not scored, would
     get no gradient: DDP without ``find_unused_parameters`` would wait for it forever (and the
     optimizer would decay it for nothing), so its parameters get ``requires_grad=False``.
 
@@ -47,7 +52,8 @@ def match_outputs_to_loss(net: nn.Module, loss: nn.Module) -> list[str]:
     scored: set[str] = set()
     if float(getattr(loss, "aux_weight", 0.0)) > 0.0:
         scored.add("aux")
-    if float(getattr(loss, "side_weight", 0.0)) > 0.0:
+    side_on = getattr(loss, "side_target", "full") != "off"
+    if side_on and float(getattr(loss, "side_weight", 0.0)) > 0.0:
         scored.update(getattr(loss, "side_outputs", ()))
     if hasattr(net, "output_heads"):
         heads = dict(net.output_heads())
@@ -89,6 +95,8 @@ class ParsingLitModule(pl.LightningModule):
         inference: test-time protocol ``(net_forward, image) -> scores`` for validation and test
             (flip / multi-scale / sliding window, see ``lightning_modules.inference``); None =
             one plain forward pass.
+        mpa: what the logged and reported MPA averages, ``"recall"`` or ``"precision"``
+            (``metrics.mpa``); both are logged as ``mRecall`` and ``mPrecision`` anyway.
     """
 
     def __init__(
@@ -107,8 +115,10 @@ class ParsingLitModule(pl.LightningModule):
         compile: bool = False,
         nonfinite: str = "stop",
         inference: Callable[..., Tensor] | None = None,
+        mpa: str = "recall",
     ) -> None:
         super().__init__()
+        self.mpa = check_mpa_definition(mpa, "module.mpa")
         if nonfinite not in ("stop", "skip", "off"):
             raise ValueError(f"nonfinite={nonfinite!r}: expected 'stop', 'skip' or 'off'")
         # Only plain values go into the checkpoint's hyper-parameters: partials do not unpickle
@@ -141,11 +151,15 @@ class ParsingLitModule(pl.LightningModule):
         self.test_confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index)
         self.track_train_confusion = track_train_confusion
         self.force_train_confusion = False
-        # ARBS statistics of stage 1 (filled by the CPASnapshot callback); saved with every checkpoint.
+        # ARBS statistics of stage 1 (filled by the CPASnapshot callback); saved with every
+        # checkpoint. The matrix, not a derived CPA vector, so that stage 2 chooses the reading.
         self.register_buffer(
-            "early_cpa", torch.full((num_classes,), float("nan"), dtype=torch.float64)
+            "early_confusion", torch.zeros((num_classes, num_classes), dtype=torch.int64)
         )
         self.register_buffer("early_cpa_epoch", torch.zeros((), dtype=torch.long))
+        # Set when the weights came from a checkpoint that recorded only a CPA vector (older
+        # rimlab): ARBS must refuse it rather than guess the matrix.
+        self._legacy_early_cpa = False
         self.last_scores: dict[str, dict[str, Any]] = {}
         self.nonfinite = nonfinite
         self.skipped_nonfinite = 0
@@ -197,32 +211,137 @@ class ParsingLitModule(pl.LightningModule):
             self._sampler_generator.manual_seed(seed)
 
     def _init_sampler(self) -> None:
-        source = getattr(self.sampler, "source", "arbs")
-        if source == "arbs":
-            stats = self.early_cpa.detach().clone()
-            if not torch.isfinite(stats).any():
-                raise RuntimeError(
-                    "sampler=arbs needs the class pixel accuracy (CPA) recorded early in stage 1, but "
-                    "this model has none: start stage 2 from a stage-1 checkpoint of rimlab "
-                    "(schedule=rim, or init_from=<stage-1 ckpt> with callbacks.cpa_snapshot enabled)."
+        sampler = self.sampler
+        source = getattr(sampler, "source", "arbs")
+        datamodule = self.trainer.datamodule
+        pixel_counts = region_counts = None
+        if datamodule is not None and hasattr(datamodule, "class_pixel_counts"):
+            pixel_counts = torch.as_tensor(datamodule.class_pixel_counts(), dtype=torch.float64)
+            if source == "nrbs" and getattr(sampler, "nrbs_count", "regions") == "regions":
+                region_counts = torch.as_tensor(
+                    datamodule.class_region_counts(), dtype=torch.float64
                 )
+        if source == "arbs":
+            confusion = self.early_confusion.detach().cpu()
+            if int(confusion.sum()) == 0:
+                raise RuntimeError(self._no_confusion_message())
         elif source == "nrbs":
-            datamodule = self.trainer.datamodule
-            if datamodule is None or not hasattr(datamodule, "class_pixel_counts"):
+            if pixel_counts is None:
                 raise RuntimeError("sampler=nrbs needs a datamodule with class_pixel_counts()")
-            counts = torch.as_tensor(datamodule.class_pixel_counts(), dtype=torch.float64)
-            stats = counts / counts.sum().clamp_min(1)
+            confusion = None
         else:
             raise ValueError(f"unknown sampler source {source!r} (expected 'arbs' or 'nrbs')")
-        self.sampler.set_statistics(stats.to(self.device))
-        probs = self.sampler.probs.detach().cpu()
-        log.info(
-            "regional sampler (%s): keep probabilities min %.4f, mean %.4f over %d classes",
+        stats = sampling_statistics(
             source,
+            confusion=confusion,
+            cpa=getattr(sampler, "cpa", "recall"),
+            region_counts=region_counts,
+            pixel_counts=pixel_counts,
+            nrbs_count=getattr(sampler, "nrbs_count", "regions"),
+        )
+        sampler.set_statistics(stats.to(self.device), pixel_counts=pixel_counts)
+        self._report_sampling()
+
+    def _no_confusion_message(self) -> str:
+        if self._legacy_early_cpa:
+            return (
+                "sampler=arbs needs the confusion matrix of the early stage-1 epoch, but this "
+                "stage-1 checkpoint was written by an older rimlab that stored only a derived CPA "
+                "vector (early_cpa), from which neither reading of the CPA (sampler.cpa=recall | "
+                "precision) can be recovered. Retrain stage 1 (delete its folder under "
+                "schedule.stage1_dir, or give another init_from)."
+            )
+        return (
+            "sampler=arbs needs the confusion matrix recorded early in stage 1, but this model has "
+            "none: start stage 2 from a stage-1 checkpoint of rimlab (schedule=rim, or "
+            "init_from=<stage-1 ckpt> with callbacks.cpa_snapshot enabled)."
+        )
+
+    def sampling_report(self) -> dict[str, Any] | None:
+        """The regional sampler's settings, statistics, keep probabilities and expected kept share.
+
+        Returns:
+            ``{"source", "cpa", "eta", "nrbs_count", "min_prob", "statistics": {class: x},
+            "keep_probabilities": {class: s}, "expected_kept_share": float | None,
+            "expected_kept_share_per_class": {class: s_i or None}, "kept_class_distribution":
+            {class: share of the kept pixels}}``; None without a ready sampler.
+        """
+        sampler = self.sampler
+        if sampler is None or not sampler.is_ready:
+            return None
+        names = self.class_names
+
+        def per_class(values: Tensor) -> dict[str, float | None]:
+            return {
+                n: (float(v) if math.isfinite(float(v)) else None)
+                for n, v in zip(names, values.detach().cpu().tolist(), strict=True)
+            }
+
+        report: dict[str, Any] = {
+            "source": sampler.source,
+            "cpa": sampler.cpa,
+            "eta": sampler.eta,
+            "nrbs_count": sampler.nrbs_count,
+            "min_prob": sampler.min_prob,
+            "statistics": per_class(sampler.stats),
+            "keep_probabilities": per_class(sampler.probs),
+            "expected_kept_share": None,
+        }
+        share = sampler.kept_share()
+        if share is not None:
+            overall, each, distribution = share
+            report["expected_kept_share"] = overall if math.isfinite(overall) else None
+            report["expected_kept_share_per_class"] = per_class(each)
+            report["kept_class_distribution"] = per_class(distribution)
+        return report
+
+    def _report_sampling(self) -> None:
+        """Prints, logs and warns about what the sampler will keep (at the start of stage 2)."""
+        report = self.sampling_report()
+        if report is None:
+            return
+        probs = self.sampler.probs.detach().cpu()
+        share = report["expected_kept_share"]
+        what = (
+            f"CPA ({report['cpa']})"
+            if report["source"] == "arbs"
+            else f"training {report['nrbs_count']}"
+        )
+        log.info(
+            "regional sampler %s from %s, eta=%s: keep probabilities min %.4f, mean %.4f over %d "
+            "classes; expected kept share of the labelled training pixels %s",
+            report["source"].upper(),
+            what,
+            report["eta"],
             float(probs.min()),
             float(probs.mean()),
             probs.numel(),
+            "unknown (no training pixel counts)" if share is None else f"{100 * share:.2f}%",
         )
+        each = report.get("expected_kept_share_per_class") or {}
+        if each:
+            rows = sorted(((v, n) for n, v in each.items() if v is not None), reverse=True)
+            log.info(
+                "expected kept share per class: %s",
+                ", ".join(f"{n} {100 * v:.1f}%" for v, n in rows),
+            )
+        if share is not None and share < 0.01:
+            log.warning(
+                "!!! the regional sampler keeps only %.3f%% of the labelled training pixels in "
+                "expectation (below 1%%): the main loss sees almost no data. Check sampler.eta "
+                "(now %s), sampler.min_prob, or use sampler.nrbs_count=regions.",
+                100 * share,
+                report["eta"],
+            )
+        metrics = {
+            f"sampler/keep_probability/{n}": v for n, v in report["keep_probabilities"].items()
+        }
+        if share is not None:
+            metrics["sampler/expected_kept_share"] = share
+        for logger in self.loggers:
+            logger.log_metrics(
+                {k: v for k, v in metrics.items() if v is not None}, step=self.global_step
+            )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         image, target = batch["image"], batch["mask"]
@@ -382,12 +501,12 @@ class ParsingLitModule(pl.LightningModule):
         confusion = metric.compute()
         if int(confusion.sum()) == 0:
             return
-        scores = segmentation_scores(confusion)
+        scores = segmentation_scores(confusion, self.mpa)
         scores["confusion"] = confusion.detach().cpu()
         scores["epoch"] = self.current_epoch
         scores["global_step"] = self.global_step
         self.last_scores[stage] = scores
-        for key in ("PA", "MPA", "mIoU", "mAcc"):
+        for key in ("PA", "MPA", "mIoU", "mAcc", "mPrecision", "mRecall"):
             value = scores[key]
             self.log(
                 f"{stage}/{key}",
@@ -412,6 +531,9 @@ class ParsingLitModule(pl.LightningModule):
         checkpoint["rimlab_augmentation"] = AUGMENTATION_VERSION
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            self._upgrade_legacy_state(state)
         if getattr(self, "build_config", None) is None:
             self.build_config = checkpoint.get("rimlab_config")
         version = checkpoint.get("rimlab_augmentation", 1)
@@ -449,5 +571,24 @@ class ParsingLitModule(pl.LightningModule):
                 f"{path}: weight {k} has shape {tuple(state[k].shape)} in the checkpoint but "
                 f"{tuple(own[k].shape)} in the model (different model.num_classes or backbone?)"
             )
-        keep = {k: v for k, v in state.items() if k.startswith("net.") or k.startswith("early_cpa")}
+        self._upgrade_legacy_state(state)
+        keep = {
+            k: v
+            for k, v in state.items()
+            if k.startswith("net.") or k in ("early_confusion", "early_cpa_epoch")
+        }
         self.load_state_dict(keep, strict=False)
+
+    def _upgrade_legacy_state(self, state: dict[str, Tensor]) -> None:
+        """Lets a state dict of an older rimlab (``early_cpa`` vector, no ``early_confusion``) load.
+
+        The matrix it lacks is left empty and the module remembers why, so that ARBS refuses it
+        with a message instead of guessing; everything else (resuming, the baseline, NRBS, ILM)
+        works as before.
+        """
+        if "early_confusion" in state:
+            return
+        legacy = state.pop("early_cpa", None)
+        state["early_confusion"] = torch.zeros_like(self.early_confusion)
+        if legacy is not None and bool(torch.isfinite(legacy).any()):
+            self._legacy_early_cpa = True

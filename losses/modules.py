@@ -16,6 +16,11 @@ from losses import functional as LF
 
 __all__ = ["CrossEntropyLoss", "FocalLoss", "InterClassLoss", "ParsingLoss"]
 
+#: ``ParsingLoss(main_normalizer=...)``: what divides the main loss summed over the kept pixels.
+MAIN_NORMALIZERS = ("labelled", "kept")
+#: ``ParsingLoss(side_target=...)``: what the side outputs (DANet's pam/cam) are scored against.
+SIDE_TARGETS = ("sampled", "full", "off")
+
 
 class CrossEntropyLoss(nn.Module):
     """Pixel-wise cross-entropy averaged over labelled pixels (0, not NaN, when there are none).
@@ -112,17 +117,26 @@ class ParsingLoss(nn.Module):
 
     ``L = L_main + aux_weight * L_aux + ilm_weight * L_ilm``, where
 
-    - ``L_main`` is ``main`` on ``outputs["out"]``. With a regional sampler's ``sample_mask`` every
-      pixel outside the mask becomes ``ignore_index`` first, which gives the paper's ``L_RBS``
-      (eq. 1): only the sampled class regions are learnt from.
+    - ``L_main`` is ``main`` on ``outputs["out"]``. With a regional sampler's ``sample_mask`` only
+      the sampled class regions are learnt from: the paper's ``L_RBS`` (eq. 1). ``main`` is a
+      mean over the pixels it scores; ``main_normalizer`` says which pixels divide the sum over
+      the kept ones. ``"labelled"`` (default): every labelled pixel of the batch, as when the
+      prediction and the label are multiplied by the sampling mask before a mean cross-entropy
+      (section 3.1): dropped pixels stay in the denominator with zero loss. ``"kept"``: only the
+      kept pixels, which scales the main term by ``N_labelled / N_kept`` (about 5x at a 20% kept
+      share) and so changes its balance with the ILM from batch to batch.
     - ``L_aux`` is the same criterion on ``outputs["aux"]`` (when present and ``aux_weight > 0``),
       always against the *full* target: the auxiliary head is a deep-supervision term on the
       natural data distribution; the paper rebalances (and defines ``L_RBS`` for) the main
       prediction only.
     - Side outputs named in ``side_outputs`` (DANet's position- and channel-attention logits
-      ``"pam"``/``"cam"``, present only in training) add ``side_weight`` x the same criterion
-      against the full target, as in the DANet paper; without them their classifiers would get
-      no gradient (and DDP would wait for it).
+      ``"pam"``/``"cam"``, present only in training) add ``side_weight`` x the same criterion, as
+      in the DANet paper. ``side_target="sampled"`` (default) scores them like the main term
+      (the sampled regions, the same normaliser), so with a sampler every decoder output learns
+      from the rebalanced data, as eq. 8 has only ``L_RBS + lambda L_inter``; ``"full"`` scores
+      them against the full target; ``"off"`` drops them (their heads are then frozen, see
+      ``lightning_modules.parsing.match_outputs_to_loss``). Without a sampler ``"sampled"`` and
+      ``"full"`` are the same.
     - ``L_ilm`` is ``ilm`` on ``outputs["out"]`` (when ``ilm`` is given). With ``ilm_region="all"``
       (the default) it sees every labelled pixel; with ``"sampled"`` only the pixels inside
       ``sample_mask`` (all labelled pixels if no mask is passed).
@@ -137,6 +151,8 @@ class ParsingLoss(nn.Module):
         ignore_index: label value written outside ``sample_mask``; must match ``main``'s.
         side_outputs: output keys scored as side terms (when the net returns them).
         side_weight: weight of each side term; 0 disables them.
+        main_normalizer: ``"labelled"`` or ``"kept"``, see above.
+        side_target: ``"sampled"``, ``"full"`` or ``"off"``, see above.
     """
 
     def __init__(
@@ -149,10 +165,21 @@ class ParsingLoss(nn.Module):
         ignore_index: int = 255,
         side_outputs: Sequence[str] = ("pam", "cam"),
         side_weight: float = 1.0,
+        main_normalizer: str = "labelled",
+        side_target: str = "sampled",
     ) -> None:
         super().__init__()
         if ilm_region not in ("all", "sampled"):
-            raise ValueError(f"ilm_region must be 'all' or 'sampled', got {ilm_region!r}")
+            raise ValueError(f"loss.ilm_region={ilm_region!r}: expected 'all' or 'sampled'")
+        if main_normalizer not in MAIN_NORMALIZERS:
+            raise ValueError(
+                f"loss.main_normalizer={main_normalizer!r}: expected one of "
+                f"{', '.join(MAIN_NORMALIZERS)}"
+            )
+        if side_target not in SIDE_TARGETS:
+            raise ValueError(
+                f"loss.side_target={side_target!r}: expected one of {', '.join(SIDE_TARGETS)}"
+            )
         main_ignore = getattr(main, "ignore_index", ignore_index)
         if main_ignore != ignore_index:
             # Otherwise the pixels outside sample_mask would be scored as a real class.
@@ -166,6 +193,8 @@ class ParsingLoss(nn.Module):
         self.main_name = str(getattr(main, "name", "main"))
         self.side_outputs = tuple(side_outputs)
         self.side_weight = side_weight
+        self.main_normalizer = main_normalizer
+        self.side_target = side_target
 
     def forward(
         self,
@@ -188,9 +217,16 @@ class ParsingLoss(nn.Module):
         """
         logits = outputs["out"]
         main_target = target
+        scale: Tensor | None = None
         if sample_mask is not None:
             main_target = target.masked_fill(~sample_mask.to(torch.bool), self.ignore_index)
-        main = self.main(logits, main_target)
+            if self.main_normalizer == "labelled":
+                # main() is a mean over the kept pixels: rescale it to a mean over every labelled
+                # pixel (sum over kept / N_labelled), on the device, without a host sync.
+                kept = (main_target != self.ignore_index).sum()
+                labelled = (target != self.ignore_index).sum().clamp(min=1)
+                scale = kept.float() / labelled.float()
+        main = self._score(logits, main_target, scale)
         terms: dict[str, Tensor] = {"loss/main": main}
         if self.main_name != "main":
             terms[f"loss/{self.main_name}"] = main
@@ -202,9 +238,13 @@ class ParsingLoss(nn.Module):
             terms["loss/aux"] = aux
             total = total + self.aux_weight * aux
 
-        for key in self.side_outputs if self.side_weight > 0 else ():
+        side_on = self.side_weight > 0 and self.side_target != "off"
+        for key in self.side_outputs if side_on else ():
             if key in outputs:
-                side = self.main(outputs[key], target)
+                if self.side_target == "sampled":
+                    side = self._score(outputs[key], main_target, scale)
+                else:
+                    side = self.main(outputs[key], target)
                 terms[f"loss/{key}"] = side
                 total = total + self.side_weight * side
 
@@ -216,8 +256,14 @@ class ParsingLoss(nn.Module):
 
         return {"loss": total, **terms}
 
+    def _score(self, logits: Tensor, target: Tensor, scale: Tensor | None) -> Tensor:
+        """``main(logits, target)``, times ``scale`` (the kept-to-labelled ratio) when given."""
+        value = self.main(logits, target)
+        return value if scale is None else value * scale
+
     def extra_repr(self) -> str:
         return (
             f"aux_weight={self.aux_weight}, ilm_weight={self.ilm_weight}, "
-            f"ilm_region={self.ilm_region!r}, ignore_index={self.ignore_index}"
+            f"ilm_region={self.ilm_region!r}, ignore_index={self.ignore_index}, "
+            f"main_normalizer={self.main_normalizer!r}, side_target={self.side_target!r}"
         )

@@ -9,12 +9,16 @@ from samplers.regional import (
     RegionalBalancedSampler,
     class_pixel_accuracy,
     class_region_counts,
+    expected_kept_share,
     keep_probabilities,
+    sampling_statistics,
 )
 
 __all__ = [
     "RegionalBalancedSampler",
     "class_pixel_accuracy",
     "class_region_counts",
+    "expected_kept_share",
     "keep_probabilities",
+    "sampling_statistics",
 ]

@@ -74,6 +74,10 @@ class _FixedData(pl.LightningDataModule):
     def class_pixel_counts(self):
         return torch.bincount(_FixedSet().masks[_FixedSet().masks != 255], minlength=4).numpy()
 
+    def class_region_counts(self):
+        masks = _FixedSet().masks
+        return torch.stack([(masks == c).flatten(1).any(1).sum() for c in range(4)]).numpy()
+
 
 class _PixelNet(torch.nn.Module):
     """A 1x1 convolution: per-pixel predictions that do not depend on the batch (no BatchNorm)."""
@@ -92,13 +96,13 @@ class DumpStats(pl.Callback):
         self.path = path
 
     def on_train_end(self, trainer, pl_module):
-        stats = {"early_cpa": pl_module.early_cpa.clone()}
+        stats = {"early_confusion": pl_module.early_confusion.clone()}
         if pl_module.sampler is not None:
             stats["probs"] = pl_module.sampler.probs.clone()
         torch.save(stats, f"{self.path}.{trainer.global_rank}")
 
 
-def _fit_stats(devices: int, path: Path, sampler_source: str | None, early_cpa=None) -> list:
+def _fit_stats(devices: int, path: Path, sampler_source: str | None, early_confusion=None) -> list:
     from functools import partial
 
     from lightning_modules import ParsingLitModule
@@ -114,8 +118,9 @@ def _fit_stats(devices: int, path: Path, sampler_source: str | None, early_cpa=N
         sampler=sampler,
         num_classes=4,
     )
-    if early_cpa is not None:
-        module.early_cpa.copy_(early_cpa)
+    if early_confusion is not None:
+        module.early_confusion.copy_(early_confusion)
+        module.early_cpa_epoch.fill_(1)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -134,7 +139,7 @@ def _fit_stats(devices: int, path: Path, sampler_source: str | None, early_cpa=N
 
 @pytest.mark.slow
 def test_ddp_spawn_cpa_statistics_and_keep_probabilities(tmp_path):
-    """CPA of the training batches is summed over ranks; every rank derives the same probabilities."""
+    """The early confusion matrix is summed over ranks; every rank derives the same probabilities."""
     from samplers.regional import class_pixel_accuracy, keep_probabilities
 
     single = _fit_stats(1, tmp_path / "one", None)[0]
@@ -150,19 +155,23 @@ def test_ddp_spawn_cpa_statistics_and_keep_probabilities(tmp_path):
         torch.ones(int(keep.sum()), dtype=torch.long),
         accumulate=True,
     )
-    expected = class_pixel_accuracy(confusion.double())
-    torch.testing.assert_close(single["early_cpa"], expected, equal_nan=True)
+    torch.testing.assert_close(single["early_confusion"], confusion)
     for rank in double:
-        torch.testing.assert_close(rank["early_cpa"], expected, equal_nan=True)
+        torch.testing.assert_close(rank["early_confusion"], confusion)
 
-    # ARBS from that CPA, and NRBS from the pixel counts: identical probabilities on every rank.
+    # ARBS from that matrix (recall CPA, the default), and NRBS from the region counts (images
+    # containing each class, the default): identical probabilities on every rank.
     for source in ("arbs", "nrbs"):
-        ranks = _fit_stats(2, tmp_path / source, source, early_cpa=expected)
-        one = _fit_stats(1, tmp_path / f"{source}1", source, early_cpa=expected)[0]
+        ranks = _fit_stats(2, tmp_path / source, source, early_confusion=confusion)
+        one = _fit_stats(1, tmp_path / f"{source}1", source, early_confusion=confusion)[0]
         assert torch.equal(ranks[0]["probs"], ranks[1]["probs"])
         torch.testing.assert_close(ranks[0]["probs"], one["probs"])
-        counts = torch.bincount(data.masks[keep], minlength=4).double()
-        stats = expected if source == "arbs" else counts / counts.sum()
+        regions = torch.stack([(data.masks == c).flatten(1).any(1).sum() for c in range(4)])
+        stats = (
+            class_pixel_accuracy(confusion, "recall")
+            if source == "arbs"
+            else regions.double() / regions.sum()
+        )
         torch.testing.assert_close(one["probs"].double(), keep_probabilities(stats).double())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -279,7 +280,7 @@ def test_parsing_loss_optional_terms():
 def test_parsing_loss_sample_mask_makes_main_target_ignore():
     outputs, target = _outputs()
     mask = torch.rand(target.shape, generator=torch.Generator().manual_seed(3)) < 0.5
-    loss = ParsingLoss(CrossEntropyLoss(), aux_weight=0.4)
+    loss = ParsingLoss(CrossEntropyLoss(), aux_weight=0.4, main_normalizer="kept")
     terms = loss(outputs, target, sample_mask=mask)
 
     masked = target.clone()
@@ -294,6 +295,37 @@ def test_parsing_loss_sample_mask_makes_main_target_ignore():
     logits = outputs["out"].clone().requires_grad_(True)
     loss({"out": logits}, target, sample_mask=mask)["loss"].backward()
     assert torch.count_nonzero(logits.grad.permute(0, 2, 3, 1)[~mask]) == 0
+
+
+def test_main_normalizer_labelled_divides_by_every_labelled_pixel_by_hand():
+    # One image, 2 classes, 4 pixels: labels [0, 1, 1, ignore]; the sampler keeps class 1 only.
+    # Logits favour the label by 1 at the first two pixels and the wrong class by 1 at the third,
+    # so per-pixel CE = log(1 + e^-1) at pixels 0, 1 and log(1 + e^1) at pixel 2.
+    out = torch.tensor([[[[1.0, 0.0, 1.0, 0.0]], [[0.0, 1.0, 0.0, 0.0]]]])  # (1, 2, 1, 4)
+    target = torch.tensor([[[0, 1, 1, IGNORE]]])  # (1, 1, 4)
+    mask = torch.tensor([[[False, True, True, False]]])
+    good, bad = math.log(1 + math.exp(-1)), math.log(1 + math.exp(1))
+    labelled = ParsingLoss(CrossEntropyLoss(), aux_weight=0.0)  # the default normaliser
+    kept = ParsingLoss(CrossEntropyLoss(), aux_weight=0.0, main_normalizer="kept")
+    # kept pixels 1 and 2: sum good + bad; labelled pixels 0, 1, 2 -> divide by 3, kept -> by 2
+    value = labelled({"out": out}, target, sample_mask=mask)["loss/main"].item()
+    assert value == pytest.approx((good + bad) / 3, rel=1e-6)
+    assert kept({"out": out}, target, sample_mask=mask)["loss/main"].item() == pytest.approx(
+        (good + bad) / 2, rel=1e-6
+    )
+    # without a sampler the two agree (mean over the 3 labelled pixels)
+    assert labelled({"out": out}, target)["loss/main"].item() == pytest.approx(
+        (2 * good + bad) / 3, rel=1e-6
+    )
+    # dropped pixels keep zero gradient; the kept ones get 1/3 of the per-pixel gradient
+    logits = out.clone().requires_grad_(True)
+    labelled({"out": logits}, target, sample_mask=mask)["loss"].backward()
+    assert torch.count_nonzero(logits.grad[..., 0]) == 0
+    p = torch.softmax(out[0, :, 0, 2], dim=0)  # pixel 2, label 1
+    expected = (p - torch.tensor([0.0, 1.0])) / 3
+    torch.testing.assert_close(logits.grad[0, :, 0, 2], expected)
+    with pytest.raises(ValueError, match="main_normalizer"):
+        ParsingLoss(CrossEntropyLoss(), main_normalizer="pixels")
 
 
 def test_parsing_loss_nothing_sampled_is_finite():
@@ -357,9 +389,13 @@ def test_parsing_loss_scores_side_outputs_against_the_full_target():
         **{k: torch.randn(outputs["out"].shape, generator=g) for k in ("pam", "cam")},
     }
     mask = torch.rand(target.shape, generator=g) < 0.5
-    terms = ParsingLoss(CrossEntropyLoss(), aux_weight=0.4, side_weight=0.5)(
-        outputs, target, sample_mask=mask
-    )
+    terms = ParsingLoss(
+        CrossEntropyLoss(),
+        aux_weight=0.4,
+        side_weight=0.5,
+        main_normalizer="kept",
+        side_target="full",
+    )(outputs, target, sample_mask=mask)
     ce = {k: F.cross_entropy(outputs[k], target, ignore_index=IGNORE).item() for k in outputs}
     main = F.cross_entropy(outputs["out"], target.masked_fill(~mask, IGNORE), ignore_index=IGNORE)
     assert terms["loss/pam"].item() == pytest.approx(ce["pam"], rel=1e-6)
@@ -368,3 +404,29 @@ def test_parsing_loss_scores_side_outputs_against_the_full_target():
     assert terms["loss"].item() == pytest.approx(total, rel=1e-5)
     off = ParsingLoss(CrossEntropyLoss(), side_weight=0.0)(outputs, target)
     assert "loss/pam" not in off
+    off = ParsingLoss(CrossEntropyLoss(), side_target="off")(outputs, target, sample_mask=mask)
+    assert "loss/pam" not in off and "loss/cam" not in off
+
+
+def test_side_target_sampled_scores_side_outputs_like_the_main_term():
+    """Eq. 8 in stage 2: the side outputs learn from the sampled regions, same normaliser."""
+    outputs, target = _outputs(aux=False)
+    g = torch.Generator().manual_seed(6)
+    outputs = {**outputs, "pam": torch.randn(outputs["out"].shape, generator=g)}
+    mask = torch.rand(target.shape, generator=g) < 0.3
+    terms = ParsingLoss(CrossEntropyLoss(), side_outputs=("pam",))(
+        outputs, target, sample_mask=mask
+    )
+    masked = target.masked_fill(~mask, IGNORE)
+    n_labelled = int((target != IGNORE).sum())
+    for key in ("out", "pam"):
+        summed = F.cross_entropy(outputs[key], masked, ignore_index=IGNORE, reduction="sum")
+        expected = summed.item() / n_labelled
+        name = "loss/main" if key == "out" else "loss/pam"
+        assert terms[name].item() == pytest.approx(expected, rel=1e-5)
+    # no sampler: sampled and full are the same
+    plain = ParsingLoss(CrossEntropyLoss(), side_outputs=("pam",))(outputs, target)
+    full = ParsingLoss(CrossEntropyLoss(), side_outputs=("pam",), side_target="full")(
+        outputs, target
+    )
+    assert plain["loss/pam"].item() == pytest.approx(full["loss/pam"].item(), rel=1e-7)

@@ -25,7 +25,7 @@ def test_scores_hand_computed_3x3() -> None:
     # rows = ground truth, columns = prediction
     conf = np.array([[5, 1, 0], [2, 3, 1], [0, 1, 4]])
     # row sums (GT) 6, 6, 5; column sums (predicted) 7, 5, 5; diagonal 5, 3, 4; total 17
-    s = segmentation_scores(conf)
+    s = segmentation_scores(conf, mpa="precision")
     assert s["PA"] == pytest.approx(100 * 12 / 17)
     expected_cpa = [100 * 5 / 7, 100 * 3 / 5, 100 * 4 / 5]
     expected_recall = [100 * 5 / 6, 100 * 3 / 6, 100 * 4 / 5]
@@ -33,11 +33,22 @@ def test_scores_hand_computed_3x3() -> None:
     torch.testing.assert_close(s["CPA"], torch.tensor(expected_cpa, dtype=torch.float64))
     torch.testing.assert_close(s["recall"], torch.tensor(expected_recall, dtype=torch.float64))
     torch.testing.assert_close(s["IoU"], torch.tensor(expected_iou, dtype=torch.float64))
+    torch.testing.assert_close(s["precision"], s["CPA"])
     assert s["MPA"] == pytest.approx(sum(expected_cpa) / 3)
+    assert s["mPrecision"] == pytest.approx(sum(expected_cpa) / 3)
     assert s["mAcc"] == pytest.approx(sum(expected_recall) / 3)
+    assert s["mRecall"] == pytest.approx(sum(expected_recall) / 3)
     assert s["mIoU"] == pytest.approx(sum(expected_iou) / 3)
-    for key in ("PA", "MPA", "mIoU", "mAcc"):
+    for key in ("PA", "MPA", "mIoU", "mAcc", "mPrecision", "mRecall"):
         assert type(s[key]) is float
+    # the default reading: MPA and CPA follow recall; every other entry is unchanged
+    r = segmentation_scores(conf)
+    assert r["mpa_definition"] == "recall" and s["mpa_definition"] == "precision"
+    assert r["MPA"] == pytest.approx(sum(expected_recall) / 3)
+    torch.testing.assert_close(r["CPA"], torch.tensor(expected_recall, dtype=torch.float64))
+    assert r["mPrecision"] == s["mPrecision"] and r["mIoU"] == s["mIoU"]
+    with pytest.raises(ValueError, match="metrics.mpa"):
+        segmentation_scores(conf, mpa="accuracy")
     # torch input gives the same
     assert segmentation_scores(torch.as_tensor(conf))["mIoU"] == pytest.approx(s["mIoU"])
 
@@ -46,7 +57,7 @@ def test_scores_hand_computed_with_undefined_classes() -> None:
     # class 1: never in GT but predicted once -> recall NaN, CPA 0, IoU 0 (counts in the means)
     # class 2: absent from GT and prediction -> all NaN, excluded from every mean
     conf = np.array([[3, 1, 0], [0, 0, 0], [0, 0, 0]])
-    s = segmentation_scores(conf)
+    s = segmentation_scores(conf, mpa="precision")
     assert s["PA"] == pytest.approx(75.0)
     assert s["CPA"][0] == pytest.approx(100.0) and s["CPA"][1] == 0.0
     assert math.isnan(s["CPA"][2])
@@ -57,6 +68,8 @@ def test_scores_hand_computed_with_undefined_classes() -> None:
     assert s["MPA"] == pytest.approx(50.0)
     assert s["mAcc"] == pytest.approx(75.0)
     assert s["mIoU"] == pytest.approx(37.5)
+    # recall reading: only class 0 is in the ground truth
+    assert segmentation_scores(conf)["MPA"] == pytest.approx(75.0)
 
 
 def _loop_scores(pred: np.ndarray, target: np.ndarray, num_classes: int) -> dict:
@@ -110,7 +123,7 @@ def test_scores_match_per_pixel_loop_on_random_data() -> None:
     pred[pred == IGNORE] = 0
 
     conf = confusion_matrix_update(torch.from_numpy(pred), torch.from_numpy(target), num_classes)
-    scores = segmentation_scores(conf)
+    scores = segmentation_scores(conf, mpa="precision")
     expected = _loop_scores(pred, target, num_classes)
     for key in ("PA", "MPA", "mAcc", "mIoU"):
         assert scores[key] == pytest.approx(expected[key], rel=1e-12), key
@@ -167,15 +180,37 @@ def test_confusion_matrix_metric_accumulates() -> None:
 
 def test_json_and_table() -> None:
     names = ["background", "hat", "hair"]
-    scores = segmentation_scores(np.array([[3, 1, 0], [0, 0, 0], [0, 0, 0]]))
+    conf = np.array([[3, 1, 0], [0, 0, 0], [0, 0, 0]])
+    scores = {**segmentation_scores(conf, mpa="precision"), "confusion": torch.as_tensor(conf)}
     result = scores_to_json(scores, names)
-    assert set(result) == {"PA", "MPA", "mIoU", "mAcc", "IoU", "CPA"}
+    assert set(result) == {
+        "PA",
+        "MPA",
+        "mIoU",
+        "mAcc",
+        "mPrecision",
+        "mRecall",
+        "mpa_definition",
+        "IoU",
+        "precision",
+        "recall",
+        "CPA",
+        "confusion",
+    }
     assert result["IoU"] == {"background": 75.0, "hat": 0.0, "hair": None}
     assert result["CPA"]["hair"] is None and result["PA"] == pytest.approx(75.0)
+    assert result["precision"] == {"background": 100.0, "hat": 0.0, "hair": None}
+    assert result["recall"] == {"background": 75.0, "hat": None, "hair": None}
+    assert result["confusion"] == conf.tolist() and result["mpa_definition"] == "precision"
     json.dumps(result, allow_nan=False)  # strict JSON: NaN became null
 
     table = format_scores_table(scores, names)
     assert all(name in table for name in names)
-    assert "mIoU 37.50" in table and "MPA 50.00" in table
+    assert "mIoU 37.50" in table and "MPA(precision) 50.00" in table
+    # every table says what its MPA is
+    assert table.splitlines()[0].startswith("MPA (mean precision)")
+    recall_table = format_scores_table(segmentation_scores(conf), names)
+    assert recall_table.splitlines()[0].startswith("MPA (mean recall)")
+    assert "MPA(recall) 75.00" in recall_table and "mPrecision 50.00" in recall_table
     with pytest.raises(ValueError):
         scores_to_json(scores, names[:2])

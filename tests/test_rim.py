@@ -54,15 +54,30 @@ def test_two_stage_run(tmp_path):
     ]
     assert decoder and any(not torch.equal(s1[k], s2[k]) for k in decoder)
 
-    # Keep probabilities = eta / CPA of epoch 1, recomputed by hand from the stage-1 checkpoint.
-    cpa = s1["early_cpa"].tolist()
+    # Keep probabilities = eta / CPA of epoch 1, recomputed by hand from the confusion matrix in
+    # the stage-1 checkpoint: recall (correct / ground-truth pixels), the default reading.
+    confusion = s1["early_confusion"].tolist()
+    assert on_disk["stage1"]["early_confusion"] == confusion
     assert int(s1["early_cpa_epoch"]) == 1
+    n = len(confusion)
+    rows = [sum(confusion[i]) for i in range(n)]
+    cpa = [confusion[i][i] / rows[i] if rows[i] else math.nan for i in range(n)]
     positive = [x for x in cpa if not math.isnan(x) and x > 0]
     eta = min(positive)
     expected = [1.0 if (math.isnan(x) or x <= 0) else eta / x for x in cpa]
     got = list(on_disk["sampling"]["keep_probabilities"].values())
     assert got == pytest.approx(expected, rel=1e-5)
     assert max(got) == pytest.approx(1.0)
+    sampling = on_disk["sampling"]
+    assert sampling["cpa"] == "recall" and sampling["eta"] == "min"
+    # the expected kept share: sum_i s_i n_i / sum_i n_i over the training pixel counts
+    counts = list(on_disk["class_pixel_counts"].values())
+    share = sum(p * c for p, c in zip(expected, counts, strict=True)) / sum(counts)
+    assert sampling["expected_kept_share"] == pytest.approx(share, rel=1e-5)
+    # both MPA readings in every scores entry
+    for entry in (on_disk["val"], on_disk["baseline"]["val"]):
+        assert entry["mpa_definition"] == "recall" and entry["MPA"] == entry["mRecall"]
+        assert entry["mRecall"] == entry["mAcc"] and entry["mPrecision"] is not None
     # The sampler state travels with the stage-2 checkpoint (resume keeps the same probabilities).
     assert torch.allclose(
         s2["sampler.probs"].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5

@@ -13,7 +13,9 @@ from samplers import (
     RegionalBalancedSampler,
     class_pixel_accuracy,
     class_region_counts,
+    expected_kept_share,
     keep_probabilities,
+    sampling_statistics,
 )
 
 IGNORE = 255
@@ -61,7 +63,7 @@ def test_keep_probabilities_min_prob_floor_and_degenerate_inputs():
 def test_class_pixel_accuracy_known_confusion():
     # Rows = ground truth, columns = prediction. Column sums: 6, 4, 0.
     confusion = torch.tensor([[5, 1, 0], [1, 3, 0], [0, 0, 0]])
-    cpa = class_pixel_accuracy(confusion)
+    cpa = class_pixel_accuracy(confusion, "precision")
     assert cpa.dtype == torch.float64
     assert cpa[0].item() == pytest.approx(5 / 6)
     assert cpa[1].item() == pytest.approx(3 / 4)
@@ -156,7 +158,7 @@ def test_sampler_independent_draws_per_image():
 def test_sampler_state_dict_round_trip():
     source = _ready_sampler([0.5, 0.25, 0.0, NAN, 1.0], min_prob=0.1)
     state = source.state_dict()
-    assert set(state) == {"probs", "stats", "ready"}
+    assert set(state) == {"probs", "stats", "ready", "pixel_counts"}
 
     fresh = RegionalBalancedSampler(5)
     fresh.load_state_dict(state)
@@ -209,3 +211,102 @@ def test_sampler_none_config_gives_no_sampler(tmp_path):
         cfg = compose("config", overrides=["sampler=none", "+data.num_classes=3"])
     assert cfg.sampler is None
     assert instantiate(cfg.sampler) is None
+
+
+# --------------------------------------------------------------------------- the paper's readings
+
+
+def test_cpa_readings_hand_computed():
+    # Rows = ground truth, columns = prediction, 4 classes. Row sums (ground truth) 10, 20, 3, 0;
+    # column sums (predicted) 14, 16, 3, 0; diagonal 8, 14, 3, 0. Class 3 is in no ground truth
+    # and never predicted: NaN under both readings.
+    confusion = torch.tensor([[8, 2, 0, 0], [6, 14, 0, 0], [0, 0, 3, 0], [0, 0, 0, 0]])
+    recall = class_pixel_accuracy(confusion, "recall")
+    precision = class_pixel_accuracy(confusion, "precision")
+    torch.testing.assert_close(
+        recall[:3], torch.tensor([8 / 10, 14 / 20, 3 / 3], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        precision[:3], torch.tensor([8 / 14, 14 / 16, 3 / 3], dtype=torch.float64)
+    )
+    assert math.isnan(recall[3]) and math.isnan(precision[3])
+    # recall is the default; a class predicted by no pixel has precision NaN but recall 0
+    torch.testing.assert_close(class_pixel_accuracy(confusion), recall, equal_nan=True)
+    only_missed = torch.tensor([[4, 0], [3, 0]])  # class 1 never predicted
+    assert class_pixel_accuracy(only_missed, "recall")[1] == 0.0
+    assert math.isnan(class_pixel_accuracy(only_missed, "precision")[1])
+    with pytest.raises(ValueError, match="sampler.cpa"):
+        class_pixel_accuracy(confusion, "accuracy")
+
+
+def test_arbs_keep_probabilities_both_readings_and_both_etas_by_hand():
+    confusion = torch.tensor([[8, 2, 0], [6, 14, 0], [0, 0, 3]])
+    # recall 0.8, 0.7, 1.0 -> eta=min=0.7: 0.875, 1, 0.7
+    x = sampling_statistics("arbs", confusion=confusion, cpa="recall")
+    torch.testing.assert_close(
+        keep_probabilities(x), torch.tensor([0.7 / 0.8, 1.0, 0.7], dtype=torch.float64)
+    )
+    # precision 8/14, 14/16, 1.0 -> eta=min=8/14: 1, (8/14)/(14/16), 8/14
+    x = sampling_statistics("arbs", confusion=confusion, cpa="precision")
+    expected = torch.tensor([1.0, (8 / 14) / (14 / 16), 8 / 14], dtype=torch.float64)
+    torch.testing.assert_close(keep_probabilities(x), expected)
+    # a fixed eta = 0.75 on the recall reading: min(1, 0.75 / x)
+    x = sampling_statistics("arbs", confusion=confusion, cpa="recall")
+    torch.testing.assert_close(
+        keep_probabilities(x, eta=0.75), torch.tensor([0.75 / 0.8, 1.0, 0.75], dtype=torch.float64)
+    )
+    assert keep_probabilities(x, eta="0.75").tolist() == keep_probabilities(x, eta=0.75).tolist()
+    for bad in (0.0, -1.0, "max", float("inf")):
+        with pytest.raises(ValueError, match="sampler.eta"):
+            keep_probabilities(x, eta=bad)
+
+
+def test_nrbs_counts_and_kept_shares_by_hand():
+    # 3 classes over a training set: pixels 900, 90, 10 (labelled 1000 in all); class regions
+    # (images containing the class) 10, 5, 2.
+    pixels = torch.tensor([900.0, 90.0, 10.0])
+    regions = torch.tensor([10.0, 5.0, 2.0])
+    x_pix = sampling_statistics("nrbs", pixel_counts=pixels, nrbs_count="pixels")
+    x_reg = sampling_statistics("nrbs", region_counts=regions, nrbs_count="regions")
+    torch.testing.assert_close(x_pix, torch.tensor([0.9, 0.09, 0.01], dtype=torch.float64))
+    torch.testing.assert_close(x_reg, torch.tensor([10 / 17, 5 / 17, 2 / 17], dtype=torch.float64))
+    # eta=min: pixels -> s = 0.01 / x = 1/90, 1/9, 1; regions -> 2/10, 2/5, 1
+    s_pix, s_reg = keep_probabilities(x_pix), keep_probabilities(x_reg)
+    torch.testing.assert_close(s_pix, torch.tensor([1 / 90, 1 / 9, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(s_reg, torch.tensor([0.2, 0.4, 1.0], dtype=torch.float64))
+    # expected kept pixels: pixels 10 + 10 + 10 = 30 of 1000; regions 180 + 36 + 10 = 226
+    overall, per_class, dist = expected_kept_share(s_pix, pixels)
+    assert overall == pytest.approx(0.03)
+    torch.testing.assert_close(per_class, s_pix)
+    torch.testing.assert_close(dist, torch.full((3,), 1 / 3, dtype=torch.float64))
+    overall, _, dist = expected_kept_share(s_reg, pixels)
+    assert overall == pytest.approx(0.226)
+    torch.testing.assert_close(dist, torch.tensor([180, 36, 10], dtype=torch.float64) / 226)
+    # a fixed eta = 0.3 (in units of the share): regions -> min(1, 0.3 / x)
+    torch.testing.assert_close(
+        keep_probabilities(x_reg, eta=0.3),
+        torch.tensor([0.3 * 17 / 10, 1.0, 1.0], dtype=torch.float64),
+    )
+    with pytest.raises(ValueError, match="nrbs_count"):
+        sampling_statistics("nrbs", pixel_counts=pixels, nrbs_count="images")
+
+
+def test_sampler_kept_share_travels_in_the_state_dict_and_old_states_load():
+    sampler = RegionalBalancedSampler(3, source="nrbs", nrbs_count="pixels", eta=0.05)
+    pixels = torch.tensor([900.0, 90.0, 10.0])
+    sampler.set_statistics(
+        sampling_statistics("nrbs", pixel_counts=pixels, nrbs_count="pixels"), pixel_counts=pixels
+    )
+    # s = min(1, 0.05 / [0.9, 0.09, 0.01]) = 1/18, 5/9, 1 -> kept 50 + 50 + 10 = 110 of 1000
+    overall, per_class, _ = sampler.kept_share()
+    assert overall == pytest.approx(0.11, rel=1e-6)
+    copy = RegionalBalancedSampler(3, source="nrbs")
+    copy.load_state_dict(sampler.state_dict())
+    assert copy.kept_share()[0] == pytest.approx(0.11, rel=1e-6)
+    # a state dict of a sampler that had no pixel counts (older rimlab) loads: share unknown
+    old = {k: v for k, v in sampler.state_dict().items() if k != "pixel_counts"}
+    fresh = RegionalBalancedSampler(3, source="nrbs")
+    fresh.load_state_dict(old)
+    assert fresh.is_ready and fresh.kept_share() is None
+    with pytest.raises(ValueError, match="sampler.cpa"):
+        RegionalBalancedSampler(3, cpa="iou")
