@@ -5,13 +5,15 @@ with 255 = ignore (absent for splits without labels), ``name`` str.
 
 Batch (after transforms and collate):
 
-- ``image``: (B, 3, h, w) float32, normalised.
+- ``image``: (B, 3, h, w) float32, normalised. Evaluation images that carry a ``valid_box`` may
+  differ in size (``data.base_side=short``): they are padded bottom/right with black to the
+  largest of the batch.
 - ``mask``: (B, H, W) int64, 255 = ignore. Training: the crop size. Evaluation: the label at its
   original resolution, padded with 255 to the largest label of the batch.
 - ``orig_size``: (B, 2) int64 ``(H, W)`` of each original image (evaluation batches only).
 - ``valid_box``: (B, 4) int64 ``(top, left, height, width)`` of each image inside its network
-  input (evaluation batches with ``eval_keep_ratio`` only: the image was scaled with its aspect
-  ratio kept and padded with black around it).
+  input (evaluation batches with ``eval_keep_ratio`` or ``base_size`` only: the image was scaled
+  with its aspect ratio kept and padded with black around it).
 - ``name``: list of B sample ids.
 """
 
@@ -27,6 +29,9 @@ import torch
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: A black pixel after ImageNet normalisation: the padding of the training crops and letterboxes,
+#: so the padding of evaluation batches looks the same to the network.
+IMAGENET_BLACK = tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
 
 
 class DatasetError(ValueError):
@@ -101,11 +106,21 @@ def collate_train(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def collate_eval(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def collate_eval(
+    batch: Sequence[dict[str, Any]], image_pad: Sequence[float] = IMAGENET_BLACK
+) -> dict[str, Any]:
     """Stack evaluation items whose labels keep their original, possibly different, sizes.
 
-    Images must already share one size (the eval transform resizes them to ``eval_size``); masks are
-    padded bottom/right with 255 to the largest (H, W) of the batch, so the padding is never scored.
+    Images share one size (the eval transform resizes them to ``eval_size``), or carry a
+    ``valid_box`` (``data.base_side=short``: each image at its own base-resized size): those are
+    padded bottom/right with ``image_pad`` to the largest of the batch, which leaves every box
+    where it was, so the scores are cropped back before scoring. Masks are padded bottom/right
+    with 255 to the largest (H, W) of the batch, so the padding is never scored.
+
+    Args:
+        batch: items of the eval transform.
+        image_pad: ``(3,)`` per-channel value of the image padding, in normalised units
+            (default: black under ImageNet normalisation, the padding of training crops).
 
     Returns:
         ``image`` (B, 3, h, w) float32, ``mask`` (B, H_max, W_max) int64 (only when the items have
@@ -113,13 +128,26 @@ def collate_eval(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ``valid_box`` (B, 4) int64 ``(top, left, height, width)`` when the items have one.
     """
     sizes = {tuple(item["image"].shape) for item in batch}
+    images = [item["image"] for item in batch]
     if len(sizes) > 1:
-        raise ValueError(
-            f"collate_eval got images of different sizes {sorted(sizes)}; resize them to one "
-            "eval_size in the eval transform or use batch size 1"
-        )
+        if not all("valid_box" in item for item in batch):
+            raise ValueError(
+                f"collate_eval got images of different sizes {sorted(sizes)}; resize them to one "
+                "eval_size in the eval transform or use batch size 1"
+            )
+        # Without a box the scores could not be cropped back: only boxed images are padded.
+        h = max(img.shape[-2] for img in images)
+        w = max(img.shape[-1] for img in images)
+        pad = torch.as_tensor(image_pad, dtype=images[0].dtype).view(-1, 1, 1)
+        padded = []
+        for img in images:
+            # (3, h_i, w_i) -> (3, h, w): the image top-left, padding bottom/right
+            canvas = pad.expand(img.shape[0], h, w).clone()
+            canvas[:, : img.shape[-2], : img.shape[-1]] = img
+            padded.append(canvas)
+        images = padded
     out: dict[str, Any] = {
-        "image": torch.stack([item["image"] for item in batch]),
+        "image": torch.stack(images),
         "orig_size": torch.stack(
             [torch.as_tensor(item["orig_size"], dtype=torch.int64) for item in batch]
         ),

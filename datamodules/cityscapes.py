@@ -363,6 +363,10 @@ class CityscapesDataModule(ParsingDataModule):
         cat_max_ratio: float | None = None,
         photometric: str = "jitter",
         eval_keep_ratio: bool = False,
+        base_size: int | None = None,
+        base_side: str = "long",
+        flip_prob: float = 0.5,
+        augmentation: str = "default",
     ) -> None:
         if int(num_classes) != CITYSCAPES_NUM_CLASSES:
             raise ValueError(
@@ -393,6 +397,10 @@ class CityscapesDataModule(ParsingDataModule):
             cat_max_ratio=cat_max_ratio,
             photometric=photometric,
             eval_keep_ratio=eval_keep_ratio,
+            base_size=base_size,
+            base_side=base_side,
+            flip_prob=flip_prob,
+            augmentation=augmentation,
         )
 
     @staticmethod

@@ -309,6 +309,9 @@ class MHPv2DataModule(ParsingDataModule):
             :class:`~datamodules.base.ParsingDataModule`.
         eval_keep_ratio: aspect-preserving evaluation input (black padding, ``valid_box``), as
             in :class:`~datamodules.base.ParsingDataModule`.
+        base_size, base_side, flip_prob, augmentation: the scale protocol, the flip and the
+            augmentation preset, as in :class:`~datamodules.base.ParsingDataModule` (None: no
+            base resize; ``conf/data/mhp_v2.yaml`` sets the paper's 400, long side).
         color_jitter: colour jitter strength (0 disables).
         cache_dir: merged-label and count cache folder (None: no merge cache).
         synthetic: keyword arguments of :func:`ensure_synthetic_mhp`; when given, ``prepare_data``
@@ -342,6 +345,10 @@ class MHPv2DataModule(ParsingDataModule):
         cache_dir: str | None = None,
         synthetic: dict[str, Any] | None = None,
         eval_keep_ratio: bool = False,
+        base_size: int | None = None,
+        base_side: str = "long",
+        flip_prob: float = 0.5,
+        augmentation: str = "default",
     ) -> None:
         super().__init__(
             root,
@@ -363,6 +370,10 @@ class MHPv2DataModule(ParsingDataModule):
             cat_max_ratio=cat_max_ratio,
             photometric=photometric,
             eval_keep_ratio=eval_keep_ratio,
+            base_size=base_size,
+            base_side=base_side,
+            flip_prob=flip_prob,
+            augmentation=augmentation,
             color_jitter=color_jitter,
             cache_dir=cache_dir,
         )

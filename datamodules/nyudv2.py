@@ -391,6 +391,10 @@ class NYUDv2DataModule(ParsingDataModule):
         photometric: str = "jitter",
         mapping_file: str | None = None,
         eval_keep_ratio: bool = False,
+        base_size: int | None = None,
+        base_side: str = "long",
+        flip_prob: float = 0.5,
+        augmentation: str = "default",
     ) -> None:
         if int(num_classes) not in NYU_NUM_CLASSES:
             raise ValueError(f"NYUDv2 has 40 or 13 classes, got num_classes={num_classes}")
@@ -423,6 +427,10 @@ class NYUDv2DataModule(ParsingDataModule):
             cat_max_ratio=cat_max_ratio,
             photometric=photometric,
             eval_keep_ratio=eval_keep_ratio,
+            base_size=base_size,
+            base_side=base_side,
+            flip_prob=flip_prob,
+            augmentation=augmentation,
         )
         self.mapping_file = mapping_file
 

@@ -20,16 +20,24 @@ import torch
 from datamodules.batch import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, collate_eval, collate_train
 
 __all__ = [
+    "AUGMENTATION_PRESETS",
+    "BASE_SIDES",
     "PHOTOMETRIC_MODES",
+    "BaseRandomScale",
     "CatMaxRatioRandomCrop",
     "EvalTransform",
     "HorizontalFlipSwap",
     "PhotoMetricDistortion",
     "TrainTransform",
+    "augmentation_settings",
+    "base_resize_size",
+    "base_scale",
     "build_eval_transform",
     "build_train_transform",
+    "check_base_resize",
     "collate_eval",
     "collate_train",
+    "eval_input",
     "flip_lut",
     "letterbox_box",
     "letterbox_image",
@@ -151,6 +159,190 @@ class CatMaxRatioRandomCrop(A.DualTransform):
         return ("height", "width", "cat_max_ratio", "ignore_index", "max_tries")
 
 
+# -- the scale protocol: one base resize shared by training and evaluation -----------------------
+
+#: ``base_side`` choices: which side of an image ``base_size`` sets.
+BASE_SIDES = ("long", "short")
+
+
+def check_base_resize(base_size: Any, base_side: str = "long") -> tuple[int | None, str]:
+    """The validated ``data.base_size`` / ``data.base_side`` pair.
+
+    Returns:
+        ``(base_size, base_side)``: a positive int (or None: no base resize) and ``"long"`` or
+        ``"short"``.
+
+    Raises:
+        ValueError: naming the key, for a ``base_side`` other than long|short or a ``base_size``
+            that is not a positive integer.
+    """
+    if base_side not in BASE_SIDES:
+        raise ValueError(f"data.base_side must be one of {BASE_SIDES}, got {base_side!r}")
+    if base_size is None:
+        return None, str(base_side)
+    try:
+        size = int(base_size)
+        whole = not isinstance(base_size, bool | str) and size == base_size
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or size <= 0:
+        raise ValueError(f"data.base_size must be a positive integer or null, got {base_size!r}")
+    return size, str(base_side)
+
+
+def base_scale(height: int, width: int, base_size: int, base_side: str = "long") -> float:
+    """The factor that brings an ``(height, width)`` image's long (or short) side to
+    ``base_size``: original pixels -> network pixels at evaluation, and before the random scale
+    in training."""
+    side = max(int(height), int(width)) if base_side == "long" else min(int(height), int(width))
+    return int(base_size) / side
+
+
+def _round_half_up(x: float) -> int:
+    # floor(x + 0.5): Python's round() would round halves to even.
+    return int(math.floor(x + 0.5))
+
+
+def base_resize_size(
+    height: int, width: int, base_size: int, base_side: str = "long", scale: float = 1.0
+) -> tuple[int, int]:
+    """Size of an ``(height, width)`` image resized by ``base_scale(...) * scale``, aspect kept.
+
+    Both sides are rounded half up (at least 1 px), the rounding :func:`letterbox_box` uses, so
+    with ``scale=1`` and ``base_side="long"`` the result is the letterbox box of the image in a
+    ``base_size x base_size`` input, and the chosen side is exactly ``base_size``.
+
+    Returns:
+        ``(h, w)`` in pixels.
+    """
+    s = base_scale(height, width, base_size, base_side) * float(scale)
+    return max(1, _round_half_up(int(height) * s)), max(1, _round_half_up(int(width) * s))
+
+
+def _resize(array: np.ndarray, size: Sequence[int], interpolation: int) -> np.ndarray:
+    """``array`` (H, W[, C]) resized to ``size`` ``(h, w)``; returned as is when already there."""
+    h, w = (int(v) for v in size)
+    if array.shape[:2] == (h, w):
+        return array
+    return cv2.resize(array, (w, h), interpolation=interpolation)
+
+
+class BaseRandomScale(A.DualTransform):
+    """Base resize and random scale in one interpolation: the image's long (or short) side
+    becomes ``base_size * s`` with ``s`` drawn uniformly from ``scale_range``, aspect kept.
+
+    The factor from original to network pixels is ``base_scale(H, W) * s``; evaluation applies
+    ``base_scale`` alone (:func:`build_eval_transform` with ``base_size``), so the random scale
+    is relative to the evaluation scale. One resize instead of two: a second bilinear pass would
+    blur the image once more and a second nearest pass would move label edges again. ``s`` is one
+    draw ``1 + U(min - 1, max - 1)`` from the shared stream, as albumentations' ``RandomScale``
+    draws it; a single-valued range draws nothing. Image bilinear, mask nearest-exact (labels
+    never interpolate).
+
+    Args:
+        base_size: the target length of the chosen side at ``s = 1``.
+        base_side: ``"long"`` or ``"short"``.
+        scale_range: ``(min, max)`` of ``s``.
+        p: probability of applying the transform.
+    """
+
+    def __init__(
+        self,
+        base_size: int,
+        base_side: str = "long",
+        scale_range: Sequence[float] = (1.0, 1.0),
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        size, side = check_base_resize(base_size, base_side)
+        if size is None:
+            raise ValueError("BaseRandomScale needs a base_size")
+        self.base_size, self.base_side = size, side
+        self.scale_range = tuple(float(v) for v in scale_range)
+
+    def get_params(self) -> dict[str, Any]:
+        lo, hi = self.scale_range
+        scale = lo if lo == hi else self.py_random.uniform(lo - 1.0, hi - 1.0) + 1.0
+        return {"scale": scale}
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        size = base_resize_size(h, w, self.base_size, self.base_side, params["scale"])
+        return {"size": size}
+
+    def apply(self, img: np.ndarray, size: Sequence[int] = (1, 1), **params: Any) -> np.ndarray:
+        return _resize(img, size, cv2.INTER_LINEAR)
+
+    def apply_to_mask(
+        self, mask: np.ndarray, size: Sequence[int] = (1, 1), **params: Any
+    ) -> np.ndarray:
+        # INTER_NEAREST samples half a source pixel off the bilinear image grid; the _EXACT
+        # variant keeps label edges on the image edges.
+        return _resize(mask, size, cv2.INTER_NEAREST_EXACT)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("base_size", "base_side", "scale_range")
+
+
+def eval_input(
+    eval_size: Sequence[int] | None,
+    crop_size: Sequence[int] | None,
+    base_size: int | None,
+    full_resolution: bool = False,
+) -> tuple[tuple[int, int] | None, int | None]:
+    """The evaluation input rule, shared by the datamodules and ``experiments/predict.py``.
+
+    In order: an explicit ``eval_size`` is a fixed network input (stretched into, or letterboxed
+    with ``eval_keep_ratio``; training still applies ``base_size``, so the scales then differ);
+    else ``base_size`` fits each image as training does before its random scale; else
+    ``crop_size``, or each image's own size for datasets scored at ``full_resolution``.
+
+    Returns:
+        ``(eval_size, base_size)`` for :func:`build_eval_transform`; at most one is not None.
+    """
+    if eval_size is not None:
+        return (int(eval_size[0]), int(eval_size[1])), None
+    if base_size is not None:
+        return None, int(base_size)
+    if full_resolution or crop_size is None:
+        return None, None
+    return (int(crop_size[0]), int(crop_size[1])), None
+
+
+#: ``data.augmentation`` presets: the training settings each one imposes. ``default``: the
+#: config's own keys (random scale, rotation, crop, flip, colour). ``paper``: only what the RIM
+#: paper lists, rotation of +-10 degrees and cropping (a plain random crop): no random scale, no
+#: flip (so no left/right swap), no colour change. The base resize is the scale protocol, not an
+#: augmentation: it applies under every preset.
+AUGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {
+        "scale_range": (1.0, 1.0),
+        "rotate": 10.0,
+        "flip_prob": 0.0,
+        "color_jitter": 0.0,
+        "photometric": "jitter",
+        "cat_max_ratio": None,
+    },
+}
+
+
+def augmentation_settings(augmentation: str, **settings: Any) -> dict[str, Any]:
+    """``settings`` (keyword arguments of :func:`build_train_transform`) with the values that
+    the ``augmentation`` preset imposes replacing them.
+
+    Raises:
+        ValueError: naming ``data.augmentation`` for an unknown preset.
+    """
+    if augmentation not in AUGMENTATION_PRESETS:
+        raise ValueError(
+            f"data.augmentation must be one of {tuple(AUGMENTATION_PRESETS)}, got {augmentation!r}"
+        )
+    return {**settings, **AUGMENTATION_PRESETS[augmentation]}
+
+
 def _scale_clip_uint8(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
     """``img * alpha + beta`` in float32, clipped to 0..255 and truncated back to uint8."""
     return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
@@ -265,7 +457,10 @@ def _mask_to_uint8(mask: np.ndarray) -> np.ndarray:
 #: Bumped whenever the same (seed, epoch, index) starts giving other augmentation draws: it is
 #: part of the shared stage-1 key and of every parsing checkpoint, so neither a cached stage 1 nor a
 #: resume silently mixes draws of two versions. 2: one shared stream (:func:`seed_augmentation`).
-AUGMENTATION_VERSION = 2
+#: 3: the scale protocol (``data.base_size`` in the dataset configs: the random scale acts on the
+#: base-resized image, :class:`BaseRandomScale`); with ``base_size`` null and the default preset
+#: the draws are those of version 2.
+AUGMENTATION_VERSION = 3
 
 
 def seed_augmentation(aug: A.BaseCompose, seed: int) -> None:
@@ -280,7 +475,8 @@ def seed_augmentation(aug: A.BaseCompose, seed: int) -> None:
 
 
 class TrainTransform:
-    """Random scale, rotate, pad, crop, flip-with-swap, photometric change, normalise, to tensor.
+    """(Base resize and) random scale, rotate, pad, crop, flip-with-swap, photometric change,
+    normalise, to tensor.
 
     Output item: ``image`` (3, h, w) float32 normalised, ``mask`` (h, w) int64 with 255 where the
     rotation or padding left no label, ``name`` unchanged; ``(h, w) = crop_size``.
@@ -367,19 +563,32 @@ class EvalTransform:
     """Resize the image only (to the network input size), normalise; the label stays untouched.
 
     Output item: ``image`` (3, h, w) float32, ``mask`` (H, W) int64 at original resolution (if the
-    item has one), ``orig_size`` (2,) int64 ``(H, W)``, ``name``; with ``letterbox`` also
-    ``valid_box`` (4,) int64 ``(top, left, height, width)`` of the image inside the input.
+    item has one), ``orig_size`` (2,) int64 ``(H, W)``, ``name``; with ``letterbox`` or
+    ``short_side`` also ``valid_box`` (4,) int64 ``(top, left, height, width)`` of the image
+    inside the input.
 
     Args:
         aug: the albumentations pipeline (resize and/or normalisation).
         letterbox: ``(h, w)``: before ``aug``, scale the image to fit ``(h, w)`` with its aspect
             ratio kept and pad it centred with black (:func:`letterbox_image`); None: ``aug``
             alone decides the size.
+        short_side: before ``aug``, resize the image so that its short side has this length
+            (aspect kept, :func:`base_resize_size`) without padding: the input is the image
+            (``valid_box`` ``(0, 0, h, w)``) and ``collate_eval`` pads a batch of such inputs
+            bottom/right to its largest one.
     """
 
-    def __init__(self, aug: A.Compose, letterbox: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        aug: A.Compose,
+        letterbox: Sequence[int] | None = None,
+        short_side: int | None = None,
+    ) -> None:
+        if letterbox is not None and short_side is not None:
+            raise ValueError("EvalTransform takes a letterbox size or a short side, not both")
         self.aug = aug
         self.letterbox = tuple(int(v) for v in letterbox) if letterbox is not None else None
+        self.short_side = int(short_side) if short_side is not None else None
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         image = item["image"]
@@ -388,6 +597,10 @@ class EvalTransform:
         if self.letterbox is not None:
             image, box = letterbox_image(image, self.letterbox)
             extra["valid_box"] = torch.tensor(box, dtype=torch.int64)
+        elif self.short_side is not None:
+            size = base_resize_size(h, w, self.short_side, "short")
+            image = _resize(image, size, cv2.INTER_LINEAR)
+            extra["valid_box"] = torch.tensor((0, 0, *size), dtype=torch.int64)
         out = {
             **item,
             "image": _to_chw_tensor(self.aug(image=image)["image"]),
@@ -411,16 +624,20 @@ def build_train_transform(
     *,
     cat_max_ratio: float | None = None,
     photometric: str = "jitter",
+    base_size: int | None = None,
+    base_side: str = "long",
 ) -> TrainTransform:
     """Paired training augmentation.
 
     Args:
         crop_size: ``(h, w)`` of the output crop; smaller images are padded (mask with 255).
-        scale_range: ``(min, max)`` isotropic scale factor.
+        scale_range: ``(min, max)`` isotropic scale factor; relative to the base-resized image
+            when ``base_size`` is given, to the original image otherwise.
         rotate: maximum absolute rotation in degrees (0 disables); the mask uses nearest
             interpolation and fills 255, the image fills 0.
         flip_pairs: left/right class id pairs swapped by the horizontal flip.
-        flip_prob: probability of the horizontal flip.
+        flip_prob: probability of the horizontal flip (0 disables it, and with it the left/right
+            swap); a coin is drawn either way, so the other draws do not depend on it.
         color_jitter: brightness/contrast/saturation strength (hue gets a tenth), applied with
             probability 0.8; 0 disables. Used by ``photometric="jitter"`` only.
         mean, std: normalisation on the 0..1 scale (ImageNet by default).
@@ -429,17 +646,26 @@ def build_train_transform(
             mmsegmentation's ``RandomCrop(cat_max_ratio=...)`` (see ``CatMaxRatioRandomCrop``).
         photometric: ``"jitter"``: ``ColorJitter`` of strength ``color_jitter``; ``"mmseg"``:
             mmsegmentation's ``PhotoMetricDistortion`` (``color_jitter`` is then unused).
+        base_size, base_side: None: no base resize (the random scale acts on the original image,
+            as before the scale protocol). An int: first resize so that the long (or short) side
+            equals it, in the same interpolation as the random scale (:class:`BaseRandomScale`);
+            evaluation fits images the same way (:func:`build_eval_transform`).
     """
     crop_h, crop_w = (int(v) for v in crop_size)
     lo, hi = (float(v) for v in scale_range)
     if not 0 < lo <= hi:
         raise ValueError(f"scale_range must satisfy 0 < min <= max, got {scale_range}")
+    if not 0.0 <= float(flip_prob) <= 1.0:
+        raise ValueError(f"data.flip_prob must lie in [0, 1], got {flip_prob}")
+    base_size, base_side = check_base_resize(base_size, base_side)
     if photometric not in PHOTOMETRIC_MODES:
         raise ValueError(f"photometric must be one of {PHOTOMETRIC_MODES}, got {photometric!r}")
     if cat_max_ratio is not None and not 0 < float(cat_max_ratio) <= 1:
         raise ValueError(f"cat_max_ratio must lie in (0, 1] or be None, got {cat_max_ratio}")
     ops: list[A.BasicTransform] = []
-    if (lo, hi) != (1.0, 1.0):
+    if base_size is not None:
+        ops.append(BaseRandomScale(base_size, base_side, (lo, hi)))
+    elif (lo, hi) != (1.0, 1.0):
         # RandomScale samples 1 + U(scale_limit): express (lo, hi) relative to 1.
         ops.append(
             A.RandomScale(
@@ -475,7 +701,7 @@ def build_train_transform(
         A.RandomCrop(height=crop_h, width=crop_w)
         if cat_max_ratio is None
         else CatMaxRatioRandomCrop(crop_h, crop_w, cat_max_ratio=float(cat_max_ratio)),
-        HorizontalFlipSwap(flip_pairs=flip_pairs, p=flip_prob),
+        HorizontalFlipSwap(flip_pairs=flip_pairs, p=float(flip_prob)),
     ]
     if photometric == "mmseg":
         ops.append(PhotoMetricDistortion())
@@ -493,11 +719,15 @@ def build_eval_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     keep_ratio: bool = False,
+    *,
+    base_size: int | None = None,
+    base_side: str = "long",
 ) -> EvalTransform:
-    """Evaluation transform: image resized to ``eval_size`` ``(h, w)`` (kept as is if None).
+    """Evaluation transform: image resized to ``eval_size`` ``(h, w)``, or fitted by
+    ``base_size`` as training fits it, or kept as is (neither). :func:`eval_input` says which.
 
     The mask is not resized: scoring happens at the original resolution after the LightningModule
-    upsamples the logits to ``orig_size``.
+    upsamples the logits to ``orig_size`` (cropped to ``valid_box`` first when there is one).
 
     Args:
         eval_size: network input ``(h, w)``; None keeps each image's own size.
@@ -506,14 +736,31 @@ def build_eval_transform(
             stretching it, pad it centred with black and record the image's ``valid_box``
             (SCHP's evaluation input); the evaluation crops the scores to that box before
             resizing them to ``orig_size``. No effect without ``eval_size``.
+        base_size, base_side: instead of ``eval_size``: scale each image by
+            :func:`base_scale` (long or short side to ``base_size``, aspect kept), the factor
+            training applies before its random scale. ``long``: the input is
+            ``base_size x base_size``, the image centred with black padding (the letterbox of
+            ``keep_ratio``). ``short``: the input is the resized image itself; ``collate_eval``
+            pads a batch bottom/right to its largest image. Both record ``valid_box``.
     """
+    base_size, base_side = check_base_resize(base_size, base_side)
+    if base_size is not None and eval_size is not None:
+        raise ValueError(
+            f"eval_size={list(eval_size)} and base_size={base_size} both given: the evaluation "
+            "input is one or the other (datamodules.transforms.eval_input picks it)"
+        )
     ops: list[A.BasicTransform] = []
     letterbox = None
-    if eval_size is not None:
+    short_side = None
+    if base_size is not None and base_side == "long":
+        letterbox = (base_size, base_size)
+    elif base_size is not None:
+        short_side = base_size
+    elif eval_size is not None:
         h, w = (int(v) for v in eval_size)
         if keep_ratio:
             letterbox = (h, w)
         else:
             ops.append(A.Resize(height=h, width=w, interpolation=cv2.INTER_LINEAR))
     ops.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
-    return EvalTransform(A.Compose(ops), letterbox=letterbox)
+    return EvalTransform(A.Compose(ops), letterbox=letterbox, short_side=short_side)

@@ -37,7 +37,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, make_palette, save_label_png
-from datamodules.transforms import build_eval_transform
+from datamodules.transforms import build_eval_transform, check_base_resize, eval_input
 from lightning_modules.inference import scores_to_original
 
 log = logging.getLogger("rimlab.predict")
@@ -67,6 +67,9 @@ class Parser:
         eval_size: network input ``(h, w)``; None runs each image at its own size.
         keep_ratio: fit each image into ``eval_size`` with its aspect ratio kept (centred, black
             padding) and crop the scores back to it (``data.eval_keep_ratio`` of validation).
+        base_size: instead of ``eval_size``: fit each image as training did before its random
+            scale (``data.base_size``; ``datamodules.transforms.build_eval_transform``).
+        base_side: ``"long"`` or ``"short"`` (``data.base_side``).
         inference: evaluation protocol ``(net_forward, image) -> scores`` or None (one pass).
         device: where the net runs.
         config: the checkpoint's build config (``model`` / ``eval`` / ``data``).
@@ -81,6 +84,8 @@ class Parser:
     flip_pairs: list[list[int]] = field(default_factory=list)
     eval_size: tuple[int, int] | None = None
     keep_ratio: bool = False
+    base_size: int | None = None
+    base_side: str = "long"
     inference: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     config: dict[str, Any] = field(default_factory=dict)
@@ -90,7 +95,12 @@ class Parser:
         # The same resize + normalisation as validation (datamodules.transforms), so a prediction
         # here equals the validation prediction of the same image.
         self._transform = build_eval_transform(
-            self.eval_size, IMAGENET_MEAN, IMAGENET_STD, keep_ratio=self.keep_ratio
+            self.eval_size,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            keep_ratio=self.keep_ratio,
+            base_size=self.base_size,
+            base_side=self.base_side,
         )
 
     def write_ids(self, path: Path, ids: np.ndarray) -> None:
@@ -103,7 +113,8 @@ class Parser:
 
     def prepare(self, image: np.ndarray) -> tuple[Tensor, list[int] | None]:
         """``(H, W, 3)`` uint8 RGB -> ``(1, 3, h, w)`` normalised float32 on ``device``, and the
-        image's ``(top, left, height, width)`` inside it (None unless ``keep_ratio``)."""
+        image's ``(top, left, height, width)`` inside it (None unless ``keep_ratio`` or
+        ``base_size``)."""
         item = self._transform({"image": image})
         box = item.get("valid_box")
         return item["image"].unsqueeze(0).to(self.device), (
@@ -233,6 +244,8 @@ def _compose_fallback(model: str | None, data: str | None) -> dict[str, Any]:
         "eval_size",
         "crop_size",
         "eval_keep_ratio",
+        "base_size",
+        "base_side",
     )
     data_cfg = {k: cfg.data.get(k) for k in keys if k in cfg.data}
     return {
@@ -310,8 +323,10 @@ def load_parser(
         device: ``cpu``, ``cuda``, ``auto`` or a ``torch.device``.
         eval_name: eval protocol name (see :func:`eval_protocol`); None: the checkpoint's.
         eval_overrides: ``eval.<key>`` values.
-        size: network input ``(h, w)``; ``"checkpoint"``: the size validation used
-            (``data.eval_size``, else ``data.crop_size``); None or ``"original"``: each image's own.
+        size: network input ``(h, w)``; ``"checkpoint"``: the input validation used
+            (``datamodules.transforms.eval_input``: ``data.eval_size``, else the
+            ``data.base_size`` fit, else ``data.crop_size`` or, for full-resolution datasets,
+            each image's own size); None or ``"original"``: each image's own.
         weights: ``net`` (the trained weights), ``schp`` (the self-corrected average of a SCHP
             run) or ``auto`` (``schp`` when the checkpoint has an average, else ``net``).
         model: conf/model name, only for checkpoints without ``rimlab_config``.
@@ -372,14 +387,24 @@ def load_parser(
     palette = (
         np.asarray(palette, dtype=np.uint8) if palette is not None else make_palette(num_classes)
     )
+    base_size, base_side = None, "long"
     if size == "checkpoint":
-        size = data_cfg.get("eval_size")
-        if size is None:
-            # Validation's own input: full-resolution datasets ran each image at its own size.
-            size = "original" if data_cfg.get("full_resolution_eval") else data_cfg.get("crop_size")
-    if size == "original":
-        size = None
-    eval_size = tuple(int(v) for v in size) if size is not None else None
+        # Validation's own input, by the datamodules' rule; checkpoints from before the scale
+        # protocol have no base_size and keep their eval_size / crop_size / own-size input.
+        try:
+            base, base_side = check_base_resize(
+                data_cfg.get("base_size"), data_cfg.get("base_side") or "long"
+            )
+        except ValueError as err:
+            raise PredictError(f"{path}: {err}") from err
+        eval_size, base_size = eval_input(
+            data_cfg.get("eval_size"),
+            data_cfg.get("crop_size"),
+            base,
+            bool(data_cfg.get("full_resolution_eval")),
+        )
+    else:
+        eval_size = None if size in (None, "original") else tuple(int(v) for v in size)
     if keep_ratio in ("checkpoint", None):
         keep_ratio = checkpoint_keep_ratio(checkpoint, data_cfg)
     elif not isinstance(keep_ratio, bool):
@@ -412,6 +437,8 @@ def load_parser(
         flip_pairs=[list(p) for p in data_cfg.get("flip_pairs") or []],
         eval_size=eval_size,
         keep_ratio=keep_ratio,
+        base_size=base_size,
+        base_side=base_side,
         inference=eval_protocol(config, eval_name, eval_overrides),
         device=device,
         config=config,

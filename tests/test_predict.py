@@ -86,12 +86,20 @@ def test_predict_runs_full_resolution_datasets_at_their_own_size(trained, tmp_pa
         torch.load(ckpt, weights_only=True)["rimlab_config"]["data"]["full_resolution_eval"]
         is False
     )
+    assert (cs["data"]["base_size"], cs["data"]["base_side"]) == (1024, "short")
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    # Without base_size (checkpoints from before the scale protocol): crop_size or own size.
     for full, expected in ((True, None), (False, (24, 24))):
         data = saved["rimlab_config"]["data"]
-        data.update(eval_size=None, crop_size=[24, 24], full_resolution_eval=full)
+        data.update(eval_size=None, crop_size=[24, 24], full_resolution_eval=full, base_size=None)
         torch.save(saved, tmp_path / "c.ckpt")
         assert load_parser(tmp_path / "c.ckpt").eval_size == expected
+    # With base_size, eval_size null is the base_size fit for every dataset, as validation does.
+    for full in (True, False):
+        saved["rimlab_config"]["data"].update(full_resolution_eval=full, base_size=112)
+        torch.save(saved, tmp_path / "c.ckpt")
+        parser = load_parser(tmp_path / "c.ckpt")
+        assert parser.eval_size is None and (parser.base_size, parser.base_side) == (112, "long")
 
 
 def test_resume_from_another_augmentation_version_warns(trained, caplog):
