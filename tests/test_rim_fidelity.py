@@ -1,0 +1,121 @@
+"""RIM's open protocol choices as switches: the stage-1 confusion matrix and the CPA reading chosen
+in stage 2, old stage-1 checkpoints refused with a message, the side-output target in stage 2, and
+the stage-1 key that ignores every stage-2 switch."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from cfg_utils import TINY, compose_cfg
+
+from experiments.rim import stage2_overrides
+from experiments.stages import stage1_key
+from experiments.train import ConfigError, build_module, validate_config
+from samplers import class_pixel_accuracy, keep_probabilities
+
+RIM = [*TINY, "schedule=rim", "sampler=arbs", "loss=ce_ilm"]
+
+
+class _Counts:
+    """The two count methods of a parsing datamodule, with fixed numbers."""
+
+    def __init__(self, pixels: list[int], regions: list[int]) -> None:
+        self.pixels, self.regions = pixels, regions
+
+    def class_pixel_counts(self):
+        return torch.tensor(self.pixels)
+
+    def class_region_counts(self):
+        return torch.tensor(self.regions)
+
+
+def _stage2(tmp_path, *overrides: str):
+    cfg = compose_cfg([*RIM, *overrides], tmp_path)
+    return cfg, build_module(cfg, stage2_overrides(cfg))
+
+
+def _attach(module, datamodule) -> None:
+    # _init_sampler reads the training set's counts through the trainer's datamodule.
+    module._trainer = SimpleNamespace(datamodule=datamodule, loggers=[], global_step=0)
+
+
+@pytest.mark.parametrize("reading", ["recall", "precision"])
+def test_stage2_chooses_the_cpa_reading_from_the_stored_matrix(tmp_path, reading):
+    cfg, module = _stage2(tmp_path, f"sampler.cpa={reading}")
+    c = module.num_classes
+    confusion = torch.zeros(c, c, dtype=torch.int64)
+    confusion[0, 0], confusion[0, 1] = 80, 20  # class 0: recall 0.8
+    confusion[1, 1], confusion[2, 1] = 30, 30  # class 1: recall 1.0, precision 30/80
+    confusion[2, 2] = 10  # class 2: recall 10/40, precision 1.0
+    module.early_confusion.copy_(confusion)
+    module.early_cpa_epoch.fill_(3)
+    pixels = [1000] * c
+    _attach(module, _Counts(pixels, [5] * c))
+    module._init_sampler()
+    expected = keep_probabilities(class_pixel_accuracy(confusion, reading))
+    torch.testing.assert_close(module.sampler.probs.double(), expected.float().double())
+    report = module.sampling_report()
+    assert report["cpa"] == reading
+    share = float((expected * 1000).sum() / (1000 * c))
+    assert report["expected_kept_share"] == pytest.approx(share, rel=1e-6)
+    # the reading is not part of the stage-1 key: both readings share one stage 1
+    other = compose_cfg([*RIM, "sampler.cpa=precision", "sampler.eta=0.5"], tmp_path)
+    assert stage1_key(cfg) == stage1_key(other)
+
+
+def test_old_stage1_checkpoint_with_only_a_cpa_vector_is_refused(tmp_path):
+    _, module = _stage2(tmp_path)
+    c = module.num_classes
+    state = {k: v for k, v in module.state_dict().items() if k != "early_confusion"}
+    state["early_cpa"] = torch.linspace(0.1, 0.9, c, dtype=torch.float64)
+    path = tmp_path / "old_stage1.ckpt"
+    torch.save({"state_dict": state}, path)
+    _, fresh = _stage2(tmp_path)
+    fresh.load_init_weights(str(path))  # the weights still load
+    _attach(fresh, _Counts([1] * c, [1] * c))
+    with pytest.raises(RuntimeError, match="older rimlab .* Retrain stage 1"):
+        fresh._init_sampler()
+    # resuming such a checkpoint through Lightning's strict load works too
+    fresh.on_load_checkpoint({"state_dict": state})
+    fresh.load_state_dict(state)
+    assert int(fresh.early_confusion.sum()) == 0
+
+
+def test_low_expected_kept_share_warns_loudly(tmp_path, caplog):
+    _, module = _stage2(tmp_path, "sampler=nrbs", "sampler.nrbs_count=pixels")
+    c = module.num_classes
+    pixels = [10_000_000] + [1] * (c - 1)  # one huge class: eta = 1 pixel keeps ~nothing of it
+    _attach(module, _Counts(pixels, [1] * c))
+    with caplog.at_level("WARNING"):
+        module._init_sampler()
+    assert module.sampling_report()["expected_kept_share"] < 0.01
+    assert "below 1%" in caplog.text
+
+
+def test_side_target_off_freezes_danet_side_heads_and_full_keeps_them(tmp_path):
+    for target, frozen in (("off", {"aux", "pam", "cam"}), ("sampled", {"aux"}), ("full", {"aux"})):
+        _, module = _stage2(tmp_path, "model=danet_lite", f"loss.side_target={target}")
+        assert set(module.frozen_heads) == frozen, target
+    # stage 1 and the baseline always train the side heads on the full target
+    cfg = compose_cfg([*RIM, "model=danet_lite", "loss.side_target=off"], tmp_path)
+    base = compose_cfg([*RIM, "model=danet_lite"], tmp_path)
+    assert stage1_key(cfg) == stage1_key(base)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("sampler.cpa=iou", "sampler.cpa"),
+        ("sampler.eta=-1", "sampler.eta"),
+        ("sampler.nrbs_count=images", "sampler.nrbs_count"),
+        ("loss.main_normalizer=all", "loss.main_normalizer"),
+        ("loss.side_target=none", "loss.side_target"),
+        ("metrics.mpa=iou", "metrics.mpa"),
+    ],
+)
+def test_bad_switch_values_name_the_key(tmp_path, override, key):
+    cfg = compose_cfg([*RIM, override], tmp_path)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(cfg)
