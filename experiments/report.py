@@ -631,7 +631,7 @@ def predict_examples(rim: Fit, images: int) -> list[tuple[Any, Any, Any, Any]]:
     import torch
     from omegaconf import OmegaConf, open_dict
 
-    from experiments.stages import STAGE1_OVERRIDES
+    from experiments.stages import stage1_overrides
     from experiments.train import build_datamodule, build_module
     from lightning_modules.dashboard import validation_example
 
@@ -650,7 +650,7 @@ def predict_examples(rim: Fit, images: int) -> list[tuple[Any, Any, Any, Any]]:
         cfg.paths.work_dir = str(rim.job)
     datamodule = build_datamodule(cfg)
     datamodule.setup("validate")
-    module = build_module(cfg, STAGE1_OVERRIDES).eval()
+    module = build_module(cfg, stage1_overrides(cfg)).eval()
     batches = []
     for batch in datamodule.val_dataloader():
         batches.append(batch)

@@ -36,6 +36,7 @@ from experiments.train import (
     resume_checkpoint,
     summarise,
 )
+from lightning_modules.loggers import finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         stage_dir,
         max_epochs=int(schedule.total_epochs) - int(schedule.stage1_epochs),
         seed=stage2_seed,
+        role="stage2",
     )
     if cfg.train:
         ckpt_path = cfg.get("ckpt_path") or resume_checkpoint(cfg, stage_dir)
@@ -155,6 +157,8 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["class_region_counts"] = dict(zip(names, (int(c) for c in regions), strict=True))
     if cfg.train:
         results["checkpoints"] = checkpoint_paths(trainer)
+    # Stage 2's own W&B run ends with its evaluation (stage 1 and the baseline ended theirs).
+    finish_wandb(trainer.loggers, results["val"])
     print_comparison(results)
     return results
 

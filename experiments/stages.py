@@ -252,23 +252,35 @@ def _coordinated(lock: Path, finished: Callable[[], bool]) -> Iterator[bool]:
 
 
 def _train_shared(
-    cfg: DictConfig, directory: Path, epochs: int, resume: str | None, final: Path, seed: int
+    cfg: DictConfig,
+    directory: Path,
+    epochs: int,
+    resume: str | None,
+    final: Path,
+    seed: int,
+    role: str,
 ) -> dict[str, Any] | None:
     """Fits the stage-1 model of ``cfg`` to ``epochs`` in ``directory``; returns its val scores.
 
     ``final`` (a full checkpoint) and ``directory/scores.json`` are written at the end of fit from
-    inside the training processes, so spawn launchers work too.
+    inside the training processes, so spawn launchers work too. ``role`` ("stage1" or
+    "baseline") is the fit's W&B job type; its W&B run ends here, before the job's next fit.
     """
     from experiments.train import build_datamodule, build_module, build_trainer
+    from lightning_modules.loggers import finish_wandb
 
     pl.seed_everything(seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, stage1_overrides(cfg))
-    trainer = build_trainer(cfg, directory, max_epochs=epochs, final_checkpoint=final, seed=seed)
+    trainer = build_trainer(
+        cfg, directory, max_epochs=epochs, final_checkpoint=final, seed=seed, role=role
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     trainer.strategy.barrier()
     scores = directory / "scores.json"
-    return json.loads(scores.read_text()).get("val") if scores.exists() else None
+    val = json.loads(scores.read_text()).get("val") if scores.exists() else None
+    finish_wandb(trainer.loggers, val)
+    return val
 
 
 def shared_stage1(cfg: DictConfig) -> Stage1:
@@ -302,7 +314,7 @@ def shared_stage1(cfg: DictConfig) -> Stage1:
             directory,
             f", resuming {last}" if resume else "",
         )
-        val = _train_shared(cfg, directory, epochs, resume, final, cfg.seed)
+        val = _train_shared(cfg, directory, epochs, resume, final, cfg.seed, "stage1")
         if launcher_rank() == 0:
             write_results(done, {"key": key, "epochs": epochs, "val": val})
         return Stage1(directory, final, val)
@@ -328,7 +340,7 @@ def shared_baseline(cfg: DictConfig, stage1: Stage1) -> Stage1:
         resume = str(last) if last.exists() else str(stage1.checkpoint)
         log.info("training the baseline to epoch %d in %s from %s", total, directory, resume)
         # Every epoch is seeded from (seed, epoch): the continuation is the uninterrupted baseline.
-        val = _train_shared(cfg, directory, total, resume, final, cfg.seed)
+        val = _train_shared(cfg, directory, total, resume, final, cfg.seed, "baseline")
         if launcher_rank() == 0:
             write_results(done, {"epochs": total, "val": val})
         return Stage1(directory, final, val)

@@ -31,6 +31,7 @@ from experiments.stages import launcher_rank, shared_stage1
 from lightning_modules import ParsingLitModule
 from lightning_modules.callbacks import EpochSeed, Interruption, StageEnd
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.loggers import finish_wandb
 from lightning_modules.metrics import MPA_DEFINITIONS, format_scores_table, scores_to_json
 from losses.modules import MAIN_NORMALIZERS, SIDE_TARGETS
 from samplers.regional import CPA_READINGS, NRBS_COUNTS, check_eta
@@ -238,22 +239,6 @@ def build_callbacks(cfg: DictConfig, out_dir: Path) -> list[pl.Callback]:
     return callbacks
 
 
-# Overrides that make a job a variant of its experiment (W&B run names); paths, loader and
-# hardware keys do not.
-_VARIANT_GROUPS = (
-    "model",
-    "sampler",
-    "loss",
-    "optimizer",
-    "schedule",
-    "module",
-    "eval",
-    "seed",
-    "data",
-)
-_NOT_VARIANT = ("data.root", "data.num_workers", "data.pin_memory", "schedule.stage1_dir")
-
-
 def job_overrides() -> list[str]:
     """The command-line overrides of this Hydra job (empty outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
@@ -262,16 +247,6 @@ def job_overrides() -> list[str]:
         return [str(o) for o in HydraConfig.get().overrides.task]
     except ValueError:  # no Hydra job (a library call)
         return []
-
-
-def variant_label(overrides: list[str]) -> str:
-    """``"sampler=arbs,loss=ce_ilm"``: the overrides that say which ablation a job is."""
-    keep = []
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if key.split(".")[0] in _VARIANT_GROUPS and key not in _NOT_VARIANT:
-            keep.append(item.lstrip("+~"))
-    return ",".join(keep)
 
 
 def resume_command(cfg: DictConfig) -> str:
@@ -289,21 +264,25 @@ def resume_command(cfg: DictConfig) -> str:
     )
 
 
-def _stage_label(cfg: DictConfig, out_dir: Path) -> str | None:
-    if out_dir.name in ("stage2", "baseline"):
-        return out_dir.name
-    if Path(str(cfg.schedule.get("stage1_dir", ""))) == out_dir.parent:
-        return "stage1"
-    return None
+def build_loggers(
+    cfg: DictConfig, out_dir: Path, name_suffix: str = "", role: str = "train"
+) -> list[Logger]:
+    """The configured loggers of one fit, writing below ``out_dir``.
 
+    Each fit gets its own W&B run: named ``<variant> seed=<seed><name_suffix>`` (the variant as
+    :func:`experiments.variants.describe` reads it from the config, after the configured
+    ``logger.wandb.name`` if one is set), grouped by the configured group (the task name), typed by
+    ``role`` (``job_type`` stage1, baseline, stage2, or the configured one for ``train``), with the
+    variant's switches as config columns and the whole resolved config under ``cfg``. The caller
+    ends the run after the fit's own evaluation (:func:`lightning_modules.loggers.finish_wandb`):
+    Lightning's WandbLogger would otherwise log the next fit into it.
 
-def build_loggers(cfg: DictConfig, out_dir: Path, name_suffix: str = "") -> list[Logger]:
-    """The configured loggers, writing below ``out_dir``.
-
-    W&B runs are named ``<task_name>[<ablation overrides>]<name_suffix>``, grouped by task name,
-    typed by stage (``job_type``: stage1, stage2, baseline, or the configured one) and get the
-    whole resolved config.
+    Args:
+        role: which fit of the job (:data:`experiments.variants.ROLES`).
     """
+    from experiments.variants import describe
+
+    variant = describe(cfg, role)
     loggers: list[Logger] = []
     for _, lg_cfg in (cfg.get("logger") or {}).items():
         if not isinstance(lg_cfg, DictConfig) or "_target_" not in lg_cfg:
@@ -316,18 +295,18 @@ def build_loggers(cfg: DictConfig, out_dir: Path, name_suffix: str = "") -> list
                 lg_cfg.save_dir = str(
                     out_dir if sub == Path(str(cfg.paths.output_dir)).name else out_dir / sub
                 )
-            if is_wandb and lg_cfg.get("name"):
-                variant = variant_label(job_overrides())
-                if variant:
-                    lg_cfg.name = f"{lg_cfg.name}[{variant}]"
-                stage = _stage_label(cfg, out_dir)
-                if stage:
-                    lg_cfg.job_type = stage
+            if is_wandb:
+                name = f"{variant.name()} seed={variant.seed}"
+                lg_cfg.name = f"{lg_cfg.name}: {name}" if lg_cfg.get("name") else name
+                if role != "train":
+                    lg_cfg.job_type = role
             if name_suffix and lg_cfg.get("name"):
                 lg_cfg.name = f"{lg_cfg.name}{name_suffix}"
         logger = hydra.utils.instantiate(lg_cfg)
         if is_wandb:
-            logger.log_hyperparams({"cfg": OmegaConf.to_container(cfg, resolve=True)})
+            logger.log_hyperparams(
+                {**variant.columns(), "cfg": OmegaConf.to_container(cfg, resolve=True)}
+            )
         loggers.append(logger)
     return loggers
 
@@ -339,8 +318,11 @@ def build_trainer(
     loggers: list[Logger] | None = None,
     final_checkpoint: Path | None = None,
     seed: int | None = None,
+    role: str = "train",
 ) -> pl.Trainer:
     """A Trainer for one stage: configured trainer keys, this stage's epochs and output folder.
+
+    ``role`` (stage1, baseline, stage2, train) types the fit's own W&B run (:func:`build_loggers`).
 
     Every training epoch is seeded from ``(seed, epoch, rank)`` (default seed: ``cfg.seed``; see
     :class:`~lightning_modules.callbacks.EpochSeed`), which makes resumes exact.
@@ -363,7 +345,7 @@ def build_trainer(
             Interruption(str(out_dir), resume_command(cfg)),
             stage_end,
         ],
-        logger=loggers if loggers is not None else build_loggers(cfg, out_dir),
+        logger=loggers if loggers is not None else build_loggers(cfg, out_dir, role=role),
     )
 
 
@@ -622,4 +604,5 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             log.warning("test=true but the test split has no labels: nothing to score")
     if cfg.train:
         results["checkpoints"] = checkpoint_paths(trainer)
+    finish_wandb(trainer.loggers, results["val"])
     return results

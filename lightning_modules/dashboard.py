@@ -1,4 +1,4 @@
-"""W&B dashboard of a parsing run: per-class tables, confusion matrix, sampler statistics, overlays.
+"""W&B dashboard of a parsing run: per-class tables, confusion matrix, sampler statistics, masks.
 
 Does nothing unless a ``WandbLogger`` is attached, so it sits in the default callbacks.
 """
@@ -45,7 +45,7 @@ def palette(num_classes: int) -> np.ndarray:
 def class_colours(
     trainer: pl.Trainer, pl_module: pl.LightningModule, num_classes: int
 ) -> np.ndarray:
-    """The (C, 3) uint8 RGB colours of the overlays: the dataset's palette when one is given.
+    """The (C, 3) uint8 RGB colours of the classes in plots: the dataset's palette when given.
 
     Looked up on the trainer's datamodule (``palette``, e.g. ``data.palette`` of conf/data/*.yaml),
     then in the module's saved build config (``build_config["data"]["palette"]``, set by the
@@ -75,18 +75,16 @@ def class_colours(
     return pal.astype(np.uint8)
 
 
-def overlay(
-    image: np.ndarray,
-    mask: np.ndarray,
-    colours: np.ndarray,
-    alpha: float = 0.5,
-    ignore_index: int = 255,
-) -> np.ndarray:
-    """Blends class colours into ``image`` (H, W, 3) uint8 where ``mask`` (H, W) is labelled."""
-    out = image.astype(np.float32).copy()
-    valid = mask != ignore_index
-    out[valid] = (1 - alpha) * out[valid] + alpha * colours[mask[valid]].astype(np.float32)
-    return out.clip(0, 255).astype(np.uint8)
+def mask_labels(names: list[str], ignore_index: int = 255) -> dict[int, str]:
+    """``{class id: name}`` for W&B masks, the ignore label included so its pixels are named."""
+    labels = dict(enumerate(names))
+    labels[ignore_index] = "ignore"
+    return labels
+
+
+def _mask(ids: np.ndarray) -> np.ndarray:
+    # W&B stores masks as 8-bit PNGs: ids up to 255 (ignore included) fit.
+    return ids.astype(np.uint8) if ids.max(initial=0) <= 255 else ids.astype(np.int32)
 
 
 def _heatmap(matrix: np.ndarray, names: list[str]) -> np.ndarray:
@@ -148,7 +146,8 @@ def validation_example(
 
 class WandbDashboard(pl.Callback):
     """Logs per-class IoU / CPA tables, a confusion matrix, the sampler's distribution and keep
-    probabilities, and a few validation images with ground truth and prediction overlaid.
+    probabilities, and a few validation images with ground truth and prediction as W&B
+    segmentation masks (``wandb.Image(..., masks=...)``, class names attached).
 
     Args:
         num_images: validation images logged each validation epoch.
@@ -202,18 +201,18 @@ class WandbDashboard(pl.Callback):
                     _heatmap(normed, names), caption="rows: ground truth, cols: prediction"
                 )
         if self._images:
-            colours = class_colours(trainer, pl_module, len(names))
+            # W&B segmentation masks rather than blended pictures: the app toggles each class (and
+            # ground truth vs prediction) and shows their names on hover.
             ignore = int(getattr(pl_module, "ignore_index", 255))
+            labels = mask_labels(names, ignore)
             payload["val/examples"] = [
                 wandb.Image(
-                    np.concatenate(
-                        [
-                            overlay(img, gt, colours, ignore_index=ignore),
-                            overlay(img, pred, colours, ignore_index=ignore),
-                        ],
-                        axis=1,
-                    ),
-                    caption="ground truth | prediction",
+                    img,
+                    masks={
+                        "prediction": {"mask_data": _mask(pred), "class_labels": labels},
+                        "ground_truth": {"mask_data": _mask(gt), "class_labels": labels},
+                    },
+                    caption="toggle prediction / ground truth",
                 )
                 for img, gt, pred in self._images
             ]

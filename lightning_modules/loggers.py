@@ -6,10 +6,13 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlparse
 
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +82,41 @@ class WandbLogger(_LightningWandbLogger):
 
             kwargs["settings"] = wandb.Settings(init_timeout=float(init_timeout))
         super().__init__(*args, offline=offline, **kwargs)
+
+
+# results.json scores key -> W&B summary column. Both MPA readings, so the runs table can sort
+# and average by either whatever metrics.mpa a run used.
+SUMMARY_KEYS = {
+    "PA": "final/PA",
+    "mRecall": "final/MPA_recall",
+    "mPrecision": "final/MPA_precision",
+    "mIoU": "final/mIoU",
+    "mAcc": "final/mAcc",
+    "MPA": "final/MPA",
+}
+
+
+def final_summary(scores: Mapping[str, Any] | None) -> dict[str, float]:
+    """The W&B summary columns of a results.json scores entry (``final/PA``,
+    ``final/MPA_recall``, ``final/MPA_precision``, ``final/mIoU``, ...; missing ones left out)."""
+    scores = scores or {}
+    out = {col: float(scores[k]) for k, col in SUMMARY_KEYS.items() if scores.get(k) is not None}
+    if "final/MPA_recall" not in out and scores.get("mAcc") is not None:
+        out["final/MPA_recall"] = float(scores["mAcc"])  # mmseg's mAcc is the recall reading
+    return out
+
+
+@rank_zero_only
+def finish_wandb(loggers: Iterable[Logger], scores: Mapping[str, Any] | None = None) -> None:
+    """Writes ``scores``' final columns into each W&B logger's run summary and ends the run.
+
+    Call it after a fit's own evaluation: Lightning's ``WandbLogger`` attaches to ``wandb.run``
+    when one is active, so without it the next fit of the job (baseline after stage 1, stage 2)
+    would log into this run instead of its own.
+    """
+    for logger in loggers:
+        if not isinstance(logger, _LightningWandbLogger):
+            continue
+        run = logger.experiment
+        run.summary.update(final_summary(scores))
+        run.finish()

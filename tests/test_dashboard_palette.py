@@ -1,4 +1,5 @@
-"""The W&B dashboard colours its overlays with the dataset's palette (data.palette)."""
+"""The W&B dashboard logs validation examples as segmentation masks; class colours follow the
+dataset's palette (data.palette)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ CONFIGURED = [[10, 20, 30], [200, 100, 50], [0, 255, 128]]
 
 
 class _FakeImage:
-    def __init__(self, data, caption=None):
-        self.data, self.caption = np.asarray(data), caption
+    def __init__(self, data, caption=None, masks=None):
+        self.data, self.caption, self.masks = np.asarray(data), caption, masks
 
 
 class _FakeTable:
@@ -62,47 +63,35 @@ def _fake_module(build_config=None):
     )
 
 
-def _logged_overlays(trainer, module, fake_wandb):
-    """Logs one black image with gt and prediction masks holding every class and an ignored
-    pixel; returns the (ground truth, prediction) overlays, (H, W, 3) uint8 each."""
+def test_examples_are_wandb_masks_with_class_names(fake_wandb):
+    """One image with gt and prediction holding every class and an ignored pixel: the image goes
+    out untouched, both label maps as masks with the class names (ignore included)."""
     gt = np.array([[0, 1, 2, 255]], dtype=np.int64)
     pred = np.array([[2, 1, 0, 1]], dtype=np.int64)
-    image = np.zeros((1, 4, 3), dtype=np.uint8)
+    image = np.arange(12, dtype=np.uint8).reshape(1, 4, 3)
     dashboard = WandbDashboard(num_images=1)
     dashboard._images = [(image, gt, pred)]
-    dashboard.on_validation_end(trainer, module)
+    dashboard.on_validation_end(_fake_trainer(SimpleNamespace()), _fake_module())
     (payload,) = fake_wandb.logged
     (example,) = payload["val/examples"]
-    return example.data[:, :4], example.data[:, 4:]
+    assert example.data.tolist() == image.tolist()  # not blended
+    labels = {0: "background", 1: "hat", 2: "face", 255: "ignore"}
+    assert example.masks["ground_truth"]["class_labels"] == labels
+    assert example.masks["prediction"]["class_labels"] == labels
+    assert example.masks["ground_truth"]["mask_data"].tolist() == [[0, 1, 2, 255]]
+    assert example.masks["prediction"]["mask_data"].tolist() == [[2, 1, 0, 1]]
+    assert example.masks["prediction"]["mask_data"].dtype == np.uint8
 
 
-def _blend(colour) -> list[int]:
-    # overlay(): alpha 0.5 of the class colour over a black image.
-    return [int(0.5 * c) for c in colour]
+def test_class_colours_use_the_datamodule_then_checkpoint_palette():
+    from lightning_modules.dashboard import class_colours
 
-
-def test_overlays_use_the_datamodule_palette(fake_wandb):
     datamodule = SimpleNamespace(palette=np.array(CONFIGURED, dtype=np.uint8))
-    gt_overlay, pred_overlay = _logged_overlays(
-        _fake_trainer(datamodule), _fake_module(), fake_wandb
-    )
-    assert gt_overlay[0, :3].tolist() == [_blend(CONFIGURED[c]) for c in (0, 1, 2)]
-    assert gt_overlay[0, 3].tolist() == [0, 0, 0]  # ignored pixel left as it is
-    assert pred_overlay[0].tolist() == [_blend(CONFIGURED[c]) for c in (2, 1, 0, 1)]
-
-
-def test_overlays_use_the_checkpoint_palette_without_a_datamodule(fake_wandb):
+    assert class_colours(_fake_trainer(datamodule), _fake_module(), 3).tolist() == CONFIGURED
     build = {"data": {"palette": CONFIGURED}}
-    gt_overlay, _ = _logged_overlays(_fake_trainer(None), _fake_module(build), fake_wandb)
-    assert gt_overlay[0, :3].tolist() == [_blend(CONFIGURED[c]) for c in (0, 1, 2)]
-
-
-def test_overlays_fall_back_to_the_generated_palette(fake_wandb):
-    datamodule = SimpleNamespace()  # no palette attribute
-    gt_overlay, _ = _logged_overlays(_fake_trainer(datamodule), _fake_module(), fake_wandb)
-    voc = palette(3)
-    assert voc.tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
-    assert gt_overlay[0, :3].tolist() == [_blend(voc[c]) for c in (0, 1, 2)]
+    assert class_colours(_fake_trainer(None), _fake_module(build), 3).tolist() == CONFIGURED
+    voc = class_colours(_fake_trainer(SimpleNamespace()), _fake_module(), 3)
+    assert voc.tolist() == palette(3).tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
 
 
 def test_palette_of_the_wrong_length_is_a_clear_error():

@@ -198,10 +198,8 @@ def test_wandb_without_network_logs_offline_dashboard(tmp_path, data_dir, monkey
     assert time.monotonic() - start < 120
     assert "did not answer" in caplog.text
     (logger,) = made
-    assert (
-        logger._wandb_init["name"].startswith("quickstart[")
-        and "loss=focal" in (logger._wandb_init["name"])
-    )
+    # Named by what it is (experiments/variants.py): a one-stage focal-loss PSPNet, seed 42.
+    assert logger._wandb_init["name"] == "PSPNet [main_loss=FocalLoss, schedule=single] seed=42"
     assert logger._wandb_init["group"] == "quickstart"
     runs = list((tmp_path / "run").rglob("offline-run-*"))
     assert runs, "no offline W&B run written"
