@@ -651,11 +651,20 @@ def predict_examples(rim: Fit, images: int) -> list[tuple[Any, Any, Any, Any]]:
     datamodule = build_datamodule(cfg)
     datamodule.setup("validate")
     module = build_module(cfg, stage1_overrides(cfg)).eval()
-    batches = []
+    # One-image batches: validation_example draws the first image of a batch.
+    batches: list[dict[str, Any]] = []
     for batch in datamodule.val_dataloader():
-        batches.append(batch)
+        for i in range(len(batch["image"])):
+            batches.append(
+                {
+                    k: v[i : i + 1]
+                    for k, v in batch.items()
+                    if isinstance(v, torch.Tensor | list | tuple)
+                }
+            )
         if len(batches) >= images:
             break
+    batches = batches[:images]
     predictions: dict[Path, list[Any]] = {}
     for ckpt in (base_ckpt, rim_ckpt):
         module.load_init_weights(str(ckpt))
