@@ -38,7 +38,8 @@ def test_rim_overhead_smoke(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["overhead_percent"] == result["overhead_percent"]
     ms = saved["ms_per_step"]
-    assert set(ms) == {"ce", "arbs_ilm"} and all(v > 0 for v in ms.values())
+    assert set(ms) == {"ce", "arbs_ilm", "arbs_ilm_kept"} and all(v > 0 for v in ms.values())
+    assert "labelled_vs_kept_normalizer_percent" in saved
     assert saved["images_per_s"]["ce"] == pytest.approx(2 / (ms["ce"] / 1000))
 
 
