@@ -1,4 +1,10 @@
-"""Learning-rate schedules stepped once per optimisation step."""
+"""Learning-rate schedules stepped once per optimisation step.
+
+A schedule with ``lr_interval: epoch`` is still stepped every optimisation step, but its factor
+is read at the first step of the current epoch (:func:`epoch_start_step`): the learning rate then
+changes only between epochs, as with a scheduler stepped once per epoch (SCHP's), and resuming
+mid-epoch needs no separate epoch counter.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,21 @@ from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+LR_INTERVALS = ("step", "epoch")
+
+
+def check_lr_interval(lr_interval: str) -> str:
+    """Returns ``lr_interval`` if it is one of :data:`LR_INTERVALS`, else raises ``ValueError``."""
+    if lr_interval not in LR_INTERVALS:
+        raise ValueError(f"lr_interval={lr_interval!r}: expected one of {LR_INTERVALS}")
+    return lr_interval
+
+
+def epoch_start_step(step: int, steps_per_epoch: int) -> int:
+    """The first optimisation step of the epoch that contains ``step`` (0-based)."""
+    spe = max(1, int(steps_per_epoch))
+    return (int(step) // spe) * spe
 
 
 def cosine_factor(

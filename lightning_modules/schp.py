@@ -22,10 +22,11 @@ model each step (as in SCHP's code), so that model *is* the refined-label state.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,11 +39,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_modules.parsing import ParsingLitModule
-from lightning_modules.schedulers import cosine_factor
+from lightning_modules.schedulers import check_lr_interval, cosine_factor, epoch_start_step
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "REFINE_MODES",
     "BNMoments",
     "SCHPCycle",
     "SCHPLitModule",
@@ -96,10 +98,20 @@ def schp_schedule(
     warmup_epochs: float = 10,
     min_lr_ratio: float = 0.01,
     cycle_lr_ratio: float = 0.5,
+    lr_interval: str = "step",
 ) -> LambdaLR:
-    """Per-step :func:`schp_lr_factor` (the ``module.scheduler`` partial of SCHP experiments)."""
+    """:func:`schp_lr_factor` as a scheduler (the ``module.scheduler`` partial of SCHP experiments).
+
+    Args:
+        lr_interval: ``step`` moves the learning rate every optimisation step; ``epoch`` holds it
+            at the value of the epoch's first step for the whole epoch, as SCHP's
+            ``SGDRScheduler`` (stepped once per epoch) does (:func:`epoch_start_step`).
+    """
+    quantise = check_lr_interval(lr_interval) == "epoch"
 
     def factor(step: int) -> float:
+        if quantise:
+            step = epoch_start_step(step, steps_per_epoch)
         return schp_lr_factor(
             step,
             steps_per_epoch,
@@ -320,6 +332,32 @@ def reestimate_bn(
 
 # ---------------------------------------------------------------------- the system
 
+REFINE_MODES = ("train", "eval")
+"""Mode of the averaged model while it makes the refined labels: ``train`` (SCHP's code: batch
+statistics, dropout active) or ``eval`` (the re-estimated statistics, no dropout)."""
+
+
+@contextlib.contextmanager
+def batch_statistics_mode(model: nn.Module) -> Iterator[None]:
+    """Runs ``model`` in train mode without touching its BatchNorm running statistics.
+
+    Train mode normalises with each batch's own statistics and activates dropout (what SCHP's
+    averaged model does when it labels a batch); ``track_running_stats`` is switched off for the
+    duration, so the re-estimated statistics that evaluation uses stay as they are (SCHP's code
+    lets each labelled batch move them by momentum 0.1 until the next re-estimation).
+    """
+    was_training = model.training
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    model.train()
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+        model.train(was_training)
+
 
 class SCHPLitModule(ParsingLitModule):
     """:class:`ParsingLitModule` with SCHP's averaged model and self-corrected targets.
@@ -331,6 +369,9 @@ class SCHPLitModule(ParsingLitModule):
             gives model aggregation alone.
         eval_with: ``"schp"`` validates / tests / predicts with the averaged model once it exists
             (what SCHP reports), ``"net"`` with the current weights.
+        refine_mode: ``"train"`` (SCHP's code) makes the refined labels with the averaged model in
+            train mode (batch statistics, dropout; :func:`batch_statistics_mode`), ``"eval"`` with
+            its re-estimated statistics and no dropout. Validation always uses eval mode.
 
     State (in ``state_dict``): ``schp_net.*`` the averaged weights and statistics,
     ``schp_cycles`` the number of models averaged, ``schp_epoch`` the 1-based epoch of the last
@@ -338,11 +379,19 @@ class SCHPLitModule(ParsingLitModule):
     """
 
     def __init__(
-        self, *args: Any, soft_targets: bool = True, eval_with: str = "schp", **kwargs: Any
+        self,
+        *args: Any,
+        soft_targets: bool = True,
+        eval_with: str = "schp",
+        refine_mode: str = "train",
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         if eval_with not in ("schp", "net"):
             raise ValueError(f"eval_with={eval_with!r}: expected 'schp' or 'net'")
+        if refine_mode not in REFINE_MODES:
+            raise ValueError(f"refine_mode={refine_mode!r}: expected one of {REFINE_MODES}")
+        self.refine_mode = refine_mode
         self.soft_targets = soft_targets
         self.eval_with = eval_with
         self.schp_net = copy.deepcopy(self.net)
@@ -409,7 +458,12 @@ class SCHPLitModule(ParsingLitModule):
 
         image, target = batch["image"], batch["mask"]
         alpha = 1.0 / (self._cycles_seen + 1)
-        with torch.no_grad():
+        mode = (
+            batch_statistics_mode(self.schp_net)
+            if self.refine_mode == "train"
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), mode:
             if self._schp_side:
                 schp_out = self.schp_net(image, side_outputs=True)  # CE2P: edges too
             else:

@@ -18,7 +18,12 @@ from losses.edge import balanced_edge_loss, edge_targets, parsing_edge_consisten
 from losses.functional import cross_entropy
 from losses.lovasz import lovasz_softmax
 
-__all__ = ["CE2PLoss", "soft_cross_entropy"]
+__all__ = ["SOFT_REDUCTIONS", "CE2PLoss", "soft_cross_entropy"]
+
+SOFT_REDUCTIONS = ("per_pixel", "official")
+"""How the soft (self-corrected) terms are averaged: ``per_pixel`` divides the sum over pixels
+and classes by the number of labelled pixels; ``official`` also divides by the number of
+classes, as SCHP's ``F.kl_div`` (PyTorch's default ``reduction='mean'``: pixels x classes)."""
 
 
 def soft_cross_entropy(
@@ -64,6 +69,11 @@ class CE2PLoss(nn.Module):
         edge_width: dilation of the edge targets.
         parsing_keys: output names that are parsing logits.
         ignore_index: label value of unlabelled pixels.
+        soft_reduction: ``per_pixel`` or ``official`` (:data:`SOFT_REDUCTIONS`). SCHP's KL terms
+            are means over pixels x classes, so for the same target their gradients are C times
+            (parsing, C classes) and 2 times (edges, two classes) smaller than a per-pixel mean;
+            ``official`` divides the soft parsing term by C and the soft edge term by 2 to match.
+            The hard-label terms (before the first average) are unaffected.
     """
 
     def __init__(
@@ -77,8 +87,14 @@ class CE2PLoss(nn.Module):
         edge_width: int = 3,
         parsing_keys: Sequence[str] = ("out", "parsing"),
         ignore_index: int = 255,
+        soft_reduction: str = "per_pixel",
     ) -> None:
         super().__init__()
+        if soft_reduction not in SOFT_REDUCTIONS:
+            raise ValueError(
+                f"soft_reduction={soft_reduction!r}: expected one of {SOFT_REDUCTIONS}"
+            )
+        self.soft_reduction = soft_reduction
         self.ce_weight = ce_weight
         self.lovasz_weight = lovasz_weight
         self.parsing_weight = parsing_weight
@@ -126,6 +142,9 @@ class CE2PLoss(nn.Module):
                 continue
             if soft_target is not None:
                 ce = soft_cross_entropy(logits, soft_target, parsing_target, self.ignore_index)
+                if self.soft_reduction == "official":
+                    # SCHP's kl_div(reduction='mean') also averages over the C classes
+                    ce = ce / logits.shape[1]
             else:
                 ce = cross_entropy(logits, parsing_target, self.ignore_index)
             lov = lovasz_softmax(logits, parsing_target, self.ignore_index)
@@ -142,6 +161,9 @@ class CE2PLoss(nn.Module):
         if edge is not None and self.edge_weight > 0:
             edges = edge_targets(target, self.edge_width, self.ignore_index)
             edge_term = balanced_edge_loss(edge, edges, soft_edge, self.ignore_index)
+            if soft_edge is not None and self.soft_reduction == "official":
+                # SCHP's edge KL is a mean over pixels x 2 classes
+                edge_term = edge_term / 2
             terms["loss/edge"] = edge_term
             total = total + self.edge_weight * edge_term
         if edge is not None and self.consistency_weight > 0:
@@ -157,5 +179,5 @@ class CE2PLoss(nn.Module):
         return (
             f"ce_weight={self.ce_weight}, lovasz_weight={self.lovasz_weight}, "
             f"edge_weight={self.edge_weight}, consistency_weight={self.consistency_weight}, "
-            f"parsing_keys={self.parsing_keys}"
+            f"parsing_keys={self.parsing_keys}, soft_reduction={self.soft_reduction}"
         )
