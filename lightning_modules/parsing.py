@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.transforms import AUGMENTATION_VERSION
+from lightning_modules import official_weights
 from lightning_modules.inference import scores_to_original
 from lightning_modules.metrics import (
     ConfusionMatrix,
     check_mpa_definition,
+    make_process_private,
     segmentation_scores,
 )
 from lightning_modules.schedulers import per_step_optimization
@@ -182,14 +184,7 @@ class ParsingLitModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
 
     def setup(self, stage: str) -> None:
-        # ddp_spawn on CPU pickles the module into every process through shared memory: without
-        # private copies the processes would add into one confusion matrix and step one set of
-        # weights several times.
-        for tensor in [*self.parameters(), *self.buffers()]:
-            if tensor.is_shared():
-                tensor.data = tensor.data.clone()
-        for metric in (self.train_confmat, self.val_confmat, self.test_confmat):
-            metric.reset()
+        make_process_private(self)  # ddp_spawn shares the pickled tensors between processes
 
     def on_fit_start(self) -> None:
         if self.nonfinite == "skip" and self.trainer.world_size > 1:
@@ -550,9 +545,14 @@ class ParsingLitModule(pl.LightningModule):
         """Loads the net weights (and the ARBS statistics) of a checkpoint, nothing of its training state.
 
         Args:
-            path: a rimlab Lightning checkpoint (``.ckpt``).
+            path: a rimlab Lightning checkpoint (``.ckpt``), or a published SCHP ``.pth``
+                (detected by its layout; mapped by ``lightning_modules.official_weights``).
         """
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        official = official_weights.official_state_dict(ckpt)
+        if official is not None:
+            self.net.load_state_dict(official_weights.map_official_state(official, self.net, path))
+            return
         if "state_dict" not in ckpt:
             raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
         state = ckpt["state_dict"]

@@ -502,7 +502,9 @@ class SCHPLitModule(ParsingLitModule):
         silently score the last cycle's weights instead of the model SCHP reports.
         """
         super().load_init_weights(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict")
+        if not isinstance(state, dict):
+            return  # an official SCHP state dict: net weights only, no average yet
         keep = {k: v for k, v in state.items() if k.startswith("schp_")}
         if keep:
             missing = [k for k in self.state_dict() if k.startswith("schp_") and k not in keep]
