@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, make_palette, save_label_png
 from datamodules.transforms import build_eval_transform, check_base_resize, eval_input
+from lightning_modules import official_weights
 from lightning_modules.inference import scores_to_original
 
 log = logging.getLogger("rimlab.predict")
@@ -319,7 +320,10 @@ def load_parser(
     """Rebuilds the net of a rimlab checkpoint for inference.
 
     Args:
-        ckpt: a Lightning checkpoint written by a rimlab training run.
+        ckpt: a Lightning checkpoint written by a rimlab training run, or a published SCHP
+            ``.pth`` (rebuilt as ``model=ce2p_r101_schp`` unless ``model`` says otherwise, with
+            the data config its class count names, 20 ``lip``, 18 ``atr``, 7
+            ``pascal_person_part``, unless ``data`` does).
         device: ``cpu``, ``cuda``, ``auto`` or a ``torch.device``.
         eval_name: eval protocol name (see :func:`eval_protocol`); None: the checkpoint's.
         eval_overrides: ``eval.<key>`` values.
@@ -349,15 +353,34 @@ def load_parser(
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated file, a non-torch file, ...
         raise PredictError(f"{path}: cannot be read as a torch checkpoint ({err})") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    official = official_weights.official_state_dict(checkpoint)
+    if official is not None:
+        # A published SCHP .pth: SCHP's own network, the dataset named by its class count
+        # unless data= says otherwise (the shapes are checked against it when mapping).
+        num = official_weights.official_num_classes(official)
+        data = data or official_weights.DATASET_BY_CLASSES.get(num)
+        if data is None:
+            raise PredictError(f"{path}: a {num}-class SCHP checkpoint: say data=<conf/data name>")
+        config = _compose_fallback(model or "ce2p_r101_schp", data)
+        checkpoint = {"state_dict": {}}
+    elif not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise PredictError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-    config = checkpoint.get("rimlab_config") or _compose_fallback(model, data)
+    else:
+        config = checkpoint.get("rimlab_config") or _compose_fallback(model, data)
 
     model_cfg = dict(config["model"])
     if "pretrained" in model_cfg:
         # The checkpoint holds every weight: ImageNet files need not be in the hub cache.
         model_cfg["pretrained"] = False
     net = hydra.utils.instantiate(model_cfg)
+    if official is not None:
+        try:
+            checkpoint["state_dict"] = {
+                f"net.{k}": v
+                for k, v in official_weights.map_official_state(official, net, path).items()
+            }
+        except official_weights.OfficialCheckpointError as err:
+            raise PredictError(str(err)) from err
     state = checkpoint["state_dict"]
     has_schp = (
         any(k.startswith("schp_net.") for k in state)

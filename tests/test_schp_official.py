@@ -284,3 +284,47 @@ def test_init_from_detects_an_official_checkpoint(tmp_path):
     torch.testing.assert_close(module.net.backbone.layer4[1].bn2.weight, expected)
     torch.testing.assert_close(module.net.fusion[4].weight, official.fushion[3].weight)
     assert not module.has_average
+
+
+# ---------------------------------------------------------------------- predict and export
+
+
+@pytest.mark.slow
+def test_predict_and_export_run_an_official_checkpoint(tmp_path):
+    """experiments.predict and experiments.export take a full-depth official .pth as it is:
+    data=lip from its 20 classes, ids equal to the official net's arg-max on the same input
+    (rimlab's 65 x 65 letterbox, converted to SCHP's BGR convention), ONNX parity < 1e-4."""
+    from experiments import export, predict
+
+    torch.manual_seed(0)
+    official = OfficialSCHP(20).eval()
+    _randomise(official, seed=2)
+    path = _save_official(official, tmp_path / "exp-schp-201908261155-lip.pth")
+    parser = predict.load_parser(path, "cpu", size=(65, 65), keep_ratio=True)
+    assert parser.num_classes == 20 and parser.class_names[19] == "Right-shoe"
+    assert parser.flip_pairs == [[14, 15], [16, 17], [18, 19]]
+    rgb = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    ids, _ = parser.predict(rgb)
+    x, box = parser.prepare(rgb)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    raw_bgr = (x * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1))[:, [2, 1, 0]]
+    x_official = (raw_bgr - torch.tensor([0.406, 0.456, 0.485]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.225, 0.224, 0.229]
+    ).view(1, 3, 1, 1)
+    with torch.no_grad():
+        fusion = official(x_official)[0][1]
+    fusion = F.interpolate(fusion, size=(65, 65), mode="bilinear", align_corners=True)
+    from lightning_modules.inference import scores_to_original
+
+    expected = scores_to_original(fusion, (40, 56), box, (65, 65))[0].argmax(0).numpy()
+    assert (ids == expected).mean() > 0.999
+
+    summary = export.main(
+        [
+            f"ckpt={path}",
+            f"output={tmp_path / 'schp.onnx'}",
+            "example_size=[65,65]",
+            "check_size=[81,97]",
+        ]
+    )
+    assert max(summary["parity"]) < 1e-4
