@@ -320,6 +320,17 @@ class ParsingLitModule(pl.LightningModule):
                 "expected kept share per class: %s",
                 ", ".join(f"{n} {100 * v:.1f}%" for v, n in rows),
             )
+        if float(probs.min()) >= 1.0:
+            # e.g. an early model that recalls only the background: every other class has CPA 0,
+            # eta = the background's CPA, and every class is kept: stage 2 then rebalances nothing.
+            log.warning(
+                "!!! the regional sampler keeps every class with probability 1: it rebalances "
+                "nothing (%s statistic above 0 for %d of %d classes). For ARBS, a later "
+                "schedule.cpa_epoch gives an early model that tells more classes apart.",
+                report["source"].upper(),
+                int((self.sampler.stats > 0).sum()),
+                probs.numel(),
+            )
         if share is not None and share < 0.01:
             log.warning(
                 "!!! the regional sampler keeps only %.3f%% of the labelled training pixels in "

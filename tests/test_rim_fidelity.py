@@ -119,3 +119,17 @@ def test_bad_switch_values_name_the_key(tmp_path, override, key):
     cfg = compose_cfg([*RIM, override], tmp_path)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(cfg)
+
+
+def test_a_sampler_that_keeps_everything_warns(tmp_path, caplog):
+    # an early model that recalls only the background: every class is kept with probability 1
+    _, module = _stage2(tmp_path)
+    c = module.num_classes
+    confusion = torch.zeros(c, c, dtype=torch.int64)
+    confusion[:, 0] = 10
+    module.early_confusion.copy_(confusion)
+    _attach(module, _Counts([10] * c, [1] * c))
+    with caplog.at_level("WARNING"):
+        module._init_sampler()
+    assert float(module.sampler.probs.min()) == 1.0
+    assert "rebalances nothing" in caplog.text
