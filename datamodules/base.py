@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,17 +455,84 @@ def training_order(
     return sampler, torch.Generator().manual_seed(mix_seed(sampler.seed, sampler.rank))
 
 
+class EvalShardSampler(DistributedSampler):
+    """Evaluation order under DDP: every index once, on exactly one rank, nothing repeated.
+
+    Rank ``r`` of ``R`` takes indices ``r, r + R, r + 2R, ...`` (the layout of
+    ``DistributedSampler(shuffle=False)`` without its padding). Lightning's own sampler repeats
+    the first images so that every rank gets as many batches as the others; summed confusion
+    matrices and PCKh counts would then count those images twice. Ranks may run one batch fewer
+    than others here, which is safe because rimlab's evaluation has no per-batch collective:
+    metrics and ``sync_dist`` logs meet at the epoch end, and DDP's buffer broadcast happens in
+    the first forward only. Being a ``DistributedSampler``, Lightning leaves it in place.
+
+    Args:
+        dataset: the evaluation split.
+        num_replicas: process count (default: the initialised process group's, else 1).
+        rank: this process (default: the process group's, else 0).
+
+    Raises:
+        DatasetError: the split has fewer items than there are processes: a rank without a batch
+            would skip the evaluation epoch and leave the others waiting in the metric sync.
+    """
+
+    def __init__(
+        self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None
+    ) -> None:
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        n = len(dataset)
+        if n < self.num_replicas:
+            where = getattr(dataset, "index_source", None) or getattr(dataset, "root", None)
+            raise DatasetError(
+                where or "evaluation split",
+                f"the evaluation split has {n} item(s), fewer than the {self.num_replicas} "
+                "processes evaluating it (every process needs at least one); evaluate on at "
+                f"most {n} device(s) (trainer.devices) or a larger split",
+            )
+        self.total_size = n
+        self.num_samples = len(range(self.rank, n, self.num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def evaluation_order(dataset: Dataset, trainer: Any | None) -> EvalShardSampler | None:
+    """The sampler of an evaluation DataLoader: :class:`EvalShardSampler` when a multi-process
+    trainer is running (Lightning is asking for the loader of its evaluation loop), else None.
+
+    A loader built outside a running fit, validate, test or predict call (a driver scoring the
+    whole split in one process after the fit, the report) reads the whole split in order, even
+    when a process group is still initialised.
+    """
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    running = trainer is not None and trainer.state.status == TrainerStatus.RUNNING
+    return EvalShardSampler(dataset) if running and trainer.world_size > 1 else None
+
+
 def split_loader(
     dataset: Dataset, train: bool, datamodule: LightningDataModule, collate_fn: Any = None
 ) -> DataLoader:
     """A DataLoader over ``dataset``: in the exactly replayable :func:`training_order` with full
-    batches only when ``train``, in dataset order otherwise.
+    batches only when ``train``, else in dataset order, sharded over the DDP ranks without
+    repeats while a multi-process trainer runs it (:func:`evaluation_order`).
 
     ``datamodule`` gives the loader settings: ``batch_size`` (training), ``eval_batch_size``,
     ``num_workers``, ``pin_memory``, ``persistent_workers`` and its ``trainer`` (for the epoch).
     """
     trainer = datamodule.trainer
-    sampler, generator = training_order(dataset, trainer) if train else (None, None)
+    sampler, generator = (
+        training_order(dataset, trainer) if train else (evaluation_order(dataset, trainer), None)
+    )
     workers = int(datamodule.num_workers)
     return DataLoader(
         dataset,

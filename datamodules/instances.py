@@ -37,7 +37,7 @@ from lightning import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import read_image, training_order
+from datamodules.base import evaluation_order, read_image, training_order
 from datamodules.batch import DatasetError
 
 log = logging.getLogger(__name__)
@@ -214,8 +214,14 @@ class InstanceDataModule(LightningDataModule, ABC):
         data = TransformedInstances(raw, InstanceTransform(self.image_size, train=train))
         # Training: the order and each item's augmentation depend on (seed, epoch, index) only,
         # so resume=true equals an uninterrupted run. EpochShuffleSampler is a DistributedSampler
-        # (split over the DDP ranks), which Lightning leaves in place. Evaluation: dataset order.
-        sampler, generator = training_order(data, self.trainer) if train else (None, None)
+        # (split over the DDP ranks), which Lightning leaves in place. Evaluation: dataset order,
+        # each image on one rank only (the AP merge also drops repeats by index, see
+        # MaskAPAccumulator.merge).
+        sampler, generator = (
+            training_order(data, self.trainer)
+            if train
+            else (evaluation_order(data, self.trainer), None)
+        )
         return DataLoader(
             data,
             batch_size=self.batch_size if train else 1,

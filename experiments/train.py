@@ -446,10 +446,11 @@ def load_module_weights(module: torch.nn.Module, path: str | Path) -> None:
     module.load_state_dict(state.get("state_dict", state))
 
 
-def read_scores(stage_dir: Path) -> dict[str, Any] | None:
-    """The val entry that :class:`StageEnd` wrote for a fit in ``stage_dir`` (spawn launchers)."""
+def read_scores(stage_dir: Path, split: str = "val") -> dict[str, Any] | None:
+    """The ``split`` entry that :class:`StageEnd` wrote in ``stage_dir`` at the end of a fit,
+    validate or test (spawn launchers evaluate in child processes)."""
     path = stage_dir / "scores.json"
-    return json.loads(path.read_text()).get("val") if path.exists() else None
+    return json.loads(path.read_text()).get(split) if path.exists() else None
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:
@@ -599,7 +600,7 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if getattr(datamodule, "has_test_labels", False):
             results["test"] = summarise(
                 module, final_scores(trainer, module, datamodule, "test"), "test (final weights)"
-            )
+            ) or read_scores(out_dir, "test")
         else:
             log.warning("test=true but the test split has no labels: nothing to score")
     if cfg.train:

@@ -157,14 +157,16 @@ class CPASnapshot(pl.Callback):
 
 
 class StageEnd(pl.Callback):
-    """Writes the end-of-fit checkpoint and the last validation scores from inside the training
+    """Writes the end-of-fit checkpoint and the last evaluation scores from inside the training
     processes.
 
-    Spawn launchers (``ddp_spawn``) train in child processes: the parent's module has neither the
-    optimizer and loop state nor the scores afterwards, so what later stages need is written here.
+    Spawn launchers (``ddp_spawn``) train and evaluate in child processes: the parent's module has
+    neither the optimizer and loop state nor the scores afterwards, so what later stages need is
+    written here, at the end of a fit and of every ``trainer.validate`` / ``trainer.test``.
 
     Args:
-        scores_path: JSON file for ``{"val": <results.json entry>, "epoch": .., "global_step": ..}``.
+        scores_path: JSON file for ``{"val": <results.json entry>, "test": <entry, after a test>,
+            "epoch": .., "global_step": ..}``.
         ckpt_path: full checkpoint to write at the end of fit (None: none).
     """
 
@@ -173,18 +175,33 @@ class StageEnd(pl.Callback):
         self.ckpt_path = ckpt_path
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.ckpt_path is not None:
+            trainer.save_checkpoint(self.ckpt_path)  # every rank calls; rank 0 writes
+        self._write_scores(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # trainer.validate alone (train=false, or the final re-validation): during a fit the
+        # scores are written once, at its end.
+        if trainer.state.fn == "validate":
+            self._write_scores(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_scores(trainer, pl_module)
+
+    def _write_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         import json
         import math
         import os
 
         from lightning_modules.metrics import scores_to_json
 
-        if self.ckpt_path is not None:
-            trainer.save_checkpoint(self.ckpt_path)  # every rank calls; rank 0 writes
         if not trainer.is_global_zero:
             return
-        scores = pl_module.last_scores.get("val")
-        val = scores_to_json(scores, pl_module.class_names) if scores is not None else None
+        last = getattr(pl_module, "last_scores", {})
+
+        def entry(split: str) -> dict | None:
+            scores = last.get(split)
+            return scores_to_json(scores, pl_module.class_names) if scores is not None else None
 
         def clean(obj):
             if isinstance(obj, float) and not math.isfinite(obj):
@@ -194,10 +211,12 @@ class StageEnd(pl.Callback):
             return obj
 
         payload = {
-            "val": clean(val),
+            "val": clean(entry("val")),
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
         }
+        if last.get("test") is not None:
+            payload["test"] = clean(entry("test"))
         tmp = f"{self.scores_path}.tmp"
         with open(tmp, "w") as handle:
             json.dump(payload, handle)

@@ -97,6 +97,22 @@ def confusion_matrix_update(
     return counts.reshape(num_classes, num_classes)  # (C*C,) -> (C, C)
 
 
+def make_process_private(module: torch.nn.Module) -> None:
+    """Gives this process its own copy of ``module``'s weights, buffers and metric states.
+
+    ``ddp_spawn`` on CPU pickles the module into every process through shared memory: without
+    private copies the processes would step one set of weights several times and add into one
+    metric state, which the metric sync then sums again (every count doubled on 2 processes).
+    Call it from ``LightningModule.setup``.
+    """
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_shared():
+            tensor.data = tensor.data.clone()
+    for child in module.modules():
+        if isinstance(child, Metric):
+            child.reset()  # fresh default tensors, owned by this process
+
+
 class ConfusionMatrix(Metric):
     """Epoch-level `(C, C)` confusion matrix, summed over processes under DDP.
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from datamodules.mpii import normalise_images
 from datamodules.pose_transforms import MPII_JOINTS
+from lightning_modules.metrics import make_process_private
 from lightning_modules.pose_metrics import PoseMetric
 from lightning_modules.schedulers import per_step_optimization
 
@@ -92,6 +93,9 @@ class PoseRegressionLitModule(pl.LightningModule):
         # _record_nonfinite); None until the first step.
         self._nonfinite: dict[str, Tensor] | None = None
         self._nonfinite_names: list[str] = []
+
+    def setup(self, stage: str) -> None:
+        make_process_private(self)  # ddp_spawn shares the pickled tensors between processes
 
     # ------------------------------------------------------------------ forward
 

@@ -9,6 +9,34 @@ import numpy as np
 import pytest
 from PIL import Image
 
+#: Third-party warnings judged benign for tiny CPU test runs, by message. Everything else is shown,
+#: and rimlab's own DeprecationWarnings fail under ``pytest -W error::DeprecationWarning``: these
+#: are added to every test as ``filterwarnings`` marks, which take precedence over ``-W``.
+BENIGN_WARNINGS = (
+    # lightning's pytree helper on torch >= 2.10 (a FutureWarning from torch)
+    r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning",
+    # tests load data in the main process on purpose (num_workers=0)
+    r"ignore:The '\w+_dataloader' does not have many workers:UserWarning",
+    # tiny epochs have fewer batches than log_every_n_steps
+    r"ignore:The number of training batches \(\d+\) is smaller than the logging interval:UserWarning",
+    # rimlab logs epoch-level scores computed from metrics already summed over the ranks
+    r"ignore:It is recommended to use `self.log\(.*sync_dist=True\)`:UserWarning",
+    # resumed and repeated runs write into their own folders again
+    r"ignore:Checkpoint directory .* exists and is not empty:UserWarning",
+    r"ignore:Experiment logs directory .* exists and is not empty:UserWarning",
+    # RIM stage 2 trains with the frozen encoder (BatchNorm included) in eval mode on purpose
+    r"ignore:Found \d+ module\(s\) in eval mode at the start of training:UserWarning",
+    # one CPU device in tests
+    r"ignore:GPU available but not used:UserWarning",
+    r"ignore:The `srun` command is available on your system but is not used:UserWarning",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for spec in BENIGN_WARNINGS:
+            item.add_marker(pytest.mark.filterwarnings(spec))
+
 
 def write_jpg(path: Path, image: np.ndarray) -> Path:
     """Write an (H, W, 3) uint8 RGB image as JPEG."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from cfg_utils import SINGLE, TINY, compose_cfg
@@ -13,21 +15,21 @@ from cfg_utils import SINGLE, TINY, compose_cfg
 from experiments.train import build_module
 
 
-class DumpConfusion(pl.Callback):
-    """Saves the (DDP-summed) validation confusion matrix from rank 0."""
+class DumpScores(pl.Callback):
+    """Saves rank 0's evaluation scores after a validate (the parsing confusion matrix and
+    scores, or the pose module's PCKh entry)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.is_global_zero:
-            torch.save(pl_module.last_scores["val"]["confusion"], self.path)
+            scores = getattr(pl_module, "val_scores", None) or pl_module.last_scores["val"]
+            torch.save(scores, self.path)
 
 
-def _validate(cfg, devices: int, path: Path) -> torch.Tensor:
-    torch.manual_seed(0)
-    module = build_module(cfg)
-    datamodule = hydra.utils.instantiate(cfg.data)
+def _validate(module, datamodule, devices: int, path: Path) -> dict:
+    """Rank 0's scores of ``trainer.validate`` on ``devices`` CPU processes (gloo ddp_spawn)."""
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -36,19 +38,127 @@ def _validate(cfg, devices: int, path: Path) -> torch.Tensor:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[DumpConfusion(str(path))],
+        callbacks=[DumpScores(str(path))],
     )
     trainer.validate(module, datamodule=datamodule, verbose=False)
-    return torch.load(path)
+    return torch.load(path, weights_only=False)
+
+
+def _labelled_pixels(datamodule) -> int:
+    """Hand count: the labelled pixels of the validation split, each image once."""
+    datamodule.setup("validate")
+    return sum(int((item["mask"] != 255).sum()) for item in datamodule.val_set)
+
+
+def _same_parsing_scores(one: dict, two: dict, labelled: int) -> None:
+    assert int(one["confusion"].sum()) == labelled > 0
+    assert torch.equal(one["confusion"], two["confusion"])
+    for key in ("PA", "MPA", "mIoU", "mAcc", "mPrecision", "mRecall"):
+        assert one[key] == two[key] or (math.isnan(one[key]) and math.isnan(two[key])), key
 
 
 @pytest.mark.slow
-def test_ddp_spawn_confusion_equals_single_process(tmp_path):
-    cfg = compose_cfg(["experiment=quickstart", *TINY, *SINGLE, "data.eval_batch_size=1"], tmp_path)
-    single = _validate(cfg, 1, tmp_path / "one.pt")
-    double = _validate(cfg, 2, tmp_path / "two.pt")
-    assert single.sum() > 0
-    assert torch.equal(single, double)
+def test_ddp_spawn_counts_every_image_once_parsing_and_schp(tmp_path):
+    """5 validation images on 2 processes (3 + 2, batches of 2: 2 and 1 batches): the summed
+    confusion matrix counts each labelled pixel once and equals one process's, for the parsing
+    system and for SCHP evaluating with its averaged model. Lightning's padding sampler scored
+    image 0 twice here."""
+    cfg = compose_cfg(
+        [
+            "experiment=quickstart",
+            *TINY,
+            *SINGLE,
+            "data.synthetic.num_val=5",
+            "data.eval_batch_size=2",
+        ],
+        tmp_path,
+    )
+    datamodule = hydra.utils.instantiate(cfg.data)
+    labelled = _labelled_pixels(datamodule)
+    torch.manual_seed(0)
+    module = build_module(cfg)
+    one = _validate(module, datamodule, 1, tmp_path / "one.pt")
+    two = _validate(module, datamodule, 2, tmp_path / "two.pt")
+    _same_parsing_scores(one, two, labelled)
+
+    from test_schp import SCHP_TINY
+
+    cfg = compose_cfg([*SCHP_TINY, "data.synthetic.num_val=5"], tmp_path / "schp")
+    datamodule = hydra.utils.instantiate(cfg.data)
+    labelled = _labelled_pixels(datamodule)
+    torch.manual_seed(0)
+    module = build_module(cfg)
+    module.schp_update([torch.randn(2, 3, 48, 48) for _ in range(2)], epoch=1)
+    assert module.has_average  # validation scores the averaged model
+    one = _validate(module, datamodule, 1, tmp_path / "schp_one.pt")
+    two = _validate(module, datamodule, 2, tmp_path / "schp_two.pt")
+    _same_parsing_scores(one, two, labelled)
+
+
+@pytest.mark.slow
+def test_ddp_spawn_train_false_scores_7_images_once(tmp_path):
+    """``train=false`` under ``trainer=ddp_cpu`` on 7 images writes the val scores (it wrote
+    ``null``) and they equal the single-process evaluation of the same checkpoint."""
+    from experiments.train import run
+
+    base = ["experiment=quickstart", *TINY, *SINGLE, "data.synthetic.num_val=7"]
+    cfg = compose_cfg(base, tmp_path)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "weights.ckpt"
+    torch.save({"state_dict": build_module(cfg).state_dict(), "epoch": 0, "global_step": 0}, ckpt)
+    labelled = _labelled_pixels(hydra.utils.instantiate(cfg.data))
+    results = {}
+    for name, extra in (("one", []), ("two", ["trainer=ddp_cpu"])):
+        over = [*base, *extra, "train=false", f"ckpt_path={ckpt}"]
+        results[name] = run(compose_cfg(over, tmp_path / name, data_dir=tmp_path / "data"))
+    one, two = results["one"]["val"], results["two"]["val"]
+    assert one is not None and two is not None
+    assert sum(map(sum, one["confusion"])) == labelled
+    assert one["confusion"] == two["confusion"]
+    assert (one["PA"], one["mIoU"]) == (two["PA"], two["mIoU"])
+
+
+@pytest.mark.slow
+def test_ddp_spawn_pose_pckh_counts_every_person_once(tmp_path):
+    """7 validation persons on 2 processes: Lightning-validated PCKh equals one process's and the
+    numpy reference (official rule) over the driver's whole-split predictions."""
+    from test_pose import TINY_POSE
+
+    from experiments.pose import build_pose_module, predict
+    from lightning_modules.pose_metrics import evaluate_pose
+
+    cfg = compose_cfg([*TINY_POSE, "data.synthetic.num_val=7", "data.num_workers=0"], tmp_path)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    torch.manual_seed(0)
+    module = build_pose_module(cfg, 1)
+    one = _validate(module, datamodule, 1, tmp_path / "one.pt")
+    two = _validate(module, datamodule, 2, tmp_path / "two.pt")
+    val = datamodule.dataset("val")
+    n = len(val)
+    assert n == 7
+    pred = predict(module, datamodule.predict_loader("val"), n, torch.device("cpu"))
+    gt = np.stack([val.annotation(i)["keypoints"] for i in range(n)])
+    head = np.array([val.annotation(i)["head_size"] for i in range(n)])
+    reference = evaluate_pose(pred, gt[..., :2], gt[..., 2], head)
+    assert sum(one["joint_counts"].values()) == int((gt[..., 2] > 0).sum())
+    for key in ("PCKh", "PCKh@0.1", "PCP"):
+        assert one[key] == pytest.approx(reference[key], abs=1e-9), key
+        assert two[key] == one[key], key
+    assert two["joint_counts"] == one["joint_counts"]
+
+
+def test_eval_shard_sampler_never_repeats():
+    """Rank r takes r, r + R, ...: the shards are disjoint and cover the split once."""
+    from datamodules.base import EvalShardSampler
+    from datamodules.batch import DatasetError
+
+    data = list(range(7))
+    shards = [list(EvalShardSampler(data, num_replicas=3, rank=r)) for r in range(3)]
+    assert shards == [[0, 3, 6], [1, 4], [2, 5]]
+    assert [len(EvalShardSampler(data, num_replicas=3, rank=r)) for r in range(3)] == [3, 2, 2]
+    with pytest.raises(DatasetError, match="fewer than the 8 processes"):
+        EvalShardSampler(data, num_replicas=8, rank=0)
 
 
 class _FixedSet(torch.utils.data.Dataset):
