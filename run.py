@@ -29,6 +29,13 @@ def main(cfg: DictConfig) -> float | None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from experiments.launch import check_launch
+
+    hydra_cfg = HydraConfig.get()
+    check_launch(cfg, hydra_cfg.mode == RunMode.MULTIRUN, hydra_cfg.launcher.get("_target_"))
     results = run(cfg)
     stage, _, name = str(cfg.get("optimized_metric") or "").partition("/")
     value = (results.get(stage) or {}).get(name)

@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from experiments.launch import determinism
 from experiments.stages import launcher_rank, shared_stage1
 from lightning_modules import ParsingLitModule
 from lightning_modules.callbacks import EpochSeed, Interruption, StageEnd
@@ -336,6 +337,8 @@ def build_trainer(
     )
     return hydra.utils.instantiate(
         cfg.trainer,
+        # deterministic=true runs as Lightning's "warn" (experiments.launch.determinism)
+        **determinism(cfg.trainer),
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(out_dir),
         max_epochs=max_epochs,

@@ -166,6 +166,8 @@ class ParsingLitModule(pl.LightningModule):
         self.nonfinite = nonfinite
         self.skipped_nonfinite = 0
         self._last_losses: dict[str, Tensor] = {}
+        # Under DDP: (term names, (W, T) loss terms of every rank) of the last step.
+        self._rank_terms: tuple[list[str], Tensor] | None = None
         self._sampler_generator: torch.Generator | None = None
         # (stage, name, (H, W) uint8 ids) -> None: evaluation hands it every prediction at the
         # image's original size (``save_predictions=true`` writes PNGs with it).
@@ -359,7 +361,7 @@ class ParsingLitModule(pl.LightningModule):
         )
         extra = self.extra_loss_inputs(batch, outputs)
         losses = self.loss(outputs, target, sample_mask=sample_mask, **extra)
-        if self.nonfinite != "off" and not bool(torch.isfinite(losses["loss"])):
+        if self.nonfinite != "off" and not self._loss_is_finite(losses):
             # One host sync per step: the price of catching a NaN in the step where it appears.
             if self.nonfinite == "skip":
                 self.skipped_nonfinite += 1
@@ -395,6 +397,38 @@ class ParsingLitModule(pl.LightningModule):
         refined ``soft_target`` / ``soft_edge``)."""
         return {}
 
+    def _loss_is_finite(self, losses: dict[str, Tensor]) -> bool:
+        """Whether the loss is finite on every process.
+
+        Under DDP the loss terms of all ranks are gathered (one small ``all_gather`` per step, in
+        place of the single-process host sync), so every rank stops in the same step with the same
+        message: a rank stopping alone would leave the others in the gradient all-reduce until the
+        process-group timeout. The gathered terms also word the gradient check's message.
+        """
+        if self._trainer is None or self.trainer.world_size == 1:
+            self._rank_terms = None
+            return bool(torch.isfinite(losses["loss"]))
+        names = list(losses)
+        terms = torch.stack([v.detach().float().reshape(()) for v in losses.values()])  # (T,)
+        gathered = self.all_gather(terms).reshape(-1, len(names)).cpu()  # (W, T)
+        self._rank_terms = (names, gathered)
+        return bool(torch.isfinite(gathered[:, names.index("loss")]).all())
+
+    def _terms_text(self, losses: dict[str, Tensor]) -> str:
+        """The loss terms for a message: this process's, or under DDP those of the ranks whose
+        loss is non-finite (else the mean over the ranks), identical on every rank."""
+        rank_terms = self._rank_terms
+        if rank_terms is None:
+            return _terms(losses)
+        names, gathered = rank_terms
+        bad = (~torch.isfinite(gathered[:, names.index("loss")])).nonzero().flatten().tolist()
+        if not bad:
+            mean = dict(zip(names, gathered.mean(0), strict=True))
+            return f"{_terms(mean)} (mean over {len(gathered)} processes)"
+        return "; ".join(
+            f"rank {r}: {_terms(dict(zip(names, gathered[r], strict=True)))}" for r in bad[:4]
+        )
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.nonfinite == "off":
             return
@@ -411,7 +445,7 @@ class ParsingLitModule(pl.LightningModule):
         last = next((p for p in saved if p), "")
         return (
             f"non-finite {what} at global step {self.global_step} (epoch {self.current_epoch}); "
-            f"loss terms: {_terms(losses)}. Nothing was written after this step; the last good "
+            f"loss terms: {self._terms_text(losses)}. Nothing was written after this step; the last good "
             f"checkpoint is {last or 'not saved yet'}. Lower the learning rate or check the "
             "batch's data; module.nonfinite=skip skips such batches instead."
         )

@@ -13,6 +13,8 @@ import torch
 from cfg_utils import SINGLE, TINY, compose_cfg
 
 from experiments.train import build_module
+from lightning_modules import ParsingLitModule
+from lightning_modules.parsing import NonFiniteLossError
 
 
 class DumpScores(pl.Callback):
@@ -364,3 +366,70 @@ def test_ddp_launcher_pose_cascade_writes_once(tmp_path):
         assert len(list(stage_dir.rglob("final.ckpt"))) == 1
         assert (stage_dir / "handoff.json").is_file()
     assert (run_dir / "stage1" / "errors.json").is_file()
+
+
+class _NonFiniteOnRank1(torch.nn.Module):
+    """The 1x1 convolution of ``_PixelNet``, whose logits are NaN on rank 1 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        out = self.conv(x)
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            out = out * float("nan")
+        return {"out": out}
+
+
+class _Recording(ParsingLitModule):
+    """Writes each rank's non-finite message to ``<record>.<rank>`` (spawned ranks run no
+    ``on_exception`` callbacks)."""
+
+    record = ""
+
+    def training_step(self, batch, batch_idx):
+        try:
+            return super().training_step(batch, batch_idx)
+        except NonFiniteLossError as err:
+            Path(f"{self.record}.{self.global_rank}").write_text(str(err))
+            raise
+
+
+@pytest.mark.slow
+def test_ddp_spawn_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Only rank 1's batch is non-finite: both ranks stop in step 0 with the same message (rank 0
+    used to enter backward and wait in the gradient all-reduce until the timeout)."""
+    from datetime import timedelta
+    from functools import partial
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from losses import CrossEntropyLoss, ParsingLoss
+
+    module = _Recording(
+        net=_NonFiniteOnRank1(),
+        loss=ParsingLoss(CrossEntropyLoss()),
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        num_classes=4,
+    )
+    module.record = str(tmp_path / "error")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        # a hang would end here instead of after 30 minutes
+        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    with pytest.raises(Exception, match="non-finite loss"):
+        trainer.fit(module, datamodule=_FixedData())
+    messages = [(tmp_path / f"error.{r}").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    assert "non-finite loss at global step 0" in messages[0]
+    assert "rank 1: loss=nan" in messages[0] and "rank 0:" not in messages[0]

@@ -1,0 +1,115 @@
+"""Start-up checks of how a run is launched, and the trainer's determinism setting.
+
+- :func:`check_launch` refuses ``python run.py -m ... trainer=ddp`` on one machine: Lightning's
+  ``ddp`` launcher starts the other ranks by re-running the whole command line, sweep included, so
+  every child would run a sweep of its own.
+- :func:`determinism` turns ``trainer.deterministic=true`` into what works on every device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+#: ``trainer.strategy`` strings whose launcher re-executes ``sys.argv`` in child processes.
+SUBPROCESS_STRATEGIES = (
+    "ddp",
+    "ddp_find_unused_parameters_true",
+    "ddp_find_unused_parameters_false",
+)
+#: Environment variables that say an external launcher (torchrun, SLURM tasks) started the ranks.
+EXTERNAL_LAUNCH_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")
+
+
+def _process_count(trainer: Mapping[str, Any]) -> int:
+    """Processes per node that ``trainer.devices`` asks for (``auto`` / -1 count as several)."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str):
+        if devices.strip() in ("auto", "-1"):
+            return 2  # unknown until the machine is inspected: possibly several
+        ids = [d for d in devices.split(",") if d.strip()]
+        if "," in devices:
+            return len(ids)  # "0,1": device ids
+        try:
+            return int(devices)
+        except ValueError:
+            return 1
+    if isinstance(devices, int):
+        return 2 if devices == -1 else devices
+    try:
+        return len(devices)  # a list of device ids
+    except TypeError:
+        return 1
+
+
+def uses_subprocess_launcher(trainer: Mapping[str, Any]) -> bool:
+    """Whether ``trainer`` (the resolved ``cfg.trainer``) starts its ranks with Lightning's
+    subprocess launcher, which re-runs ``sys.argv`` (``ddp``; not ``ddp_spawn``)."""
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, str):
+        subprocess = strategy in SUBPROCESS_STRATEGIES
+    elif isinstance(strategy, Mapping):
+        target = str(strategy.get("_target_", ""))
+        subprocess = target.endswith("DDPStrategy") and strategy.get("start_method", "popen") in (
+            None,
+            "popen",
+        )
+    else:
+        subprocess = False
+    nodes = int(trainer.get("num_nodes", 1) or 1)
+    return subprocess and _process_count(trainer) * nodes > 1
+
+
+def check_launch(cfg: DictConfig, multirun: bool, launcher_target: str | None) -> None:
+    """Refuses a multirun that Lightning's ``ddp`` launcher would run once per rank.
+
+    Args:
+        cfg: the job's config.
+        multirun: whether Hydra runs in ``-m`` mode.
+        launcher_target: ``hydra.launcher._target_`` (None outside Hydra).
+
+    Raises:
+        experiments.train.ConfigError: ``-m`` with the basic (local) launcher, a subprocess DDP
+            trainer and no external launcher (torchrun, SLURM).
+    """
+    if not multirun or not uses_subprocess_launcher(cfg.get("trainer") or {}):
+        return
+    if any(os.environ.get(k) for k in EXTERNAL_LAUNCH_ENV):
+        return  # torchrun or srun started every rank: each runs the same sweep in lockstep
+    if launcher_target and not launcher_target.endswith("BasicLauncher"):
+        return  # e.g. hydra/launcher=rimlab_slurm: every job is its own SLURM job
+    from experiments.train import ConfigError
+
+    raise ConfigError(
+        "python run.py -m with trainer=ddp on one machine cannot work: Lightning's ddp launcher "
+        "starts the other ranks by re-running the whole command line, sweep included, so every "
+        "child process would run a sweep of its own. Launch one job per command (without -m), "
+        "submit the sweep with hydra/launcher=rimlab_slurm (every job its own SLURM job), or "
+        "start the sweep under torchrun (torchrun --nproc_per_node=N run.py -m ...)."
+    )
+
+
+def determinism(trainer: Mapping[str, Any]) -> dict[str, Any]:
+    """Trainer keyword overrides for ``trainer.deterministic``.
+
+    ``true`` becomes Lightning's ``"warn"``: deterministic algorithms everywhere they exist, and a
+    warning (instead of Lightning's error at the first backward) for the CUDA kernels that have
+    none in PyTorch (bilinear upsampling backward, adaptive average pooling backward,
+    LocalResponseNorm). cuDNN autotuning (``benchmark``) is switched off with it, since it picks
+    kernels by timing. CPU kernels are deterministic, so CPU runs are bit-exact either way.
+
+    Returns:
+        ``{}`` when ``deterministic`` is off, else ``{"deterministic": "warn", "benchmark": False}``.
+    """
+    value = trainer.get("deterministic")
+    if not value:
+        return {}
+    if trainer.get("benchmark"):
+        log.info("trainer.deterministic=true: cuDNN benchmark (autotuning) switched off")
+    return {"deterministic": "warn", "benchmark": False}

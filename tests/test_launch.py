@@ -1,0 +1,79 @@
+"""Start-up refusals of launches that cannot work, and what trainer.deterministic=true means."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cfg_utils import SINGLE, TINY, compose_cfg
+
+from experiments.launch import check_launch, determinism, uses_subprocess_launcher
+from experiments.train import ConfigError
+
+BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+
+
+@pytest.mark.parametrize(
+    ("trainer", "expected"),
+    [
+        ({"strategy": "ddp", "devices": 2}, True),
+        ({"strategy": "ddp", "devices": "0,1"}, True),
+        ({"strategy": "ddp", "devices": [0, 1]}, True),
+        ({"strategy": "ddp", "devices": 1, "num_nodes": 2}, True),
+        ({"strategy": "ddp", "devices": "auto"}, True),
+        (
+            {"strategy": {"_target_": "lightning.pytorch.strategies.DDPStrategy"}, "devices": 4},
+            True,
+        ),
+        ({"strategy": "ddp", "devices": 1}, False),
+        ({"strategy": "ddp_spawn", "devices": 2}, False),
+        ({"strategy": {"_target_": "x.DDPStrategy", "start_method": "spawn"}, "devices": 2}, False),
+        ({"devices": 1}, False),
+    ],
+)
+def test_subprocess_launcher_detection(trainer, expected):
+    assert uses_subprocess_launcher(trainer) is expected
+
+
+def test_multirun_with_the_ddp_launcher_is_refused(tmp_path, monkeypatch):
+    for key in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = compose_cfg(["experiment=quickstart", *TINY, *SINGLE, "trainer=ddp"], tmp_path)
+    with pytest.raises(ConfigError, match="hydra/launcher=rimlab_slurm") as err:
+        check_launch(cfg, multirun=True, launcher_target=BASIC)
+    assert "torchrun" in str(err.value) and "without -m" in str(err.value)
+    check_launch(cfg, multirun=False, launcher_target=BASIC)  # one job per launch works
+    check_launch(cfg, multirun=True, launcher_target=SLURM)  # every job its own SLURM job
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")  # torchrun started every rank
+    check_launch(cfg, multirun=True, launcher_target=BASIC)
+    spawn = compose_cfg(["experiment=quickstart", *TINY, *SINGLE, "trainer=ddp_cpu"], tmp_path)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    check_launch(spawn, multirun=True, launcher_target=BASIC)  # ddp_spawn re-runs nothing
+
+
+def test_deterministic_true_is_lightnings_warn_without_autotuning(tmp_path):
+    """deterministic=true: deterministic algorithms on, warn_only (CUDA kernels without a
+    deterministic version warn instead of failing at the first backward), cuDNN benchmark off."""
+    from experiments.train import build_trainer
+
+    assert determinism({"deterministic": False}) == {}
+    cfg = compose_cfg(
+        [
+            "experiment=quickstart",
+            *TINY,
+            *SINGLE,
+            "trainer.deterministic=true",
+            "trainer.benchmark=true",
+        ],
+        tmp_path,
+    )
+    before = torch.backends.cudnn.benchmark
+    try:
+        trainer = build_trainer(cfg, tmp_path / "run", max_epochs=1)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.benchmark is False
+        assert trainer is not None
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = before
