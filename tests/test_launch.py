@@ -77,3 +77,36 @@ def test_deterministic_true_is_lightnings_warn_without_autotuning(tmp_path):
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = before
+
+
+@pytest.mark.slow
+def test_refused_multirun_prints_one_paragraph_and_exits_1(tmp_path):
+    """The real command: ``run.py -m ... trainer=ddp`` stops before any job with the message as one
+    paragraph and exit status 1 (a ConfigError); HYDRA_FULL_ERROR=1 shows the traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from cfg_utils import ROOT
+
+    args = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "-m",
+        "experiment=quickstart",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "seed=0,1",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "ConfigError: python run.py -m with trainer=ddp" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "data").exists()  # refused before any data was read
