@@ -14,6 +14,9 @@ Batch (after transforms and collate):
 - ``valid_box``: (B, 4) int64 ``(top, left, height, width)`` of each image inside its network
   input (evaluation batches with ``eval_keep_ratio`` or ``base_size`` only: the image was scaled
   with its aspect ratio kept and padded with black around it).
+- ``inverse_affine``: (B, 2, 3) float64 map from network-input pixels to original pixels
+  (evaluation batches with ``data.eval_affine`` only, ``eval=schp_official``: the image was warped
+  into the input with SCHP's affine; the predicted labels are warped back through this map).
 - ``name``: list of B sample ids.
 """
 
@@ -125,7 +128,8 @@ def collate_eval(
     Returns:
         ``image`` (B, 3, h, w) float32, ``mask`` (B, H_max, W_max) int64 (only when the items have
         labels), ``orig_size`` (B, 2) int64 ``(H, W)``, ``name`` list of B str, and
-        ``valid_box`` (B, 4) int64 ``(top, left, height, width)`` when the items have one.
+        ``valid_box`` (B, 4) int64 ``(top, left, height, width)`` or ``inverse_affine``
+        (B, 2, 3) float64 when the items have one.
     """
     sizes = {tuple(item["image"].shape) for item in batch}
     images = [item["image"] for item in batch]
@@ -156,6 +160,11 @@ def collate_eval(
     if "valid_box" in batch[0]:
         out["valid_box"] = torch.stack(
             [torch.as_tensor(item["valid_box"], dtype=torch.int64) for item in batch]
+        )
+    if "inverse_affine" in batch[0]:
+        # float64: the matrix must reach the label warp as cv2.getAffineTransform solved it
+        out["inverse_affine"] = torch.stack(
+            [torch.as_tensor(item["inverse_affine"], dtype=torch.float64) for item in batch]
         )
     if "mask" in batch[0]:
         masks = [torch.as_tensor(item["mask"]).long() for item in batch]

@@ -36,6 +36,7 @@ from datamodules.base import (
     read_index_png,
 )
 from datamodules.batch import DatasetError
+from datamodules.transforms import EvalTransform, build_eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,15 @@ class LIPDataModule(ParsingDataModule):
     Arguments as :class:`~datamodules.base.ParsingDataModule`; the defaults follow SCHP's LIP
     recipe (473x473 crops, scale 0.75-1.25, rotation up to 30 degrees) and LIP's 20 classes,
     left/right pairs and mmseg palette.
+
+    Args:
+        eval_affine: SCHP's official evaluation input (``LIPDataValSet``; set by
+            ``eval=schp_official``): each evaluation image is warped into the fixed input
+            (the ``base_size`` fit with ``base_side: long``, or ``eval_size``) by SCHP's affine
+            (``datamodules.transforms.schp_affine_image``) instead of rimlab's letterbox, and
+            batches carry ``inverse_affine``: the evaluation arg-maxes at the input and warps the
+            labels back by nearest neighbour (``lightning_modules.inference``,
+            ``docs/schp.md``).
     """
 
     dataset_name = "LIP"
@@ -254,6 +264,7 @@ class LIPDataModule(ParsingDataModule):
         base_side: str = "long",
         flip_prob: float = 0.5,
         augmentation: str = "default",
+        eval_affine: bool = False,
     ) -> None:
         super().__init__(
             root,
@@ -281,6 +292,14 @@ class LIPDataModule(ParsingDataModule):
             base_side=base_side,
             flip_prob=flip_prob,
             augmentation=augmentation,
+        )
+        self.eval_affine = bool(eval_affine)
+
+    def eval_transform(self) -> EvalTransform:
+        if not self.eval_affine:
+            return super().eval_transform()
+        return build_eval_transform(
+            self.eval_size, base_size=self.eval_base_size, base_side=self.base_side, affine=True
         )
 
     def has_split(self, split: str) -> bool:

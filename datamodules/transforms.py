@@ -41,6 +41,8 @@ __all__ = [
     "flip_lut",
     "letterbox_box",
     "letterbox_image",
+    "schp_affine",
+    "schp_affine_image",
 ]
 
 
@@ -559,13 +561,114 @@ def letterbox_image(
     return out, (top, left, box_h, box_w)
 
 
+def _schp_box_width(height: int, width: int, out_size: Sequence[int]) -> np.float32:
+    """Width of SCHP's person box for a whole ``(height, width)`` image, in original pixels.
+
+    ``LIPDataValSet`` takes the box ``(0, 0, W - 1, H - 1)`` (the pixel centres of the first and
+    last column / row), so its sides are ``W - 1`` and ``H - 1``; the shorter one is widened to the
+    output's aspect ratio ``out_w / out_h``. Only the width enters the affine map (its scale is
+    isotropic). float32, as SCHP stores its scales.
+    """
+    out_h, out_w = (int(v) for v in out_size)
+    box_w, box_h = float(int(width) - 1), float(int(height) - 1)
+    aspect = out_w / out_h
+    if box_w < aspect * box_h:
+        box_w = box_h * aspect
+    if box_w <= 0:
+        raise ValueError(
+            f"SCHP's affine of a {height}x{width} image is degenerate (a single pixel)"
+        )
+    return np.float32(box_w)
+
+
+def _three_points(centre: np.ndarray, half: np.float32) -> np.ndarray:
+    """The three float32 points an unrotated affine is solved from: ``centre``, the point ``b``
+    ``half`` above it, and ``b`` plus ``centre - b`` turned by 90 degrees (the top-left corner).
+
+    Returns:
+        ``(3, 2)`` float32 ``(x, y)`` points; every step rounds to float32 as SCHP's arrays do.
+    """
+    a = centre.astype(np.float32)
+    b = a + np.array([0.0, -half], dtype=np.float32)
+    d = a - b
+    c = b + np.array([-d[1], d[0]], dtype=np.float32)
+    return np.stack([a, b, c]).astype(np.float32)
+
+
+def schp_affine(
+    height: int,
+    width: int,
+    out_size: Sequence[int],
+    *,
+    truncate_center: bool = False,
+    inverse: bool = False,
+) -> np.ndarray:
+    """SCHP's evaluation affine for a whole ``(height, width)`` image (``LIPDataValSet``).
+
+    The box centre ``((W - 1) / 2, (H - 1) / 2)`` goes to the output centre
+    ``((out_w - 1) / 2, (out_h - 1) / 2)`` and the box width (:func:`_schp_box_width`, the longer
+    side minus one for a square output) to ``out_w - 1`` pixels: scale
+    ``k = (out_w - 1) / box_w``, no rotation, so the longer side's first and last pixel centres
+    land on the output's first and last. The matrix is solved by ``cv2.getAffineTransform`` from
+    three float32 point pairs (the centre, the point half a box width above it, the box's top-left
+    corner), as SCHP's ``get_affine_transform`` does, so that it equals SCHP's to the last bit.
+
+    Args:
+        height, width: the original image size ``(H, W)``.
+        out_size: ``(out_h, out_w)`` of the network input.
+        truncate_center: integer-truncate the centre first, as SCHP's ``evaluate.py`` does before
+            scoring (it stores the centres in an ``np.int32`` array): the map its label warp
+            inverts, half an original pixel off the input warp for even sides.
+        inverse: the map from input pixels to original pixels instead.
+
+    Returns:
+        ``(2, 3)`` float64 ``[[k, 0, tx], [0, k, ty]]`` (or its inverse) acting on ``(x, y, 1)``
+        pixel coordinates.
+    """
+    out_h, out_w = (int(v) for v in out_size)
+    centre = np.array([(int(width) - 1) * 0.5, (int(height) - 1) * 0.5], dtype=np.float32)
+    if truncate_center:
+        centre = np.trunc(centre)
+    src = _three_points(centre, _schp_box_width(height, width, out_size) * np.float32(0.5))
+    out_centre = np.array([(out_w - 1) * 0.5, (out_h - 1) * 0.5], dtype=np.float32)
+    dst = _three_points(out_centre, np.float32((out_w - 1) * 0.5))
+    return cv2.getAffineTransform(dst, src) if inverse else cv2.getAffineTransform(src, dst)
+
+
+def schp_affine_image(image: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Warps a whole image into ``size`` by :func:`schp_affine`, as SCHP's ``LIPDataValSet``.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 (channel order does not matter: each channel is warped alone).
+        size: ``(h, w)`` of the network input.
+
+    Returns:
+        The ``(h, w, 3)`` uint8 input (``cv2.warpAffine``, bilinear, constant black border) and the
+        ``(2, 3)`` float64 input-to-original map SCHP's scoring uses (truncated centre,
+        ``schp_affine(..., truncate_center=True, inverse=True)``).
+    """
+    out_h, out_w = (int(v) for v in size)
+    height, width = image.shape[:2]
+    warped = cv2.warpAffine(
+        image,
+        schp_affine(height, width, (out_h, out_w)),
+        (out_w, out_h),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(0, 0, 0),
+    )
+    inverse = schp_affine(height, width, (out_h, out_w), truncate_center=True, inverse=True)
+    return warped, inverse
+
+
 class EvalTransform:
     """Resize the image only (to the network input size), normalise; the label stays untouched.
 
     Output item: ``image`` (3, h, w) float32, ``mask`` (H, W) int64 at original resolution (if the
     item has one), ``orig_size`` (2,) int64 ``(H, W)``, ``name``; with ``letterbox`` or
     ``short_side`` also ``valid_box`` (4,) int64 ``(top, left, height, width)`` of the image
-    inside the input.
+    inside the input; with ``affine`` instead ``inverse_affine`` (2, 3) float64, the map from
+    input pixels to original pixels that the predicted labels are warped back with.
 
     Args:
         aug: the albumentations pipeline (resize and/or normalisation).
@@ -576,6 +679,9 @@ class EvalTransform:
             (aspect kept, :func:`base_resize_size`) without padding: the input is the image
             (``valid_box`` ``(0, 0, h, w)``) and ``collate_eval`` pads a batch of such inputs
             bottom/right to its largest one.
+        affine: ``(h, w)``: before ``aug``, warp the image into ``(h, w)`` with SCHP's official
+            affine (:func:`schp_affine_image`; ``eval=schp_official``); the evaluation then
+            arg-maxes at the input and warps the labels back by nearest neighbour.
     """
 
     def __init__(
@@ -583,12 +689,16 @@ class EvalTransform:
         aug: A.Compose,
         letterbox: Sequence[int] | None = None,
         short_side: int | None = None,
+        affine: Sequence[int] | None = None,
     ) -> None:
-        if letterbox is not None and short_side is not None:
-            raise ValueError("EvalTransform takes a letterbox size or a short side, not both")
+        if sum(v is not None for v in (letterbox, short_side, affine)) > 1:
+            raise ValueError(
+                "EvalTransform takes at most one of a letterbox size, a short side, an affine size"
+            )
         self.aug = aug
         self.letterbox = tuple(int(v) for v in letterbox) if letterbox is not None else None
         self.short_side = int(short_side) if short_side is not None else None
+        self.affine = tuple(int(v) for v in affine) if affine is not None else None
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         image = item["image"]
@@ -601,6 +711,9 @@ class EvalTransform:
             size = base_resize_size(h, w, self.short_side, "short")
             image = _resize(image, size, cv2.INTER_LINEAR)
             extra["valid_box"] = torch.tensor((0, 0, *size), dtype=torch.int64)
+        elif self.affine is not None:
+            image, inverse = schp_affine_image(image, self.affine)
+            extra["inverse_affine"] = torch.from_numpy(inverse)
         out = {
             **item,
             "image": _to_chw_tensor(self.aug(image=image)["image"]),
@@ -722,6 +835,7 @@ def build_eval_transform(
     *,
     base_size: int | None = None,
     base_side: str = "long",
+    affine: bool = False,
 ) -> EvalTransform:
     """Evaluation transform: image resized to ``eval_size`` ``(h, w)``, or fitted by
     ``base_size`` as training fits it, or kept as is (neither). :func:`eval_input` says which.
@@ -742,6 +856,11 @@ def build_eval_transform(
             ``base_size x base_size``, the image centred with black padding (the letterbox of
             ``keep_ratio``). ``short``: the input is the resized image itself; ``collate_eval``
             pads a batch bottom/right to its largest image. Both record ``valid_box``.
+        affine: SCHP's official evaluation input (``data.eval_affine``, set by
+            ``eval=schp_official``): warp each image into the fixed input (``eval_size``, or
+            ``base_size x base_size`` with ``base_side="long"``) by :func:`schp_affine_image`
+            instead of the letterbox, and record ``inverse_affine`` instead of ``valid_box``.
+            ``keep_ratio`` is then moot (the affine keeps the aspect ratio).
     """
     base_size, base_side = check_base_resize(base_size, base_side)
     if base_size is not None and eval_size is not None:
@@ -752,8 +871,17 @@ def build_eval_transform(
     ops: list[A.BasicTransform] = []
     letterbox = None
     short_side = None
-    if base_size is not None and base_side == "long":
-        letterbox = (base_size, base_size)
+    affine_size = None
+    fixed = (base_size, base_size) if base_size is not None and base_side == "long" else None
+    if affine:
+        affine_size = fixed or (None if base_size is not None else eval_size)
+        if affine_size is None:
+            raise ValueError(
+                "SCHP's affine evaluation input (data.eval_affine) needs a fixed input size: "
+                "data.eval_size, or data.base_size with data.base_side=long"
+            )
+    elif fixed is not None:
+        letterbox = fixed
     elif base_size is not None:
         short_side = base_size
     elif eval_size is not None:
@@ -763,4 +891,6 @@ def build_eval_transform(
         else:
             ops.append(A.Resize(height=h, width=w, interpolation=cv2.INTER_LINEAR))
     ops.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
-    return EvalTransform(A.Compose(ops), letterbox=letterbox, short_side=short_side)
+    return EvalTransform(
+        A.Compose(ops), letterbox=letterbox, short_side=short_side, affine=affine_size
+    )

@@ -279,6 +279,10 @@ def eval_protocol(
             choices = sorted(p.stem for p in (ROOT / "conf" / "eval").glob("*.yaml"))
             raise PredictError(f"eval={name}: no {path} (choose one of {choices})")
         eval_cfg = OmegaConf.load(path)
+        if "eval" in eval_cfg:
+            # A protocol that also sets data keys is a global-package file (schp_official sets
+            # data.eval_affine): predict runs its inference part, with rimlab's input geometry.
+            eval_cfg = eval_cfg.eval
     elif config.get("eval"):
         eval_cfg = OmegaConf.create(config["eval"])
     else:

@@ -1,7 +1,7 @@
 """Evaluation protocols: flip test-time augmentation, multi-scale averaging, sliding windows.
 
-Pure torch (no Lightning), so the LightningModule, the evaluate command and the tests share one
-implementation:
+Torch (and OpenCV for SCHP's label warp), no Lightning, so the LightningModule, the evaluate
+command and the tests share one implementation:
 
 - `flip_logits`: map scores predicted on a mirrored image back (flip W, swap left/right classes).
 - `window_boxes` / `slide_inference`: mmsegmentation's sliding-window inference for inputs larger
@@ -10,6 +10,8 @@ implementation:
   protocol and returns ``(B, C, h, w)`` scores at the input size.
 - `scores_to_original`: input-size scores -> the original image size, cropping first to the
   image's ``valid_box`` when the input was letterboxed (``data.eval_keep_ratio``).
+- `labels_to_original_affine`: SCHP's official scoring geometry (``eval=schp_official``): a label
+  map arg-maxed at the input, warped back to the original image by nearest neighbour.
 
 With its defaults (one scale 1.0, no flip, whole image) `InferenceProtocol` returns the net's
 logits untouched, so the plain evaluation path is unchanged bit for bit.
@@ -20,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -205,6 +209,50 @@ def scores_to_original(
         # (N, C, h'', w'') -> (N, C, H, W)
         scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
     return scores
+
+
+def labels_to_original_affine(
+    labels: Tensor, inverse_affine: Tensor, orig_size: Sequence[int]
+) -> Tensor:
+    """Warps a label map predicted at the network input back to the original image, as SCHP's
+    ``transform_parsing`` does (``eval=schp_official``, ``data.eval_affine``).
+
+    Original pixel ``(x, y)`` takes the label of the input pixel nearest to where the forward map
+    (the inverse of ``inverse_affine``) sends it; pixels sent outside the input get 0
+    (background), SCHP's border value. ``cv2.warpAffine`` itself does the work: its nearest
+    neighbour rounds source positions in fixed point (1/1024 pixel), which a float
+    re-implementation would follow only up to ties, and SCHP scored with exactly this call.
+
+    Args:
+        labels: ``(h, w)`` integer class ids at the network input (any device).
+        inverse_affine: ``(2, 3)`` float64 map from input pixels to original pixels (the batch's
+            ``inverse_affine``; SCHP's, with its integer-truncated centre).
+        orig_size: ``(H, W)`` of the original image.
+
+    Returns:
+        ``(H, W)`` int64 class ids on the device of ``labels``.
+    """
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be one (h, w) map, got shape {tuple(labels.shape)}")
+    if inverse_affine.shape != (2, 3) or inverse_affine.dtype != torch.float64:
+        # A "*-true" precision plugin casts floating batch tensors: a rounded matrix would move
+        # the labels silently.
+        raise ValueError(
+            f"inverse_affine must be a (2, 3) float64 matrix, got {tuple(inverse_affine.shape)} "
+            f"{inverse_affine.dtype}"
+        )
+    height, width = (int(v) for v in orig_size)
+    # int32: what OpenCV makes of SCHP's int64 arg-max (it has no 64-bit integer warp)
+    src = labels.detach().to("cpu", torch.int32).numpy()
+    warped = cv2.warpAffine(
+        src,
+        inverse_affine.detach().cpu().numpy(),
+        (width, height),
+        flags=cv2.INTER_NEAREST,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+    return torch.from_numpy(np.ascontiguousarray(warped)).to(labels.device, torch.int64)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from datamodules.transforms import AUGMENTATION_VERSION
 from lightning_modules import official_weights
-from lightning_modules.inference import scores_to_original
+from lightning_modules.inference import labels_to_original_affine, scores_to_original
 from lightning_modules.metrics import (
     ConfusionMatrix,
     check_mpa_definition,
@@ -479,14 +479,23 @@ class ParsingLitModule(pl.LightningModule):
         sliding-window runs made them) are resized to each image's ``orig_size``; when the batch
         has ``valid_box`` (``data.eval_keep_ratio``: the image was fitted into the input with its
         aspect ratio kept and padded) they are cropped to the box first
-        (:func:`~lightning_modules.inference.scores_to_original`).
+        (:func:`~lightning_modules.inference.scores_to_original`). When it has
+        ``inverse_affine`` (``eval=schp_official``: SCHP's affine input) the scores are
+        arg-maxed at the input size and the label map is warped back by nearest neighbour
+        (:func:`~lightning_modules.inference.labels_to_original_affine`), SCHP's official
+        scoring.
         """
         logits = self.predict_logits(batch["image"])
         target = batch["mask"]
         orig = batch.get("orig_size")
         boxes = batch.get("valid_box")
+        affines = batch.get("inverse_affine")
         sizes = [tuple(target.shape[-2:])] * len(target) if orig is None else orig.tolist()
-        if boxes is None and all(tuple(s) == tuple(target.shape[-2:]) for s in sizes):
+        if (
+            boxes is None
+            and affines is None
+            and all(tuple(s) == tuple(target.shape[-2:]) for s in sizes)
+        ):
             # Every image has the (padded) label size: score the batch in one go.
             if logits.shape[-2:] != target.shape[-2:]:
                 # (B, C, h, w) -> (B, C, H, W)
@@ -498,16 +507,28 @@ class ParsingLitModule(pl.LightningModule):
             self._write_predictions(stage, batch, [p for p in preds])
             return
         input_size = tuple(batch["image"].shape[-2:])
+        if affines is not None:
+            if logits.shape[-2:] != input_size:
+                # (B, C, h', w') -> (B, C, h, w): SCHP's net already returns the input size
+                logits = F.interpolate(
+                    logits, size=input_size, mode="bilinear", align_corners=False
+                )
+            # (B, C, h, w) -> (B, h, w): SCHP decides the labels at the input, not the original
+            labels = logits.argmax(1)
         per_image = []
         for i, (h, w) in enumerate(sizes):
-            # (1, C, h', w') -> (1, C, H_i, W_i): score at the image's original resolution
-            up = scores_to_original(
-                logits[i : i + 1],
-                (h, w),
-                valid_box=None if boxes is None else boxes[i].tolist(),
-                input_size=input_size,
-            )
-            pred = up.argmax(1)
+            if affines is not None:
+                # (h, w) -> (1, H_i, W_i): nearest neighbour through the inverse affine
+                pred = labels_to_original_affine(labels[i], affines[i], (h, w))[None]
+            else:
+                # (1, C, h', w') -> (1, C, H_i, W_i): score at the image's original resolution
+                up = scores_to_original(
+                    logits[i : i + 1],
+                    (h, w),
+                    valid_box=None if boxes is None else boxes[i].tolist(),
+                    input_size=input_size,
+                )
+                pred = up.argmax(1)
             metric.update(pred, target[i : i + 1, :h, :w])
             per_image.append(pred[0])
         self._write_predictions(stage, batch, per_image)
