@@ -473,12 +473,26 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+#: Data keys that decide the evaluation input's geometry (recorded with the protocol).
+_EVAL_INPUT_KEYS = ("eval_size", "eval_keep_ratio", "base_size", "base_side", "eval_affine")
+
+
 def eval_protocol(cfg: DictConfig) -> dict[str, Any] | None:
     """The resolved ``eval`` config (conf/eval/*.yaml: scales, flip, mode, ...) the scores were
-    computed under; None when there is none (the plain forward pass)."""
+    computed under, with the data keys that decide the input geometry under ``input`` (base-size
+    fit, letterbox, SCHP's affine); None when there is no ``eval`` (the plain forward pass)."""
     if not cfg.get("eval"):
         return None
-    return OmegaConf.to_container(cfg.eval, resolve=True)
+    protocol = OmegaConf.to_container(cfg.eval, resolve=True)
+    data = cfg.get("data") or {}
+    protocol["input"] = {
+        k: OmegaConf.to_container(data[k], resolve=True)
+        if OmegaConf.is_config(data[k])
+        else data[k]
+        for k in _EVAL_INPUT_KEYS
+        if k in data
+    }
+    return protocol
 
 
 def evaluated_checkpoint(cfg: DictConfig, ckpt_path: str | None) -> dict[str, Any]:

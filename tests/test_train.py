@@ -267,6 +267,8 @@ def test_evaluate_command_and_flip_protocol(tmp_path, data_dir):
         assert protocol["flip"] is flip and protocol["scales"] == [1.0]
         assert protocol["mode"] == "whole" and protocol["num_classes"] == 59
         assert protocol["_target_"] == "lightning_modules.inference.InferenceProtocol"
+        # the input geometry is part of the protocol: the synthetic set's base-size fit
+        assert protocol["input"]["base_size"] == 112 and protocol["input"]["base_side"] == "long"
 
 
 def test_evaluate_without_checkpoint_is_a_config_error(tmp_path, data_dir):
