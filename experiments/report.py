@@ -125,7 +125,11 @@ def collect(sweep_dir: Path) -> list[Fit]:
         results = json.loads(path.read_text())
         config = load_config(job)
         stage1_dir = (results.get("stage1") or {}).get("dir")
-        if results.get("val"):
+        schedule = config.get("schedule") or {}
+        stage1_only = results.get("schedule") == "rim" and schedule.get("stage") == 1
+        # A stage-1-only job scored no variant, and an evaluation-only job rescored a checkpoint
+        # trained elsewhere: neither is a stage-2 fit of its config.
+        if results.get("val") and not stage1_only and config.get("train", True) is not False:
             role = "stage2" if results.get("schedule") == "rim" else "train"
             fits.append(
                 Fit(describe(config, role), results["val"], job, stage1_dir, results, config)
@@ -149,6 +153,9 @@ def metric(scores: dict[str, Any], key: str) -> float | None:
     value = scores.get(key)
     if value is None and key == "mRecall":
         value = scores.get("mAcc")
+    if value is None and key == "mPrecision" and "mpa_definition" not in scores:
+        # Older results stored the precision reading under MPA without saying so.
+        value = scores.get("MPA")
     if value is None and key == "mPrecision" and scores.get("confusion"):
         cm = scores["confusion"]
         cols = [sum(row[j] for row in cm) for j in range(len(cm))]

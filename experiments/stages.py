@@ -326,15 +326,29 @@ def shared_baseline(cfg: DictConfig, stage1: Stage1) -> Stage1:
     Same model, loss and optimizer as stage 1, resumed with its full optimizer, scheduler and loop
     state: exactly the uninterrupted ``total_epochs`` baseline. Lives in ``<stage-1 dir>/baseline``.
     """
-    from experiments.train import write_results
+    from experiments.train import eval_protocol, write_results
 
     directory = stage1.directory / "baseline"
     done = directory / "done.json"
     final = directory / "checkpoints" / "final.ckpt"
+    protocol = eval_protocol(cfg)
     with _coordinated(directory.with_suffix(".lock"), done.exists) as reuse:
         if reuse:
             log.info("reusing the shared baseline %s", directory)
-            return Stage1(directory, final, json.loads(done.read_text()).get("val"))
+            record = json.loads(done.read_text())
+            # The evaluation protocol is not part of the stage-1 key (it does not change training),
+            # so a job scored under another protocol may have written these scores.
+            if record.get("eval_protocol", protocol) != protocol:
+                log.warning(
+                    "the shared baseline %s was scored under another evaluation protocol (%s) than "
+                    "this job's (%s): its scores are not comparable with this job's; rescore its "
+                    "checkpoint %s with train=false ckpt_path=<it> under this protocol",
+                    directory,
+                    record.get("eval_protocol"),
+                    protocol,
+                    final,
+                )
+            return Stage1(directory, final, record.get("val"))
         total = int(cfg.schedule.total_epochs)
         last = directory / "checkpoints" / "last.ckpt"
         resume = str(last) if last.exists() else str(stage1.checkpoint)
@@ -342,5 +356,5 @@ def shared_baseline(cfg: DictConfig, stage1: Stage1) -> Stage1:
         # Every epoch is seeded from (seed, epoch): the continuation is the uninterrupted baseline.
         val = _train_shared(cfg, directory, total, resume, final, cfg.seed, "baseline")
         if launcher_rank() == 0:
-            write_results(done, {"epochs": total, "val": val})
+            write_results(done, {"epochs": total, "val": val, "eval_protocol": protocol})
         return Stage1(directory, final, val)

@@ -185,13 +185,13 @@ class WandbDashboard(pl.Callback):
         names = pl_module.class_names
         payload: dict[str, Any] = {}
         if scores is not None:
+            # Both readings of the paper's CPA, each named (never a bare "CPA" column).
+            columns = ("IoU", "precision", "recall")
             rows = []
             for i, name in enumerate(names):
-                iou, cpa = float(scores["IoU"][i]), float(scores["CPA"][i])
-                rows.append(
-                    [i, name, None if math.isnan(iou) else iou, None if math.isnan(cpa) else cpa]
-                )
-            payload["val/per_class"] = wandb.Table(columns=["id", "class", "IoU", "CPA"], data=rows)
+                values = [float(scores[key][i]) for key in columns]
+                rows.append([i, name, *(None if math.isnan(v) else v for v in values)])
+            payload["val/per_class"] = wandb.Table(columns=["id", "class", *columns], data=rows)
             epoch = trainer.current_epoch
             if epoch % self.every_n_epochs == 0:
                 confusion = scores["confusion"].numpy().astype(np.float64)

@@ -92,7 +92,6 @@ SUMMARY_KEYS = {
     "mPrecision": "final/MPA_precision",
     "mIoU": "final/mIoU",
     "mAcc": "final/mAcc",
-    "MPA": "final/MPA",
 }
 
 

@@ -567,10 +567,12 @@ class ParsingLitModule(pl.LightningModule):
         scores["epoch"] = self.current_epoch
         scores["global_step"] = self.global_step
         self.last_scores[stage] = scores
+        # MPA is logged under the name of its reading (val/MPA_recall): no column is a bare "MPA".
         for key in ("PA", "MPA", "mIoU", "mAcc", "mPrecision", "mRecall"):
             value = scores[key]
+            name = f"MPA_{self.mpa}" if key == "MPA" else key
             self.log(
-                f"{stage}/{key}",
+                f"{stage}/{name}",
                 float(value) if math.isfinite(value) else 0.0,
                 prog_bar=key == "mIoU" and stage == "val",
                 sync_dist=False,

@@ -127,7 +127,7 @@ def class_pixel_accuracy(confusion: Tensor, reading: str = "recall") -> Tensor:
     denominator = confusion.sum(dim=1 if reading == "recall" else 0)
     correct = confusion.diagonal()
     nan = torch.full_like(denominator, float("nan"))
-    return torch.where(denominator > 0, correct / denominator.clamp(min=1), nan)
+    return torch.where(denominator > 0, correct / denominator, nan)
 
 
 def sampling_statistics(

@@ -13,7 +13,6 @@ from cfg_utils import TINY, compose_cfg
 from experiments.rim import stage2_overrides
 from experiments.stages import stage1_key
 from experiments.train import ConfigError, build_module, validate_config
-from samplers import class_pixel_accuracy, keep_probabilities
 
 RIM = [*TINY, "schedule=rim", "sampler=arbs", "loss=ce_ilm"]
 
@@ -41,28 +40,74 @@ def _attach(module, datamodule) -> None:
     module._trainer = SimpleNamespace(datamodule=datamodule, loggers=[], global_step=0)
 
 
-@pytest.mark.parametrize("reading", ["recall", "precision"])
-def test_stage2_chooses_the_cpa_reading_from_the_stored_matrix(tmp_path, reading):
-    cfg, module = _stage2(tmp_path, f"sampler.cpa={reading}")
+# (reading, keep probabilities of classes 0-2 by hand, expected kept share by hand). Recall: 0.8,
+# 1.0, 0.25 -> eta 0.25; precision (column sums 80, 80, 10): 1.0, 0.375, 1.0 -> eta 0.375. The
+# other classes have no statistic and are kept with probability 1 but have no pixels.
+HAND = [
+    ("recall", [0.25 / 0.8, 0.25, 1.0], (0.3125 * 1000 + 0.25 * 100 + 1.0 * 10) / 1110),
+    ("precision", [0.375, 1.0, 0.375], (0.375 * 1000 + 1.0 * 100 + 0.375 * 10) / 1110),
+]
+
+
+@pytest.mark.parametrize("reading,probs,share", HAND)
+def test_stage2_chooses_the_cpa_reading_from_the_stored_matrix(tmp_path, reading, probs, share):
+    _, module = _stage2(tmp_path, f"sampler.cpa={reading}")
     c = module.num_classes
     confusion = torch.zeros(c, c, dtype=torch.int64)
-    confusion[0, 0], confusion[0, 1] = 80, 20  # class 0: recall 0.8
-    confusion[1, 1], confusion[2, 1] = 30, 30  # class 1: recall 1.0, precision 30/80
-    confusion[2, 2] = 10  # class 2: recall 10/40, precision 1.0
+    # rows = ground truth: class 0 [80, 20, 0] (recall 0.8), class 1 [0, 30, 0] (1.0), class 2
+    # [0, 30, 10] (0.25); columns 80, 80, 10 pixels predicted (precision 1.0, 0.375, 1.0)
+    confusion[0, 0], confusion[0, 1] = 80, 20
+    confusion[1, 1] = 30
+    confusion[2, 1], confusion[2, 2] = 30, 10
     module.early_confusion.copy_(confusion)
     module.early_cpa_epoch.fill_(3)
-    pixels = [1000] * c
+    pixels = [1000, 100, 10] + [0] * (c - 3)
     _attach(module, _Counts(pixels, [5] * c))
     module._init_sampler()
-    expected = keep_probabilities(class_pixel_accuracy(confusion, reading))
-    torch.testing.assert_close(module.sampler.probs.double(), expected.float().double())
+    got = module.sampler.probs.double()
+    torch.testing.assert_close(got[:3], torch.tensor(probs, dtype=torch.float64))
+    assert bool((got[3:] == 1.0).all())
     report = module.sampling_report()
     assert report["cpa"] == reading
-    share = float((expected * 1000).sum() / (1000 * c))
     assert report["expected_kept_share"] == pytest.approx(share, rel=1e-6)
-    # the reading is not part of the stage-1 key: both readings share one stage 1
-    other = compose_cfg([*RIM, "sampler.cpa=precision", "sampler.eta=0.5"], tmp_path)
-    assert stage1_key(cfg) == stage1_key(other)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "sampler.cpa=precision",
+        "sampler.eta=0.5",
+        "sampler.nrbs_count=pixels",
+        "sampler=nrbs",
+        "sampler=none",
+        "loss=ce",
+        "loss.main_normalizer=kept",
+        "loss.side_target=off",
+        "metrics.mpa=precision",
+        "eval=flip",
+    ],
+)
+def test_stage2_only_switches_share_stage1(tmp_path, override):
+    assert stage1_key(compose_cfg([*RIM, override], tmp_path)) == stage1_key(
+        compose_cfg(RIM, tmp_path)
+    )
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.base_size=96",
+        "data.flip_prob=0",
+        "data.augmentation=paper",
+        "schedule.cpa_epoch=2",
+        "loss=focal",
+        "seed=1",
+    ],
+)
+def test_what_changes_stage1_changes_its_key(tmp_path, override):
+    assert stage1_key(compose_cfg([*RIM, override], tmp_path)) != stage1_key(
+        compose_cfg(RIM, tmp_path)
+    )
 
 
 def test_old_stage1_checkpoint_with_only_a_cpa_vector_is_refused(tmp_path):

@@ -31,7 +31,7 @@ def trained(monkeypatch):
     """Replaces the stage-1 fit by a recorder; returns the list of directories it was asked to train."""
     calls: list[Path] = []
 
-    def fake_train(cfg, directory, epochs, resume, final, seed):
+    def fake_train(cfg, directory, epochs, resume, final, seed, role="stage1"):
         calls.append(directory)
         final.parent.mkdir(parents=True, exist_ok=True)
         final.write_bytes(b"ckpt")
