@@ -210,7 +210,10 @@ def test_wandb_without_network_logs_offline_dashboard(tmp_path, data_dir, monkey
     assert {"per", "confusion", "examples"} <= media, media
     tables = list((runs[0] / "files" / "media").rglob("per_class*.table.json"))
     table = json.loads(tables[0].read_text())
-    assert table["columns"] == ["id", "class", "IoU", "precision", "recall"] and len(table["data"]) == 59
+    assert (
+        table["columns"] == ["id", "class", "IoU", "precision", "recall"]
+        and len(table["data"]) == 59
+    )
 
 
 def test_evaluate_command_and_flip_protocol(tmp_path, data_dir):
