@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """A NaN or Inf loss or gradient stopped the run."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """Non-finite weights after finite losses and gradients: the checkpoint was refused."""
 
 
 def _terms(losses: dict[str, Tensor]) -> str:
@@ -93,7 +98,8 @@ class ParsingLitModule(pl.LightningModule):
         nonfinite: what a NaN/Inf loss does: ``stop`` the run with a message naming the step, the
             loss terms and the last good checkpoint; ``skip`` the batch and count it; ``off``.
             A non-finite gradient always stops the run (its loss was finite, so the batch is not
-            the cause).
+            the cause), and so do non-finite weights found when a checkpoint is saved (the
+            checkpoint is not written); ``off`` checks none of these.
         inference: test-time protocol ``(net_forward, image) -> scores`` for validation and test
             (flip / multi-scale / sliding window, see ``lightning_modules.inference``); None =
             one plain forward pass.
@@ -436,18 +442,61 @@ class ParsingLitModule(pl.LightningModule):
         if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             raise NonFiniteLossError(self._nonfinite_message("gradient", self._last_losses))
 
-    def _nonfinite_message(self, what: str, losses: dict[str, Tensor]) -> str:
+    def _good_checkpoint(self) -> str:
+        """The newest checkpoint file of this run, or ``""``: every file the run wrote had finite
+        weights (``on_save_checkpoint`` refuses the others before a byte is written).
+
+        Lightning's ``ModelCheckpoint`` names the file it is about to write before writing it, so
+        a refused save leaves a path to a file that does not exist (a new name) or that still holds
+        the previous, checked state (``last.ckpt``: writes are atomic, see ``checkpoint_io``);
+        only files that exist are named.
+        """
         callbacks = self.trainer.checkpoint_callbacks if self._trainer is not None else []
-        saved = [
-            cb.best_model_path for cb in callbacks if cb.monitor is None and cb.best_model_path
-        ]
-        saved += [cb.last_model_path or cb.best_model_path for cb in callbacks]
-        last = next((p for p in saved if p), "")
+        # An every-epoch callback (no monitor) holds the newest state, then last, then the best.
+        saved = [cb.best_model_path for cb in callbacks if cb.monitor is None]
+        saved += [p for cb in callbacks for p in (cb.last_model_path, cb.best_model_path)]
+        return next((p for p in saved if p and Path(p).is_file()), "")
+
+    def _nonfinite_message(self, what: str, losses: dict[str, Tensor]) -> str:
+        good = self._good_checkpoint()
         return (
             f"non-finite {what} at global step {self.global_step} (epoch {self.current_epoch}); "
-            f"loss terms: {self._terms_text(losses)}. Nothing was written after this step; the last good "
-            f"checkpoint is {last or 'not saved yet'}. Lower the learning rate or check the "
-            "batch's data; module.nonfinite=skip skips such batches instead."
+            f"loss terms: {self._terms_text(losses)}. Nothing was written after this step; the "
+            f"last good checkpoint (weights checked finite when it was written) is "
+            f"{good or 'not saved yet'}. Lower the learning rate or check the batch's data; "
+            "module.nonfinite=skip skips such batches instead."
+        )
+
+    def _check_weights_finite(self) -> None:
+        """Refuses to checkpoint non-finite weights (one host sync per checkpoint).
+
+        The loss and gradient checks run before the optimizer step, so they cannot see a step that
+        turns finite gradients into non-finite weights (a non-finite learning rate or optimizer
+        state); those weights would otherwise reach ``last.ckpt`` and be called good by the next
+        step's message.
+
+        Raises:
+            NonFiniteWeightsError: naming the first non-finite parameters and the last good
+                checkpoint. Under DDP the weights, and so the decision, are the same on every rank.
+        """
+        if self.nonfinite == "off":
+            return
+        params = [(n, p) for n, p in self.named_parameters() if p.is_floating_point()]
+        if not params:
+            return
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params])  # (P,)
+        if bool(finite.all()):
+            return
+        bad = [n for (n, _), ok in zip(params, finite.tolist(), strict=True) if not ok]
+        good = self._good_checkpoint()
+        raise NonFiniteWeightsError(
+            f"non-finite weights at global step {self.global_step} (epoch {self.current_epoch}) "
+            f"in {len(bad)} of {len(params)} parameters (e.g. {', '.join(bad[:3])}), although "
+            "every loss and gradient was finite: an optimizer step since the last checkpoint made "
+            "them so (a non-finite learning rate or optimizer state; or the weights it started "
+            "from were not finite). This checkpoint was not "
+            "written; the last good checkpoint (weights checked finite when it was written) is "
+            f"{good or 'not saved yet'}. Check optimizer.lr and the scheduler."
         )
 
     def on_train_epoch_end(self) -> None:
@@ -586,6 +635,9 @@ class ParsingLitModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before anything is written (this hook runs inside every trainer.save_checkpoint, on
+        # every rank), so that no checkpoint file ever holds non-finite weights.
+        self._check_weights_finite()
         # The net is not a hyper-parameter (see save_hyperparameters above): its resolved config
         # travels under its own key so that predict/export can rebuild it from the file alone.
         build_config = getattr(self, "build_config", None)

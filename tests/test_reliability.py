@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from cfg_utils import SINGLE, TINY, compose_cfg
 
 from experiments.train import run
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
-from lightning_modules.parsing import NonFiniteLossError
+from lightning_modules.parsing import NonFiniteLossError, NonFiniteWeightsError
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -98,3 +99,48 @@ def test_nan_loss_skip_policy_counts_and_finishes(tmp_path, monkeypatch, caplog)
     metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     col = metrics[0].split(",").index("train/skipped_nonfinite")
     assert [float(r.split(",")[col]) for r in metrics[1:] if r.split(",")[col]] == [1.0]
+
+
+class _NonFiniteLearningRate(pl.Callback):
+    """Sets the learning rate to NaN for the optimizer step of one global step."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = float("nan")
+
+
+def test_nonfinite_weights_are_never_checkpointed_nor_called_good(tmp_path, monkeypatch):
+    """A finite loss whose optimizer step (NaN learning rate) makes the weights NaN in the last step
+    of epoch 2: the end-of-epoch save is refused, and the message names epoch 1's checkpoint, which
+    holds finite weights; no file on disk holds a non-finite weight."""
+    import experiments.train as train
+
+    real_callbacks = train.build_callbacks
+
+    def callbacks(cfg, out_dir):
+        # 4 steps per epoch: global step 7 is the last optimizer step of epoch 2.
+        return [*real_callbacks(cfg, out_dir), _NonFiniteLearningRate(at_step=7)]
+
+    monkeypatch.setattr(train, "build_callbacks", callbacks)
+    cfg = compose_cfg(
+        ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=2"], tmp_path
+    )
+    with pytest.raises(NonFiniteWeightsError) as err:
+        run(cfg)
+    message = str(err.value)
+    assert "non-finite weights at global step 8 (epoch 1)" in message
+    assert "This checkpoint was not written" in message
+    folder = tmp_path / "run" / "checkpoints"
+    files = sorted(folder.glob("*.ckpt"))
+    assert files and [p for p in folder.iterdir() if p.suffix != ".ckpt"] == []
+    named = [p for p in files if str(p) in message]
+    assert named == [folder / "last.ckpt"]
+    for path in files:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert ckpt["global_step"] == 4, path  # written at the end of epoch 1, never after
+        weights = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
+        assert weights and all(bool(torch.isfinite(v).all()) for v in weights), path
