@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -18,14 +17,6 @@ from omegaconf import DictConfig
 os.environ.setdefault("RIMLAB_ROOT", str(Path(__file__).resolve().parent))
 
 log = logging.getLogger("rimlab")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that describe a fixable mistake (a dataset file, a config value)."""
-    from datamodules.batch import DatasetError
-    from experiments.train import ConfigError
-
-    return (DatasetError, ConfigError)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
@@ -41,20 +32,19 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from datamodules.errors import run_command
     from experiments.launch import check_launch
 
-    user_errors = _user_errors()
     hydra_cfg = HydraConfig.get()
-    try:
+
+    def job() -> dict:
         check_launch(cfg, hydra_cfg.mode == RunMode.MULTIRUN, hydra_cfg.launcher.get("_target_"))
-        results = run(cfg)
-    except user_errors as err:
-        # A mistake the user can fix reads as one paragraph; HYDRA_FULL_ERROR=1 or a debug
-        # preset shows the traceback. Every other exception keeps its traceback.
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or hydra_cfg.runtime.choices.get("debug"):
-            raise
-        log.error("%s: %s", type(err).__name__, err)  # console and the run's log file
-        sys.exit(1)
+        return run(cfg)
+
+    # A mistake the user can fix (a dataset file, a config value, a checkpoint) reads as one
+    # paragraph, on the console and in the run's log file; a debug preset or HYDRA_FULL_ERROR=1
+    # shows the traceback. Every other exception keeps its traceback.
+    results = run_command(job, traceback=bool(hydra_cfg.runtime.choices.get("debug")), log=log)
     stage, _, name = str(cfg.get("optimized_metric") or "").partition("/")
     value = (results.get(stage) or {}).get(name)
     if isinstance(value, int | float) and math.isfinite(value):

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from datamodules.errors import FixableError
+
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,7 +39,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_BLACK = tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
 
 
-class DatasetError(ValueError):
+class DatasetError(FixableError, ValueError):
     """A problem with one file of a dataset on disk (missing, unreadable, wrong values or size).
 
     Args:

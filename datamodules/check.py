@@ -9,7 +9,9 @@ Usage::
 ``--data`` names a parsing dataset config of ``conf/data/`` (mhp_v2, lip, cityscapes, nyudv2, ...);
 the dataset is read exactly as training reads it, with bad samples collected instead of raised.
 
-Exit code 1 if any problem was found (missing/unreadable files, bad label values, size mismatches).
+Exit code 1 if any problem was found (missing/unreadable files, bad label values, size mismatches);
+a dataset that cannot be opened at all ends as one paragraph with exit code 1, no traceback
+(``HYDRA_FULL_ERROR=1`` shows it).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rich.table import Table
 
 from datamodules.base import ParsingDataModule
 from datamodules.batch import DatasetError
+from datamodules.errors import run_command
 
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 
@@ -148,4 +151,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A dataset that cannot be read at all (no split to scan) is one paragraph and exit status 1.
+    sys.exit(run_command(main))

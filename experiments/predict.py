@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, make_palette, save_label_png
+from datamodules.errors import FixableError, run_command
 from datamodules.transforms import build_eval_transform, check_base_resize, eval_input
 from lightning_modules import official_weights
+from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
 from lightning_modules.inference import scores_to_original
 
 log = logging.getLogger("rimlab.predict")
@@ -48,8 +50,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 
 
-class PredictError(RuntimeError):
-    """A missing or unusable checkpoint or input, explained for the command line."""
+class PredictError(FixableError, RuntimeError):
+    """A missing or unusable input or argument, explained for the command line (checkpoints that
+    cannot be used raise :class:`~lightning_modules.checkpoint_io.CheckpointError`)."""
 
 
 # ---------------------------------------------------------------------- the parser
@@ -220,7 +223,7 @@ def _compose_fallback(model: str | None, data: str | None) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     if not model or not data:
-        raise PredictError(
+        raise CheckpointError(
             "this checkpoint does not say how its network was built (it predates the "
             "'rimlab_config' entry): pass model=<conf/model name> data=<conf/data name>, e.g. "
             "model=pspnet_r101 data=lip"
@@ -345,18 +348,15 @@ def load_parser(
             hyper-parameters, else false).
 
     Raises:
-        PredictError: missing file, not a rimlab checkpoint, or weights that do not fit the net.
+        CheckpointError: missing file, not a rimlab checkpoint, no build config, or weights that
+            do not fit the net.
+        PredictError: an argument that cannot work (device, weights, size, format).
     """
     import hydra
 
     path = Path(ckpt)
-    if not path.is_file():
-        raise PredictError(f"checkpoint not found: {path}")
-    try:
-        # weights_only: a checkpoint from elsewhere cannot run code; rimlab's hold plain values.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated file, a non-torch file, ...
-        raise PredictError(f"{path}: cannot be read as a torch checkpoint ({err})") from err
+    # weights_only: a checkpoint from elsewhere cannot run code; rimlab's hold plain values.
+    checkpoint = read_checkpoint(path)
     official = official_weights.official_state_dict(checkpoint)
     if official is not None:
         # A published SCHP .pth: SCHP's own network, the dataset named by its class count
@@ -368,7 +368,7 @@ def load_parser(
         config = _compose_fallback(model or "ce2p_r101_schp", data)
         checkpoint = {"state_dict": {}}
     elif not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise PredictError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     else:
         config = checkpoint.get("rimlab_config") or _compose_fallback(model, data)
 
@@ -378,13 +378,10 @@ def load_parser(
         model_cfg["pretrained"] = False
     net = hydra.utils.instantiate(model_cfg)
     if official is not None:
-        try:
-            checkpoint["state_dict"] = {
-                f"net.{k}": v
-                for k, v in official_weights.map_official_state(official, net, path).items()
-            }
-        except official_weights.OfficialCheckpointError as err:
-            raise PredictError(str(err)) from err
+        checkpoint["state_dict"] = {
+            f"net.{k}": v
+            for k, v in official_weights.map_official_state(official, net, path).items()
+        }
     state = checkpoint["state_dict"]
     has_schp = (
         any(k.startswith("schp_net.") for k in state)
@@ -399,7 +396,7 @@ def load_parser(
     try:
         net.load_state_dict(net_state, strict=True)
     except RuntimeError as err:
-        raise PredictError(
+        raise CheckpointError(
             f"{path}: the weights do not fit the rebuilt network ({str(err).splitlines()[0]} ...)"
         ) from err
     device = device if isinstance(device, torch.device) else pick_device(device)
@@ -777,15 +774,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-def run_cli(entry: Any) -> None:
-    """Runs a command's ``entry()`` with INFO logging; a :class:`PredictError` becomes a one-line
-    message and exit status 2."""
+def run_cli(entry: Callable[[], Any]) -> None:
+    """Runs a command's ``entry()`` with INFO logging; a fixable error (a bad argument, input or
+    checkpoint, a dataset file) ends it as one paragraph with exit status 1
+    (``datamodules.errors.run_command``)."""
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    try:
-        entry()
-    except PredictError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_command(entry)
 
 
 if __name__ == "__main__":

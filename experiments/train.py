@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from datamodules.errors import FixableError
 from experiments.launch import determinism
 from experiments.stages import launcher_rank, shared_stage1
 from lightning_modules import ParsingLitModule
@@ -50,7 +51,7 @@ DRIVERS = {
 OWN_VALIDATION = ("cascade", "deepmac")
 
 
-class ConfigError(ValueError):
+class ConfigError(FixableError, ValueError):
     """A configuration that cannot work, caught before any data is read."""
 
 

@@ -1,4 +1,5 @@
-"""Checkpoints that are either complete or absent: written to a temporary file, then renamed."""
+"""Checkpoints that are either complete or absent (written to a temporary file, then renamed),
+and read with errors that name the file."""
 
 from __future__ import annotations
 
@@ -8,6 +9,31 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from datamodules.errors import FixableError
+
+
+class CheckpointError(FixableError, ValueError):
+    """A checkpoint that is missing, unreadable or of the wrong format or network (names the file)."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """What ``torch.load`` finds in ``path``, on the CPU (``weights_only``: a file cannot run code).
+
+    Raises:
+        CheckpointError: the file does not exist or is not a torch checkpoint (truncated, another
+            format).
+    """
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file, a non-torch file, a pickle of arbitrary objects
+        # The reader's and unpickler's explanations run over many lines: the first sentences.
+        cause = " ".join(str(err).split())
+        if len(cause) > 300:
+            cause = cause[:300].rsplit(". ", 1)[0] + ". ..."
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({cause})") from err
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

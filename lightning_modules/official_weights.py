@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
+
 __all__ = [
     "DATASET_BY_CLASSES",
     "INPLACE_ABN_EPS",
@@ -66,7 +68,7 @@ _INVERSE: tuple[tuple[str, str], ...] = (
 _MARKERS = ("fushion.0.weight", "context_encoding.bottleneck.0.weight", "conv3.weight")
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(CheckpointError):
     """An official SCHP checkpoint that does not fit the configured network (names the tensor)."""
 
 
@@ -170,10 +172,10 @@ def load_official_state(path: str | os.PathLike) -> dict[str, Tensor]:
     """Reads an official SCHP ``.pth`` (``weights_only``: a file cannot run code).
 
     Raises:
+        CheckpointError: the file is missing or unreadable.
         OfficialCheckpointError: the file is not an official SCHP state dict.
     """
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    state = official_state_dict(obj)
+    state = official_state_dict(read_checkpoint(path))
     if state is None:
         raise OfficialCheckpointError(f"{path}: not an official SCHP checkpoint")
     return state

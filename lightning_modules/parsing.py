@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from datamodules.transforms import AUGMENTATION_VERSION
 from lightning_modules import official_weights
+from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
 from lightning_modules.inference import labels_to_original_affine, scores_to_original
 from lightning_modules.metrics import (
     ConfusionMatrix,
@@ -667,27 +668,31 @@ class ParsingLitModule(pl.LightningModule):
         Args:
             path: a rimlab Lightning checkpoint (``.ckpt``), or a published SCHP ``.pth``
                 (detected by its layout; mapped by ``lightning_modules.official_weights``).
+
+        Raises:
+            CheckpointError: the file is missing, unreadable, of another format, or its network
+                does not match the configured one.
         """
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)
         official = official_weights.official_state_dict(ckpt)
         if official is not None:
             self.net.load_state_dict(official_weights.map_official_state(official, self.net, path))
             return
-        if "state_dict" not in ckpt:
-            raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
         state = ckpt["state_dict"]
         own = self.state_dict()
         net_keys = [k for k in own if k.startswith("net.")]
         missing = [k for k in net_keys if k not in state]
         if missing:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: the checkpoint's network does not match the configured model "
                 f"({len(missing)} missing weights, e.g. {missing[:3]})"
             )
         wrong = [k for k in net_keys if state[k].shape != own[k].shape]
         if wrong:
             k = wrong[0]
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: weight {k} has shape {tuple(state[k].shape)} in the checkpoint but "
                 f"{tuple(own[k].shape)} in the model (different model.num_classes or backbone?)"
             )

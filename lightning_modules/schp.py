@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
 from lightning_modules.parsing import ParsingLitModule
 from lightning_modules.schedulers import check_lr_interval, cosine_factor, epoch_start_step
 
@@ -502,14 +503,14 @@ class SCHPLitModule(ParsingLitModule):
         silently score the last cycle's weights instead of the model SCHP reports.
         """
         super().load_init_weights(path)
-        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict")
+        state = read_checkpoint(path).get("state_dict")
         if not isinstance(state, dict):
             return  # an official SCHP state dict: net weights only, no average yet
         keep = {k: v for k, v in state.items() if k.startswith("schp_")}
         if keep:
             missing = [k for k in self.state_dict() if k.startswith("schp_") and k not in keep]
             if missing:
-                raise ValueError(f"{path}: incomplete SCHP state (missing {missing[:3]} ...)")
+                raise CheckpointError(f"{path}: incomplete SCHP state (missing {missing[:3]} ...)")
             self.load_state_dict(keep, strict=False)
 
     # ------------------------------------------------------------------ evaluation

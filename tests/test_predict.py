@@ -15,6 +15,7 @@ from PIL import Image
 
 from experiments.predict import PredictError, load_parser, main
 from experiments.train import build_module
+from lightning_modules.checkpoint_io import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -204,7 +205,7 @@ def test_predict_video(trained, tmp_path):
 
 def test_clear_errors(trained, tmp_path):
     _, ckpt = trained
-    with pytest.raises(PredictError, match="checkpoint not found"):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
         main([f"ckpt={tmp_path / 'nope.ckpt'}", f"input={tmp_path}", f"output={tmp_path}"])
     with pytest.raises(PredictError, match="unknown argument 'colour'"):
         main([f"ckpt={ckpt}", f"input={tmp_path}", f"output={tmp_path}", "colour=red"])
@@ -217,12 +218,12 @@ def test_clear_errors(trained, tmp_path):
     with pytest.raises(PredictError, match="not a readable image"):
         main([f"ckpt={ckpt}", f"input={bad}", f"output={tmp_path / 'o'}", "device=cpu"])
     (tmp_path / "junk.ckpt").write_bytes(b"junk")
-    with pytest.raises(PredictError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="cannot be read"):
         main([f"ckpt={tmp_path / 'junk.ckpt'}", f"input={bad}", f"output={tmp_path / 'o'}"])
     old = torch.load(ckpt, map_location="cpu", weights_only=False)
     del old["rimlab_config"]
     torch.save(old, tmp_path / "old.ckpt")
-    with pytest.raises(PredictError, match="model=<conf/model name>"):
+    with pytest.raises(CheckpointError, match="model=<conf/model name>"):
         load_parser(tmp_path / "old.ckpt")
     # ... and the fallback rebuilds it from the group names.
     parser = load_parser(tmp_path / "old.ckpt", model="pspnet_lite", data="synthetic_mhp")
@@ -230,7 +231,7 @@ def test_clear_errors(trained, tmp_path):
 
 
 def test_command_line_exit_code(tmp_path):
-    """``python -m experiments.predict`` prints the error and exits with status 2."""
+    """``python -m experiments.predict`` prints the error and exits with status 1."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -245,7 +246,7 @@ def test_command_line_exit_code(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
+    assert proc.returncode == 1 and "checkpoint not found" in proc.stderr
 
 
 def test_camera_index_without_display_writes_a_video(trained, tmp_path, monkeypatch):

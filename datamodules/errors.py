@@ -1,0 +1,56 @@
+"""The errors a user can fix, and the one rule by which every rimlab command reports them.
+
+It lives in ``datamodules``, the package that ``run.py``, ``experiments/``, ``lightning_modules/``
+and ``datamodules.check`` may all import, so that every command shares it: a missing dataset
+folder, a bad config value or an unreadable checkpoint ends the command with one paragraph (what,
+which file or key, what to do) and exit status 1 instead of a traceback, which
+``HYDRA_FULL_ERROR=1`` (or the caller's debug switch) shows again. Every other exception keeps its
+traceback: it is a bug, not a mistake in the input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class FixableError(Exception):
+    """Base of the errors that describe a mistake in the input (a dataset file, a config value, a
+    checkpoint): :func:`run_command` prints them as one paragraph with exit status 1."""
+
+
+def run_command(
+    entry: Callable[[], T], *, traceback: bool = False, log: logging.Logger | None = None
+) -> T:
+    """Runs a command's ``entry()``; a :class:`FixableError` ends the process cleanly.
+
+    Args:
+        entry: the command's body.
+        traceback: re-raise fixable errors too (a debug preset); ``HYDRA_FULL_ERROR=1`` does the
+            same for every command.
+        log: where the paragraph goes (a Hydra job's logger also writes it to the run's log
+            file); None prints it to stderr.
+
+    Returns:
+        What ``entry()`` returned.
+
+    Raises:
+        SystemExit: with status 1, after a fixable error was reported.
+    """
+    try:
+        return entry()
+    except FixableError as err:
+        if traceback or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # One paragraph: a message that quotes a multi-line cause stays one block of text.
+        message = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        if log is not None:
+            log.error("%s", message)
+        else:
+            print(message, file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,119 @@
+"""Fixable errors (dataset, config, checkpoint) end every command as one paragraph, exit status 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from cfg_utils import ROOT
+from torch import nn
+
+from datamodules.batch import DatasetError
+from datamodules.errors import FixableError, run_command
+from experiments.predict import PredictError
+from experiments.train import ConfigError
+from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
+from lightning_modules.official_weights import OfficialCheckpointError, load_official_state
+from lightning_modules.parsing import ParsingLitModule
+
+
+def test_every_fixable_error_shares_one_base():
+    for cls in (DatasetError, ConfigError, CheckpointError, OfficialCheckpointError, PredictError):
+        assert issubclass(cls, FixableError), cls
+    # Callers that caught the old bases still catch them.
+    assert issubclass(CheckpointError, ValueError) and issubclass(PredictError, RuntimeError)
+
+
+def test_run_command_prints_one_paragraph_and_exits_1(capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def fails() -> None:
+        raise CheckpointError("/x/a.ckpt: cannot be read\n  (a cause on\n two lines)")
+
+    with pytest.raises(SystemExit) as stop:
+        run_command(fails)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == (
+        "CheckpointError: /x/a.ckpt: cannot be read (a cause on two lines)\n"
+    )
+    assert run_command(lambda: 7) == 7
+    with pytest.raises(KeyError):  # not a fixable error: its traceback stays
+        run_command(lambda: {}["k"])
+    with pytest.raises(CheckpointError):  # the debug switch re-raises
+        run_command(fails, traceback=True)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(CheckpointError):
+        run_command(fails)
+
+
+def _tiny_module() -> ParsingLitModule:
+    return ParsingLitModule(
+        net=nn.Conv2d(3, 2, 1), loss=nn.Module(), optimizer=torch.optim.SGD, num_classes=2
+    )
+
+
+def test_checkpoint_readers_raise_checkpoint_errors_naming_the_file(tmp_path):
+    missing, junk = tmp_path / "missing.ckpt", tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a zip file")
+    module = _tiny_module()
+    for read in (read_checkpoint, load_official_state, module.load_init_weights):
+        with pytest.raises(CheckpointError, match=f"checkpoint not found: {missing}"):
+            read(missing)
+        with pytest.raises(CheckpointError, match=f"{junk}: cannot be read as a torch checkpoint"):
+            read(junk)
+    torch.save({"weights": torch.ones(2)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
+        module.load_init_weights(tmp_path / "plain.pt")
+    torch.save({"state_dict": {"net.weight": torch.ones(5, 3, 1, 1)}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="does not match the configured model"):
+        module.load_init_weights(tmp_path / "other.ckpt")
+
+
+def _command(args: list[str], full_error: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    if full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def _last_paragraph(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_predict_missing_checkpoint_is_one_paragraph(tmp_path):
+    ckpt = tmp_path / "x.ckpt"
+    args = ["experiments.predict", f"ckpt={ckpt}", f"input={tmp_path}", f"output={tmp_path / 'o'}"]
+    assert _last_paragraph(_command(args)) == f"CheckpointError: checkpoint not found: {ckpt}"
+    assert not (tmp_path / "o").exists()  # stopped before anything was written
+    full = _command(args, full_error=True)
+    assert full.returncode == 1 and "Traceback" in full.stderr  # HYDRA_FULL_ERROR=1 shows it
+    assert full.stderr.strip().endswith(f"checkpoint not found: {ckpt}")
+
+
+def test_export_unreadable_checkpoint_is_one_paragraph(tmp_path):
+    ckpt = tmp_path / "junk.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04 half a zip")  # a checkpoint cut short by a kill
+    paragraph = _last_paragraph(
+        _command(["experiments.export", f"ckpt={ckpt}", f"output={tmp_path / 'm.onnx'}"])
+    )
+    assert paragraph.startswith(f"CheckpointError: {ckpt}: cannot be read as a torch checkpoint")
+
+
+def test_check_missing_dataset_folder_exits_1_without_traceback(tmp_path):
+    root = tmp_path / "LIP"
+    proc = _command(["datamodules.check", "--data", "lip", "--root", str(root), "--split", "val"])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out and str(root) in " ".join(out.split())
