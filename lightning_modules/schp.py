@@ -26,6 +26,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import types
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -160,7 +161,9 @@ def collect_bn_moments(
 
     Train mode is what SCHP's ``bn_re_estimate`` runs: each layer normalises a batch with that
     batch's statistics, so the inputs of deeper layers do not depend on the statistics being
-    estimated, and a batch contributes the same sums whichever process sees it.
+    estimated, and a batch contributes the same sums whichever process sees it. That holds only
+    if "that batch" is this process's batch: the ``SyncBatchNorm`` layers of a DDP run
+    (``trainer.sync_batchnorm``) run as plain BatchNorm here (:func:`per_process_batch_norm`).
 
     Args:
         model: the network (its BatchNorm buffers are changed; :func:`load_bn_moments` sets them).
@@ -201,17 +204,40 @@ def collect_bn_moments(
     model.train()
     seen = 0
     try:
-        for x in images:
-            if forward is None:
-                model(x)
-            else:
-                forward(model, x)
-            seen += int(x.shape[0])
+        with per_process_batch_norm(model):
+            for x in images:
+                if forward is None:
+                    model(x)
+                else:
+                    forward(model, x)
+                seen += int(x.shape[0])
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
     return moments, seen
+
+
+@contextlib.contextmanager
+def per_process_batch_norm(model: nn.Module) -> Iterator[None]:
+    """Runs every ``SyncBatchNorm`` of ``model`` as a plain BatchNorm for the duration.
+
+    In train mode under DDP a ``SyncBatchNorm`` normalises with the statistics of all ranks'
+    batches together, so the input of every deeper layer, and the moments a rank collects from
+    its shard, would depend on which images the other ranks hold: the merged moments would not be
+    those of one process reading every shard. ``_BatchNorm.forward`` is the same layer (same
+    parameters, buffers and hooks) normalising with this process's batch only; it also runs no
+    collective per layer. Restored on exit: training (and the refined labels) synchronise again.
+    """
+    syncs = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+    for m in syncs:
+        # An instance attribute shadows the class's forward; deleting it brings that back.
+        m.forward = types.MethodType(_BatchNorm.forward, m)
+    try:
+        yield
+    finally:
+        for m in syncs:
+            del m.forward
 
 
 def merge_bn_moments(parts: Iterable[BNMoments]) -> BNMoments:
@@ -577,7 +603,8 @@ class SCHPCycle(pl.Callback):
         loader = bn_shard_loader(
             datamodule.train_dataloader(), trainer.global_rank, trainer.world_size
         )
-        # Equal shards give every rank the same number of batches (SyncBatchNorm needs that).
+        # Equal shards give every rank the same number of batches and so passes of equal length
+        # before the one all_reduce of the moments (the pass itself runs no collective).
         limit = min(self.bn_batches or trainer.num_training_batches, len(loader))
         for i, batch in enumerate(loader):
             if i >= limit:

@@ -133,6 +133,37 @@ def test_bn_statistics_of_two_shards_merge_exactly():
     assert (expected[1][1] - averaged_var).max() > 0.5
 
 
+def test_bn_reestimation_normalises_per_process_with_sync_batchnorm(monkeypatch):
+    """``trainer=ddp`` converts the averaged net to SyncBatchNorm; in train mode under DDP those
+    layers would normalise with every rank's batches (on CPU they refuse). The re-estimation runs
+    them as plain BatchNorm: each shard's sums, and their merge, equal the per-process hand
+    computation, and the layers are SyncBatchNorms again afterwards."""
+    torch.manual_seed(3)
+    net = _tiny_net()
+    batches = _shard_batches()
+    expected = _whole_set_stats(net, batches)
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net))
+    # What a SyncBatchNorm sees inside a DDP run: an initialised process group.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+        sync.train()(batches[0])  # it would synchronise with the other ranks
+    parts = []
+    for rank in range(2):
+        moments, seen = collect_bn_moments(copy.deepcopy(sync), batches[rank::2])
+        assert seen == 6
+        parts.append(moments)
+    merged = copy.deepcopy(sync)
+    load_bn_moments(merged, merge_bn_moments(parts))
+    assert reestimate_bn(sync, batches) == 12
+    for idx, (mean, var) in expected.items():
+        for model in (sync, merged):
+            assert type(model[idx]) is nn.SyncBatchNorm and "forward" not in vars(model[idx])
+            torch.testing.assert_close(model[idx].running_mean, mean, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model[idx].running_var, var, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="SyncBatchNorm expected"):
+        sync.train()(batches[0])  # restored: training still synchronises
+
+
 def test_bn_shard_loader_splits_like_distributed_sampler():
     from torch.utils.data import DataLoader, TensorDataset
 
