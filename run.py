@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -31,15 +32,26 @@ def main(cfg: DictConfig) -> float | None:
         logging.getLogger(name).propagate = True
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from datamodules.errors import run_command
-    from experiments.launch import check_launch
+    from experiments.launch import check_launch, resume_if_requeued
 
     hydra_cfg = HydraConfig.get()
 
     def job() -> dict:
         check_launch(cfg, hydra_cfg.mode == RunMode.MULTIRUN, hydra_cfg.launcher.get("_target_"))
-        return run(cfg)
+        resume_if_requeued(cfg)
+        try:
+            return run(cfg)
+        except SIGTERMException:
+            # SLURM stops the tasks of a job it requeues (or cancels) with SIGTERM; Lightning
+            # stopped the fit at the next step and the epoch-boundary checkpoint is intact.
+            log.warning(
+                "stopped by SIGTERM: a requeued SLURM job resumes from its last completed epoch; "
+                "elsewhere continue with resume=true in the same run folder"
+            )
+            sys.exit(143)
 
     # A mistake the user can fix (a dataset file, a config value, a checkpoint) reads as one
     # paragraph, on the console and in the run's log file; a debug preset or HYDRA_FULL_ERROR=1

@@ -4,6 +4,9 @@
   ``ddp`` launcher starts the other ranks by re-running the whole command line, sweep included, so
   every child would run a sweep of its own.
 - :func:`determinism` turns ``trainer.deterministic=true`` into what works on every device.
+- :func:`resume_if_requeued` and :func:`cluster_plugins` make a requeued SLURM job (pre-empted or
+  timed out) continue exactly from its last epoch boundary (``last.ckpt``), never from a
+  mid-epoch state; :class:`lightning_modules.callbacks.SlurmRequeue` requeues on the signal.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import DictConfig
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +117,60 @@ def determinism(trainer: Mapping[str, Any]) -> dict[str, Any]:
     if trainer.get("benchmark"):
         log.info("trainer.deterministic=true: cuDNN benchmark (autotuning) switched off")
     return {"deterministic": "warn", "benchmark": False}
+
+
+def slurm_restart(env: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+    """``(job id, restart count)`` of a SLURM job that SLURM has restarted, else None.
+
+    SLURM counts every requeue of a job (``scontrol requeue``, pre-emption with
+    ``PreemptMode=REQUEUE``, a node failure) in ``SLURM_RESTART_COUNT`` and keeps its job id, so a
+    requeued job can tell that it has run before.
+    """
+    env = os.environ if env is None else env
+    job = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    if env.get("SLURM_ARRAY_TASK_ID") and env.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{job}_{env['SLURM_ARRAY_TASK_ID']}"
+    try:
+        count = int(env.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return None
+    return (job, count) if count > 0 else None
+
+
+def resume_if_requeued(cfg: DictConfig, env: Mapping[str, str] | None = None) -> bool:
+    """Sets ``cfg.resume=true`` in a SLURM job that SLURM restarted; returns whether it did.
+
+    The requeued job runs the same command in the same output folder (a sweep job's folder is
+    fixed when the sweep is submitted; a plain ``sbatch`` script needs a ``hydra.run.dir`` that
+    does not depend on the start time, see README "Pre-emption and requeue"), so resuming from the
+    stage's ``last.ckpt`` continues the interrupted run exactly.
+    """
+    restart = slurm_restart(env)
+    if restart is None or cfg.get("resume"):
+        return False
+    job, count = restart
+    with open_dict(cfg):
+        cfg.resume = True
+    log.info(
+        "SLURM job %s was requeued (restart %d): resuming from the last completed epoch "
+        "(resume=true)",
+        job,
+        count,
+    )
+    return True
+
+
+def cluster_plugins() -> list[SLURMEnvironment]:
+    """Lightning plugins for the cluster the job runs in.
+
+    Under SLURM: Lightning's SLURM environment without its auto-requeue. Lightning's requeue
+    handler writes a mid-epoch ``hpc_ckpt`` and resumes from it, which is not an exact resume (the
+    position inside the epoch's shuffled order is not restored); rimlab's
+    :class:`~lightning_modules.callbacks.SlurmRequeue` requeues on the same signal and the requeued
+    job resumes from the last epoch boundary instead.
+    """
+    if SLURMEnvironment.detect():
+        return [SLURMEnvironment(auto_requeue=False)]
+    return []

@@ -88,6 +88,7 @@ _HASH_IGNORED = (
     "paths",
     "hydra",
     "resume",
+    "requeue_signal",
     "train",
     "test",
     "ckpt_path",

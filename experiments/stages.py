@@ -23,6 +23,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from datamodules.errors import FixableError
 from datamodules.transforms import AUGMENTATION_VERSION
 
 log = logging.getLogger(__name__)
@@ -224,6 +227,59 @@ def _await_decision(lock: Path, token: str, call: int, poll_s: float = 0.5) -> b
     )
 
 
+class LockError(FixableError, OSError):
+    """The shared runs' folder is on a filesystem whose ``flock`` does not work."""
+
+
+#: Run in a second process: exit 0 when it could take the lock the first process holds.
+_PROBE = (
+    "import fcntl, sys\n"
+    "with open(sys.argv[1], 'a') as f:\n"
+    "    try:\n"
+    "        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+    "    except BlockingIOError:\n"
+    "        sys.exit(3)\n"
+)
+
+
+def exclusive_lock(handle: Any, lock: Path, probe: bool = True) -> None:
+    """Takes ``flock(LOCK_EX)`` on ``handle`` (the open ``lock`` file) and checks that it excludes.
+
+    Parallel sweep jobs rely on the lock to train a shared stage 1 once. Some filesystems (NFS
+    without a lock daemon, some FUSE and object-store mounts) refuse ``flock``, and some accept it
+    without excluding anyone; then two jobs would train into the same folder. The check asks a
+    second process to take the same lock without waiting: it must be refused. (A second process,
+    since NFS emulates ``flock`` with POSIX locks, which one process can always take twice.)
+
+    Raises:
+        LockError: ``flock`` fails, or a second process could take the lock.
+    """
+    what = (
+        f"The shared runs' folder {lock.parent} is on a filesystem without working file locks "
+        "(flock), which parallel jobs need to train a shared stage 1 once"
+    )
+    fix = (
+        "Put the shared runs on a filesystem with working locks (schedule.stage1_dir=<a local or "
+        "lock-capable folder>, or mount NFS with its lock daemon), or run the jobs one after "
+        "another."
+    )
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError as err:
+        raise LockError(f"{what}: flock failed ({err}). {fix}") from err
+    if not probe:
+        return
+    try:
+        rc = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(lock)], capture_output=True, timeout=60
+        ).returncode
+    except (OSError, subprocess.TimeoutExpired):
+        return  # cannot ask a second process: the lock taken above is the best available
+    if rc == 0:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        raise LockError(f"{what}: a second process took the lock this one holds. {fix}")
+
+
 @contextlib.contextmanager
 def _coordinated(lock: Path, finished: Callable[[], bool]) -> Iterator[bool]:
     """Holds ``lock`` (rank 0 only) and yields whether the shared run can be reused.
@@ -238,7 +294,7 @@ def _coordinated(lock: Path, finished: Callable[[], bool]) -> Iterator[bool]:
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        exclusive_lock(handle, lock)
         try:
             reuse = finished()
             if token:

@@ -28,10 +28,10 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.errors import FixableError
-from experiments.launch import determinism
+from experiments.launch import cluster_plugins, determinism
 from experiments.stages import launcher_rank, shared_stage1
 from lightning_modules import ParsingLitModule
-from lightning_modules.callbacks import EpochSeed, Interruption, StageEnd
+from lightning_modules.callbacks import EpochSeed, Interruption, SlurmRequeue, StageEnd
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.loggers import finish_wandb
 from lightning_modules.metrics import MPA_DEFINITIONS, format_scores_table, scores_to_json
@@ -340,13 +340,14 @@ def build_trainer(
         cfg.trainer,
         # deterministic=true runs as Lightning's "warn" (experiments.launch.determinism)
         **determinism(cfg.trainer),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         default_root_dir=str(out_dir),
         max_epochs=max_epochs,
         callbacks=[
             *build_callbacks(cfg, out_dir),
             EpochSeed(cfg.seed if seed is None else seed),
             Interruption(str(out_dir), resume_command(cfg)),
+            SlurmRequeue(str(cfg.get("requeue_signal") or "SIGUSR1")),
             stage_end,
         ],
         logger=loggers if loggers is not None else build_loggers(cfg, out_dir, role=role),

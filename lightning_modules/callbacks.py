@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
+import signal as signal_module
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -221,3 +225,91 @@ class StageEnd(pl.Callback):
         with open(tmp, "w") as handle:
             json.dump(payload, handle)
         os.replace(tmp, self.scores_path)
+
+
+class SlurmRequeue(pl.Callback):
+    """Requeues a SLURM job on ``signal`` (SLURM's warning before the time limit or pre-emption).
+
+    SLURM sends the signal ``--signal=USR1@<seconds>`` asks for; rank 0 then runs
+    ``scontrol requeue <job id>``, SLURM stops every task and later starts the job again with the
+    same id and command, and the requeued job resumes from the stage's ``last.ckpt``
+    (:func:`experiments.launch.resume_if_requeued`): the state at the last epoch boundary, so the
+    requeued run equals an uninterrupted one. Nothing is written at the signal, which leaves the
+    seconds before the kill to SLURM. Sweeps submitted with ``hydra/launcher=rimlab_slurm`` are
+    requeued by submitit on its own signal (USR2) the same way. Outside SLURM this does nothing.
+
+    Args:
+        signal: the signal's name, as in ``--signal`` (``SIGUSR1`` or ``USR1``).
+        scontrol: the ``scontrol`` command.
+    """
+
+    def __init__(self, signal: str = "SIGUSR1", scontrol: str = "scontrol") -> None:
+        name = signal.upper()
+        self.signum = getattr(signal_module, name if name.startswith("SIG") else f"SIG{name}")
+        self.scontrol = scontrol
+        self._previous: Any = None
+        self._trainer: pl.Trainer | None = None
+        self.requeued: str | None = None
+
+    @staticmethod
+    def job_id() -> str | None:
+        """The id ``scontrol requeue`` takes (``<array job>_<task>`` for array jobs)."""
+        if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+            return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        return os.environ.get("SLURM_JOB_ID")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.job_id() is None:
+            return
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self._trainer = trainer
+        self._previous = signal_module.getsignal(self.signum)
+        signal_module.signal(self.signum, self._handle)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._trainer is not None:
+            signal_module.signal(
+                self.signum,
+                self._previous if self._previous is not None else signal_module.SIG_DFL,
+            )
+            self._trainer = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        trainer = self._trainer
+        if callable(self._previous):
+            self._previous(signum, frame)
+        if trainer is None or not trainer.is_global_zero or self.requeued:
+            return  # SLURM stops every task of the job once rank 0 has requeued it
+        job = self.job_id()
+        last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        name = signal_module.Signals(signum).name
+        try:
+            done = subprocess.run(
+                [self.scontrol, "requeue", str(job)], capture_output=True, text=True, timeout=60
+            )
+            ok, why = done.returncode == 0, (done.stderr or done.stdout).strip()
+        except (OSError, subprocess.TimeoutExpired) as err:
+            ok, why = False, str(err)
+        if ok:
+            self.requeued = str(job)
+            log.warning(
+                "%s received at epoch %d, step %d: requeued SLURM job %s. The requeued job "
+                "resumes from %s (the last completed epoch); the epoch in progress is replayed.",
+                name,
+                trainer.current_epoch,
+                trainer.global_step,
+                job,
+                last if last.is_file() else "the stage's start (no epoch completed yet)",
+            )
+        else:
+            log.error(
+                "%s received but `%s requeue %s` failed (%s): the job is not requeued. Resume it "
+                "by hand with resume=true in the same run folder.",
+                name,
+                self.scontrol,
+                job,
+                why,
+            )

@@ -25,7 +25,8 @@ class KillAt(pl.Callback):
     Args:
         where: ``train`` (before training batch ``batch``), ``val`` (before validation batch
             ``batch``) or ``save`` (halfway through writing the epoch's first checkpoint).
-        signal: ``SIGKILL`` (pre-emption) or ``SIGINT`` (Ctrl-C; ``train`` and ``val`` only).
+        signal: ``SIGKILL`` (pre-emption), ``SIGINT`` (Ctrl-C) or ``SIGUSR1`` (SLURM's warning
+            before the time limit); other than ``SIGKILL``, ``train`` and ``val`` only.
     """
 
     def __init__(

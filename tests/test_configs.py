@@ -132,3 +132,6 @@ def test_slurm_launcher_preset_follows_the_trainer():
             gpus,
             nodes,
         )
+        # requeued on time limits and pre-emption, warned early enough to stop cleanly
+        assert launcher.max_num_timeout > 0 and launcher.signal_delay_s >= 60
+        assert launcher.additional_parameters.requeue is True

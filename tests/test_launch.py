@@ -6,7 +6,14 @@ import pytest
 import torch
 from cfg_utils import SINGLE, TINY, compose_cfg
 
-from experiments.launch import check_launch, determinism, uses_subprocess_launcher
+from experiments.launch import (
+    check_launch,
+    cluster_plugins,
+    determinism,
+    resume_if_requeued,
+    slurm_restart,
+    uses_subprocess_launcher,
+)
 from experiments.train import ConfigError
 
 BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
@@ -110,3 +117,78 @@ def test_refused_multirun_prints_one_paragraph_and_exits_1(tmp_path):
     assert "ConfigError: python run.py -m with trainer=ddp" in out
     assert "Traceback" not in out
     assert not (tmp_path / "data").exists()  # refused before any data was read
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, None),
+        ({"SLURM_JOB_ID": "77"}, None),
+        ({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0"}, None),
+        ({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}, ("77", 2)),
+        (
+            {
+                "SLURM_JOB_ID": "78",
+                "SLURM_ARRAY_JOB_ID": "70",
+                "SLURM_ARRAY_TASK_ID": "3",
+                "SLURM_RESTART_COUNT": "1",
+            },
+            ("70_3", 1),
+        ),
+        ({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "x"}, None),
+    ],
+)
+def test_slurm_restart_reads_the_requeue_count(env, expected):
+    assert slurm_restart(env) == expected
+
+
+def test_a_requeued_job_resumes_and_a_first_start_does_not(tmp_path):
+    cfg = compose_cfg([*SINGLE, *TINY], tmp_path)
+    assert cfg.resume is False
+    assert not resume_if_requeued(cfg, {"SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "0"})
+    assert cfg.resume is False
+    assert resume_if_requeued(cfg, {"SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "1"})
+    assert cfg.resume is True
+
+
+def test_lightning_auto_requeue_is_off_under_slurm(monkeypatch):
+    """Lightning's own requeue resumes from a mid-epoch checkpoint, which is not exact."""
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    assert cluster_plugins() == []
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    (env,) = cluster_plugins()
+    assert env.auto_requeue is False
+
+
+def test_shared_runs_refuse_a_filesystem_without_working_flock(tmp_path, monkeypatch):
+    """flock failing (NFS without lockd) or not excluding a second process: a LockError that
+    names the folder and the key to change; a working lock passes."""
+    import errno
+    import fcntl
+
+    from datamodules.errors import FixableError
+    from experiments import stages
+
+    lock = tmp_path / "shared" / "abc.lock"
+    lock.parent.mkdir()
+    with open(lock, "w") as handle:
+        stages.exclusive_lock(handle, lock)  # a local filesystem: works
+    real = fcntl.flock
+
+    def enolck(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(stages.fcntl, "flock", enolck)
+    with open(lock, "w") as handle, pytest.raises(stages.LockError) as err:
+        stages.exclusive_lock(handle, lock)
+    assert isinstance(err.value, FixableError)
+    assert str(lock.parent) in str(err.value) and "schedule.stage1_dir" in str(err.value)
+    assert "No locks available" in str(err.value)
+
+    # A flock that accepts without locking: the second process gets the lock too.
+    monkeypatch.setattr(stages.fcntl, "flock", lambda fd, op: None)
+    with open(lock, "w") as handle, pytest.raises(stages.LockError, match="second process"):
+        stages.exclusive_lock(handle, lock)
+    monkeypatch.setattr(stages.fcntl, "flock", real)

@@ -1,4 +1,5 @@
-"""Exact resume: a RIM run SIGKILLed at several points and resumed equals an uninterrupted run."""
+"""Exact resume: a RIM run SIGKILLed at several points, then requeued by SLURM's signal, and resumed
+equals an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ RUN = [
 PATH_KEYS = {"dir", "checkpoint", "checkpoints"}
 
 
-def _run(run_dir: Path, logs: Path, data: Path, extra: list[str]) -> subprocess.CompletedProcess:
+def _run(
+    run_dir: Path, logs: Path, data: Path, extra: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         str(ROOT / "run.py"),
@@ -36,8 +39,29 @@ def _run(run_dir: Path, logs: Path, data: Path, extra: list[str]) -> subprocess.
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _slurm(tmp_path: Path, restart: int) -> dict[str, str]:
+    """A one-task SLURM job's environment, with an ``scontrol`` that logs its arguments and then
+    stops the job's process with SIGTERM, as SLURM does to the tasks of a requeued job."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "scontrol"
+    fake.write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\nkill -TERM $PPID\n')
+    fake.chmod(0o755)
+    return {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "rimlab-test",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_RESTART_COUNT": str(restart),
+    }
 
 
 def _strip_paths(obj: Any) -> Any:
@@ -80,9 +104,19 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
             # The interrupted write left the epoch-0 checkpoint intact (and loadable).
             assert torch.load(stage2_last, weights_only=False)["epoch"] == 0
             assert list(stage2_last.parent.glob(".*.tmp-*")), "the kill left no half-written file"
-    proc = _run(run_dir, logs, data, ["resume=true"])
+    # SLURM's warning signal before the time limit: rank 0 requeues the job (the fake scontrol
+    # then stops it with SIGTERM, as SLURM would) and writes nothing.
+    signal = [*_kill(2, 1, "train", batch=1), "+callbacks.kill.signal=SIGUSR1"]
+    proc = _run(run_dir, logs, data, ["resume=true", *signal], env=_slurm(tmp_path, 0))
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert "requeued SLURM job 4242" in proc.stdout + proc.stderr
+    assert torch.load(stage2_last, weights_only=False)["epoch"] == 0
+    # The requeued job (same command, SLURM_RESTART_COUNT=1, no resume=true) resumes by itself.
+    proc = _run(run_dir, logs, data, [], env=_slurm(tmp_path, 1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list(stage2_last.parent.glob(".*.tmp-*")), "stale temporary not cleaned up"
+    assert "was requeued (restart 1)" in proc.stdout + proc.stderr
     assert "resuming from" in proc.stdout + proc.stderr
     got = json.loads((run_dir / "results.json").read_text())
     assert _strip_paths(got) == _strip_paths(expected)
