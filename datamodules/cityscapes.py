@@ -34,12 +34,12 @@ from datamodules.base import (
     read_index_png,
 )
 from datamodules.batch import IGNORE_INDEX, DatasetError
+from datamodules.errors import require
 
 log = logging.getLogger(__name__)
 
 CITYSCAPES_NUM_CLASSES = 19
 CITYSCAPES_FLIP_PAIRS: tuple[tuple[int, int], ...] = ()  # a mirrored street has no left/right ids
-CITYSCAPES_REQUIREMENT = "cityscapesscripts>=2.2"
 
 _SPLITS = ("train", "val", "test")
 _IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -52,13 +52,9 @@ _INSTANCE_IDS = "_gtFine_instanceIds.png"
 def cityscapes_labels() -> tuple[Any, ...]:
     """The official label table (``cityscapesscripts.helpers.labels.labels``): namedtuples with
     ``name, id, trainId, category, categoryId, hasInstances, ignoreInEval, color``."""
-    try:
-        from cityscapesscripts.helpers.labels import labels
-    except ImportError as e:
-        raise ImportError(
-            "Cityscapes needs the official label table from the cityscapesscripts package: "
-            f"pip install cityscapesscripts (requirement '{CITYSCAPES_REQUIREMENT}')"
-        ) from e
+    require("cityscapesscripts", "Cityscapes (its official label table)")
+    from cityscapesscripts.helpers.labels import labels
+
     return tuple(labels)
 
 

@@ -26,22 +26,18 @@ from torch.utils.data import Dataset
 
 from datamodules.base import read_image
 from datamodules.batch import DatasetError
+from datamodules.errors import require
 from datamodules.instances import InstanceDataModule
 
 log = logging.getLogger(__name__)
 
-PYCOCOTOOLS_REQUIREMENT = "pycocotools>=2.0"
-
 
 def _coco(ann_file: Path) -> Any:
-    try:
-        from pycocotools.coco import COCO
-    except ImportError as e:
-        raise ImportError(
-            f"COCO-format data needs pycocotools: pip install '{PYCOCOTOOLS_REQUIREMENT}'"
-        ) from e
+    require("pycocotools", "COCO-format data")
     import contextlib
     import io
+
+    from pycocotools.coco import COCO
 
     if not ann_file.is_file():
         raise DatasetError(ann_file, "annotation json not found")

@@ -24,6 +24,38 @@ class FixableError(Exception):
     checkpoint): :func:`run_command` prints them as one paragraph with exit status 1."""
 
 
+class MissingPackageError(FixableError, ImportError):
+    """An optional package that a dataset or option needs is not installed."""
+
+
+#: Optional packages: import name -> (requirement, pyproject extra that installs it).
+OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
+    "cityscapesscripts": ("cityscapesscripts>=2.2", "cityscapes"),
+    "h5py": ("h5py>=3.10", "nyudv2"),
+    "pycocotools": ("pycocotools>=2.0", "coco"),
+    "tensorboard": ("tensorboard>=2.15", "tensorboard"),
+}
+
+
+def require(package: str, purpose: str) -> None:
+    """Imports the optional ``package`` (a key of :data:`OPTIONAL_PACKAGES`) or says how to get it.
+
+    Raises:
+        MissingPackageError: the package is not importable; the message names ``purpose``, the
+            extra that installs it and the requirement.
+    """
+    import importlib
+
+    requirement, extra = OPTIONAL_PACKAGES[package]
+    try:
+        importlib.import_module(package)
+    except ImportError as err:
+        raise MissingPackageError(
+            f"{purpose} needs the {package} package, which is not installed ({err}): "
+            f"pip install -e '.[{extra}]' in the rimlab checkout, or pip install '{requirement}'"
+        ) from err
+
+
 def run_command(
     entry: Callable[[], T], *, traceback: bool = False, log: logging.Logger | None = None
 ) -> T:

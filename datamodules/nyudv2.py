@@ -38,6 +38,7 @@ import numpy as np
 
 from datamodules.base import ParsingDataModule, ParsingDataset, Transform
 from datamodules.batch import IGNORE_INDEX, DatasetError
+from datamodules.errors import require
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ def read_split_indices(path: Path, split: str) -> np.ndarray:
     try:
         values = loadmat(path, variable_names=[key]).get(key)
     except NotImplementedError:  # saved as v7.3: HDF5
+        require("h5py", f"{path} (a MATLAB v7.3 file, HDF5)")
         import h5py
 
         with h5py.File(path, "r") as f:
@@ -196,6 +198,7 @@ def read_split_indices(path: Path, split: str) -> np.ndarray:
 
 
 def _open_h5(path: Path) -> Any:
+    require("h5py", f"NYUDv2's labelled set {path} (MATLAB v7.3, HDF5)")
     import h5py
 
     try:

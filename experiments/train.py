@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from datamodules.errors import FixableError
+from datamodules.errors import FixableError, require
 from experiments.launch import cluster_plugins, determinism
 from experiments.stages import launcher_rank, shared_stage1
 from lightning_modules import ParsingLitModule
@@ -291,6 +291,8 @@ def build_loggers(
             continue
         lg_cfg = lg_cfg.copy()
         is_wandb = str(lg_cfg._target_).endswith("WandbLogger")
+        if str(lg_cfg._target_).endswith("TensorBoardLogger"):
+            require("tensorboard", "logger=tensorboard")
         with open_dict(lg_cfg):
             if "save_dir" in lg_cfg:
                 sub = Path(str(lg_cfg.save_dir)).name

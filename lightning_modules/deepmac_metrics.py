@@ -18,11 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.errors import require
+
 _STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
     """``(N, H, W)`` binary masks -> COCO RLEs with str counts (JSON-safe)."""
+    require("pycocotools", "Deep-MAC's mask AP")
     from pycocotools import mask as mask_utils
 
     # pycocotools wants (H, W, N) in Fortran order: (N, H, W) -> (H, W, N)
