@@ -74,3 +74,47 @@ def _remove_stale_temporaries(path: Path) -> None:
             tmp.unlink(missing_ok=True)
         except (ValueError, PermissionError):
             continue  # not ours, or another user's live process
+
+
+def good_checkpoint(trainer: Any) -> str:
+    """The newest checkpoint file of this run, or ``""``: every file the run wrote had finite
+    weights (:func:`nonfinite_weights_message` refuses the others before a byte is written).
+
+    Lightning's ``ModelCheckpoint`` names the file it is about to write before writing it, so a
+    refused save leaves a path to a file that does not exist (a new name) or that still holds the
+    previous, checked state (``last.ckpt``: writes are atomic, :class:`AtomicCheckpointIO`); only
+    files that exist are named.
+    """
+    callbacks = trainer.checkpoint_callbacks if trainer is not None else []
+    # An every-epoch callback (no monitor) holds the newest state, then last, then the best.
+    saved = [cb.best_model_path for cb in callbacks if cb.monitor is None]
+    saved += [p for cb in callbacks for p in (cb.last_model_path, cb.best_model_path)]
+    return next((p for p in saved if p and Path(p).is_file()), "")
+
+
+def nonfinite_weights_message(module: Any) -> str | None:
+    """Why ``module`` (a LightningModule about to be checkpointed) must not be, or None.
+
+    One host sync: one flag per floating-point parameter, stacked on the device. The loss and
+    gradient checks run before the optimizer step, so they cannot see a step that turns finite
+    gradients into non-finite weights (a non-finite learning rate or optimizer state); those
+    weights would otherwise reach ``last.ckpt`` and be called good by the next message. Under DDP
+    the weights, and so the answer, are the same on every rank.
+    """
+    params = [(n, p) for n, p in module.named_parameters() if p.is_floating_point()]
+    if not params:
+        return None
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params])  # (P,)
+    if bool(finite.all()):
+        return None
+    bad = [n for (n, _), ok in zip(params, finite.tolist(), strict=True) if not ok]
+    good = good_checkpoint(module._trainer)
+    return (
+        f"non-finite weights at global step {module.global_step} (epoch {module.current_epoch}) "
+        f"in {len(bad)} of {len(params)} parameters (e.g. {', '.join(bad[:3])}), although "
+        "every loss and gradient was finite: an optimizer step since the last checkpoint made "
+        "them so (a non-finite learning rate or optimizer state; or the weights it started "
+        "from were not finite). This checkpoint was not written; the last good checkpoint "
+        f"(weights checked finite when it was written) is {good or 'not saved yet'}. Check "
+        "optimizer.lr and the scheduler."
+    )

@@ -17,8 +17,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.checkpoint_io import nonfinite_weights_message
 from lightning_modules.deepmac_metrics import MaskAPAccumulator, flat_scores, gather_accumulator
 from lightning_modules.nets.deepmac import crop_instance_masks, paste_masks
+from lightning_modules.parsing import NonFiniteWeightsError
 from lightning_modules.schedulers import per_step_optimization
 from losses.mask import resolve_classes
 
@@ -191,6 +193,10 @@ class DeepMACLitModule(pl.LightningModule):
             self.log(f"val/{key}", value)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before anything is written, on every rank: no checkpoint file holds non-finite weights.
+        message = nonfinite_weights_message(self)
+        if message is not None:
+            raise NonFiniteWeightsError(message)
         # Plain values only (set by the driver): the box-prompt command rebuilds the net from them.
         if getattr(self, "build_config", None) is not None:
             checkpoint["build_config"] = self.build_config

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,7 +14,12 @@ from torch import Tensor, nn
 
 from datamodules.transforms import AUGMENTATION_VERSION
 from lightning_modules import official_weights
-from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
+from lightning_modules.checkpoint_io import (
+    CheckpointError,
+    good_checkpoint,
+    nonfinite_weights_message,
+    read_checkpoint,
+)
 from lightning_modules.inference import labels_to_original_affine, scores_to_original
 from lightning_modules.metrics import (
     ConfusionMatrix,
@@ -444,19 +448,7 @@ class ParsingLitModule(pl.LightningModule):
             raise NonFiniteLossError(self._nonfinite_message("gradient", self._last_losses))
 
     def _good_checkpoint(self) -> str:
-        """The newest checkpoint file of this run, or ``""``: every file the run wrote had finite
-        weights (``on_save_checkpoint`` refuses the others before a byte is written).
-
-        Lightning's ``ModelCheckpoint`` names the file it is about to write before writing it, so
-        a refused save leaves a path to a file that does not exist (a new name) or that still holds
-        the previous, checked state (``last.ckpt``: writes are atomic, see ``checkpoint_io``);
-        only files that exist are named.
-        """
-        callbacks = self.trainer.checkpoint_callbacks if self._trainer is not None else []
-        # An every-epoch callback (no monitor) holds the newest state, then last, then the best.
-        saved = [cb.best_model_path for cb in callbacks if cb.monitor is None]
-        saved += [p for cb in callbacks for p in (cb.last_model_path, cb.best_model_path)]
-        return next((p for p in saved if p and Path(p).is_file()), "")
+        return good_checkpoint(self._trainer)
 
     def _nonfinite_message(self, what: str, losses: dict[str, Tensor]) -> str:
         good = self._good_checkpoint()
@@ -482,23 +474,9 @@ class ParsingLitModule(pl.LightningModule):
         """
         if self.nonfinite == "off":
             return
-        params = [(n, p) for n, p in self.named_parameters() if p.is_floating_point()]
-        if not params:
-            return
-        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params])  # (P,)
-        if bool(finite.all()):
-            return
-        bad = [n for (n, _), ok in zip(params, finite.tolist(), strict=True) if not ok]
-        good = self._good_checkpoint()
-        raise NonFiniteWeightsError(
-            f"non-finite weights at global step {self.global_step} (epoch {self.current_epoch}) "
-            f"in {len(bad)} of {len(params)} parameters (e.g. {', '.join(bad[:3])}), although "
-            "every loss and gradient was finite: an optimizer step since the last checkpoint made "
-            "them so (a non-finite learning rate or optimizer state; or the weights it started "
-            "from were not finite). This checkpoint was not "
-            "written; the last good checkpoint (weights checked finite when it was written) is "
-            f"{good or 'not saved yet'}. Check optimizer.lr and the scheduler."
-        )
+        message = nonfinite_weights_message(self)
+        if message is not None:
+            raise NonFiniteWeightsError(message)
 
     def on_train_epoch_end(self) -> None:
         if self.skipped_nonfinite:

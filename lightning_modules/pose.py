@@ -29,7 +29,9 @@ from torch import Tensor, nn
 
 from datamodules.mpii import normalise_images
 from datamodules.pose_transforms import MPII_JOINTS
+from lightning_modules.checkpoint_io import nonfinite_weights_message
 from lightning_modules.metrics import make_process_private
+from lightning_modules.parsing import NonFiniteWeightsError
 from lightning_modules.pose_metrics import PoseMetric
 from lightning_modules.schedulers import per_step_optimization
 
@@ -190,6 +192,12 @@ class PoseRegressionLitModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.check_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before anything is written, on every rank: no checkpoint file holds non-finite weights.
+        message = nonfinite_weights_message(self)
+        if message is not None:
+            raise NonFiniteWeightsError(f"stage {self.stage}: {message}")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         pred = self.predict_normalised(batch)

@@ -144,3 +144,29 @@ def test_nonfinite_weights_are_never_checkpointed_nor_called_good(tmp_path, monk
         assert ckpt["global_step"] == 4, path  # written at the end of epoch 1, never after
         weights = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
         assert weights and all(bool(torch.isfinite(v).all()) for v in weights), path
+
+
+def test_pose_and_deepmac_checkpoints_refuse_nonfinite_weights():
+    """The pose and Deep-MAC modules check their weights before any checkpoint is written too."""
+    from torch import nn
+
+    from lightning_modules.deepmac import DeepMACLitModule
+    from lightning_modules.pose import PoseRegressionLitModule
+    from losses.pose import JointL2Loss
+
+    modules = {
+        "pose": PoseRegressionLitModule(nn.Linear(2, 2), JointL2Loss(), torch.optim.SGD, stage=2),
+        "deepmac": DeepMACLitModule(net=nn.Linear(2, 2), loss=nn.Identity(), optimizer=None),
+    }
+    for name, module in modules.items():
+        checkpoint: dict = {}
+        module.on_save_checkpoint(checkpoint)  # finite: saved
+        with torch.no_grad():
+            module.net.bias[1] = float("inf")
+        with pytest.raises(NonFiniteWeightsError) as err:
+            module.on_save_checkpoint(checkpoint)
+        assert "in 1 of 2 parameters (e.g. net.bias)" in str(err.value), name
+        assert (
+            "last good checkpoint (weights checked finite when it was written) is not saved yet"
+            in str(err.value)
+        ), name
