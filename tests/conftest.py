@@ -29,6 +29,8 @@ BENIGN_WARNINGS = (
     # one CPU device in tests
     r"ignore:GPU available but not used:UserWarning",
     r"ignore:The `srun` command is available on your system but is not used:UserWarning",
+    # pycocotools' compiled mask code calls np.array(copy=False) under numpy 2
+    r"ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning",
 )
 
 
