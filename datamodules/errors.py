@@ -76,7 +76,11 @@ def run_command(
     """
     try:
         return entry()
-    except FixableError as err:
+    except Exception as caught:
+        # hydra.utils.instantiate wraps what a constructor raises in an InstantiationException
+        err = caught if isinstance(caught, FixableError) else caught.__cause__
+        if not isinstance(err, FixableError):
+            raise
         if traceback or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         # One paragraph: a message that quotes a multi-line cause stays one block of text.

@@ -41,6 +41,18 @@ def test_run_command_prints_one_paragraph_and_exits_1(capsys, monkeypatch):
         "CheckpointError: /x/a.ckpt: cannot be read (a cause on two lines)\n"
     )
     assert run_command(lambda: 7) == 7
+
+    def wrapped() -> None:  # what hydra.utils.instantiate makes of a constructor's error
+        from hydra.errors import InstantiationException
+
+        try:
+            fails()
+        except CheckpointError as err:
+            raise InstantiationException("Error in call to target 'x.Y'") from err
+
+    with pytest.raises(SystemExit):
+        run_command(wrapped)
+    assert capsys.readouterr().err.startswith("CheckpointError: /x/a.ckpt: cannot be read")
     with pytest.raises(KeyError):  # not a fixable error: its traceback stays
         run_command(lambda: {}["k"])
     with pytest.raises(CheckpointError):  # the debug switch re-raises
