@@ -22,6 +22,10 @@ fp32:
   output of the decode and auxiliary heads (DANet: ``pam_cam``, ``pam``, ``cam``) resized to the
   input as mmsegmentation's loss resizes them, against rimlab's ``out``/``aux``/``pam``/``cam``.
 
+The functional reference of the CI tests (``tests/mmseg_reference.py``, written from
+mmsegmentation's definitions) is compared with mmsegmentation on the ``predict`` input as well
+(``reference/predict``).
+
 Prints the max abs difference, the logit range and the arg-max agreement per net and output;
 ``--json`` writes them. Exit status 1 if a difference reaches ``--tol`` (default 1e-4).
 mmcv's compiled ops (``mmcv.ops``) are not installed with mmcv-lite; these models use none of
@@ -169,6 +173,15 @@ def compare(name: str, depth: int, size: tuple[int, int], seed: int) -> dict[str
         image = build_eval_transform()({"image": rgb, "mask": np.zeros((h, w), np.int64)})
         ours = net(image["image"][None])["out"]
     results["predict"] = report(ours, ref)
+
+    # -- the CI tests' functional reference (tests/mmseg_reference.py) against mmseg itself
+    sys.path.insert(0, str(ROOT / "tests"))
+    import mmseg_reference
+
+    head = {"pspnet": "psp", "deeplabv3plus": "aspp", "danet": "da"}[name]
+    with torch.no_grad():
+        ref_eval = mmseg_reference.forward(state, data["inputs"], head, depth)["out"]
+    results["reference/predict"] = report(ref_eval, ref)
 
     # -- train: batch statistics, dropout off, every head output resized to the input
     zero_dropout(model)

@@ -325,20 +325,30 @@ def test_predict_runs_an_mmseg_checkpoint(tmp_path):
         predict.load_parser(path, "cpu", size=SIZE, model="danet_r50_mmseg", data="cityscapes")
 
 
+def test_resuming_training_from_an_mmseg_checkpoint_is_refused(tmp_path):
+    from experiments.train import ConfigError, refuse_weights_only_resume
+
+    path = save_mmseg(small_state("psp", 3, seed=8), tmp_path / "psp.pth")
+    with pytest.raises(ConfigError, match=rf"mmsegmentation checkpoint.*init_from={path}"):
+        refuse_weights_only_resume(str(path))
+    lightning = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"net.x": torch.zeros(1)}, "epoch": 3}, lightning)
+    refuse_weights_only_resume(str(lightning))  # a Lightning checkpoint resumes
+
+
 @pytest.mark.slow
 def test_fine_tune_and_evaluate_an_mmseg_checkpoint(tmp_path):
     """run.py's paths end to end on the synthetic set (59 classes): init_from=<mmseg file> trains
-    two steps from it, train=false ckpt_path=<mmseg file> scores it; a training resume from it is
-    refused with the fix."""
+    from it, train=false ckpt_path=<mmseg file> scores it."""
     from experiments.train import run
 
-    state = ref.random_state(ref.state_spec("aspp", 50, 59), seed=7)
-    path = save_mmseg(state, tmp_path / "deeplabv3plus.pth")
+    path = save_mmseg(small_state("aspp", 59, seed=7), tmp_path / "deeplabv3plus.pth")
     base = [
         *TINY,
         *SINGLE,
         "model=deeplabv3plus_r50_mmseg",
         "model.pretrained=false",
+        *(f"model.{key}={WIDTH}" for key in (*WIDTH_KEYS["aspp"], "aux_channels")),
         "data.synthetic.num_train=4",
         "data.synthetic.num_val=2",
         "data.synthetic.image_size=[48,48]",
