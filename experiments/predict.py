@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, make_palette, save_label_png
 from datamodules.errors import FixableError, run_command
 from datamodules.transforms import build_eval_transform, check_base_resize, eval_input
-from lightning_modules import official_weights
+from lightning_modules import mmseg_weights, official_weights
 from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
 from lightning_modules.inference import scores_to_original
 
@@ -327,10 +327,13 @@ def load_parser(
     """Rebuilds the net of a rimlab checkpoint for inference.
 
     Args:
-        ckpt: a Lightning checkpoint written by a rimlab training run, or a published SCHP
+        ckpt: a Lightning checkpoint written by a rimlab training run, a published SCHP
             ``.pth`` (rebuilt as ``model=ce2p_r101_schp`` unless ``model`` says otherwise, with
             the data config its class count names, 20 ``lip``, 18 ``atr``, 7
-            ``pascal_person_part``, unless ``data`` does).
+            ``pascal_person_part``, unless ``data`` does), or an mmsegmentation checkpoint
+            (rebuilt as the ``<net>_r<depth>_mmseg`` model config its decode head and depth
+            name unless ``model`` says otherwise; 19 classes: ``data=cityscapes`` unless
+            ``data`` says otherwise).
         device: ``cpu``, ``cuda``, ``auto`` or a ``torch.device``.
         eval_name: eval protocol name (see :func:`eval_protocol`); None: the checkpoint's.
         eval_overrides: ``eval.<key>`` values.
@@ -358,6 +361,7 @@ def load_parser(
     # weights_only: a checkpoint from elsewhere cannot run code; rimlab's hold plain values.
     checkpoint = read_checkpoint(path)
     official = official_weights.official_state_dict(checkpoint)
+    mmseg = mmseg_weights.mmseg_state_dict(checkpoint) if official is None else None
     if official is not None:
         # A published SCHP .pth: SCHP's own network, the dataset named by its class count
         # unless data= says otherwise (the shapes are checked against it when mapping).
@@ -366,6 +370,19 @@ def load_parser(
         if data is None:
             raise PredictError(f"{path}: a {num}-class SCHP checkpoint: say data=<conf/data name>")
         config = _compose_fallback(model or "ce2p_r101_schp", data)
+        checkpoint = {"state_dict": {}}
+    elif mmseg is not None:
+        # An mmsegmentation checkpoint: the *_mmseg model config its decode head and depth name
+        # unless model= says otherwise, the dataset from data= (19 classes: cityscapes).
+        model = model or mmseg_weights.mmseg_model_config(mmseg)
+        num = mmseg_weights.mmseg_num_classes(mmseg)
+        data = data or ("cityscapes" if num == 19 else None)
+        if model is None or data is None:
+            raise PredictError(
+                f"{path}: an mmsegmentation checkpoint ({num} classes): say model=<conf/model "
+                "name, e.g. pspnet_r50_mmseg> data=<conf/data name>"
+            )
+        config = _compose_fallback(model, data)
         checkpoint = {"state_dict": {}}
     elif not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
@@ -381,6 +398,10 @@ def load_parser(
         checkpoint["state_dict"] = {
             f"net.{k}": v
             for k, v in official_weights.map_official_state(official, net, path).items()
+        }
+    elif mmseg is not None:
+        checkpoint["state_dict"] = {
+            f"net.{k}": v for k, v in mmseg_weights.map_mmseg_state(mmseg, net, path).items()
         }
     state = checkpoint["state_dict"]
     has_schp = (

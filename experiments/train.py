@@ -533,6 +533,31 @@ def evaluated_checkpoint(cfg: DictConfig, ckpt_path: str | None) -> dict[str, An
     return record
 
 
+def refuse_weights_only_resume(path: str) -> None:
+    """Training resumes from ``ckpt_path``: a published weights file (mmsegmentation, SCHP) has
+    no training state to resume.
+
+    Raises:
+        ConfigError: ``path`` is such a file; the message gives ``init_from=`` instead.
+    """
+    from lightning_modules import mmseg_weights, official_weights
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - Lightning reports unreadable files itself
+        return
+    kind = None
+    if mmseg_weights.mmseg_state_dict(ckpt) is not None:
+        kind = "an mmsegmentation checkpoint"
+    elif official_weights.official_state_dict(ckpt) is not None:
+        kind = "an official SCHP checkpoint"
+    if kind is not None:
+        raise ConfigError(
+            f"ckpt_path={path} is {kind}: weights only, no training state to resume. Fine-tune "
+            f"from it with init_from={path}, or evaluate it with train=false ckpt_path={path}"
+        )
+
+
 def summarise(
     module: ParsingLitModule, scores: dict[str, Any] | None, title: str
 ) -> dict[str, Any] | None:
@@ -579,6 +604,8 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     schedule = cfg.schedule
     total = int(schedule.total_epochs)
     ckpt_path = cfg.get("ckpt_path") or resume_checkpoint(cfg, out_dir)
+    if cfg.train and cfg.get("ckpt_path"):
+        refuse_weights_only_resume(str(cfg.ckpt_path))
     # train=false scores these weights: ckpt_path (loaded last) wins over init_from.
     evaluated = None if cfg.train else evaluated_checkpoint(cfg, ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.transforms import AUGMENTATION_VERSION
-from lightning_modules import official_weights
+from lightning_modules import mmseg_weights, official_weights
 from lightning_modules.checkpoint_io import (
     CheckpointError,
     good_checkpoint,
@@ -644,8 +644,9 @@ class ParsingLitModule(pl.LightningModule):
         """Loads the net weights (and the ARBS statistics) of a checkpoint, nothing of its training state.
 
         Args:
-            path: a rimlab Lightning checkpoint (``.ckpt``), or a published SCHP ``.pth``
-                (detected by its layout; mapped by ``lightning_modules.official_weights``).
+            path: a rimlab Lightning checkpoint (``.ckpt``), a published SCHP ``.pth`` or an
+                mmsegmentation checkpoint (each detected by its layout; mapped by
+                ``lightning_modules.official_weights`` / ``lightning_modules.mmseg_weights``).
 
         Raises:
             CheckpointError: the file is missing, unreadable, of another format, or its network
@@ -655,6 +656,10 @@ class ParsingLitModule(pl.LightningModule):
         official = official_weights.official_state_dict(ckpt)
         if official is not None:
             self.net.load_state_dict(official_weights.map_official_state(official, self.net, path))
+            return
+        mmseg = mmseg_weights.mmseg_state_dict(ckpt)
+        if mmseg is not None:
+            self.net.load_state_dict(mmseg_weights.map_mmseg_state(mmseg, self.net, path))
             return
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
             raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")

@@ -319,6 +319,8 @@ def test_cityscapes_recipes_compose(name, tmp_path):
     assert list(cfg.data.crop_size) == [512, 1024]
     assert cfg.trainer.precision == "bf16-mixed"  # mmseg trains fp32: disclosed in the README
     assert cfg.data.cat_max_ratio == 0.75 and cfg.data.photometric == "mmseg"
+    # mmseg's network: ResNetV1c (deep stem), whose checkpoints load tensor by tensor
+    assert cfg.model.backbone == "resnet50_v1c"
     dm = hydra.utils.instantiate(cfg.data)
     ops = dm.train_transform().aug.transforms
     assert any(isinstance(t, CatMaxRatioRandomCrop) and t.cat_max_ratio == 0.75 for t in ops)

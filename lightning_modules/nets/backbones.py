@@ -1,5 +1,14 @@
 """Dilated ResNet backbones (output stride 8 or 16) built from torchvision ResNets.
 
+Two stems: torchvision's (one 7x7 stride-2 conv) and mmsegmentation's ``ResNetV1c`` deep stem
+(three 3x3 convs 32-32-64, the first with stride 2, each followed by BN + ReLU), selected by the
+backbone name (``50`` / ``resnet50`` vs ``resnet50_v1c``). The residual stages are torchvision's in
+both: with output stride 8, torchvision's ``replace_stride_with_dilation`` gives the first block of
+a dilated stage the previous dilation and the others the new one (layer3: 1, 2, 2, ...; layer4: 2,
+4, 4), which is mmsegmentation's ``contract_dilation=True`` with dilations 1-1-2-4 and strides
+1-2-1-1; their Bottlenecks ("pytorch" style: the stride on the 3x3 conv) and parameter names
+(``layer1.0.conv1.weight`` ...) are the same too.
+
 Pretrained ImageNet weights are read from the torch hub cache only; nothing is ever downloaded
 (training machines and tests may have no internet access).
 """
@@ -7,6 +16,7 @@ Pretrained ImageNet weights are read from the torch hub cache only; nothing is e
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torchvision
@@ -23,6 +33,34 @@ _RESNETS: dict[int, tuple] = {
         (256, 512, 1024, 2048),
     ),
 }
+
+
+# depth -> file name of the ImageNet weights of mmsegmentation's ResNetV1c (mmengine's
+# hub/openmmlab.json: open-mmlab://resnet50_v1c, https://download.openmmlab.com/pretrain/
+# third_party/<name>); mmengine caches them under <torch hub dir>/checkpoints as well.
+V1C_IMAGENET_FILES: dict[int, str] = {
+    50: "resnet50_v1c-2cccc1ad.pth",
+    101: "resnet101_v1c-e67eebb6.pth",
+}
+_V1C_NAME = re.compile(r"^(?:r|resnet)?(\d+)[-_]?v1c$")
+STEMS = ("torchvision", "deep")
+
+
+def parse_backbone(backbone: str | int) -> tuple[int, str]:
+    """``50`` / ``"resnet50"`` -> ``(50, "torchvision")``; ``"resnet50_v1c"`` -> ``(50, "deep")``.
+
+    Raises:
+        ValueError: unknown depth, or a ``_v1c`` name of a depth other than 50 or 101.
+    """
+    match = _V1C_NAME.match(str(backbone).lower())
+    if match is None:
+        return parse_depth(backbone), "torchvision"
+    depth = int(match.group(1))
+    if depth not in V1C_IMAGENET_FILES:
+        raise ValueError(
+            f"unsupported ResNetV1c backbone {backbone!r}; choose resnet50_v1c or resnet101_v1c"
+        )
+    return depth, "deep"
 
 
 def parse_depth(backbone: str | int) -> int:
@@ -72,6 +110,34 @@ def load_pretrained_state_dict(depth: int, weights: str = "IMAGENET1K_V1") -> di
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def v1c_checkpoint_path(depth: int) -> str:
+    """Where the ImageNet weights of ResNetV1c-`depth` are expected: the torch hub cache."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", V1C_IMAGENET_FILES[depth])
+
+
+def load_v1c_state_dict(depth: int) -> dict:
+    """The ImageNet ResNetV1c-`depth` weights (mmcv's file) from the torch hub cache.
+
+    The file is a state dict, possibly under ``"state_dict"``, with mmcv's names (``stem.0.weight``,
+    ``layer1.0.conv1.weight``, ..., ``fc.weight``), which are :class:`DilatedResNet`'s.
+
+    Raises:
+        FileNotFoundError: the file is not in the cache (the message gives the path and the URL).
+    """
+    path = v1c_checkpoint_path(depth)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"ImageNet weights of ResNetV1c-{depth} not found at {path}. rimlab never downloads "
+            "weights. On a machine with internet access fetch "
+            f"https://download.openmmlab.com/pretrain/third_party/{V1C_IMAGENET_FILES[depth]} "
+            f"(mmsegmentation's open-mmlab://resnet{depth}_v1c) and copy it to {path}, or set "
+            "TORCH_HOME so that the hub cache contains it."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    return {k.removeprefix("backbone."): v for k, v in state.items()}
+
+
 def _dilate_basic_layer(layer: nn.Sequential, dilation: int) -> None:
     """Turn a strided torchvision BasicBlock stage into a dilated one, in place.
 
@@ -101,10 +167,15 @@ class DilatedResNet(nn.Module):
 
     Args:
         depth: 18, 50 or 101.
-        pretrained: load the torchvision ImageNet weights from the torch hub cache (never
-            downloads; raises `FileNotFoundError` with the expected path if missing).
+        pretrained: load the ImageNet weights from the torch hub cache (never downloads; raises
+            `FileNotFoundError` with the expected path if missing): torchvision's, or mmcv's
+            ResNetV1c file with the deep stem.
         output_stride: 8 or 16, stride of `c3`/`c4` with respect to the input.
         weights: name of the torchvision weights enum member to load.
+        stem: ``"torchvision"`` (7x7 stride-2 conv ``conv1`` + ``bn1``) or ``"deep"``
+            (mmsegmentation's ResNetV1c: ``stem`` = three 3x3 convs 32-32-64, the first with
+            stride 2, each with BN and ReLU; depth 50 or 101). Both end with the 3x3 stride-2
+            max-pool.
 
     Attributes:
         channels: `{"c1": .., "c2": .., "c3": .., "c4": ..}` channel counts of the features.
@@ -118,23 +189,30 @@ class DilatedResNet(nn.Module):
         pretrained: bool = False,
         output_stride: int = 8,
         weights: str = "IMAGENET1K_V1",
+        stem: str = "torchvision",
     ) -> None:
         super().__init__()
         depth = parse_depth(depth)
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        deep = stem == "deep"
+        if deep and depth not in V1C_IMAGENET_FILES:
+            raise ValueError(f"the deep stem (ResNetV1c) exists for depth 50 and 101, not {depth}")
         builder, _, channels = _RESNETS[depth]
         # Check the cache before building anything: a missing file should fail fast.
-        state_dict = load_pretrained_state_dict(depth, weights) if pretrained else None
+        state_dict = None
+        if pretrained:
+            state_dict = (
+                load_v1c_state_dict(depth) if deep else load_pretrained_state_dict(depth, weights)
+            )
 
         dilate = [False, output_stride == 8, True]  # layer2, layer3, layer4
         if depth == 18:
             resnet: ResNet = builder(weights=None)
         else:
             resnet = builder(weights=None, replace_stride_with_dilation=dilate)
-        if state_dict is not None:
-            # Weights do not depend on stride/dilation, so loading before or after is the same.
-            resnet.load_state_dict(state_dict)
         if depth == 18:
             if dilate[1]:
                 _dilate_basic_layer(resnet.layer3, 2)
@@ -142,15 +220,37 @@ class DilatedResNet(nn.Module):
 
         self.depth = depth
         self.output_stride = output_stride
+        self.stem_type = stem
         self.channels = {f"c{i + 1}": c for i, c in enumerate(channels)}
-        self.conv1 = resnet.conv1
-        self.bn1 = resnet.bn1
-        self.relu = resnet.relu
+        if deep:
+            # Indices as mmsegmentation's ResNetV1c `stem` (checkpoint keys stem.0, stem.1, ...).
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(32),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(32, 32, 3, padding=1, bias=False),
+                nn.BatchNorm2d(32),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(32, 64, 3, padding=1, bias=False),
+                nn.BatchNorm2d(64),
+                nn.ReLU(inplace=True),
+            )
+            for m in self.stem.modules():
+                if isinstance(m, nn.Conv2d):  # torchvision's initialisation of its own convs
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        else:
+            self.conv1 = resnet.conv1
+            self.bn1 = resnet.bn1
+            self.relu = resnet.relu
         self.maxpool = resnet.maxpool
         self.layer1 = resnet.layer1
         self.layer2 = resnet.layer2
         self.layer3 = resnet.layer3
         self.layer4 = resnet.layer4
+        if state_dict is not None:
+            # Weights do not depend on stride/dilation, so loading after dilating is the same;
+            # the ImageNet classifier has no place here.
+            self.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("fc.")})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Compute the feature pyramid.
@@ -163,7 +263,10 @@ class DilatedResNet(nn.Module):
             `c3` `(B, ., H/os3, W/os3)` (layer3), `c4` `(B, ., H/os, W/os)` (layer4) with
             `os = output_stride` and `os3 = min(os, 16)`; sizes round up (`ceil`).
         """
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+        if self.stem_type == "deep":
+            x = self.maxpool(self.stem(x))  # (B, 3, H, W) -> (B, 64, H/4, W/4)
+        else:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
         c1 = self.layer1(x)
         c2 = self.layer2(c1)
         c3 = self.layer3(c2)
@@ -236,7 +339,12 @@ class LiteResNet(nn.Module):
 def build_backbone(
     backbone: str | int, pretrained: bool = False, output_stride: int = 8
 ) -> nn.Module:
-    """``"lite"`` -> :class:`LiteResNet`; a ResNet depth or name -> :class:`DilatedResNet`."""
+    """``"lite"`` -> :class:`LiteResNet`; a ResNet depth or name -> :class:`DilatedResNet`.
+
+    ``"resnet50_v1c"`` / ``"resnet101_v1c"`` (also ``r50_v1c``, ``50v1c``) select the deep stem
+    of mmsegmentation's ResNetV1c (see :func:`parse_backbone`).
+    """
     if str(backbone).lower() == "lite":
         return LiteResNet(output_stride=output_stride, pretrained=pretrained)
-    return DilatedResNet(parse_depth(backbone), pretrained=pretrained, output_stride=output_stride)
+    depth, stem = parse_backbone(backbone)
+    return DilatedResNet(depth, pretrained=pretrained, output_stride=output_stride, stem=stem)
