@@ -408,7 +408,7 @@ def test_cityscapes_without_package_says_pip_install(monkeypatch):
     for fn in (cs_mod.cityscapes_labels, cs_mod.label_id_to_train_id, cs_mod._train_classes):
         fn.cache_clear()
     try:
-        with pytest.raises(ImportError, match="pip install cityscapesscripts"):
+        with pytest.raises(ImportError, match=r"pip install -e '\.\[cityscapes\]'"):
             CityscapesDataset("/nonexistent", "val")
     finally:
         for fn in (cs_mod.cityscapes_labels, cs_mod.label_id_to_train_id, cs_mod._train_classes):
