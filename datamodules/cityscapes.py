@@ -52,7 +52,7 @@ _INSTANCE_IDS = "_gtFine_instanceIds.png"
 def cityscapes_labels() -> tuple[Any, ...]:
     """The official label table (``cityscapesscripts.helpers.labels.labels``): namedtuples with
     ``name, id, trainId, category, categoryId, hasInstances, ignoreInEval, color``."""
-    require("cityscapesscripts", "Cityscapes (its official label table)")
+    require("cityscapesscripts.helpers.labels", "Cityscapes (its official label table)")
     from cityscapesscripts.helpers.labels import labels
 
     return tuple(labels)

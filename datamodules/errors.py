@@ -38,7 +38,8 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
 
 
 def require(package: str, purpose: str) -> None:
-    """Imports the optional ``package`` (a key of :data:`OPTIONAL_PACKAGES`) or says how to get it.
+    """Imports the optional ``package`` (a module of a key of :data:`OPTIONAL_PACKAGES`) or says
+    how to get it.
 
     Raises:
         MissingPackageError: the package is not importable; the message names ``purpose``, the
@@ -46,12 +47,12 @@ def require(package: str, purpose: str) -> None:
     """
     import importlib
 
-    requirement, extra = OPTIONAL_PACKAGES[package]
+    requirement, extra = OPTIONAL_PACKAGES[package.split(".")[0]]
     try:
         importlib.import_module(package)
     except ImportError as err:
         raise MissingPackageError(
-            f"{purpose} needs the {package} package, which is not installed ({err}): "
+            f"{purpose} needs the {package.split('.')[0]} package, which is not installed ({err}): "
             f"pip install -e '.[{extra}]' in the rimlab checkout, or pip install '{requirement}'"
         ) from err
 
