@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datamodules.batch import network_batch
 from datamodules.transforms import AUGMENTATION_VERSION
 from lightning_modules import official_weights
 from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
@@ -183,6 +184,11 @@ class ParsingLitModule(pl.LightningModule):
         object.__setattr__(self, "_net_forward", torch.compile(net) if compile else net)
 
     # ------------------------------------------------------------------ forward
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The loaders deliver uint8 images and masks (pinned, copied non-blocking by Lightning);
+        # the normalisation and the int64 labels are made here, on the device.
+        return network_batch(batch) if isinstance(batch, dict) else batch
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         """Logits of ``image`` ``(B, 3, h, w)``: ``{"out": (B, C, h, w), ...}``."""
