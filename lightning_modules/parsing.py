@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,12 @@ from lightning_modules.schedulers import per_step_optimization
 from samplers.regional import sampling_statistics
 
 log = logging.getLogger(__name__)
+
+# The normalisation after the transfer belongs to the module (any loader of uint8 batches works,
+# with or without a datamodule); Lightning's hint to move the hook into the datamodule is moot.
+warnings.filterwarnings(
+    "ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`"
+)
 
 
 class NonFiniteLossError(FloatingPointError):
