@@ -9,8 +9,10 @@ come from here. Items and batches follow ``datamodules/batch.py``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import cv2
 import numpy as np
 import torch
 from lightning import LightningDataModule
@@ -33,7 +36,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.batch import IGNORE_INDEX, DatasetError, collate_eval, collate_train, make_palette
 from datamodules.transforms import (
+    AUGMENT_IMPLS,
     PHOTOMETRIC_MODES,
+    AffineTrainTransform,
     EvalTransform,
     TrainTransform,
     augmentation_settings,
@@ -78,6 +83,57 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+#: A rule ``(H, W) -> r`` giving the JPEG reduction (1, 2, 4 or 8) an image of the stored size
+#: ``(H, W)`` may be decoded at (``AffineTrainTransform.reduction``).
+ReductionRule = Callable[[int, int], int]
+
+_JPEG_REDUCED_FLAGS = {
+    1: cv2.IMREAD_COLOR_RGB,
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2 | cv2.IMREAD_COLOR_RGB,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4 | cv2.IMREAD_COLOR_RGB,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8 | cv2.IMREAD_COLOR_RGB,
+}
+
+
+def _complete_jpeg(data: bytes) -> bool:
+    # SOI first and EOI last (trailing zero padding allowed): OpenCV would decode a truncated file
+    # with a warning, so anything else goes to PIL, which names the problem.
+    return data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+
+
+def read_image_reduced(
+    path: Path, reduction: ReductionRule | None = None
+) -> tuple[np.ndarray, int]:
+    """Decode an image, a JPEG at 1/``r`` of its size when ``reduction`` allows (libjpeg's DCT
+    scaling: ``ceil(H / r) x ceil(W / r)``, pixel ``i`` centred on stored pixel
+    ``r i + (r - 1) / 2``).
+
+    Complete JPEGs go through OpenCV (EXIF orientation ignored, as the annotations were drawn
+    on the stored grid); anything else, or a JPEG OpenCV refuses, through :func:`read_image`.
+
+    Returns:
+        ``(image, r)``: (ceil(H / r), ceil(W / r), 3) uint8 RGB and the reduction used.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DatasetError(path, f"unreadable image ({e})") from e
+    if _complete_jpeg(data):
+        r = 1
+        if reduction is not None:
+            try:
+                with Image.open(io.BytesIO(data)) as im:  # the header only
+                    width, height = im.size
+                r = int(reduction(height, width))
+            except (OSError, SyntaxError, ValueError):
+                r = 1
+        flags = _JPEG_REDUCED_FLAGS.get(r, cv2.IMREAD_COLOR_RGB) | cv2.IMREAD_IGNORE_ORIENTATION
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        if image is not None and image.ndim == 3 and image.shape[2] == 3:
+            return image, r
+    return _read_image_pil(io.BytesIO(data), path), 1
+
+
 def read_image(path: Path) -> np.ndarray:
     """Decode an image fully (a truncated file fails here, not later in a worker).
 
@@ -86,8 +142,12 @@ def read_image(path: Path) -> np.ndarray:
     Returns:
         (H, W, 3) uint8 RGB.
     """
+    return read_image_reduced(path)[0]
+
+
+def _read_image_pil(source: Any, path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             # No EXIF transpose: the annotations were drawn on the stored pixel grid.
             rgb = im.convert("RGB")
@@ -118,9 +178,12 @@ def read_index_png(path: Path, what: str = "label") -> np.ndarray:
 
 
 def check_same_size(
-    label: np.ndarray, image: np.ndarray, label_path: Path, image_name: str
+    label: np.ndarray, image: np.ndarray, label_path: Path, image_name: str, reduction: int = 1
 ) -> None:
-    if label.shape[:2] != image.shape[:2]:
+    """Raises :class:`DatasetError` unless ``image`` (decoded at 1/``reduction``) has the size
+    of ``label``."""
+    r = int(reduction)
+    if (-(-label.shape[0] // r), -(-label.shape[1] // r)) != image.shape[:2]:
         raise DatasetError(
             label_path,
             f"label size {label.shape[1]}x{label.shape[0]} (WxH) does not match image size "
@@ -162,7 +225,7 @@ class ParsingDataset(Dataset, ABC):
         root: the dataset folder.
         split: split name (dataset specific).
         transform: callable taking and returning the item dict; None returns the raw item
-            (``image`` (H, W, 3) uint8, ``mask`` (H, W) int64 with 255 = ignore, ``name``).
+            (``image`` (H, W, 3) uint8, ``mask`` (H, W) uint8 with 255 = ignore, ``name``).
         skip_bad: on a bad sample, log a warning, record it in ``bad_samples`` and return the next
             good sample instead of raising :class:`DatasetError`. Samples found bad while indexing
             are dropped up front; others are found when first loaded. Counts live per process, so
@@ -173,6 +236,9 @@ class ParsingDataset(Dataset, ABC):
     """
 
     dataset_name: ClassVar[str] = "dataset"
+    #: Whether :meth:`load` takes ``reduction`` (a :data:`ReductionRule`) and then may return a
+    #: JPEG decoded at a reduced size, saying so in ``image_reduction``.
+    decodes_reduced: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -231,6 +297,16 @@ class ParsingDataset(Dataset, ABC):
         # (index, seed) comes from EpochShuffleSampler: the augmentation of this draw is fixed by
         # the seed, so a resumed run replays an epoch exactly.
         index, seed = index if isinstance(index, tuple) else (index, None)
+        if isinstance(self.transform, AffineTrainTransform):
+            # Drawn before decoding: the drawn scale decides how small the JPEG may be decoded.
+            draw = self.transform.draw(seed)
+            extra = {}
+            if self.decodes_reduced:
+                extra["reduction"] = functools.partial(self.transform.reduction, draw)
+            item = (
+                self._load_skipping(index, **extra) if self.skip_bad else self.load(index, **extra)
+            )
+            return self.transform(item, draw=draw)
         item = self._load_skipping(index) if self.skip_bad else self.load(index)
         if self.transform is None:
             return item
@@ -250,7 +326,7 @@ class ParsingDataset(Dataset, ABC):
             log.warning("skipping bad %s sample %s: %s", self.dataset_name, name, err)
             self.bad_samples[name] = str(err)
 
-    def _load_skipping(self, index: int) -> dict[str, Any]:
+    def _load_skipping(self, index: int, **load_args: Any) -> dict[str, Any]:
         # Deterministic substitute: the next good sample (index + 1, wrapping around).
         n = len(self.ids)
         for offset in range(n):
@@ -259,7 +335,7 @@ class ParsingDataset(Dataset, ABC):
             if name in self.bad_samples:
                 continue
             try:
-                return self.load(j)
+                return self.load(j, **load_args)
             except DatasetError as e:
                 self._mark_bad(name, e)
         raise DatasetError(self.index_source, f"every sample of split '{self.split}' is bad")
@@ -519,6 +595,35 @@ def evaluation_order(dataset: Dataset, trainer: Any | None) -> EvalShardSampler 
     return EvalShardSampler(dataset) if running and trainer.world_size > 1 else None
 
 
+def default_num_workers(ranks: int = 1, cpus: int | None = None) -> int:
+    """Loader workers per process when ``data.num_workers`` is unset: the CPUs this process may
+    use, shared by the ``ranks`` processes of the node, less one for each main process, at most
+    32 (a worker holds a dataset copy; beyond that memory grows faster than throughput).
+
+    Args:
+        ranks: processes on this node reading data (DDP ranks per node).
+        cpus: available CPUs (default: this process's affinity).
+    """
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+    return max(0, min(32, int(cpus) // max(1, int(ranks)) - 1))
+
+
+def _local_ranks(trainer: Any | None) -> int:
+    if trainer is not None:
+        return max(1, int(getattr(trainer, "num_devices", 1) or 1))
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """One OpenCV thread per loader worker: the workers already use every core, and OpenCV's own
+    pool (one thread per core in each worker) would oversubscribe them."""
+    cv2.setNumThreads(1)
+
+
 def split_loader(
     dataset: Dataset, train: bool, datamodule: LightningDataModule, collate_fn: Any = None
 ) -> DataLoader:
@@ -527,13 +632,16 @@ def split_loader(
     repeats while a multi-process trainer runs it (:func:`evaluation_order`).
 
     ``datamodule`` gives the loader settings: ``batch_size`` (training), ``eval_batch_size``,
-    ``num_workers``, ``pin_memory``, ``persistent_workers`` and its ``trainer`` (for the epoch).
+    ``num_workers`` (None: :func:`default_num_workers` for the trainer's devices),
+    ``pin_memory``, ``persistent_workers`` and its ``trainer`` (for the epoch and the devices).
+    Workers run OpenCV single-threaded (:func:`loader_worker_init`).
     """
     trainer = datamodule.trainer
     sampler, generator = (
         training_order(dataset, trainer) if train else (evaluation_order(dataset, trainer), None)
     )
-    workers = int(datamodule.num_workers)
+    workers = datamodule.num_workers
+    workers = default_num_workers(_local_ranks(trainer)) if workers is None else int(workers)
     return DataLoader(
         dataset,
         batch_size=datamodule.batch_size if train else datamodule.eval_batch_size,
@@ -544,6 +652,7 @@ def split_loader(
         pin_memory=bool(datamodule.pin_memory) and torch.cuda.is_available(),
         persistent_workers=bool(datamodule.persistent_workers) and workers > 0,
         collate_fn=collate_fn,
+        worker_init_fn=loader_worker_init if workers > 0 else None,
     )
 
 
@@ -562,7 +671,8 @@ class ParsingDataModule(LightningDataModule, ABC):
         root: the dataset folder.
         num_classes: number of classes (valid ids ``0..num_classes-1``).
         batch_size: training batch size (drop_last, so each batch is full).
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers per process (None: from the CPU count and the number of
+            devices, :func:`default_num_workers`).
         crop_size: ``(h, w)`` training crop.
         scale_range: ``(min, max)`` random scale factor (relative to the base resize when
             ``base_size`` is given).
@@ -607,6 +717,9 @@ class ParsingDataModule(LightningDataModule, ABC):
             ``rotate``, ``flip_prob``, colour and ``cat_max_ratio``, see
             ``datamodules.transforms.AUGMENTATION_PRESETS``). The attributes hold the values
             in effect.
+        augment_impl: ``"fused"`` (one affine warp of the training crop, reduced JPEG
+            decoding: ``datamodules.transforms.AffineTrainTransform``) or ``"reference"`` (the
+            sequential albumentations transforms); the same distribution of augmentations.
     """
 
     #: Stage -> split name given to ``make_dataset`` ("test" also serves ``predict``).
@@ -625,7 +738,7 @@ class ParsingDataModule(LightningDataModule, ABC):
         *,
         num_classes: int,
         batch_size: int = 16,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         crop_size: Sequence[int] = (400, 400),
         scale_range: Sequence[float] = (0.5, 2.0),
         rotate: float = 10.0,
@@ -647,6 +760,7 @@ class ParsingDataModule(LightningDataModule, ABC):
         base_side: str = "long",
         flip_prob: float = 0.5,
         augmentation: str = "default",
+        augment_impl: str = "fused",
     ) -> None:
         super().__init__()
         self._save_plain_hyperparameters(inspect.currentframe())
@@ -662,7 +776,12 @@ class ParsingDataModule(LightningDataModule, ABC):
         self.root = Path(root)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = None if num_workers is None else int(num_workers)
+        if augment_impl not in AUGMENT_IMPLS:
+            raise ValueError(
+                f"data.augment_impl must be one of {AUGMENT_IMPLS}, got {augment_impl!r}"
+            )
+        self.augment_impl = str(augment_impl)
         self.crop_size = tuple(int(v) for v in crop_size)
         self.base_size, self.base_side = check_base_resize(base_size, base_side)
         if eval_size is not None and self.base_size is not None:
@@ -781,7 +900,7 @@ class ParsingDataModule(LightningDataModule, ABC):
 
     # -- transforms and setup -------------------------------------------------------------------
 
-    def train_transform(self) -> TrainTransform:
+    def train_transform(self) -> AffineTrainTransform | TrainTransform:
         return build_train_transform(
             crop_size=self.crop_size,
             scale_range=self.scale_range,
@@ -793,6 +912,7 @@ class ParsingDataModule(LightningDataModule, ABC):
             photometric=self.photometric,
             base_size=self.base_size,
             base_side=self.base_side,
+            impl=self.augment_impl,
         )
 
     def eval_transform(self) -> EvalTransform:

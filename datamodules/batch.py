@@ -1,15 +1,19 @@
 """The batch contract shared by every datamodule, plus the dataset error type and collate functions.
 
-Dataset item (``transform=None``): ``image`` (H, W, 3) uint8 RGB numpy, ``mask`` (H, W) int64 numpy
+Dataset item (``transform=None``): ``image`` (H, W, 3) uint8 RGB numpy, ``mask`` (H, W) uint8 numpy
 with 255 = ignore (absent for splits without labels), ``name`` str.
 
 Batch (after transforms and collate):
 
-- ``image``: (B, 3, h, w) float32, normalised. Evaluation images that carry a ``valid_box`` may
-  differ in size (``data.base_side=short``): they are padded bottom/right with black to the
-  largest of the batch.
-- ``mask``: (B, H, W) int64, 255 = ignore. Training: the crop size. Evaluation: the label at its
-  original resolution, padded with 255 to the largest label of the batch.
+- ``image``: (B, 3, h, w) uint8 RGB as the loaders deliver it; :func:`network_batch` (the
+  LightningModule's ``on_after_batch_transfer``) turns it into float32 normalised by
+  ``IMAGENET_MEAN`` / ``IMAGENET_STD`` on the device, the one definition of the normalisation
+  (predict and export use it too). Evaluation images that carry a ``valid_box`` may differ in
+  size (``data.base_side=short``): they are padded bottom/right with black to the largest of the
+  batch.
+- ``mask``: (B, H, W) uint8 from the loaders (class ids 0..254, 255 = ignore; an eighth of the
+  bytes of int64), int64 after :func:`network_batch`. Training: the crop size. Evaluation: the
+  label at its original resolution, padded with 255 to the largest label of the batch.
 - ``orig_size``: (B, 2) int64 ``(H, W)`` of each original image (evaluation batches only).
 - ``valid_box``: (B, 4) int64 ``(top, left, height, width)`` of each image inside its network
   input (evaluation batches with ``eval_keep_ratio`` or ``base_size`` only: the image was scaled
@@ -22,6 +26,7 @@ Batch (after transforms and collate):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,23 +101,54 @@ def save_label_png(path: Path, ids: np.ndarray, palette: np.ndarray | None = Non
     image.save(path)
 
 
+def normalize_image(image: torch.Tensor) -> torch.Tensor:
+    """The network input: ``(..., 3, H, W)`` uint8 RGB -> float32 ``(x / 255 - mean) / std``
+    with ImageNet's mean and std, on the tensor's device. A floating-point tensor is taken as
+    already normalised and returned unchanged.
+    """
+    if image.is_floating_point():
+        return image
+    mean, std = _mean_std_255(image.device)
+    return (image.float() - mean) / std
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_std_255(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a fresh host tensor each step would be one more copy per step.
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
+    return mean.to(device), std.to(device)
+
+
+def network_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """A loader batch (after its transfer to the device) as the network and the loss take it:
+    ``image`` normalised float32 (:func:`normalize_image`), ``mask`` int64. Other keys unchanged.
+    """
+    out = dict(batch)
+    if isinstance(out.get("image"), torch.Tensor):
+        out["image"] = normalize_image(out["image"])
+    if isinstance(out.get("mask"), torch.Tensor):
+        out["mask"] = out["mask"].long()
+    return out
+
+
 def collate_train(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack transformed training items that all have the crop size.
 
     Returns:
-        ``image`` (B, 3, h, w) float32, ``mask`` (B, h, w) int64, ``name`` list of B str.
+        ``image`` (B, 3, h, w) uint8, ``mask`` (B, h, w) uint8, ``name`` list of B str.
     """
     out: dict[str, Any] = {
         "image": torch.stack([item["image"] for item in batch]),
         "name": [item["name"] for item in batch],
     }
     if "mask" in batch[0]:
-        out["mask"] = torch.stack([torch.as_tensor(item["mask"]) for item in batch]).long()
+        out["mask"] = torch.stack([torch.as_tensor(item["mask"]) for item in batch])
     return out
 
 
 def collate_eval(
-    batch: Sequence[dict[str, Any]], image_pad: Sequence[float] = IMAGENET_BLACK
+    batch: Sequence[dict[str, Any]], image_pad: Sequence[float] | None = None
 ) -> dict[str, Any]:
     """Stack evaluation items whose labels keep their original, possibly different, sizes.
 
@@ -124,12 +160,12 @@ def collate_eval(
 
     Args:
         batch: items of the eval transform.
-        image_pad: ``(3,)`` per-channel value of the image padding, in normalised units
-            (default: black under ImageNet normalisation, the padding of training crops).
+        image_pad: ``(3,)`` per-channel value of the image padding (default: black, the
+            padding of training crops: 0 for uint8 images, ``IMAGENET_BLACK`` for normalised ones).
 
     Returns:
-        ``image`` (B, 3, h, w) float32, ``mask`` (B, H_max, W_max) int64 (only when the items have
-        labels), ``orig_size`` (B, 2) int64 ``(H, W)``, ``name`` list of B str, and
+        ``image`` (B, 3, h, w) as the items (uint8), ``mask`` (B, H_max, W_max) uint8 (only when
+        the items have labels), ``orig_size`` (B, 2) int64 ``(H, W)``, ``name`` list of B str, and
         ``valid_box`` (B, 4) int64 ``(top, left, height, width)`` or ``inverse_affine``
         (B, 2, 3) float64 when the items have one.
     """
@@ -144,6 +180,8 @@ def collate_eval(
         # Without a box the scores could not be cropped back: only boxed images are padded.
         h = max(img.shape[-2] for img in images)
         w = max(img.shape[-1] for img in images)
+        if image_pad is None:
+            image_pad = IMAGENET_BLACK if images[0].is_floating_point() else (0, 0, 0)
         pad = torch.as_tensor(image_pad, dtype=images[0].dtype).view(-1, 1, 1)
         padded = []
         for img in images:
@@ -169,10 +207,10 @@ def collate_eval(
             [torch.as_tensor(item["inverse_affine"], dtype=torch.float64) for item in batch]
         )
     if "mask" in batch[0]:
-        masks = [torch.as_tensor(item["mask"]).long() for item in batch]
+        masks = [torch.as_tensor(item["mask"]) for item in batch]
         h = max(m.shape[0] for m in masks)
         w = max(m.shape[1] for m in masks)
-        padded = torch.full((len(masks), h, w), IGNORE_INDEX, dtype=torch.int64)
+        padded = torch.full((len(masks), h, w), IGNORE_INDEX, dtype=masks[0].dtype)
         for i, m in enumerate(masks):
             padded[i, : m.shape[0], : m.shape[1]] = m
         out["mask"] = padded

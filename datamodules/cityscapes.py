@@ -194,7 +194,7 @@ class CityscapesDataset(ParsingDataset):
         root: the folder holding ``leftImg8bit/`` and ``gtFine/``.
         split: ``train``, ``val`` or ``test`` (images only: its labels are placeholders).
         transform: callable taking and returning the item dict; None returns the raw item
-            (``image`` (H, W, 3) uint8 RGB, ``mask`` (H, W) int64 trainIds with 255 = ignore,
+            (``image`` (H, W, 3) uint8 RGB, ``mask`` (H, W) uint8 trainIds with 255 = ignore,
             ``name`` ``<city>_<seq>_<frame>``).
         skip_bad: skip bad samples (see :class:`~datamodules.base.ParsingDataset`).
         instances: also return ``instances`` (H, W) int32 from ``_gtFine_instanceIds.png``
@@ -314,7 +314,7 @@ class CityscapesDataset(ParsingDataset):
             mask = self.load_mask(index)
             suffix = _LABEL_IDS if self._has_label_ids[name] else _TRAIN_IDS
             check_same_size(mask, image, self.gt_path(name, suffix), f"{name}{_IMAGE_SUFFIX}")
-            item["mask"] = mask.astype(np.int64)
+            item["mask"] = mask.astype(np.uint8, copy=False)
             if self.instances:
                 path = self.gt_path(name, _INSTANCE_IDS)
                 inst = read_instance_ids(path)
@@ -340,7 +340,7 @@ class CityscapesDataModule(ParsingDataModule):
         self,
         root: str,
         batch_size: int = 8,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         crop_size: Sequence[int] = (512, 1024),
         scale_range: Sequence[float] = (0.5, 2.0),
         rotate: float = 0.0,
@@ -363,6 +363,7 @@ class CityscapesDataModule(ParsingDataModule):
         base_side: str = "long",
         flip_prob: float = 0.5,
         augmentation: str = "default",
+        augment_impl: str = "fused",
     ) -> None:
         if int(num_classes) != CITYSCAPES_NUM_CLASSES:
             raise ValueError(
@@ -397,6 +398,7 @@ class CityscapesDataModule(ParsingDataModule):
             base_side=base_side,
             flip_prob=flip_prob,
             augmentation=augmentation,
+            augment_impl=augment_impl,
         )
 
     @staticmethod

@@ -29,10 +29,11 @@ import numpy as np
 from datamodules.base import (
     ParsingDataModule,
     ParsingDataset,
+    ReductionRule,
     Transform,
     check_same_size,
     first_existing,
-    read_image,
+    read_image_reduced,
     read_index_png,
 )
 from datamodules.batch import DatasetError
@@ -124,13 +125,14 @@ class LIPDataset(ParsingDataset):
         root: the ``LIP`` folder.
         split: ``train``, ``val`` or ``test`` (images only).
         transform: callable taking and returning the item dict; None returns the raw item
-            (``image`` (H, W, 3) uint8 RGB, ``mask`` (H, W) int64, ``name``).
+            (``image`` (H, W, 3) uint8 RGB, ``mask`` (H, W) uint8, ``name``).
         skip_bad: skip bad samples (see :class:`~datamodules.base.ParsingDataset`).
         num_classes: valid label ids are ``0..num_classes-1``.
         cache_dir: pixel-count cache folder when ``root`` is read-only.
     """
 
     dataset_name = "LIP"
+    decodes_reduced = True
 
     def __init__(
         self,
@@ -203,14 +205,19 @@ class LIPDataset(ParsingDataset):
         """(H, W) uint8 class ids of sample ``index``."""
         return read_lip_label(self.label_path(self.ids[index]), self.num_classes)
 
-    def load(self, index: int) -> dict[str, Any]:
+    def load(self, index: int, reduction: ReductionRule | None = None) -> dict[str, Any]:
+        """Raw item ``index``; ``reduction`` may decode the JPEG at a reduced size (the item then
+        says ``image_reduction``; the label keeps the stored size)."""
         name = self.ids[index]
-        image = read_image(self.image_path(name))  # grayscale JPEGs come out as 3 equal channels
+        # grayscale JPEGs come out as 3 equal channels
+        image, r = read_image_reduced(self.image_path(name), reduction)
         item: dict[str, Any] = {"image": image, "name": name}
+        if r != 1:
+            item["image_reduction"] = r
         if self.has_labels:
             mask = self.load_mask(index)
-            check_same_size(mask, image, self.label_path(name), f"{name}.jpg")
-            item["mask"] = mask.astype(np.int64)
+            check_same_size(mask, image, self.label_path(name), f"{name}.jpg", r)
+            item["mask"] = mask
         return item
 
 
@@ -241,7 +248,7 @@ class LIPDataModule(ParsingDataModule):
         self,
         root: str,
         batch_size: int = 16,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         crop_size: Sequence[int] = (473, 473),
         scale_range: Sequence[float] = (0.75, 1.25),
         rotate: float = 30.0,
@@ -264,6 +271,7 @@ class LIPDataModule(ParsingDataModule):
         base_side: str = "long",
         flip_prob: float = 0.5,
         augmentation: str = "default",
+        augment_impl: str = "fused",
         eval_affine: bool = False,
     ) -> None:
         super().__init__(
@@ -292,6 +300,7 @@ class LIPDataModule(ParsingDataModule):
             base_side=base_side,
             flip_prob=flip_prob,
             augmentation=augmentation,
+            augment_impl=augment_impl,
         )
         self.eval_affine = bool(eval_affine)
 

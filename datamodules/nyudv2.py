@@ -220,7 +220,7 @@ class NYUDv2Dataset(ParsingDataset):
         split: ``train`` (795 frames) or ``test`` (654); ``val`` is an alias of ``test``.
         num_classes: 40 (Gupta et al.) or 13 (applied on top of the 40-class map).
         transform: callable taking and returning the item dict; None returns the raw item:
-            ``image`` (H, W, 3) uint8 RGB, ``mask`` (H, W) int64 class ids with 255 = unlabeled,
+            ``image`` (H, W, 3) uint8 RGB, ``mask`` (H, W) uint8 class ids with 255 = unlabeled,
             ``depth`` (H, W) float32 metres (in-painted), ``name`` the 1-based frame number as
             five digits (``"00003"``, the file names of VainF's extraction).
         skip_bad: skip bad samples (see :class:`~datamodules.base.ParsingDataset`).
@@ -346,7 +346,7 @@ class NYUDv2Dataset(ParsingDataset):
             raise self._frame_error(index, f"'images' has dtype {image.dtype}; expected uint8")
         image = np.ascontiguousarray(image.transpose(2, 1, 0))  # (3, W, H) -> (H, W, 3)
         depth = np.ascontiguousarray(f["depths"][row].T, dtype=np.float32)  # (W, H) -> (H, W)
-        mask = self.load_mask(index).astype(np.int64)
+        mask = self.load_mask(index).astype(np.uint8, copy=False)
         return {"image": image, "mask": mask, "depth": depth, "name": self.ids[index]}
 
     def count_key(self) -> str:
@@ -374,7 +374,7 @@ class NYUDv2DataModule(ParsingDataModule):
         self,
         root: str,
         batch_size: int = 8,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         crop_size: Sequence[int] = (480, 640),
         scale_range: Sequence[float] = (0.5, 2.0),
         rotate: float = 0.0,
@@ -398,6 +398,7 @@ class NYUDv2DataModule(ParsingDataModule):
         base_side: str = "long",
         flip_prob: float = 0.5,
         augmentation: str = "default",
+        augment_impl: str = "fused",
     ) -> None:
         if int(num_classes) not in NYU_NUM_CLASSES:
             raise ValueError(f"NYUDv2 has 40 or 13 classes, got num_classes={num_classes}")
@@ -434,6 +435,7 @@ class NYUDv2DataModule(ParsingDataModule):
             base_side=base_side,
             flip_prob=flip_prob,
             augmentation=augmentation,
+            augment_impl=augment_impl,
         )
         self.mapping_file = mapping_file
 

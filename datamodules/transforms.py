@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import albumentations as A
@@ -17,10 +18,14 @@ import cv2
 import numpy as np
 import torch
 
-from datamodules.batch import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, collate_eval, collate_train
+from datamodules.batch import IGNORE_INDEX, collate_eval, collate_train
 
 __all__ = [
     "AUGMENTATION_PRESETS",
+    "AUGMENT_IMPLS",
+    "AffineTrainTransform",
+    "AugmentDraw",
+    "ColorJitterLUT",
     "BASE_SIDES",
     "PHOTOMETRIC_MODES",
     "BaseRandomScale",
@@ -443,8 +448,51 @@ PHOTOMETRIC_MODES = ("jitter", "mmseg")
 
 
 def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) float numpy -> (3, H, W) float32 tensor."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
+    """(H, W, 3) uint8 numpy -> (3, H, W) uint8 contiguous tensor.
+
+    Images stay uint8 until the device: ``datamodules.batch.network_batch`` normalises them after
+    the transfer, a quarter of the bytes a float32 image would move.
+    """
+    if image.dtype != np.uint8:
+        raise TypeError(f"the transforms hand over uint8 images, got {image.dtype}")
+    # (H, W, 3) -> (3, H, W): OpenCV's split copies the planes out fastest
+    return torch.from_numpy(np.stack(cv2.split(image)) if image.ndim == 3 else image[None])
+
+
+def _hue_shift_uint8(img: np.ndarray, factor: float) -> np.ndarray:
+    """albumentations' uint8 hue step (``adjust_hue_torchvision``) as one 3-channel ``cv2.LUT``:
+    the same table on H, identity on S and V, so the result is bit-identical."""
+    if factor == 0:
+        return img
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    ramp = np.arange(0, 256, dtype=np.int16)
+    hue = np.mod(ramp + 180 * factor, 180).astype(np.uint8)
+    same = ramp.astype(np.uint8)
+    lut = np.stack([hue, same, same], axis=-1).reshape(256, 1, 3)
+    return cv2.cvtColor(cv2.LUT(hsv, lut), cv2.COLOR_HSV2RGB)
+
+
+class ColorJitterLUT(A.ColorJitter):
+    """albumentations' ``ColorJitter`` (same parameters, draws and order) with its hue step done
+    by one 3-channel look-up table instead of a strided single-channel one: bit-identical output
+    on uint8 RGB images (tests/test_data_pipeline.py), about a third of the time."""
+
+    def apply(
+        self,
+        img: np.ndarray,
+        brightness: float,
+        contrast: float,
+        saturation: float,
+        hue: float,
+        order: list[int],
+        **params: Any,
+    ) -> np.ndarray:
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            return super().apply(img, brightness, contrast, saturation, hue, order, **params)
+        values = [brightness, contrast, saturation, hue]
+        for i in order:
+            img = _hue_shift_uint8(img, hue) if i == 3 else self.transforms[i](img, values[i])
+        return img
 
 
 def _mask_to_uint8(mask: np.ndarray) -> np.ndarray:
@@ -461,8 +509,15 @@ def _mask_to_uint8(mask: np.ndarray) -> np.ndarray:
 #: resume silently mixes draws of two versions. 2: one shared stream (:func:`seed_augmentation`).
 #: 3: the scale protocol (``data.base_size`` in the dataset configs: the random scale acts on the
 #: base-resized image, :class:`BaseRandomScale`); with ``base_size`` null and the default preset
-#: the draws are those of version 2.
-AUGMENTATION_VERSION = 3
+#: the draws are those of version 2. 4: the fused affine transform (:class:`AffineTrainTransform`,
+#: ``data.augment_impl=fused``, one warp from the stored, possibly reduced, JPEG; its own draws)
+#: and uint8 images normalised on the device; ``augment_impl=reference`` keeps version 3's
+#: draws and warps.
+AUGMENTATION_VERSION = 4
+
+#: ``data.augment_impl`` choices: ``fused`` (:class:`AffineTrainTransform`) or ``reference``
+#: (the sequential albumentations transforms of :class:`TrainTransform`).
+AUGMENT_IMPLS = ("fused", "reference")
 
 
 def seed_augmentation(aug: A.BaseCompose, seed: int) -> None:
@@ -477,11 +532,12 @@ def seed_augmentation(aug: A.BaseCompose, seed: int) -> None:
 
 
 class TrainTransform:
-    """(Base resize and) random scale, rotate, pad, crop, flip-with-swap, photometric change,
-    normalise, to tensor.
+    """The reference training transform (``data.augment_impl=reference``): (base resize and)
+    random scale, rotate, pad, crop, flip-with-swap and photometric change as sequential
+    albumentations transforms, each warping the whole image, then to tensor.
 
-    Output item: ``image`` (3, h, w) float32 normalised, ``mask`` (h, w) int64 with 255 where the
-    rotation or padding left no label, ``name`` unchanged; ``(h, w) = crop_size``.
+    Output item: ``image`` (3, h, w) uint8 RGB, ``mask`` (h, w) uint8 with 255 where the rotation
+    or padding left no label, ``name`` unchanged; ``(h, w) = crop_size``.
     """
 
     def __init__(self, aug: A.Compose) -> None:
@@ -509,8 +565,257 @@ class TrainTransform:
         return {
             **item,
             "image": _to_chw_tensor(out["image"]),
-            "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])).long(),
+            "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])),
         }
+
+
+@dataclass
+class AugmentDraw:
+    """One sample's draws of :class:`AffineTrainTransform`, made before the image is decoded.
+
+    Attributes:
+        scale: the random scale ``s`` (relative to the base resize).
+        angle: rotation in degrees (counter-clockwise, albumentations' ``Rotate``).
+        flip: whether the crop is mirrored (and left/right ids swapped).
+        crop: ``(u_top, u_left)`` in ``[0, 1)``: the crop offsets are
+            ``floor(u * (range + 1))``, uniform over every position (albumentations' rule).
+        colour_seed: seed of the photometric step.
+        rng: the sample's generator, for the crops ``cat_max_ratio`` redraws.
+    """
+
+    scale: float
+    angle: float
+    flip: bool
+    crop: tuple[float, float]
+    colour_seed: int
+    rng: np.random.Generator
+
+
+def _translation(tx: float, ty: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
+
+
+class AffineTrainTransform:
+    """The training augmentation as one affine warp of the output window (``augment_impl=fused``).
+
+    The same distribution as :class:`TrainTransform`: base resize times ``s ~ U(scale_range)``
+    to the size :func:`base_resize_size` gives, rotation by ``U(-rotate, rotate)`` degrees about
+    that image's centre in its own frame (what leaves the frame is lost, as albumentations'
+    ``Rotate`` loses it), centred padding to the crop size, a crop offset uniform over every
+    position, a flip with probability ``flip_prob`` (left/right ids swapped), then the
+    photometric step. Instead of a full-image resize and a full-image rotation, the chain
+    source -> scaled -> rotated -> padded -> cropped -> flipped is composed into one ``(2, 3)``
+    matrix and only the ``crop_size`` output is computed: image bilinear (0 outside), labels
+    nearest (255 outside; they never interpolate). When the total scale allows it the JPEG is
+    decoded at 1/2, 1/4 or 1/8 of its size (:meth:`reduction`, libjpeg's DCT scaling) and the
+    matrix starts from the reduced grid.
+
+    The draws come from ``numpy.random.default_rng(seed)`` (the sampler's per-sample seed), made
+    by :meth:`draw` before decoding; tests/test_data_pipeline.py compares their statistics and
+    the warped output with the reference path.
+
+    Args:
+        crop_size, scale_range, rotate, flip_pairs, flip_prob, cat_max_ratio, base_size,
+            base_side: as :func:`build_train_transform`.
+        photometric: the colour step on the uint8 RGB crop (None: none); its own draws are
+            seeded by :attr:`AugmentDraw.colour_seed`.
+    """
+
+    #: The largest JPEG reduction tried (libjpeg scales by 1/2, 1/4, 1/8).
+    MAX_REDUCTION = 8
+
+    def __init__(
+        self,
+        crop_size: Sequence[int],
+        scale_range: Sequence[float] = (1.0, 1.0),
+        rotate: float = 0.0,
+        flip_pairs: Sequence[Sequence[int]] = (),
+        flip_prob: float = 0.5,
+        photometric: A.BasicTransform | None = None,
+        cat_max_ratio: float | None = None,
+        base_size: int | None = None,
+        base_side: str = "long",
+    ) -> None:
+        self.crop_h, self.crop_w = (int(v) for v in crop_size)
+        self.scale_range = tuple(float(v) for v in scale_range)
+        self.rotate = float(rotate)
+        self.flip_prob = float(flip_prob)
+        self.lut = flip_lut(flip_pairs)
+        self.photometric = A.Compose([photometric]) if photometric is not None else None
+        self.crop_check = (
+            CatMaxRatioRandomCrop(self.crop_h, self.crop_w, float(cat_max_ratio))
+            if cat_max_ratio is not None and float(cat_max_ratio) < 1.0
+            else None
+        )
+        self.base_size, self.base_side = check_base_resize(base_size, base_side)
+        self._stream: np.random.Generator | None = None
+        self._seeded_for: int | None = None
+
+    # -- draws -----------------------------------------------------------------------------
+
+    def _worker_stream(self) -> np.random.Generator:
+        # Without a sampler seed, one stream per DataLoader worker (see TrainTransform).
+        info = torch.utils.data.get_worker_info()
+        seed = info.seed if info is not None else torch.initial_seed()
+        if self._stream is None or seed != self._seeded_for:
+            self._stream, self._seeded_for = np.random.default_rng(seed % 2**64), seed
+        return self._stream
+
+    def draw(self, seed: int | None = None) -> AugmentDraw:
+        """The sample's scale, angle, flip, crop position and colour seed (``seed`` None: the
+        worker's stream continues)."""
+        rng = (
+            np.random.default_rng(int(seed) % 2**64) if seed is not None else self._worker_stream()
+        )
+        lo, hi = self.scale_range
+        scale = lo if lo == hi else float(rng.uniform(lo, hi))
+        angle = float(rng.uniform(-self.rotate, self.rotate)) if self.rotate else 0.0
+        flip = bool(rng.random() < self.flip_prob)
+        crop = (float(rng.random()), float(rng.random()))
+        colour_seed = int(rng.integers(2**32))
+        return AugmentDraw(scale, angle, flip, crop, colour_seed, rng)
+
+    # -- geometry --------------------------------------------------------------------------
+
+    def scaled_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
+        """``(h, w)`` of the scaled image before rotation (the reference path's resize)."""
+        if self.base_size is not None:
+            return base_resize_size(height, width, self.base_size, self.base_side, scale)
+        if scale == 1.0:
+            return int(height), int(width)
+        # albumentations' RandomScale: each side rounded half up
+        return max(1, _round_half_up(height * scale)), max(1, _round_half_up(width * scale))
+
+    def reduction(self, draw: AugmentDraw, height: int, width: int) -> int:
+        """The largest JPEG reduction ``r`` (1, 2, 4, 8) at which an ``(height, width)`` image is
+        still downscaled (or kept) by the warp: ``r * max(h_s / H, w_s / W) <= 1``."""
+        hs, ws = self.scaled_size(height, width, draw.scale)
+        factor = max(hs / height, ws / width)
+        r = 1
+        while r < self.MAX_REDUCTION and 2 * r * factor <= 1.0 and min(height, width) >= 16 * r:
+            r *= 2
+        return r
+
+    def _padded_box(self, hs: int, ws: int) -> tuple[int, int, int, int]:
+        """``(pad_top, pad_left, Hp, Wp)``: albumentations' centred ``PadIfNeeded``."""
+        top = (self.crop_h - hs) // 2 if hs < self.crop_h else 0
+        left = (self.crop_w - ws) // 2 if ws < self.crop_w else 0
+        return top, left, max(hs, self.crop_h), max(ws, self.crop_w)
+
+    def crop_offset(self, u: tuple[float, float], hp: int, wp: int) -> tuple[int, int]:
+        """Crop ``(top, left)`` in the padded image from the fractions ``u``."""
+        return int((hp - self.crop_h + 1) * u[0]), int((wp - self.crop_w + 1) * u[1])
+
+    def matrix(
+        self,
+        height: int,
+        width: int,
+        draw: AugmentDraw,
+        offset: tuple[int, int],
+        reduction: int = 1,
+    ) -> np.ndarray:
+        """The ``(3, 3)`` map from pixel centres of the stored image (decoded at 1/``reduction``)
+        to pixel centres of the output crop.
+
+        In order: reduced -> full grid (``x = r x' + (r - 1) / 2``, libjpeg's block centres),
+        resize to ``(h_s, w_s)`` (``x_s = (x + 0.5) w_s / W - 0.5``, OpenCV's resize grid),
+        rotation about ``(w_s / 2 - 0.5, h_s / 2 - 0.5)`` (albumentations' ``Rotate``), padding
+        and crop (translations), flip (``x -> w - 1 - x``).
+        """
+        hs, ws = self.scaled_size(height, width, draw.scale)
+        pad_top, pad_left, _, _ = self._padded_box(hs, ws)
+        r = float(reduction)
+        m = _translation((r - 1) / 2, (r - 1) / 2) @ np.diag([r, r, 1.0])
+        sx, sy = ws / width, hs / height
+        m = _translation(0.5 * sx - 0.5, 0.5 * sy - 0.5) @ np.diag([sx, sy, 1.0]) @ m
+        if draw.angle:
+            cx, cy = ws / 2 - 0.5, hs / 2 - 0.5
+            a = np.deg2rad(draw.angle % 360)
+            rot = np.array([[np.cos(a), np.sin(a), 0.0], [-np.sin(a), np.cos(a), 0.0], [0, 0, 1]])
+            m = _translation(cx, cy) @ rot @ _translation(-cx, -cy) @ m
+        top, left = offset
+        m = _translation(pad_left - left, pad_top - top) @ m
+        if draw.flip:
+            m = np.array([[-1.0, 0.0, self.crop_w - 1.0], [0.0, 1.0, 0.0], [0, 0, 1]]) @ m
+        return m
+
+    def _frame(self, hs: int, ws: int, offset: tuple[int, int], flip: bool) -> tuple[int, ...]:
+        """``(y0, y1, x0, x1)``: where the scaled image's frame lies in the output; the
+        reference rotation loses whatever it turns outside that frame."""
+        pad_top, pad_left, _, _ = self._padded_box(hs, ws)
+        y0, x0 = pad_top - offset[0], pad_left - offset[1]
+        y1, x1 = y0 + hs, x0 + ws
+        if flip:
+            x0, x1 = self.crop_w - x1, self.crop_w - x0
+        clip = lambda v, n: min(max(v, 0), n)  # noqa: E731
+        return (
+            clip(y0, self.crop_h),
+            clip(y1, self.crop_h),
+            clip(x0, self.crop_w),
+            clip(x1, self.crop_w),
+        )
+
+    def _warp(self, array: np.ndarray, m: np.ndarray, nearest: bool, fill: int) -> np.ndarray:
+        return cv2.warpAffine(
+            array,
+            m[:2],
+            (self.crop_w, self.crop_h),
+            flags=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=(fill, fill, fill) if array.ndim == 3 else fill,
+        )
+
+    @staticmethod
+    def _outside_frame(array: np.ndarray, frame: tuple[int, ...], fill: int) -> np.ndarray:
+        y0, y1, x0, x1 = frame
+        array[:y0], array[y1:], array[:, :x0], array[:, x1:] = fill, fill, fill, fill
+        return array
+
+    # -- the transform ---------------------------------------------------------------------
+
+    def __call__(
+        self, item: dict[str, Any], seed: int | None = None, draw: AugmentDraw | None = None
+    ) -> dict[str, Any]:
+        """Augments ``item`` (``image`` (h', w', 3) uint8 RGB decoded at 1/``image_reduction``
+        of the stored size, ``mask`` (H, W) at the stored size) with ``draw`` (else one drawn
+        from ``seed``).
+
+        Returns:
+            The item with ``image`` (3, h, w) uint8 RGB and ``mask`` (h, w) uint8 (255 where no
+            label reached), ``(h, w) = crop_size``; ``image_reduction`` removed.
+        """
+        draw = draw if draw is not None else self.draw(seed)
+        item = dict(item)
+        reduction = int(item.pop("image_reduction", 1))
+        mask = _mask_to_uint8(item["mask"])
+        height, width = mask.shape[:2]
+        hs, ws = self.scaled_size(height, width, draw.scale)
+        _, _, hp, wp = self._padded_box(hs, ws)
+        offset = self.crop_offset(draw.crop, hp, wp)
+        m = self.matrix(height, width, draw, offset)
+        out_mask = self._warp(mask, m, nearest=True, fill=IGNORE_INDEX)
+        if self.crop_check is not None:
+            # mmseg's cat_max_ratio: redraw the offset while the crop is dominated by one class;
+            # the offset drawn after the last failed check is kept unchecked
+            for _ in range(self.crop_check.max_tries):
+                if self.crop_check.crop_passes(out_mask):
+                    break
+                draw.crop = (float(draw.rng.random()), float(draw.rng.random()))
+                offset = self.crop_offset(draw.crop, hp, wp)
+                m = self.matrix(height, width, draw, offset)
+                out_mask = self._warp(mask, m, nearest=True, fill=IGNORE_INDEX)
+        frame = self._frame(hs, ws, offset, draw.flip)
+        out_mask = self._outside_frame(out_mask, frame, IGNORE_INDEX)
+        if draw.flip:
+            out_mask = cv2.LUT(out_mask, self.lut)
+        m_image = m if reduction == 1 else self.matrix(height, width, draw, offset, reduction)
+        image = self._outside_frame(self._warp(item["image"], m_image, False, 0), frame, 0)
+        if self.photometric is not None:
+            seed_augmentation(self.photometric, draw.colour_seed)
+            image = self.photometric(image=image)["image"]
+        item["image"] = _to_chw_tensor(image)
+        item["mask"] = torch.from_numpy(out_mask)
+        return item
 
 
 def letterbox_box(
@@ -662,16 +967,17 @@ def schp_affine_image(image: np.ndarray, size: Sequence[int]) -> tuple[np.ndarra
 
 
 class EvalTransform:
-    """Resize the image only (to the network input size), normalise; the label stays untouched.
+    """Resize the image only (to the network input size); the label stays untouched. Images stay
+    uint8: ``datamodules.batch.network_batch`` normalises them on the device.
 
-    Output item: ``image`` (3, h, w) float32, ``mask`` (H, W) int64 at original resolution (if the
-    item has one), ``orig_size`` (2,) int64 ``(H, W)``, ``name``; with ``letterbox`` or
+    Output item: ``image`` (3, h, w) uint8 RGB, ``mask`` (H, W) uint8 at original resolution (if
+    the item has one), ``orig_size`` (2,) int64 ``(H, W)``, ``name``; with ``letterbox`` or
     ``short_side`` also ``valid_box`` (4,) int64 ``(top, left, height, width)`` of the image
     inside the input; with ``affine`` instead ``inverse_affine`` (2, 3) float64, the map from
     input pixels to original pixels that the predicted labels are warped back with.
 
     Args:
-        aug: the albumentations pipeline (resize and/or normalisation).
+        aug: the albumentations pipeline (a resize, or nothing).
         letterbox: ``(h, w)``: before ``aug``, scale the image to fit ``(h, w)`` with its aspect
             ratio kept and pad it centred with black (:func:`letterbox_image`); None: ``aug``
             alone decides the size.
@@ -721,7 +1027,7 @@ class EvalTransform:
             **extra,
         }
         if "mask" in item:
-            out["mask"] = torch.as_tensor(np.asarray(item["mask"], dtype=np.int64))
+            out["mask"] = torch.from_numpy(np.ascontiguousarray(_mask_to_uint8(item["mask"])))
         return out
 
 
@@ -732,15 +1038,15 @@ def build_train_transform(
     flip_pairs: Sequence[Sequence[int]] = (),
     flip_prob: float = 0.5,
     color_jitter: float = 0.2,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
     *,
     cat_max_ratio: float | None = None,
     photometric: str = "jitter",
     base_size: int | None = None,
     base_side: str = "long",
-) -> TrainTransform:
-    """Paired training augmentation.
+    impl: str = "fused",
+) -> AffineTrainTransform | TrainTransform:
+    """Paired training augmentation; images leave as uint8 (normalised on the device by
+    ``datamodules.batch.network_batch``).
 
     Args:
         crop_size: ``(h, w)`` of the output crop; smaller images are padded (mask with 255).
@@ -753,7 +1059,6 @@ def build_train_transform(
             swap); a coin is drawn either way, so the other draws do not depend on it.
         color_jitter: brightness/contrast/saturation strength (hue gets a tenth), applied with
             probability 0.8; 0 disables. Used by ``photometric="jitter"`` only.
-        mean, std: normalisation on the 0..1 scale (ImageNet by default).
         cat_max_ratio: None: plain random crop. A float: redraw crops in which one class covers
             ``cat_max_ratio`` or more of the labelled pixels (or that hold a single class), as
             mmsegmentation's ``RandomCrop(cat_max_ratio=...)`` (see ``CatMaxRatioRandomCrop``).
@@ -763,7 +1068,12 @@ def build_train_transform(
             as before the scale protocol). An int: first resize so that the long (or short) side
             equals it, in the same interpolation as the random scale (:class:`BaseRandomScale`);
             evaluation fits images the same way (:func:`build_eval_transform`).
+        impl: ``"fused"``: :class:`AffineTrainTransform` (one warp of the output window, reduced
+            JPEG decoding); ``"reference"``: :class:`TrainTransform` (sequential albumentations
+            transforms), the same distribution of augmentations.
     """
+    if impl not in AUGMENT_IMPLS:
+        raise ValueError(f"data.augment_impl must be one of {AUGMENT_IMPLS}, got {impl!r}")
     crop_h, crop_w = (int(v) for v in crop_size)
     lo, hi = (float(v) for v in scale_range)
     if not 0 < lo <= hi:
@@ -775,6 +1085,26 @@ def build_train_transform(
         raise ValueError(f"photometric must be one of {PHOTOMETRIC_MODES}, got {photometric!r}")
     if cat_max_ratio is not None and not 0 < float(cat_max_ratio) <= 1:
         raise ValueError(f"cat_max_ratio must lie in (0, 1] or be None, got {cat_max_ratio}")
+    colour: A.BasicTransform | None = None
+    if photometric == "mmseg":
+        colour = PhotoMetricDistortion()
+    elif color_jitter:
+        cj = float(color_jitter)
+        colour = ColorJitterLUT(
+            brightness=cj, contrast=cj, saturation=cj, hue=min(cj / 10.0, 0.5), p=0.8
+        )
+    if impl == "fused":
+        return AffineTrainTransform(
+            (crop_h, crop_w),
+            (lo, hi),
+            float(rotate or 0.0),
+            flip_pairs,
+            float(flip_prob),
+            colour,
+            cat_max_ratio,
+            base_size,
+            base_side,
+        )
     ops: list[A.BasicTransform] = []
     if base_size is not None:
         ops.append(BaseRandomScale(base_size, base_side, (lo, hi)))
@@ -816,21 +1146,13 @@ def build_train_transform(
         else CatMaxRatioRandomCrop(crop_h, crop_w, cat_max_ratio=float(cat_max_ratio)),
         HorizontalFlipSwap(flip_pairs=flip_pairs, p=float(flip_prob)),
     ]
-    if photometric == "mmseg":
-        ops.append(PhotoMetricDistortion())
-    elif color_jitter:
-        cj = float(color_jitter)
-        ops.append(
-            A.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=min(cj / 10.0, 0.5), p=0.8)
-        )
-    ops.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
+    if colour is not None:
+        ops.append(colour)
     return TrainTransform(A.Compose(ops))
 
 
 def build_eval_transform(
     eval_size: Sequence[int] | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
     keep_ratio: bool = False,
     *,
     base_size: int | None = None,
@@ -845,7 +1167,6 @@ def build_eval_transform(
 
     Args:
         eval_size: network input ``(h, w)``; None keeps each image's own size.
-        mean, std: normalisation on the 0..1 scale.
         keep_ratio: with ``eval_size``, scale the image by ``min(h / H, w / W)`` instead of
             stretching it, pad it centred with black and record the image's ``valid_box``
             (SCHP's evaluation input); the evaluation crops the scores to that box before
@@ -890,7 +1211,6 @@ def build_eval_transform(
             letterbox = (h, w)
         else:
             ops.append(A.Resize(height=h, width=w, interpolation=cv2.INTER_LINEAR))
-    ops.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
     return EvalTransform(
         A.Compose(ops), letterbox=letterbox, short_side=short_side, affine=affine_size
     )

@@ -36,7 +36,7 @@ import yaml
 from PIL import Image
 from torch import Tensor, nn
 
-from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, make_palette, save_label_png
+from datamodules.batch import make_palette, normalize_image, save_label_png
 from datamodules.errors import FixableError, run_command
 from datamodules.transforms import build_eval_transform, check_base_resize, eval_input
 from lightning_modules import mmseg_weights, official_weights
@@ -100,8 +100,6 @@ class Parser:
         # here equals the validation prediction of the same image.
         self._transform = build_eval_transform(
             self.eval_size,
-            IMAGENET_MEAN,
-            IMAGENET_STD,
             keep_ratio=self.keep_ratio,
             base_size=self.base_size,
             base_side=self.base_side,
@@ -121,7 +119,7 @@ class Parser:
         ``base_size``)."""
         item = self._transform({"image": image})
         box = item.get("valid_box")
-        return item["image"].unsqueeze(0).to(self.device), (
+        return normalize_image(item["image"].unsqueeze(0).to(self.device)), (
             box.tolist() if box is not None else None
         )
 

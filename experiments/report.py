@@ -638,6 +638,7 @@ def predict_examples(rim: Fit, images: int) -> list[tuple[Any, Any, Any, Any]]:
     import torch
     from omegaconf import OmegaConf, open_dict
 
+    from datamodules.batch import network_batch
     from experiments.stages import stage1_overrides
     from experiments.train import build_datamodule, build_module
     from lightning_modules.dashboard import validation_example
@@ -661,6 +662,7 @@ def predict_examples(rim: Fit, images: int) -> list[tuple[Any, Any, Any, Any]]:
     # One-image batches: validation_example draws the first image of a batch.
     batches: list[dict[str, Any]] = []
     for batch in datamodule.val_dataloader():
+        batch = network_batch(batch)
         for i in range(len(batch["image"])):
             batches.append(
                 {

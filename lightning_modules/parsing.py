@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datamodules.batch import network_batch
 from datamodules.transforms import AUGMENTATION_VERSION
 from lightning_modules import mmseg_weights, official_weights
 from lightning_modules.checkpoint_io import (
@@ -31,6 +33,12 @@ from lightning_modules.schedulers import per_step_optimization
 from samplers.regional import sampling_statistics
 
 log = logging.getLogger(__name__)
+
+# The normalisation after the transfer belongs to the module (any loader of uint8 batches works,
+# with or without a datamodule); Lightning's hint to move the hook into the datamodule is moot.
+warnings.filterwarnings(
+    "ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`"
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -187,6 +195,11 @@ class ParsingLitModule(pl.LightningModule):
         object.__setattr__(self, "_net_forward", torch.compile(net) if compile else net)
 
     # ------------------------------------------------------------------ forward
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The loaders deliver uint8 images and masks (pinned, copied non-blocking by Lightning);
+        # the normalisation and the int64 labels are made here, on the device.
+        return network_batch(batch) if isinstance(batch, dict) else batch
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         """Logits of ``image`` ``(B, 3, h, w)``: ``{"out": (B, C, h, w), ...}``."""

@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, DistributedSampler
 
+from datamodules.batch import normalize_image
 from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
 from lightning_modules.parsing import ParsingLitModule
 from lightning_modules.schedulers import check_lr_interval, cosine_factor, epoch_start_step
@@ -609,7 +610,7 @@ class SCHPCycle(pl.Callback):
         for i, batch in enumerate(loader):
             if i >= limit:
                 break
-            yield batch["image"].to(pl_module.device, non_blocking=True)
+            yield normalize_image(batch["image"].to(pl_module.device, non_blocking=True))
 
     def state_dict(self) -> dict[str, Any]:
         return {"schp_start": self.schp_start, "cycle_epochs": self.cycle_epochs}

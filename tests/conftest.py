@@ -26,6 +26,8 @@ BENIGN_WARNINGS = (
     r"ignore:Experiment logs directory .* exists and is not empty:UserWarning",
     # RIM stage 2 trains with the frozen encoder (BatchNorm included) in eval mode on purpose
     r"ignore:Found \d+ module\(s\) in eval mode at the start of training:UserWarning",
+    # ParsingLitModule normalises uint8 batches in its own on_after_batch_transfer on purpose
+    r"ignore:You have overridden `on_after_batch_transfer` in `LightningModule`:UserWarning",
     # one CPU device in tests
     r"ignore:GPU available but not used:UserWarning",
     r"ignore:The `srun` command is available on your system but is not used:UserWarning",

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, collate_eval
+from datamodules.batch import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    collate_eval,
+    network_batch,
+    normalize_image,
+)
 from datamodules.transforms import build_eval_transform, letterbox_box
 from lightning_modules import ParsingLitModule
 from lightning_modules.inference import InferenceProtocol, flip_logits, slide_inference
@@ -40,7 +46,9 @@ def _item(image: np.ndarray, mask: np.ndarray | None, name: str, keep_ratio: boo
     item = {"image": image, "name": name}
     if mask is not None:
         item["mask"] = mask
-    return build_eval_transform((8, 8), keep_ratio=keep_ratio)(item)
+    out = build_eval_transform((8, 8), keep_ratio=keep_ratio)(item)
+    # normalised here as the module normalises after the transfer
+    return {**out, "image": normalize_image(out["image"])}
 
 
 class RowRamp(nn.Module):
@@ -90,7 +98,7 @@ def _module(net: nn.Module, num_classes: int, inference=None):
 
 def _run_eval(module, batch) -> np.ndarray:
     with torch.no_grad():
-        module._eval_step(batch, module.val_confmat, "val")
+        module._eval_step(network_batch(batch), module.val_confmat, "val")
     return module.val_confmat.compute().numpy()
 
 

@@ -122,7 +122,7 @@ def test_lip_layouts_decode_the_same_values(tmp_path, layout):
             h, w = (9, 7) if i == 0 else (5, 11)
             assert set(item) == {"image", "mask", "name"} and item["name"] == name
             assert item["image"].shape == (h, w, 3) and item["image"].dtype == np.uint8
-            assert item["mask"].dtype == np.int64
+            assert item["mask"].dtype == np.uint8
             np.testing.assert_array_equal(item["mask"], _lip_label(i, h, w))
             # Flat JPEG colour survives compression within a few levels.
             np.testing.assert_allclose(item["image"].reshape(-1, 3).mean(0), _lip_image(i)[0, 0],
@@ -335,7 +335,7 @@ def test_cityscapes_masks_with_and_without_train_id_files(tmp_path, train_ids):
         item = ds[i]
         assert set(item) == {"image", "mask", "name"} and item["name"] == ds.ids[i]
         assert item["image"].shape == (H, W, 3) and item["image"].dtype == np.uint8
-        assert item["mask"].dtype == np.int64
+        assert item["mask"].dtype == np.uint8
         np.testing.assert_array_equal(item["mask"], TRAIN_IDS)
     # Image i was written k-th with value 10 * k: the sorted order reverses the writing order.
     assert [int(ds[i]["image"][0, 0, 0]) for i in range(len(ds))] == [30, 20, 10, 0]
@@ -421,7 +421,7 @@ def test_cityscapes_datamodule(cs_root):
     np.testing.assert_array_equal(dm.palette, cs_mod.CITYSCAPES_PALETTE)
     assert dm.eval_size is None  # full resolution
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (2, 3, 4, 4) and batch["mask"].dtype == torch.int64
+    assert batch["image"].shape == (2, 3, 4, 4) and batch["mask"].dtype == torch.uint8
     assert set(batch["mask"].unique().tolist()) <= set(TRAIN_IDS.ravel().tolist())
     val = next(iter(dm.val_dataloader()))
     assert val["image"].shape == (2, 3, H, W)  # not resized

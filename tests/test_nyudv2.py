@@ -165,7 +165,7 @@ def test_decodes_image_label_depth_with_matlab_axes(nyu_root):
     assert set(item) == {"image", "mask", "depth", "name"} and item["name"] == "00003"
     image, mask, depth = item["image"], item["mask"], item["depth"]
     assert image.shape == (H, W, 3) and image.dtype == np.uint8
-    assert mask.shape == (H, W) and mask.dtype == np.int64
+    assert mask.shape == (H, W) and mask.dtype == np.uint8
     assert depth.shape == (H, W) and depth.dtype == np.float32
     np.testing.assert_array_equal(image, frame_image(2))
     # Spot values: row 1, column 5, channel 2 = 1*8 + 5 + 200 + 2; row 5, column 0, channel 0.
@@ -334,7 +334,7 @@ def test_datamodule(nyu_root):
     assert dm.num_classes == 40 and dm.class_names == list(NYU40_CLASSES) and dm.flip_pairs == []
     assert dm.eval_size is None and dm.has_test_labels
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (2, 3, 4, 4) and batch["mask"].dtype == torch.int64
+    assert batch["image"].shape == (2, 3, 4, 4) and batch["mask"].dtype == torch.uint8
     assert set(batch["mask"].unique().tolist()) <= set(TO40(RAW_IDS).tolist())
     val = next(iter(dm.val_dataloader()))
     assert val["name"] == ["00001", "00003"] and val["image"].shape == (2, 3, H, W)

@@ -47,9 +47,10 @@ def trained(tmp_path_factory):
 
 def _reference_ids(module, image: np.ndarray, size=(40, 48)) -> np.ndarray:
     """Class ids the module's own evaluation path gives (resize, normalise, predict_logits, upsample)."""
+    from datamodules.batch import normalize_image
     from datamodules.transforms import build_eval_transform
 
-    x = build_eval_transform(size)({"image": image})["image"][None]
+    x = normalize_image(build_eval_transform(size)({"image": image})["image"][None])
     with torch.no_grad():
         logits = module.predict_logits(x)
         logits = F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, collate_eval
+from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, collate_eval, network_batch
 from datamodules.lip import LIP_FLIP_PAIRS, LIPDataModule
 from datamodules.transforms import build_eval_transform, schp_affine, schp_affine_image
 from lightning_modules import ParsingLitModule
@@ -219,7 +219,7 @@ def test_eval_step_scores_schps_geometry_end_to_end(tmp_path):
     preds: dict[str, np.ndarray] = {}
     module.prediction_writer = lambda stage, name, ids: preds.__setitem__(name, ids)
     with torch.no_grad():
-        module._eval_step(batch, module.val_confmat, "val")
+        module._eval_step(network_batch(batch), module.val_confmat, "val")
     got = module.val_confmat.compute().numpy()
 
     swap = list(range(20))
