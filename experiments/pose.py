@@ -82,6 +82,9 @@ STAGE_DATA_KEYS = (
     "rotate_prob",
     "flip",
     "min_diam",
+    "translate",
+    "noise",
+    "jitter",
 )
 #: Top-level keys that say where a run writes or how it reports, not what a stage computes.
 _HASH_IGNORED = (

@@ -187,6 +187,33 @@ def test_alexnet_has_the_papers_layout():
         DeepPoseAlexNet(pretrained=True)
 
 
+def test_alexnet_feature_maps_are_the_papers_55_27_13():
+    """The paper's layer sizes at 220x220: C1 55x55, C2 27x27, C3-C5 13x13; 6x6 after P3."""
+    net = DeepPoseAlexNet(input_size=220, width=0.125, fc_dim=8).eval()
+    sizes = []
+    for m in net.features:
+        if isinstance(m, nn.Conv2d | nn.MaxPool2d):
+            m.register_forward_hook(lambda mod, i, o: sizes.append(o.shape[-1]))
+    net(torch.zeros(1, 3, 220, 220))
+    # conv, pool, conv, pool, conv, conv, conv, pool
+    assert sizes == [55, 27, 27, 13, 13, 13, 13, 6]
+    assert net.regressor[2].in_features == 6 * 6 * net.features[-3].out_channels
+
+
+def test_pckh_head_column_is_head_top_alone():
+    from lightning_modules.pose_metrics import format_pose_table, pckh_columns
+
+    gt = np.zeros((4, 16, 2))
+    pred = gt.copy()
+    pred[:, 8] = 100.0  # upper_neck always wrong: no column shows it, the mean does
+    pred[:2, 9] = 100.0  # head_top wrong for half of the persons
+    scores = evaluate_pose(pred, gt, np.ones((4, 16)), np.ones(4))
+    assert scores["Head"] == pytest.approx(50.0) and scores["Shoulder"] == 100.0
+    assert scores["PCKh"] == pytest.approx(100 * (14 * 4 - 4 - 2) / (14 * 4))
+    assert pckh_columns().startswith("Head = head_top; Shoulder = l/r_shoulder")
+    assert "all but pelvis, thorax" in format_pose_table(scores).splitlines()[-1]
+
+
 def test_resnet_variant_builds_without_download():
     net = DeepPoseResNet(num_joints=16, depth=18, pretrained=False)
     assert net.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 16, 2)
