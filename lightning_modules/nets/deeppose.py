@@ -137,6 +137,7 @@ class DeepPoseResNet(nn.Module):
             net.load_state_dict(load_pretrained_state_dict(int(depth), weights))
         self.num_joints = int(num_joints)
         self.input_size = int(input_size)
+        self.depth = int(depth)
         net.fc = nn.Linear(net.fc.in_features, 2 * self.num_joints)
         # Start at the box centre: a zero head makes the first predictions 0 (normalised frame).
         nn.init.zeros_(net.fc.weight)
