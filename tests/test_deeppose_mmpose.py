@@ -17,7 +17,7 @@ from lightning_modules.nets.deeppose import DeepPoseAlexNet, DeepPoseResNet
 from lightning_modules.pose import PoseRegressionLitModule
 from losses.pose import JointL2Loss, JointSmoothL1Loss
 
-S = 64  # crop side of these tests (mmpose's head pools globally: any size works)
+S = 32  # crop side of these tests (mmpose's head pools globally: any size works; 1x1 at layer4)
 
 # -- a reference written from mmpose's definition -------------------------------------------------
 
@@ -143,11 +143,11 @@ def test_cascade_evaluates_mmpose_weights_as_the_reference_does(mmpose_file, tmp
     assert results["stages"]["stage1"]["init_from"] == str(path)
     got = np.load(tmp_path / "run" / "stage1" / "val_predictions.npy")
     val = MPIIDataset(tmp_path / "data" / "synthetic_mpii", "val", transform=PersonCrop(S))
-    for i in range(len(val)):
-        item = val[i]
-        with torch.no_grad():
-            r = ref.predict(item["image"][None].float())[0].double().numpy()  # (K, 2)
-        u = r * S  # the joints' pixels in the crop (mmpose's decode)
+    items = [val[i] for i in range(len(val))]
+    with torch.no_grad():
+        r = ref.predict(torch.stack([it["image"] for it in items]).float()).double().numpy()
+    for i, item in enumerate(items):
+        u = r[i] * S  # (K, 2) the joints' pixels in the crop (mmpose's decode)
         to_image = invert_affine(pixel_affine(item["affine"][0].numpy(), S))
         want = u @ to_image[:, :2].T + to_image[:, 2]
         np.testing.assert_allclose(got[i], want, atol=2e-3)
@@ -195,11 +195,11 @@ def test_mmpose_checkpoints_that_do_not_fit_are_refused_by_name(mmpose_file):
     assert "1 unexpected: backbone.extra.weight (3,)" in msg
     assert "2 of another shape: head.fc.weight (28, 2048) (model: (32, 2048))" in msg
     with pytest.raises(CheckpointError, match="loads only into model=deeppose_r50"):
-        _module(DeepPoseAlexNet(input_size=S, width=0.125, fc_dim=8)).load_init_weights(path)
+        _module(DeepPoseAlexNet(input_size=64, width=0.125, fc_dim=8)).load_init_weights(path)
     # a rimlab checkpoint of another network is refused too, naming what differs
     other = path.parent / "alexnet.ckpt"
     torch.save(
-        {"state_dict": _module(DeepPoseAlexNet(input_size=S, width=0.125, fc_dim=8)).state_dict()},
+        {"state_dict": _module(DeepPoseAlexNet(input_size=64, width=0.125, fc_dim=8)).state_dict()},
         other,
     )
     with pytest.raises(CheckpointError, match="does not match the configured model"):
