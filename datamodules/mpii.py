@@ -466,7 +466,7 @@ class MPIIDataset(Dataset):
 
 
 def to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 array -> (3, H, W) uint8 tensor."""
+    """(H, W, 3) array -> (3, H, W) tensor of its dtype (uint8, or float in [0, 255])."""
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
@@ -482,6 +482,21 @@ def normalise_images(images: torch.Tensor) -> torch.Tensor:
 def to_tensor_image(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 normalised with the ImageNet statistics."""
     return normalise_images(to_uint8_tensor(image))
+
+
+#: Laws of PersonCrop's jitter draws (``v`` in [-1, 1]).
+JITTER_LAWS = ("uniform", "truncnorm")
+
+
+def _jitter(rng: np.random.Generator, law: str) -> float:
+    """One draw in [-1, 1]: uniform, or a standard normal truncated to [-1, 1] (by rejection:
+    the same law as scipy's ``truncnorm(-1, 1)``, which mmpose's RandomBBoxTransform uses)."""
+    if law == "uniform":
+        return float(rng.uniform(-1.0, 1.0))
+    while True:
+        v = float(rng.standard_normal())
+        if -1.0 <= v <= 1.0:
+            return v
 
 
 def _rng(seed: int | None) -> np.random.Generator:
@@ -505,9 +520,15 @@ class PersonCrop:
         shift: vertical centre shift in units of ``scale`` px (15 for MPII).
         enlarge: box side = 200 * scale * enlarge.
         train: apply the random jitter and flip.
-        scale_jitter: box side x U(1 - j, 1 + j).
-        rotate: rotation U(-r, r) degrees, applied with probability ``rotate_prob``.
+        scale_jitter: box side x (1 + j * v).
+        rotate: rotation r * v degrees, applied with probability ``rotate_prob``.
         flip_pairs: mirror joint pairs (flip with probability 0.5 when non-empty and ``train``).
+        translate: the box centre moves by ``t * v`` box sides in x and in y (the slides' random
+            crop); 0 = off.
+        noise: standard deviation of Gaussian pixel noise added to the crop, as a fraction of the
+            intensity range (0.02 = 5.1 grey levels; the slides' random noise); 0 = off.
+        jitter: the law of each ``v``: ``uniform`` on [-1, 1], or ``truncnorm`` (a standard normal
+            truncated to [-1, 1], mmpose's ``RandomBBoxTransform``).
     """
 
     def __init__(
@@ -520,11 +541,17 @@ class PersonCrop:
         rotate: float = 30.0,
         rotate_prob: float = 0.6,
         flip_pairs: Sequence[Sequence[int]] = MPII_FLIP_PAIRS,
+        translate: float = 0.0,
+        noise: float = 0.0,
+        jitter: str = "uniform",
     ) -> None:
+        if jitter not in JITTER_LAWS:
+            raise ValueError(f"jitter={jitter!r}: expected one of {JITTER_LAWS}")
         self.size = int(size)
         self.shift, self.enlarge = float(shift), float(enlarge)
         self.train = bool(train)
         self.scale_jitter, self.rotate, self.rotate_prob = scale_jitter, rotate, rotate_prob
+        self.translate, self.noise, self.jitter = float(translate), float(noise), jitter
         self.flip_pairs = [tuple(p) for p in flip_pairs]
         self.perm = flip_permutation(NUM_JOINTS, self.flip_pairs)
 
@@ -535,12 +562,16 @@ class PersonCrop:
         center, side = self.box(item)
         base_side = side
         rotation, flip = 0.0, False
-        if self.train:
-            rng = _rng(seed)
-            side *= rng.uniform(1 - self.scale_jitter, 1 + self.scale_jitter)
+        rng = _rng(seed) if self.train else None
+        if rng is not None:
+            side *= 1.0 + self.scale_jitter * _jitter(rng, self.jitter)
             if rng.random() < self.rotate_prob:
-                rotation = rng.uniform(-self.rotate, self.rotate)
+                rotation = self.rotate * _jitter(rng, self.jitter)
             flip = bool(self.flip_pairs) and rng.random() < 0.5
+            if self.translate > 0:
+                # Drawn after the others: runs without translation keep their random streams.
+                offset = [_jitter(rng, self.jitter) for _ in range(2)]
+                center = center + self.translate * base_side * np.asarray(offset)
         affine = crop_affine(center, side, rotation, flip)
         kp = item["keypoints"]
         target = apply_affine(affine, kp[:, :2])
@@ -548,8 +579,13 @@ class PersonCrop:
         if flip:
             # The mirrored left wrist looks like a right wrist: it becomes that joint's target.
             target, labelled = target[self.perm], labelled[self.perm]
+        crop = crop_image(item["image"], affine, self.size)
+        if rng is not None and self.noise > 0:
+            noisy = crop + rng.normal(0.0, 255.0 * self.noise, crop.shape)
+            # (S, S, 3) float in [0, 255]: normalise_images divides by 255 whatever the dtype
+            crop = np.clip(noisy, 0.0, 255.0).astype(np.float32)
         return {
-            "image": to_tensor_image(crop_image(item["image"], affine, self.size)),
+            "image": normalise_images(to_uint8_tensor(crop)),
             "target": torch.from_numpy(target.astype(np.float32)),
             "labelled": torch.from_numpy(labelled.astype(np.float32)),
             "keypoints": torch.from_numpy(kp[:, :2].astype(np.float64)),
@@ -686,7 +722,8 @@ class MPIIDataModule(LightningDataModule):
         num_workers, pin_memory, persistent_workers: DataLoader settings.
         input_size: crop side S (the stage's network input; the driver sets it per stage).
         center_shift, enlarge: the person box (+shift * scale px down, 200 * scale * enlarge side).
-        scale_jitter, rotate, rotate_prob, flip: stage-1 augmentation.
+        scale_jitter, rotate, rotate_prob, flip, translate, noise, jitter: stage-1 augmentation
+            (:class:`PersonCrop`).
         sigma: stage >= 2 crop side / diam (the driver sets it per stage).
         min_diam: lower bound of diam / person-box side.
         single_person: keep only the .mat's ``single_person`` rects.
@@ -711,6 +748,9 @@ class MPIIDataModule(LightningDataModule):
         rotate: float = 30.0,
         rotate_prob: float = 0.6,
         flip: bool = True,
+        translate: float = 0.0,
+        noise: float = 0.0,
+        jitter: str = "uniform",
         sigma: float = 1.0,
         min_diam: float = 0.1,
         single_person: bool = False,
@@ -733,6 +773,7 @@ class MPIIDataModule(LightningDataModule):
         self.center_shift, self.enlarge = float(center_shift), float(enlarge)
         self.scale_jitter, self.rotate = float(scale_jitter), float(rotate)
         self.rotate_prob = float(rotate_prob)
+        self.translate, self.noise, self.jitter = float(translate), float(noise), str(jitter)
         self.flip_pairs = [tuple(int(v) for v in p) for p in flip_pairs] if flip else []
         self.all_flip_pairs = [tuple(int(v) for v in p) for p in flip_pairs]
         self.sigma, self.min_diam = float(sigma), float(min_diam)
@@ -782,6 +823,9 @@ class MPIIDataModule(LightningDataModule):
         rotate_prob: float | None = None,
         flip: bool | None = None,
         min_diam: float | None = None,
+        translate: float | None = None,
+        noise: float | None = None,
+        jitter: str | None = None,
     ) -> None:
         """Loader and augmentation settings of one cascade stage (the constructor's meaning;
         None keeps the current value, an ``eval_batch_size`` of None follows ``batch_size``)."""
@@ -800,6 +844,12 @@ class MPIIDataModule(LightningDataModule):
             self.flip_pairs = list(self.all_flip_pairs) if flip else []
         if min_diam is not None:
             self.min_diam = float(min_diam)
+        if translate is not None:
+            self.translate = float(translate)
+        if noise is not None:
+            self.noise = float(noise)
+        if jitter is not None:
+            self.jitter = str(jitter)
 
     def configure_stage(
         self,
@@ -830,6 +880,9 @@ class MPIIDataModule(LightningDataModule):
             rotate=self.rotate,
             rotate_prob=self.rotate_prob,
             flip_pairs=self.flip_pairs,
+            translate=self.translate,
+            noise=self.noise,
+            jitter=self.jitter,
         )
 
     def joint_transform(

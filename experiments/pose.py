@@ -82,6 +82,9 @@ STAGE_DATA_KEYS = (
     "rotate_prob",
     "flip",
     "min_diam",
+    "translate",
+    "noise",
+    "jitter",
 )
 #: Top-level keys that say where a run writes or how it reports, not what a stage computes.
 _HASH_IGNORED = (
@@ -111,6 +114,8 @@ _HASH_IGNORED_DATA = (
     "sigma",
     "input_size",
 )
+#: ``module`` keys that only change evaluation (the skeleton's pairs are hashed with ``data``).
+_HASH_IGNORED_MODULE = ("flip_test", "flip_shift", "flip_pairs")
 _HASH_IGNORED_TRAINER = (
     "default_root_dir",
     "log_every_n_steps",
@@ -188,6 +193,7 @@ def stage_record(
     sigma: float,
     init_from: str | None,
     previous: str | None,
+    start_from: str | None = None,
 ) -> dict[str, Any]:
     """What determines the weights of stage ``stage``: its resolved config without the keys that
     only name run directories or reporting, its cascade knobs, the hash of the error statistics it
@@ -202,6 +208,10 @@ def stage_record(
     record["trainer"] = {
         k: v for k, v in (record.get("trainer") or {}).items() if k not in _HASH_IGNORED_TRAINER
     }
+    if isinstance(record.get("module"), dict):
+        record["module"] = {
+            k: v for k, v in record["module"].items() if k not in _HASH_IGNORED_MODULE
+        }
     record["stage"] = {
         "stage": stage,
         "epochs": epochs,
@@ -212,6 +222,9 @@ def stage_record(
     if init_from:
         # Only with init_from: stages without one keep the hash they had before this key existed.
         record["stage"]["init_weights"] = file_digest(Path(init_from), f"cascade.stages.{stage}")
+    if start_from:
+        # The weights stage 1 trains from (top-level init_from=): part of what it becomes.
+        record["stage"]["start_weights"] = file_digest(Path(start_from))
     return record
 
 
@@ -342,6 +355,27 @@ def stage_config(cfg: DictConfig, stage: int) -> tuple[DictConfig, int, float, s
     return scfg, epochs, sigma, over.get("init_from")
 
 
+def stage1_weights(
+    cfg: DictConfig, stage: int, init_from: str | None
+) -> tuple[str | None, str | None]:
+    """``(init_from, start_from)`` of a stage: the weights used instead of training, and those
+    stage 1 trains from.
+
+    The top-level keys act on stage 1 as on a single run: ``train=false ckpt_path=X`` (or
+    ``init_from=X``) evaluates X as stage 1; ``init_from=X`` with training starts stage 1 from X
+    (a rimlab checkpoint, or mmpose's DeepPose weights). ``cascade.stages.1.init_from`` wins.
+    """
+    if stage != 1 or init_from:
+        return init_from, None
+    key = "ckpt_path" if cfg.get("ckpt_path") and not cfg.train else "init_from"
+    given = cfg.get(key)
+    if given and not Path(str(given)).is_file():
+        raise ConfigError(f"{key}={given}: no such checkpoint")
+    if not cfg.train:
+        return (str(given) if given else None), None
+    return None, (str(given) if given else None)
+
+
 def build_pose_module(cfg: DictConfig, stage: int) -> PoseRegressionLitModule:
     """The LightningModule of one stage (fresh parameters)."""
     net = hydra.utils.instantiate(cfg.model)
@@ -456,9 +490,10 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     errors_hash: str | None = None
     for s in range(1, num_stages + 1):
         scfg, epochs, sigma, init_from = stage_config(cfg, s)
+        init_from, start_from = stage1_weights(cfg, s, init_from)
         stage_dir = out_dir / f"stage{s}"
         stage_dir.mkdir(parents=True, exist_ok=True)
-        record = stage_record(scfg, s, epochs, sigma, init_from, errors_hash)
+        record = stage_record(scfg, s, epochs, sigma, init_from, errors_hash, start_from)
         digest = config_hash(record)
         # The errors of stage s also depend on which training persons measure them.
         errors_hash = config_hash(
@@ -480,7 +515,7 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         # read from an errors.json of earlier weights.
         reused = True
         if init_from:
-            load_module_weights(module, init_from)
+            module.load_init_weights(init_from)
             # The hash was taken from an earlier read: the weights must be those bytes.
             if (
                 file_digest(Path(init_from), f"cascade.stages.{s}")
@@ -512,6 +547,9 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                 final_checkpoint=final,
                 seed=int(cfg.seed) + s - 1,
             )
+            if start_from and ckpt_path is None:
+                module.load_init_weights(start_from)
+                entry["start_from"] = str(start_from)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             # Spawn launchers train in child processes: the weights come back through final.ckpt.
             load_module_weights(module, final)
@@ -622,7 +660,102 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["stages"][f"stage{s}"]["val"]["PCKh"] for s in range(1, num_stages + 1)
     ]
     results["val"] = results["stages"][f"stage{num_stages}"]["val"]
+    if casc.get("control"):
+        control = run_control(cfg, out_dir, datamodule, num_stages, device, rank)
+        if control is not None:
+            results["control"] = control
+            results["cascade_minus_control_PCKh"] = results["val"]["PCKh"] - control["val"]["PCKh"]
+            print(
+                f"\ncascade of {num_stages} stage(s): PCKh {results['val']['PCKh']:.2f}; stage 1 "
+                f"alone for the same compute ({control['epochs']} epochs): "
+                f"{control['val']['PCKh']:.2f}"
+            )
     return results
+
+
+def crop_passes(cfg: DictConfig, num_stages: int) -> int:
+    """Training crops per training person over the whole cascade: ``sum_s epochs_s * crops_s``
+    with 1 person crop per stage-1 item and K joint crops per stage s >= 2 item.
+
+    With every stage's network the same (the default), this is the cascade's training compute in
+    stage-1 epochs; the error-measuring and evaluation passes (forward only) are not counted.
+    """
+    k = int(cfg.data.num_joints)
+    return sum(stage_config(cfg, s)[1] * (1 if s == 1 else k) for s in range(1, num_stages + 1))
+
+
+def run_control(
+    cfg: DictConfig,
+    out_dir: Path,
+    datamodule: Any,
+    num_stages: int,
+    device: torch.device,
+    rank: int,
+) -> dict[str, Any] | None:
+    """The equal-compute control (``cascade.control=equal_compute``): stage 1 alone, trained for
+    as many crops as the whole cascade (:func:`crop_passes`, or ``cascade.control_epochs``), in
+    ``out_dir/control/``, scored on val like the cascade.
+
+    ``train=false`` re-evaluates ``control/final.ckpt`` (None when there is none); ``resume=true``
+    reuses it when ``control/stage.json`` holds the same config hash.
+
+    Returns:
+        ``{"epochs", "cascade_crop_passes", "config_hash", "val": scores}`` on rank 0, else None.
+    """
+    casc = cfg.cascade
+    if str(casc.control) != "equal_compute":
+        raise ConfigError(f"cascade.control={casc.control}: expected equal_compute or null")
+    budget = crop_passes(cfg, num_stages)
+    epochs = int(casc.get("control_epochs") or budget)
+    scfg, _, _, _ = stage_config(cfg, 1)
+    with open_dict(scfg):
+        sched = scfg.get("module", {}).get("scheduler")
+        if sched is not None and "total_epochs" in sched:
+            scfg.module.scheduler.total_epochs = epochs
+    control_dir = out_dir / "control"
+    control_dir.mkdir(parents=True, exist_ok=True)
+    digest = config_hash(stage_record(scfg, 1, epochs, 0.0, None, None))
+    final = control_dir / "final.ckpt"
+    datamodule.set_stage_options(**stage_data_options(scfg))
+    datamodule.configure_stage(
+        1, input_size=int(scfg.model.input_size), displacement=None, val_centers=None
+    )
+    pl.seed_everything(int(cfg.seed), workers=True)
+    module = build_pose_module(scfg, 1)
+    if cfg.train and not (cfg.get("resume") and final.is_file()):
+        ckpt_path = resume_checkpoint(cfg, control_dir)
+        if ckpt_path is not None:
+            check_stage_record(control_dir, 1, digest, Path(ckpt_path))
+        if rank == 0:
+            _write_json(control_dir / "stage.json", {"hash": digest, "epochs": epochs})
+        trainer = build_trainer(
+            scfg,
+            control_dir,
+            max_epochs=epochs,
+            loggers=build_loggers(scfg, control_dir, name_suffix="-control"),
+            final_checkpoint=final,
+            seed=int(cfg.seed),
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    elif final.is_file():
+        if cfg.train:
+            check_stage_record(control_dir, 1, digest, final)
+    else:
+        log.warning("train=false: no %s, so the equal-compute control is not evaluated", final)
+        return None
+    if rank != 0:
+        return None
+    load_module_weights(module, final)
+    val_set = datamodule.dataset("val")
+    val = val_set.arrays()
+    loader = datamodule.predict_loader("val", input_size=int(scfg.model.input_size))
+    pred = predict(module, loader, len(val_set), device)
+    scores = evaluate_pose(
+        pred, val["keypoints"][..., :2], val["keypoints"][..., 2], val["head_size"]
+    )
+    _save_npy(control_dir / "val_predictions.npy", pred)
+    print(format_pose_table(scores, f"\nMPII val, stage 1 alone for {epochs} epochs (control)"))
+    return {"epochs": epochs, "cascade_crop_passes": budget, "config_hash": digest, "val": scores}
 
 
 def _stage_errors(

@@ -13,6 +13,12 @@ same module serves both kinds of batches of :mod:`datamodules.mpii`:
 Either way the prediction is (B, K, 2) in per-joint frames whose image -> frame maps are
 ``affine`` (B, K, 2, 3); the loss is L2 over labelled joints, and validation un-crops the
 predictions to image pixels and scores PCKh/PCP.
+
+Flip test (``flip_test=true``, evaluation only): the net also sees every crop mirrored, and its
+output there is mirrored back and averaged with the plain one (mmpose's ``flip_test``). Mirroring
+an S-pixel crop maps pixel u to S - 1 - u, i.e. ``n_x -> -n_x`` in the centred normalised frame:
+mmpose's shifted flip ``1 - r - 1 / S`` of its [0, 1] frame (``shift_coords=True``,
+``flip_shift=true``); its unshifted ``1 - r`` is ``-n_x + 1 / S`` here.
 """
 
 from __future__ import annotations
@@ -28,8 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.mpii import normalise_images
-from datamodules.pose_transforms import MPII_JOINTS
-from lightning_modules.checkpoint_io import nonfinite_weights_message
+from datamodules.pose_transforms import MPII_FLIP_PAIRS, MPII_JOINTS, flip_permutation
+from lightning_modules import mmpose_weights
+from lightning_modules.checkpoint_io import (
+    CheckpointError,
+    nonfinite_weights_message,
+    read_checkpoint,
+)
 from lightning_modules.metrics import make_process_private
 from lightning_modules.parsing import NonFiniteWeightsError
 from lightning_modules.pose_metrics import PoseMetric
@@ -64,6 +75,10 @@ class PoseRegressionLitModule(pl.LightningModule):
         stage: the cascade stage this module is (1 = whole-person regressor).
         num_joints: K.
         joint_names: K names for logs.
+        flip_test: evaluate with the mirrored crops averaged in (see the module docstring).
+        flip_shift: mmpose's ``shift_coords`` (the exact pixel mirror; false = mmpose's unshifted
+            ``1 - r``).
+        flip_pairs: left/right joint pairs (the mirrored output of joint j is joint perm[j]'s).
     """
 
     def __init__(
@@ -75,9 +90,15 @@ class PoseRegressionLitModule(pl.LightningModule):
         stage: int = 1,
         num_joints: int = 16,
         joint_names: Sequence[str] = MPII_JOINTS,
+        flip_test: bool = False,
+        flip_shift: bool = True,
+        flip_pairs: Sequence[Sequence[int]] = MPII_FLIP_PAIRS,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net", "loss", "optimizer", "scheduler"])
+        self.flip_test, self.flip_shift = bool(flip_test), bool(flip_shift)
+        perm = flip_permutation(int(num_joints), [tuple(p) for p in flip_pairs])
+        self.register_buffer("flip_perm", torch.from_numpy(perm), persistent=False)
         self.net = net
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -112,13 +133,59 @@ class PoseRegressionLitModule(pl.LightningModule):
             # Stage >= 2 crops travel as uint8 (a quarter of the float size): normalised here.
             image = normalise_images(image)
         if image.dim() == 4:
-            return self(image)
+            return self._evaluate(image)
         b, k = image.shape[:2]
-        out = self(image.flatten(0, 1))  # (B, K, 3, S, S) -> (B*K, 3, S, S) -> (B*K, K, 2)
+        # (B, K, 3, S, S) -> (B*K, 3, S, S) -> (B*K, K, 2)
+        out = self._evaluate(image.flatten(0, 1))
         out = out.view(b, k, self.num_joints, 2)
         slot = batch["slot"]  # (B, K): the output of crop j that is its joint
         idx = slot[..., None, None].expand(b, k, 1, 2)
         return out.gather(2, idx).squeeze(2)  # (B, K, 1, 2) -> (B, K, 2)
+
+    def _evaluate(self, image: Tensor) -> Tensor:
+        """``(N, 3, S, S)`` -> ``(N, K, 2)``, flip-test averaged in evaluation when switched on."""
+        out = self(image)
+        if not self.flip_test or self.training:
+            return out
+        mirrored = self(image.flip(-1))  # (N, K, 2) in the mirrored crop's frame
+        x = -mirrored[..., 0] + (0.0 if self.flip_shift else 1.0 / image.shape[-1])
+        # output j of the mirrored crop is joint perm[j] of the crop
+        back = torch.stack([x, mirrored[..., 1]], -1)[:, self.flip_perm]
+        return 0.5 * (out + back)
+
+    def load_init_weights(self, path: str | Any) -> None:
+        """Loads the net weights of a checkpoint, nothing of its training state.
+
+        Args:
+            path: a rimlab Lightning checkpoint (``.ckpt``), a bare state dict of this module,
+                or a published mmpose DeepPose ``.pth`` (detected by its layout; mapped by
+                :mod:`lightning_modules.mmpose_weights`, output convention converted).
+
+        Raises:
+            CheckpointError: the file is missing, unreadable, of another format, or its network
+                does not match the configured one (naming the tensors).
+        """
+        ckpt = read_checkpoint(path)
+        state = mmpose_weights.mmpose_state_dict(ckpt)
+        if state is not None:
+            mapped = mmpose_weights.map_mmpose_state(state, self.net, path)
+            self.net.net.load_state_dict(mapped)
+            return
+        if not isinstance(ckpt, dict):
+            raise CheckpointError(f"{path}: not a Lightning checkpoint nor an mmpose DeepPose one")
+        state = ckpt.get("state_dict", ckpt)
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"{path}: the checkpoint's network does not match the configured model "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shape "
+                f"{[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:3]]}; "
+                "another model, depth or width?)"
+            )
+        self.load_state_dict(state)
 
     def predict_image(self, batch: dict[str, Any]) -> Tensor:
         """(B, K, 2) float64 predictions in image pixels."""

@@ -4,7 +4,9 @@ PCKh (official toolkit, HRNet and mmpose 0.x ``evaluate``): a joint is correct w
 ``||pred - gt|| / head_size <= thr`` with ``head_size`` = 0.6 x head-box diagonal; only *labelled*
 joints count (``jnt_missing``, not ``is_visible``); the mean leaves out pelvis (6) and thorax (7)
 and weights joints by their counts, i.e. it is total hits / total labelled over the other 14
-joints. The table averages left and right PCKh values (HRNet's ``Shoulder = (PCKh[13]+PCKh[12])/2``).
+joints. The table averages left and right PCKh values (HRNet's ``Shoulder = (PCKh[13]+PCKh[12])/2``);
+its Head column is head_top alone (joint 9, as HRNet and mmpose): upper_neck (8) has no column but
+counts in the mean.
 ``PCKh@0.1`` uses 0.1 (HRNet's ``Mean@0.1`` is an off-by-one at 0.11). All values are percent.
 
 PCP (strict): a limb is correct when both of its end joints lie within ``alpha`` x the ground-truth
@@ -23,7 +25,8 @@ from torchmetrics import Metric
 
 from datamodules.pose_transforms import MPII_JOINTS
 
-#: The table of the MPII papers: name -> joint ids (averaged).
+#: The table of the MPII papers: name -> joint ids (averaged). Head is head_top only (HRNet's and
+#: mmpose's ``PCKh[9]``); upper_neck is in the mean but in no column.
 PCKH_TABLE: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("Head", (9,)),
     ("Shoulder", (13, 12)),
@@ -170,12 +173,27 @@ def evaluate_official(
     return evaluate_pose(pred, joints, ~missing, head)
 
 
+def pckh_columns(joint_names: Sequence[str] = MPII_JOINTS) -> str:
+    """Which joints each PCKh column averages, e.g. ``Head = head_top; Shoulder = l/r_shoulder``."""
+    parts = []
+    for name, ids in PCKH_TABLE:
+        names = [joint_names[j] for j in ids]
+        if len(names) == 2 and names[0][2:] == names[1][2:]:
+            parts.append(f"{name} = l/r_{names[0][2:]}")
+        else:
+            parts.append(f"{name} = {' + '.join(names)}")
+    mean = [joint_names[j] for j in range(len(joint_names)) if j not in EXCLUDED_FROM_MEAN]
+    excluded = ", ".join(joint_names[j] for j in EXCLUDED_FROM_MEAN)
+    return "; ".join(parts) + f"; PCKh = mean of {len(mean)} joints (all but {excluded})"
+
+
 def format_pose_table(scores: dict[str, Any], title: str = "") -> str:
-    """One line of headers and one of values, like the MPII papers' tables."""
+    """One line of headers, one of values (like the MPII papers' tables) and one naming the joints
+    of each column (:func:`pckh_columns`)."""
     keys = [n for n, _ in PCKH_TABLE] + ["PCKh", "PCKh@0.1", "PCP"]
     head = " | ".join(f"{k:>8}" for k in keys)
     vals = " | ".join(f"{scores.get(k, float('nan')):8.2f}" for k in keys)
-    return "\n".join(x for x in (title, head, vals) if x)
+    return "\n".join(x for x in (title, head, vals, pckh_columns()) if x)
 
 
 class PoseMetric(Metric):

@@ -9,7 +9,7 @@ mid-epoch needs no separate epoch counter.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch.optim import Optimizer
@@ -100,6 +100,44 @@ def poly_schedule(
 
     def factor(step: int) -> float:
         return poly_factor(step + offset, total, power, min_lr_ratio)
+
+    return LambdaLR(optimizer, factor)
+
+
+def multistep_factor(
+    step: int,
+    steps_per_epoch: int,
+    milestones: Sequence[int],
+    gamma: float = 0.1,
+    warmup_steps: int = 0,
+    warmup_start: float = 0.001,
+) -> float:
+    """mmengine's ``LinearLR`` warm-up (per step, ``warmup_start`` -> 1 over ``warmup_steps``)
+    times its ``MultiStepLR`` (per epoch, ``gamma`` at every milestone epoch reached)."""
+    warm = 1.0
+    if warmup_steps > 0 and step < warmup_steps:
+        warm = warmup_start + (1.0 - warmup_start) * step / warmup_steps
+    epoch = int(step) // max(1, int(steps_per_epoch))
+    return warm * float(gamma) ** sum(epoch >= int(m) for m in milestones)
+
+
+def multistep_schedule(
+    optimizer: Optimizer,
+    steps_per_epoch: int,
+    milestones: Sequence[int] = (170, 200),
+    gamma: float = 0.1,
+    warmup_steps: int = 500,
+    warmup_start: float = 0.001,
+    total_epochs: int | None = None,
+) -> LambdaLR:
+    """mmpose's DeepPose schedule (``td-reg_res50_8xb64-210e_mpii-256x256``: 500 warm-up steps
+    from 0.001, x0.1 at epochs 170 and 200), stepped every step. ``total_epochs`` is accepted
+    and unused (the cascade driver sets it on every scheduler)."""
+
+    def factor(step: int) -> float:
+        return multistep_factor(
+            step, steps_per_epoch, milestones, gamma, warmup_steps, warmup_start
+        )
 
     return LambdaLR(optimizer, factor)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import torch
 from PIL import Image
 
 from datamodules.batch import DatasetError
@@ -504,3 +505,54 @@ def test_numeric_single_person_vector_is_one_entry_per_image(tmp_path):
         ("000000001.jpg", 0, False), ("000000001.jpg", 1, True),
         ("000000002.jpg", 0, True), ("000000002.jpg", 1, False),
     ]  # fmt: skip
+
+
+def test_person_crop_translation_and_noise():
+    """The slides' random crop moves the box by at most t box sides, the same for every joint;
+    the noise has the configured standard deviation in grey levels and zero mean."""
+    from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD
+
+    rng = np.random.default_rng(5)
+    item = _person_item(rng)
+    item["image"] = np.full((100, 110, 3), 128, np.uint8)  # mid grey: no clipping of the noise
+    fixed = {"scale_jitter": 0.0, "rotate": 0.0, "flip_pairs": ()}
+    plain = PersonCrop(64, **fixed)(item)
+    c, side = person_box(item["center"], item["scale"])
+    shifts = []
+    for seed in range(8):
+        out = PersonCrop(64, train=True, translate=0.1, **fixed)(item, seed=seed)
+        # target = (joint - (c + d)) / side: one offset d for all joints
+        d = (plain["target"] - out["target"]).numpy().astype(np.float64)
+        np.testing.assert_allclose(d, np.broadcast_to(d[:1], d.shape), atol=1e-5)
+        shifts.append(d[0])
+        # the affine is the box moved by d sides
+        want = crop_affine(c + d[0] * side, side)
+        np.testing.assert_allclose(out["affine"][0].numpy(), want, atol=1e-5)
+    shifts = np.array(shifts)
+    assert np.abs(shifts).max() <= 0.1 + 1e-6 and shifts.std(0).min() > 0.01
+    out = PersonCrop(64, train=True, noise=0.02, **fixed)(item, seed=0)
+    std = np.asarray(IMAGENET_STD)[:, None, None]
+    grey = (out["image"].numpy() * std + np.asarray(IMAGENET_MEAN)[:, None, None]) * 255.0
+    inside = grey[:, 20:44, 20:44] - 128.0  # the crop's centre lies inside the image
+    assert abs(inside.mean()) < 0.5 and inside.std() == pytest.approx(0.02 * 255, rel=0.08)
+    # evaluation crops are never noisy nor moved
+    same = PersonCrop(64, translate=0.1, noise=0.02, **fixed)(item)
+    assert torch.equal(same["image"], plain["image"])
+
+
+def test_jitter_laws_have_their_variances():
+    """uniform on [-1, 1]: variance 1/3; the standard normal truncated to [-1, 1] (mmpose):
+    1 - 2 phi(1) / (Phi(1) - Phi(-1)) = 0.2911."""
+    from math import erf, exp, pi, sqrt
+
+    from datamodules.mpii import _jitter
+
+    rng = np.random.default_rng(0)
+    uni = np.array([_jitter(rng, "uniform") for _ in range(6000)])
+    tn = np.array([_jitter(rng, "truncnorm") for _ in range(6000)])
+    phi1 = exp(-0.5) / sqrt(2 * pi)
+    want = 1 - 2 * phi1 / erf(1 / sqrt(2))
+    assert np.abs(tn).max() <= 1 and tn.var() == pytest.approx(want, abs=0.015)
+    assert uni.var() == pytest.approx(1 / 3, abs=0.015)
+    with pytest.raises(ValueError, match="jitter"):
+        PersonCrop(64, jitter="gauss")

@@ -187,6 +187,33 @@ def test_alexnet_has_the_papers_layout():
         DeepPoseAlexNet(pretrained=True)
 
 
+def test_alexnet_feature_maps_are_the_papers_55_27_13():
+    """The paper's layer sizes at 220x220: C1 55x55, C2 27x27, C3-C5 13x13; 6x6 after P3."""
+    net = DeepPoseAlexNet(input_size=220, width=0.125, fc_dim=8).eval()
+    sizes = []
+    for m in net.features:
+        if isinstance(m, nn.Conv2d | nn.MaxPool2d):
+            m.register_forward_hook(lambda mod, i, o: sizes.append(o.shape[-1]))
+    net(torch.zeros(1, 3, 220, 220))
+    # conv, pool, conv, pool, conv, conv, conv, pool
+    assert sizes == [55, 27, 27, 13, 13, 13, 13, 6]
+    assert net.regressor[2].in_features == 6 * 6 * net.features[-3].out_channels
+
+
+def test_pckh_head_column_is_head_top_alone():
+    from lightning_modules.pose_metrics import format_pose_table, pckh_columns
+
+    gt = np.zeros((4, 16, 2))
+    pred = gt.copy()
+    pred[:, 8] = 100.0  # upper_neck always wrong: no column shows it, the mean does
+    pred[:2, 9] = 100.0  # head_top wrong for half of the persons
+    scores = evaluate_pose(pred, gt, np.ones((4, 16)), np.ones(4))
+    assert scores["Head"] == pytest.approx(50.0) and scores["Shoulder"] == 100.0
+    assert scores["PCKh"] == pytest.approx(100 * (14 * 4 - 4 - 2) / (14 * 4))
+    assert pckh_columns().startswith("Head = head_top; Shoulder = l/r_shoulder")
+    assert "all but pelvis, thorax" in format_pose_table(scores).splitlines()[-1]
+
+
 def test_resnet_variant_builds_without_download():
     net = DeepPoseResNet(num_joints=16, depth=18, pretrained=False)
     assert net.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 16, 2)
@@ -239,6 +266,7 @@ TINY_POSE = [
     "+cascade.stages.2.optimizer.lr=5e-4",
     "model.fc_dim=64",
     "model.width=0.125",
+    "cascade.control_epochs=2",
     "trainer.log_every_n_steps=1",
     "logger=csv",
     "~callbacks.rich_progress_bar",
@@ -307,10 +335,24 @@ def test_two_stage_cascade_trains_and_reports_per_stage_pckh(cascade_run):
     assert logged[-1] == pytest.approx(on_disk["stages"]["stage2"]["val"]["PCKh"], abs=1e-4)
     assert any(r.get("train/loss_step") for r in rows)
 
-    # train=false re-evaluates from the stage checkpoints
+    # the equal-compute control: stage 1 alone, scored like the cascade; the budget counts a
+    # stage-2 epoch as K = 16 crops per person: 1 * 1 + 2 * 16
+    control = on_disk["control"]
+    assert control["epochs"] == 2 and control["cascade_crop_passes"] == 1 + 2 * 16
+    assert pose.crop_passes(cfg, 2) == 33
+    pred = np.load(out / "control" / "val_predictions.npy")
+    d = np.linalg.norm(pred - a["keypoints"][..., :2], axis=-1) / a["head_size"][:, None]
+    assert control["val"]["PCKh"] == pytest.approx(100 * (d[keep] <= 0.5).mean())
+    assert on_disk["cascade_minus_control_PCKh"] == pytest.approx(
+        on_disk["val"]["PCKh"] - control["val"]["PCKh"]
+    )
+    assert (out / "control" / "final.ckpt").is_file()
+
+    # train=false re-evaluates from the stage checkpoints (the control's included)
     again = compose_cfg([*TINY_POSE, "train=false"], tmp_path)
     re = run(again)
     assert re["PCKh_per_stage"] == pytest.approx(on_disk["PCKh_per_stage"])
+    assert re["control"]["val"]["PCKh"] == pytest.approx(control["val"]["PCKh"])
 
 
 def test_coordinate_head_runs_in_fp32_under_bf16_autocast():
@@ -438,7 +480,8 @@ def test_resume_reuses_finished_stages_and_their_errors(cascade_run, tmp_path, m
     monkeypatch.setattr(pose, "predict", counting)
     results = pose.run_pose(_cfg(base, tmp_path, ["resume=true"]), out)
     assert results["PCKh_per_stage"] == pytest.approx(trained["PCKh_per_stage"])
-    assert calls == [5, 5]  # val after each stage; no pass over the 12 training persons
+    # val after each stage and the (reused) control's; no pass over the 12 training persons
+    assert calls == [5, 5, 5]
     assert (out / "stage1" / "errors.json").read_text() == errors_before
     record = json.loads((out / "stage2" / "stage.json").read_text())
     assert record["hash"] == results["stages"]["stage2"]["config_hash"]
@@ -527,13 +570,13 @@ def test_init_from_changed_while_loading_is_refused(cascade_run, tmp_path, monke
     out = _copy_run(base, tmp_path)
     weights = tmp_path / "stage1_init.ckpt"
     shutil.copy(out / "stage1" / "final.ckpt", weights)
-    real = pose.load_module_weights
+    real = PoseRegressionLitModule.load_init_weights
 
     def load_then_replace(module, path):
         real(module, path)
         Path(path).write_bytes(Path(path).read_bytes() + b"x")  # another writer, mid-run
 
-    monkeypatch.setattr(pose, "load_module_weights", load_then_replace)
+    monkeypatch.setattr(PoseRegressionLitModule, "load_init_weights", load_then_replace)
     cfg = _cfg(base, tmp_path, ["resume=true", f"+cascade.stages.1.init_from={weights}"])
     with pytest.raises(ConfigError, match=r"cascade\.stages\.1\.init_from=.*changed while"):
         pose.run_pose(cfg, out)

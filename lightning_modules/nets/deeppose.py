@@ -14,7 +14,10 @@ class DeepPoseAlexNet(nn.Module):
     """The paper's AlexNet-style regressor.
 
     ``C(11x11/4, 96) - LRN - P - C(5x5, 256) - LRN - P - C(3x3, 384) - C(3x3, 384) - C(3x3, 256) - P -
-    F(4096) - F(4096) - F(2k)``, ReLU everywhere except the output, dropout on the F layers.
+    F(4096) - F(4096) - F(2k)``, ReLU everywhere except the output, dropout on the F layers. At the
+    paper's 220x220 input the feature maps are 55x55 (C1), 27x27 (C2) and 13x13 (C3-C5) as the paper
+    lists them, and 6x6 after the last pooling (AlexNet's 9216 inputs to F1): C1 pads 4 pixels,
+    ``(220 + 2 * 4 - 11) // 4 + 1 = 55``.
 
     Args:
         num_joints: k.
@@ -48,7 +51,7 @@ class DeepPoseAlexNet(nn.Module):
         self.num_joints = int(num_joints)
         self.input_size = int(input_size)
         self.features = nn.Sequential(
-            nn.Conv2d(3, c[0], 11, stride=4, padding=2),
+            nn.Conv2d(3, c[0], 11, stride=4, padding=4),
             nn.ReLU(inplace=True),
             norm(),
             nn.MaxPool2d(3, 2),
@@ -65,7 +68,7 @@ class DeepPoseAlexNet(nn.Module):
             nn.MaxPool2d(3, 2),
         )
         with torch.no_grad():
-            # 220 -> (B, 256, 5, 5); the F layers are sized for the configured input.
+            # 220 -> (B, 256, 6, 6); the F layers are sized for the configured input.
             flat = self.features(torch.zeros(1, 3, self.input_size, self.input_size)).numel()
         self.regressor = nn.Sequential(
             nn.Flatten(),
@@ -134,6 +137,7 @@ class DeepPoseResNet(nn.Module):
             net.load_state_dict(load_pretrained_state_dict(int(depth), weights))
         self.num_joints = int(num_joints)
         self.input_size = int(input_size)
+        self.depth = int(depth)
         net.fc = nn.Linear(net.fc.in_features, 2 * self.num_joints)
         # Start at the box centre: a zero head makes the first predictions 0 (normalised frame).
         nn.init.zeros_(net.fc.weight)
