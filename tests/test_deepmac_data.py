@@ -326,3 +326,27 @@ def test_selection_keys_must_match_the_holdout(tmp_path):
         validate_deepmac(compose_cfg([*base, "optimized_metric=val/AP_unseen"], tmp_path))
     with pytest.raises(ConfigError, match="num_centre_classes"):
         validate_deepmac(compose_cfg([*base, "model.num_centre_classes=2"], tmp_path))
+
+
+def test_quick_experiment_runs_the_proposal_crop_control(tmp_path, monkeypatch, capsys):
+    from experiments import deepmac
+
+    calls = []
+
+    def fake_run(cfg, out_dir):
+        calls.append((cfg.model.box_jitter_mode, str(out_dir), cfg.task_name))
+        ap = 50.0 if cfg.model.box_jitter_mode == "gaussian" else 20.0
+        return {"val": {"AP_seen": 60.0, "AP_unseen": ap, "AP50_unseen": 80.0}}
+
+    monkeypatch.setattr(deepmac, "run_one_deepmac", fake_run)
+    cfg = compose_cfg(["experiment=deepmac_quick"], tmp_path)
+    assert list(cfg.schedule.controls) == ["proposal_crops"]
+    results = deepmac.run_deepmac(cfg, tmp_path / "run")
+    assert calls == [
+        ("gaussian", str(tmp_path / "run"), "deepmac_quick"),
+        ("proposal", str(tmp_path / "run" / "proposal_crops"), "deepmac_quick/proposal_crops"),
+    ]
+    assert results["val"]["AP_unseen"] == 50.0
+    assert results["controls"]["proposal_crops"]["val"]["AP_unseen"] == 20.0
+    table = capsys.readouterr().out
+    assert "ground-truth boxes" in table and "proposal crops" in table
