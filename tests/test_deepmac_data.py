@@ -316,16 +316,22 @@ def test_holdout_is_a_fixed_disjoint_part_of_the_training_split(tmp_path):
 
 
 def test_selection_keys_must_match_the_holdout(tmp_path):
+    from omegaconf import OmegaConf
+
     from experiments.deepmac import validate_deepmac
     from experiments.train import ConfigError
 
-    base = ["experiment=deepmac_quick", "model.backbone=lite"]
-    with pytest.raises(ConfigError, match="val_prefix"):
-        validate_deepmac(compose_cfg([*base, "data.holdout=0"], tmp_path))
-    with pytest.raises(ConfigError, match="optimized_metric"):
-        validate_deepmac(compose_cfg([*base, "optimized_metric=val/AP_unseen"], tmp_path))
-    with pytest.raises(ConfigError, match="num_centre_classes"):
-        validate_deepmac(compose_cfg([*base, "model.num_centre_classes=2"], tmp_path))
+    cfg = compose_cfg(["experiment=deepmac_quick", "model.backbone=lite"], tmp_path)
+    validate_deepmac(cfg)
+    for key, value, message in [
+        ("data.holdout", 0, "val_prefix"),
+        ("optimized_metric", "val/AP_unseen", "optimized_metric"),
+        ("model.num_centre_classes", 2, "num_centre_classes"),
+    ]:
+        bad = cfg.copy()
+        OmegaConf.update(bad, key, value, force_add=True)
+        with pytest.raises(ConfigError, match=message):
+            validate_deepmac(bad)
 
 
 def test_quick_experiment_runs_the_proposal_crop_control(tmp_path, monkeypatch, capsys):
