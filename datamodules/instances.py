@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules.base import evaluation_order, read_image, training_order
 from datamodules.batch import DatasetError
@@ -182,6 +182,12 @@ class InstanceDataModule(LightningDataModule, ABC):
         pin_memory: DataLoader's.
         max_instances: keep at most this many instances per training image (largest first; None =
             all): bounds the memory of crowded images.
+        holdout: training images held out for model selection (an int count or a fraction of the
+            training split; 0 = none). With a holdout, ``fit``'s validation loop
+            (:meth:`val_dataloader`) scores those images and the training loader leaves them
+            out, while :meth:`report_dataloader` always serves the validation split, so that
+            checkpoint selection and sweeps never read the split whose scores are reported.
+        holdout_seed: the fixed permutation choosing the held-out images.
     """
 
     def __init__(
@@ -191,8 +197,13 @@ class InstanceDataModule(LightningDataModule, ABC):
         image_size: int = 512,
         pin_memory: bool = False,
         max_instances: int | None = None,
+        holdout: int | float = 0,
+        holdout_seed: int = 0,
     ) -> None:
         super().__init__()
+        if holdout < 0 or (isinstance(holdout, float) and holdout >= 1):
+            raise ValueError(f"holdout={holdout}: a count >= 0 or a fraction in [0, 1)")
+        self.holdout, self.holdout_seed = holdout, int(holdout_seed)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.image_size, self.pin_memory = int(image_size), bool(pin_memory)
         self.max_instances = max_instances
@@ -203,9 +214,28 @@ class InstanceDataModule(LightningDataModule, ABC):
         """The raw dataset of ``split`` (items as in this module's docstring)."""
 
     def dataset(self, split: str) -> Dataset:
+        """``train``, ``val``, or ``holdout`` (the held-out training images; ``train`` then
+        leaves them out)."""
         if split not in self._sets:
-            self._sets[split] = self.make_dataset(split)
+            if split in ("train", "holdout") and self.holdout:
+                full = self.make_dataset("train")
+                keep, held = self.holdout_indices(len(full))
+                self._sets["train"], self._sets["holdout"] = Subset(full, keep), Subset(full, held)
+            else:
+                self._sets[split] = self.make_dataset(split)
         return self._sets[split]
+
+    def holdout_indices(self, n: int) -> tuple[list[int], list[int]]:
+        """``(kept, held out)`` training indices (sorted) for a training split of ``n`` images."""
+        k = int(round(self.holdout * n)) if isinstance(self.holdout, float) else int(self.holdout)
+        if not 0 < k < n:
+            raise DatasetError(
+                f"data.holdout={self.holdout}", f"holds out {k} of {n} training images"
+            )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.holdout_seed))
+        held = sorted(perm[:k].tolist())
+        held_set = set(held)
+        return [i for i in range(n) if i not in held_set], held
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         raw = self.dataset(split)
@@ -238,7 +268,12 @@ class InstanceDataModule(LightningDataModule, ABC):
         return self._loader("train", True)
 
     def val_dataloader(self) -> DataLoader:
-        # One image per batch: evaluation pastes masks at each image's own resolution.
+        """The validation loop of ``fit``: the held-out training images if ``holdout``, else the
+        validation split. One image per batch: masks are pasted at each image's resolution."""
+        return self._loader("holdout" if self.holdout else "val", False)
+
+    def report_dataloader(self) -> DataLoader:
+        """The validation split, whose scores are reported (whatever ``holdout`` is)."""
         return self._loader("val", False)
 
 

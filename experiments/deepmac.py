@@ -21,7 +21,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.train import (
     ConfigError,
@@ -53,6 +53,32 @@ def validate_deepmac(cfg: DictConfig) -> None:
         raise ConfigError(
             "schedule=deepmac needs an instance datamodule (data=coco_instances, ...)"
         )
+    module = cfg.get("module") or {}
+    holdout = cfg.data.get("holdout") or 0
+    prefix = module.get("val_prefix", "val")
+    if bool(holdout) != (prefix == "holdout"):
+        raise ConfigError(
+            f"data.holdout={holdout} with module.val_prefix={prefix}: fit's validation scores the "
+            "held-out training images exactly when data.holdout > 0; set module.val_prefix=holdout "
+            "with a holdout, val without one"
+        )
+    metric = str(cfg.get("optimized_metric") or "")
+    if metric.partition("/")[0] not in (prefix, ""):
+        raise ConfigError(
+            f"optimized_metric={metric}: fit logs its validation scores as {prefix}/..., so the "
+            f"checkpoint monitor needs a {prefix}/ key (e.g. {prefix}/AP_seen)"
+        )
+    centre = module.get("centre_loss")
+    num_centre = int(model.get("num_centre_classes", 0) or 0)
+    if centre is not None:
+        from losses.mask import resolve_classes
+
+        ids = resolve_classes(centre.get("class_ids", "coco_all"))
+        if num_centre != len(ids or ()):
+            raise ConfigError(
+                f"module.centre_loss.class_ids has {len(ids or ())} classes but "
+                f"model.num_centre_classes={num_centre}: set them to agree"
+            )
 
 
 def build_deepmac_module(cfg: DictConfig) -> DeepMACLitModule:
@@ -88,8 +114,8 @@ def evaluate(module: DeepMACLitModule, loader: Any, device: torch.device) -> dic
     return acc.compute(module.groups(present))
 
 
-def run_deepmac(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Trains (``train=true``) and evaluates the Deep-MAC run of ``cfg``.
+def run_one_deepmac(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Trains (``train=true``) and evaluates the Deep-MAC run of ``cfg`` (no controls).
 
     Returns:
         The results.json entry: ``{"task_name", "schedule": "deepmac", "head", "val": {"AP_seen",
@@ -123,7 +149,13 @@ def run_deepmac(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         raise ConfigError("train=false needs init_from=<a Deep-MAC checkpoint> to evaluate")
     elif cfg.get("ckpt_path"):
         load_module_weights(module, cfg.ckpt_path)
-    scores = evaluate(module, datamodule.val_dataloader(), trainer_device(cfg))
+    device = trainer_device(cfg)
+    if datamodule.holdout:
+        # The selection split, scored with the final weights: what a sweep's objective reads.
+        held = evaluate(module, datamodule.val_dataloader(), device)
+        results["holdout"] = {**flat_scores(held)}
+        results["holdout_detail"] = held
+    scores = evaluate(module, datamodule.report_dataloader(), device)
     results["val"] = {**flat_scores(scores)}
     results["val_detail"] = scores
     print(
@@ -132,6 +164,59 @@ def run_deepmac(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         )
     )
     return results
+
+
+def run_deepmac(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """:func:`run_one_deepmac`, then the controls of ``schedule.controls`` and their table.
+
+    ``proposal_crops``: the same run with the head trained on proposal-like boxes
+    (``model.box_jitter_mode=proposal``) instead of jittered ground-truth boxes, in
+    ``<out_dir>/proposal_crops``: the seed article's first finding (cropping with ground-truth
+    boxes is what lets unseen classes work) as an ablation. Results: the main run's, with
+    ``controls: {name: that run's results}``.
+    """
+    results = run_one_deepmac(cfg, out_dir)
+    controls = list(cfg.schedule.get("controls") or [])
+    if not controls:
+        return results
+    known = {"proposal_crops": {"box_jitter_mode": "proposal"}}
+    results["controls"] = {}
+    rows = [("ground-truth boxes", results["val"])]
+    for name in controls:
+        if name not in known:
+            raise ConfigError(
+                f"schedule.controls: unknown control {name!r}; known: {sorted(known)}"
+            )
+        sub = cfg.copy()
+        with open_dict(sub):
+            for key, value in known[name].items():
+                sub.model[key] = value
+            sub.task_name = f"{cfg.task_name}/{name}"
+            sub.ckpt_path = None
+            sub.schedule.controls = []
+        sub_dir = out_dir / name
+        sub_dir.mkdir(parents=True, exist_ok=True)
+        res = run_one_deepmac(sub, sub_dir)
+        results["controls"][name] = res
+        rows.append((name.replace("_", " "), res["val"]))
+    print(format_control_table(rows, f"\n{cfg.task_name}: cropping ablation (seed {cfg.seed})"))
+    return results
+
+
+def format_control_table(rows: list[tuple[str, dict[str, float]]], title: str) -> str:
+    """One row per run: AP / AP50 / mIoU of the seen and unseen classes."""
+    lines = [
+        title,
+        f"{'training crops':<20} {'AP seen':>8} {'AP unseen':>10} {'AP50 uns':>9} "
+        f"{'mIoU seen':>10} {'mIoU uns':>9}",
+    ]
+    for name, v in rows:
+        lines.append(
+            f"{name:<20} {v.get('AP_seen', float('nan')):8.1f} "
+            f"{v.get('AP_unseen', float('nan')):10.1f} {v.get('AP50_unseen', float('nan')):9.1f} "
+            f"{v.get('mIoU_seen', float('nan')):10.1f} {v.get('mIoU_unseen', float('nan')):9.1f}"
+        )
+    return "\n".join(lines)
 
 
 def format_mask_table(scores: dict[str, Any], title: str) -> str:

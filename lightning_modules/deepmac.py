@@ -39,6 +39,15 @@ class DeepMACLitModule(pl.LightningModule):
             classes.
         unseen_classes: ids (or preset) reported as "unseen"; None: every other class.
         mask_threshold: probability above which a pasted pixel belongs to the mask.
+        centre_loss: optional all-class centre-heatmap loss
+            (:class:`~losses.centernet.CentreHeatmapLoss`) on the net's ``centre_heatmap``: the
+            backbone then also learns every class's boxes, as in Deep-MAC's partially supervised
+            setting; added to the mask loss.
+        val_prefix: log prefix of the scores of the validation loop run by ``fit`` (``"holdout"``
+            when the datamodule validates on images held out of the training split, so that the
+            checkpoint monitor never reads the reported split).
+        val_groups: the class groups scored by that loop (None: seen, unseen and all; ``[seen]``
+            keeps the masks of unseen classes out of model selection altogether).
     """
 
     def __init__(
@@ -50,10 +59,17 @@ class DeepMACLitModule(pl.LightningModule):
         seen_classes: str | Sequence[int] | None = None,
         unseen_classes: str | Sequence[int] | None = None,
         mask_threshold: float = 0.5,
+        centre_loss: nn.Module | None = None,
+        val_prefix: str = "val",
+        val_groups: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["net", "loss", "optimizer", "scheduler"])
-        self.net, self.loss = net, loss
+        self.save_hyperparameters(
+            logger=False, ignore=["net", "loss", "optimizer", "scheduler", "centre_loss"]
+        )
+        self.net, self.loss, self.centre_loss = net, loss, centre_loss
+        self.val_prefix = str(val_prefix)
+        self.val_groups = None if val_groups is None else [str(g) for g in val_groups]
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.seen = resolve_classes(seen_classes)
         if self.seen is None:
@@ -131,7 +147,18 @@ class DeepMACLitModule(pl.LightningModule):
             ]
         )  # (sum N_i, M, M)
         labels = torch.cat(batch["labels"])
-        return self.loss(out["mask_logits"], targets, labels), int(labels.numel())
+        losses = dict(self.loss(out["mask_logits"], targets, labels))
+        if self.centre_loss is not None:
+            if "centre_heatmap" not in out:
+                raise ValueError("module.centre_loss needs a net with num_centre_classes > 0")
+            # Centres of every instance, from the ground-truth boxes (never the jittered ones).
+            centre = self.centre_loss(
+                out["centre_heatmap"], batch["boxes"], batch["labels"], self.net.stride
+            )
+            losses["loss/mask"] = losses["loss"]
+            losses["loss/centre"] = centre["loss/centre"]
+            losses["loss"] = losses["loss"] + centre["loss"]
+        return losses, int(labels.numel())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses, n = self._loss(batch)
@@ -147,7 +174,13 @@ class DeepMACLitModule(pl.LightningModule):
         # One forward pass serves the loss and the pasted masks (eval mode: boxes not jittered).
         out = self(batch["image"], batch["boxes"])
         losses, n = self._loss(batch, out)
-        self.log("val/loss", losses["loss"], on_epoch=True, batch_size=max(n, 1), sync_dist=True)
+        self.log(
+            f"{self.val_prefix}/loss",
+            losses["loss"],
+            on_epoch=True,
+            batch_size=max(n, 1),
+            sync_dist=True,
+        )
         sizes = [tuple(m.shape[-2:]) for m in batch["orig_masks"]]
         probs = self._paste(out["mask_logits"], batch["orig_boxes"], sizes)
         self.accumulate(self.accumulator, batch, probs)
@@ -185,12 +218,15 @@ class DeepMACLitModule(pl.LightningModule):
         # Under DDP every rank gathers all shards and scores the whole set: the logged values (and
         # the checkpoint monitor reading them) are the same on every rank.
         acc = gather_accumulator(self.accumulator)
-        scores = acc.compute(self.groups(acc.present_classes()))
+        groups = self.groups(acc.present_classes())
+        if self.val_groups is not None:
+            groups = {k: v for k, v in groups.items() if k in self.val_groups}
+        scores = acc.compute(groups)
         self.accumulator.reset()
         self.val_scores = scores
         # NaN (a group without instances) is logged too: checkpoint monitors then find their key.
         for key, value in flat_scores(scores).items():
-            self.log(f"val/{key}", value)
+            self.log(f"{self.val_prefix}/{key}", value)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before anything is written, on every rank: no checkpoint file holds non-finite weights.

@@ -8,12 +8,16 @@ import torch
 
 from lightning_modules.nets.deepmac import (
     HOURGLASS_LAYOUTS,
+    RESNET_LAYOUTS,
     DeepMAC,
+    PreActBasicBlock,
+    aligned_box_iou,
     build_mask_head,
     coordinate_channels,
     crop_and_resize,
     jitter_boxes,
     paste_masks,
+    proposal_boxes,
 )
 from losses.mask import COCO_CATEGORY_IDS, COCO_NONVOC_IDS, COCO_VOC_IDS, MaskLoss, mask_loss
 
@@ -89,7 +93,14 @@ def test_paste_into_a_half_pixel_box():
 
 
 def test_forward_without_any_box():
-    net = DeepMAC(backbone="lite", fpn_channels=8, head="resnet2", head_channels=8, mask_size=8)
+    net = DeepMAC(
+        backbone="lite",
+        fpn_channels=8,
+        head="resnet4",
+        head_channels=8,
+        mask_size=8,
+        embedding_hidden=8,
+    )
     out = net.eval()(torch.zeros(1, 3, 32, 32), [torch.zeros(0, 4)])
     assert out["mask_logits"].shape == (0, 8, 8)
 
@@ -100,6 +111,80 @@ def test_jitter_keeps_boxes_valid_and_zero_jitter_is_identity():
     out = jitter_boxes(boxes, 0.5, (32, 32), torch.Generator().manual_seed(0))
     assert (out[:, 2] > out[:, 0]).all() and (out[:, 3] > out[:, 1]).all()
     assert out.min() >= 0 and out[:, 0::2].max() <= 32
+
+
+def test_aligned_iou_matches_torchvision_on_hand_made_boxes():
+    from torchvision.ops import box_iou
+
+    a = torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 3.0, 5.0]])
+    b = torch.tensor([[2.0, 0.0, 6.0, 4.0], [5.0, 5.0, 6.0, 6.0], [1.0, 1.0, 3.0, 5.0]])
+    # 8 / 24, disjoint, identical
+    torch.testing.assert_close(aligned_box_iou(a, b), torch.tensor([1 / 3, 0.0, 1.0]))
+    torch.testing.assert_close(aligned_box_iou(a, b), box_iou(a, b).diagonal())
+
+
+def test_proposal_boxes_iou_is_uniform_over_the_foreground_range():
+    from torchvision.ops import box_iou
+
+    # inside the image, at a corner, the whole frame, a 2-pixel box
+    boxes = torch.tensor(
+        [[10.0, 12.0, 40.0, 30.0], [50.0, 50.0, 62.0, 63.0], [0.0, 0.0, 64.0, 64.0], [5, 5, 7, 7]]
+    )
+    n = 400
+    out = proposal_boxes(boxes.repeat(n, 1), (64, 64), generator=torch.Generator().manual_seed(0))
+    iou = box_iou(out, boxes.repeat(n, 1)).diagonal().view(n, 4)  # independent IoU
+    assert iou.min() >= 0.5 - 1e-4 and iou.max() <= 1 + 1e-6
+    assert out.min() >= 0 and out.max() <= 64
+    for k in range(4):
+        # 5 bins of width 0.1: Binomial(400, 0.2) counts, mean 80, sd 8; +-5 sd
+        counts = torch.histc(iou[:, k], bins=5, min=0.5, max=1.0)
+        assert counts.min() >= 40 and counts.max() <= 120, (k, counts)
+    narrow = proposal_boxes(boxes, (64, 64), (0.6, 0.7), torch.Generator().manual_seed(1))
+    v = box_iou(narrow, boxes).diagonal()
+    assert ((v >= 0.6 - 1e-4) & (v <= 0.7 + 1e-4)).all()
+
+
+def test_proposal_mode_crops_targets_with_the_proposals():
+    net = DeepMAC(
+        backbone="lite",
+        fpn_channels=8,
+        head="resnet4",
+        head_channels=4,
+        mask_size=8,
+        embedding_hidden=8,
+        box_jitter_mode="proposal",
+    )
+    boxes = [torch.tensor([[8.0, 8.0, 40.0, 30.0]])]
+    torch.manual_seed(0)
+    used = net.train()(torch.zeros(1, 3, 48, 48), boxes)["boxes"]
+    iou = aligned_box_iou(used[0], boxes[0])
+    assert 0.5 - 1e-4 <= iou.item() < 1
+    assert torch.equal(net.eval()(torch.zeros(1, 3, 48, 48), boxes)["boxes"][0], boxes[0])
+
+
+def test_crop_geometry_stays_fp32_under_bf16_autocast():
+    # features = x - 100 along the width: a 1x1 crop of the box [x1, x1 + 1] reads the value at
+    # its centre x1 + 0.5, i.e. pixel x1 (aligned roi_align), so the crop equals x1 - 100.
+    feats = (torch.arange(128.0) - 100).repeat(1, 1, 4, 1)  # (1, 1, 4, 128)
+    box = torch.tensor([[100.7, 0.0, 101.7, 1.0]])  # bf16 would round 100.7 to 100.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        crop = crop_and_resize(feats.bfloat16(), [box], 1, 1.0, 1)
+    assert crop.dtype == torch.bfloat16
+    assert abs(crop.float().item() - 0.7) < 0.01  # bf16 keeps 0.7 to 0.004
+    rounded = crop_and_resize(feats, [box.bfloat16().float()], 1, 1.0, 1)
+    assert abs(rounded.item() - 0.5) < 1e-6  # what the bf16 box read
+    net = DeepMAC(
+        backbone="lite",
+        fpn_channels=8,
+        head="resnet4",
+        head_channels=4,
+        mask_size=8,
+        embedding_hidden=8,
+    ).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = net(torch.randn(1, 3, 64, 64), [torch.tensor([[3.3, 5.1, 60.7, 41.9]])])
+    assert out["mask_logits"].shape == (1, 8, 8) and torch.isfinite(out["mask_logits"]).all()
+    assert out["boxes"][0].dtype == torch.float32
 
 
 def test_coordinate_channels():
@@ -128,11 +213,92 @@ def _params(module):
 def test_parameter_counts_grow_with_depth():
     hg = [_params(build_mask_head(f"hourglass{d}", 6, 8)) for d in (10, 20, 52, 100)]
     assert hg == sorted(hg) and len(set(hg)) == 4
-    rn = [_params(build_mask_head(f"resnet{d}", 6, 8)) for d in (2, 4, 8)]
-    # each extra residual block adds two 3x3 convs (8*8*9 weights each) and two GroupNorms (2*8 each)
-    assert rn[1] - rn[0] == 2 * (2 * (8 * 8 * 9) + 2 * 16)
-    assert rn == sorted(rn)
     assert sorted(HOURGLASS_LAYOUTS) == [10, 20, 32, 52, 100]
+    assert sorted(RESNET_LAYOUTS) == [4, 8, 12, 16, 20]
+
+
+def _longest_conv3x3_path(output: torch.Tensor) -> int:
+    """Most 3x3 convolutions on one path of the autograd graph from the input to ``output``.
+
+    Independent of the modules' structure: it reads only the recorded operations (each
+    ConvolutionBackward node's weight shape).
+    """
+    memo: dict = {}
+    stack = [(output.grad_fn, False)]
+    while stack:  # post-order walk without recursion (Hourglass-100 graphs are deep)
+        fn, children_done = stack.pop()
+        if fn is None or fn in memo:
+            continue
+        nexts = [n for n, _ in fn.next_functions if n is not None]
+        if not children_done:
+            stack.append((fn, True))
+            stack.extend((n, False) for n in nexts if n not in memo)
+            continue
+        own = 0
+        if "Convolution" in type(fn).__name__:
+            for nxt in nexts:
+                var = getattr(nxt, "variable", None)
+                if var is not None and var.dim() == 4 and tuple(var.shape[-2:]) == (3, 3):
+                    own = 1
+        memo[fn] = own + max((memo[n] for n in nexts), default=0)
+    return memo[output.grad_fn]
+
+
+@pytest.mark.parametrize("depth", [10, 20, 32, 52, 100])
+def test_hourglass_names_count_3x3_convolutions_as_the_release(depth):
+    # The release's hourglass_depth: 3 input layers + the encoder-2 / decoder / innermost
+    # residual blocks (2 each) + 1 output conv; the skip branches are parallel.
+    blocks, _ = HOURGLASS_LAYOUTS[depth]
+    by_layout = 3 + sum(2 * 2 * b for b in blocks[:-1]) + 2 * blocks[-1] + 1
+    assert by_layout == depth
+    head = build_mask_head(f"hourglass{depth}", 3, 2, norm="bn").eval()
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    assert _longest_conv3x3_path(head(x)) == depth
+
+
+@pytest.mark.parametrize("depth", [4, 8, 12, 16, 20])
+def test_resnet_names_count_3x3_convolutions_as_the_release(depth):
+    head = build_mask_head(f"resnet{depth}", 3, 2, norm="bn").eval()
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    assert _longest_conv3x3_path(head(x)) == depth
+    # resnetN = N / 2 basic blocks (resnet8 = 4), as in the release's ResNetMaskNetwork
+    blocks = [m for m in head.modules() if isinstance(m, PreActBasicBlock)]
+    assert len(blocks) == depth // 2
+
+
+def test_resnet8_parameters_match_the_release_layout_by_hand():
+    # in 6 channels, nc = 4, BN: 1x1 input conv 6 -> 4 (+bias); block 1: preact BN(4), 1x1
+    # shortcut 4 -> 8 (+bias), 3x3 4 -> 8, BN(8), 3x3 8 -> 8, BN(8); blocks 2-4: preact BN(8),
+    # two 3x3 8 -> 8, two BN(8); the 1x1 projection 8 -> 1 (+bias). BN = 2 parameters per channel.
+    expect = (6 * 4 + 4) + (2 * 4 + 4 * 8 + 8 + 4 * 8 * 9 + 2 * 8 + 8 * 8 * 9 + 2 * 8)
+    expect += 3 * (2 * 8 + 2 * (8 * 8 * 9) + 2 * (2 * 8)) + (8 + 1)
+    assert _params(build_mask_head("resnet8", 6, 4, norm="bn")) == expect
+
+
+def test_head_input_is_xy_pixel_embedding_and_instance_embedding():
+    net = DeepMAC(
+        backbone="lite",
+        fpn_channels=8,
+        head="resnet4",
+        head_channels=4,
+        mask_size=8,
+        pixel_embedding_dim=16,
+        embedding_dim=32,
+        embedding_hidden=8,
+    )
+    assert net.head.stem.in_channels == 2 + 16 + 32
+    assert net.pixel_embedding[0].out_channels == 8 and net.pixel_embedding[-1].out_channels == 16
+    raw = DeepMAC(
+        backbone="lite",
+        fpn_channels=8,
+        head="maskrcnn",
+        head_channels=4,
+        mask_size=8,
+        use_xy=False,
+        pixel_embedding_dim=0,
+        embedding_dim=0,
+    )
+    assert raw.head.convs[0].in_channels == 8 and raw.pixel_embedding is None
 
 
 def test_deepmac_forward_masks_per_box():
@@ -144,6 +310,7 @@ def test_deepmac_forward_masks_per_box():
         head_channels=8,
         mask_size=16,
         embedding_dim=4,
+        embedding_hidden=8,
     )
     boxes = [torch.tensor([[0.0, 0.0, 16.0, 20.0], [8.0, 8.0, 40.0, 40.0]]), torch.zeros(0, 4)]
     out = net.eval()(torch.randn(2, 3, 48, 48), boxes)
@@ -155,6 +322,7 @@ def test_deepmac_forward_masks_per_box():
         head_channels=8,
         mask_size=16,
         embedding_dim=0,
+        pixel_embedding_dim=0,
         use_xy=False,
     )
     assert net_rcnn.crop_size == 8
@@ -307,3 +475,89 @@ def test_mask_ap_of_a_shifted_mask_drops_as_computed_by_hand(tmp_path):
     assert scores["all"]["AP"] == pytest.approx(70.0)
     assert scores["all"]["mIoU"] == pytest.approx(100 * 5 / 6)
     assert scores["per_class_IoU"] == {1: pytest.approx(100 * 2 / 3), 2: pytest.approx(100.0)}
+
+
+# ---------------------------------------------------------------------- centre heatmap
+
+
+def _iou_of_displacements(h: float, w: float, r: float) -> tuple[float, float, float]:
+    """IoU with an h x w box of: both corners shifted by r in x and y; shrunk by r on every
+    side; grown by r on every side (CenterNet's three configurations)."""
+    shifted = (h - r) * (w - r) / (2 * h * w - (h - r) * (w - r))
+    shrunk = (h - 2 * r) * (w - 2 * r) / (h * w)
+    grown = h * w / ((h + 2 * r) * (w + 2 * r))
+    return shifted, shrunk, grown
+
+
+@pytest.mark.parametrize("hw", [(10.0, 10.0), (4.0, 30.0), (57.0, 13.0)])
+def test_exact_overlap_radius_keeps_the_iou_in_every_configuration(hw):
+    from losses.centernet import overlap_radius
+
+    r = overlap_radius(*hw, min_overlap=0.7, rule="exact")
+    ious = _iou_of_displacements(*hw, r)
+    assert min(ious) == pytest.approx(0.7, abs=1e-9) and all(v >= 0.7 - 1e-9 for v in ious)
+
+
+def test_centernet_overlap_radius_by_hand():
+    from losses.centernet import overlap_radius
+
+    # 10 x 10, IoU 0.7, the release's (-b + sqrt(b^2 - 4ac)) / 2: the "grown" case a = 2.8,
+    # b = 28, c = -30 gives (-28 + sqrt(784 + 336)) / 2 = 2.7332; the other two cases are larger
+    # (19.07, 36.73).
+    assert overlap_radius(10, 10, 0.7) == pytest.approx((-28 + 1120**0.5) / 2)
+
+
+def test_centre_heatmap_targets_by_hand():
+    from losses.centernet import centre_heatmap_targets, overlap_radius
+
+    boxes = torch.tensor([[8.0, 4.0, 28.0, 20.0], [0.0, 0.0, 8.0, 8.0], [0.0, 0.0, 4.0, 4.0]])
+    labels = torch.tensor([7, 3, 99])  # 99 is not a heatmap class
+    hm = centre_heatmap_targets(boxes, labels, [3, 7], (8, 10), stride=4)
+    assert hm.shape == (2, 8, 10)
+    # box 1 (class 7): centre (18, 12) px -> cell (x 4, y 3); 5 x 4 cells
+    assert hm[1, 3, 4] == 1 and hm[1].max() == 1 and (hm[1] == 1).sum() == 1
+    sigma = (2 * overlap_radius(4, 5, 0.7) + 1) / 6
+    assert hm[1, 3, 5].item() == pytest.approx(np.exp(-1 / (2 * sigma**2)), rel=1e-5)
+    assert hm[1, 5, 6].item() == pytest.approx(np.exp(-8 / (2 * sigma**2)), rel=1e-5)
+    assert hm[0, 1, 1] == 1  # class 3 at cell (1, 1)
+    assert (hm == 1).sum() == 2  # class 99 left out
+
+
+def test_penalty_reduced_focal_loss_by_hand():
+    from losses.centernet import penalty_reduced_focal_loss
+
+    logits = torch.tensor([[[[0.5, -1.0, 2.0]]]])
+    targets = torch.tensor([[[[1.0, 0.5, 0.0]]]])
+    p = torch.sigmoid(logits)[0, 0, 0]
+    pos = (1 - p[0]) ** 2 * torch.log(p[0])
+    neg = (1 - 0.5) ** 4 * p[1] ** 2 * torch.log(1 - p[1]) + p[2] ** 2 * torch.log(1 - p[2])
+    expect = -(pos + neg) / 1  # one peak
+    torch.testing.assert_close(penalty_reduced_focal_loss(logits, targets), expect)
+
+
+def test_centre_loss_trains_the_backbone_from_every_class():
+    from losses.centernet import CentreHeatmapLoss
+
+    torch.manual_seed(0)
+    net = DeepMAC(
+        backbone="lite",
+        fpn_channels=8,
+        head="resnet4",
+        head_channels=4,
+        mask_size=8,
+        embedding_hidden=8,
+        num_centre_classes=2,
+    ).train()
+    out = net(torch.randn(1, 3, 32, 32), [torch.zeros(0, 4)])
+    # CenterNet's prior: every cell starts at p = 0.1
+    torch.testing.assert_close(
+        out["centre_heatmap"][-1].sigmoid().mean(), torch.tensor(0.1), atol=0.05, rtol=0
+    )
+    loss = CentreHeatmapLoss(class_ids=[1, 3], weight=0.2)
+    terms = loss(
+        out["centre_heatmap"], [torch.tensor([[4.0, 4.0, 20.0, 28.0]])], [torch.tensor([3])], 4
+    )
+    torch.testing.assert_close(terms["loss"], 0.2 * terms["loss/centre"])
+    terms["loss"].backward()
+    grads = [p.grad for p in net.features.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)

@@ -150,12 +150,15 @@ QUICK = [
     "experiment=deepmac_quick",
     "data.synthetic.num_train=8",
     "data.synthetic.num_val=3",
+    "data.holdout=2",
     "data.synthetic.image_size=32",
     "data.image_size=32",
     "model.mask_size=8",
     "model.fpn_channels=8",
     "model.head_channels=8",
+    "model.embedding_hidden=8",
     "schedule.total_epochs=2",
+    "schedule.controls=[]",
     "trainer.log_every_n_steps=1",
     "~callbacks.rich_progress_bar",
     "~callbacks.model_summary",
@@ -179,7 +182,10 @@ def test_run_deepmac_end_to_end_and_box_prompt(tmp_path):
     assert (out / "final.ckpt").is_file()
     # the metrics logged during training reached the CSV logger
     metrics = next((out / "csv").rglob("metrics.csv")).read_text()
-    assert "train/loss" in metrics and "val/AP_unseen" in metrics
+    # fit validated on the held-out training images, seen classes only (no selection on val)
+    assert "train/loss" in metrics and "train/loss/centre" in metrics
+    assert "holdout/AP_seen" in metrics and "AP_unseen" not in metrics.splitlines()[0]
+    assert "AP_seen" in saved["holdout"] and saved["val"] != saved["holdout"]
 
     # train=false re-evaluates the saved weights to the same scores
     cfg2 = compose_cfg(
@@ -243,7 +249,10 @@ def test_deepmac_experiments_compose_and_instantiate(name, tmp_path):
     )
     validate_config(cfg)
     validate_deepmac(cfg)
-    assert cfg.schedule.name == "deepmac" and cfg.optimized_metric == "val/AP_unseen"
+    # selection on held-out training images' seen classes; every recipe trains all-class centres
+    assert cfg.schedule.name == "deepmac" and cfg.optimized_metric == "holdout/AP_seen"
+    assert cfg.data.holdout > 0 and cfg.module.val_prefix == "holdout"
+    assert list(cfg.module.val_groups) == ["seen"] and cfg.module.centre_loss is not None
     hydra.utils.instantiate(cfg.data, _convert_="all")  # no file is read before setup
     module = build_deepmac_module(cfg)
     boxes = [torch.tensor([[0.0, 0.0, 16.0, 16.0]])]
@@ -265,6 +274,8 @@ def test_head_sweep_models_compose(tmp_path):
                 f"model=deepmac_{head}",
                 "model.pretrained=false",
                 "model.backbone=lite",
+                # every head at a quarter of its width: the order by size is unchanged
+                "model.head_width_scale=0.25",
                 "trainer=cpu",
             ],
             tmp_path,
@@ -276,3 +287,72 @@ def test_head_sweep_models_compose(tmp_path):
         < params["hourglass52"]
         < params["hourglass100"]
     )
+
+
+def test_holdout_is_a_fixed_disjoint_part_of_the_training_split(tmp_path):
+    from datamodules.coco_instances import SyntheticShapesDataModule
+
+    kw = dict(
+        batch_size=2,
+        num_workers=0,
+        image_size=32,
+        synthetic={"num_train": 10, "num_val": 2, "image_size": 32},
+    )
+    dm = SyntheticShapesDataModule(str(tmp_path / "s"), holdout=3, holdout_seed=5, **kw)
+    dm.prepare_data()
+    keep, held = dm.holdout_indices(10)
+    assert len(held) == 3 and sorted(keep + held) == list(range(10)) and not set(keep) & set(held)
+    again = SyntheticShapesDataModule(str(tmp_path / "s"), holdout=0.3, holdout_seed=5, **kw)
+    assert again.holdout_indices(10) == (keep, held)  # 0.3 of 10 = 3, same permutation
+    assert len(dm.dataset("train")) == 7 and len(dm.dataset("holdout")) == 3
+    names = lambda loader: sorted(n for b in loader for n in b["name"])  # noqa: E731
+    held_names = names(dm.val_dataloader())
+    assert held_names == sorted(f"train_{i:04d}.png" for i in held)
+    assert names(dm.report_dataloader()) == ["val_0000.png", "val_0001.png"]
+    train_names = set(names(dm.train_dataloader()))
+    assert len(train_names) == 7 and not train_names & set(held_names)
+    plain = SyntheticShapesDataModule(str(tmp_path / "s"), **kw)
+    assert names(plain.val_dataloader()) == names(plain.report_dataloader())
+
+
+def test_selection_keys_must_match_the_holdout(tmp_path):
+    from omegaconf import OmegaConf
+
+    from experiments.deepmac import validate_deepmac
+    from experiments.train import ConfigError
+
+    cfg = compose_cfg(["experiment=deepmac_quick", "model.backbone=lite"], tmp_path)
+    validate_deepmac(cfg)
+    for key, value, message in [
+        ("data.holdout", 0, "val_prefix"),
+        ("optimized_metric", "val/AP_unseen", "optimized_metric"),
+        ("model.num_centre_classes", 2, "num_centre_classes"),
+    ]:
+        bad = cfg.copy()
+        OmegaConf.update(bad, key, value, force_add=True)
+        with pytest.raises(ConfigError, match=message):
+            validate_deepmac(bad)
+
+
+def test_quick_experiment_runs_the_proposal_crop_control(tmp_path, monkeypatch, capsys):
+    from experiments import deepmac
+
+    calls = []
+
+    def fake_run(cfg, out_dir):
+        calls.append((cfg.model.box_jitter_mode, str(out_dir), cfg.task_name))
+        ap = 50.0 if cfg.model.box_jitter_mode == "gaussian" else 20.0
+        return {"val": {"AP_seen": 60.0, "AP_unseen": ap, "AP50_unseen": 80.0}}
+
+    monkeypatch.setattr(deepmac, "run_one_deepmac", fake_run)
+    cfg = compose_cfg(["experiment=deepmac_quick"], tmp_path)
+    assert list(cfg.schedule.controls) == ["proposal_crops"]
+    results = deepmac.run_deepmac(cfg, tmp_path / "run")
+    assert calls == [
+        ("gaussian", str(tmp_path / "run"), "deepmac_quick"),
+        ("proposal", str(tmp_path / "run" / "proposal_crops"), "deepmac_quick/proposal_crops"),
+    ]
+    assert results["val"]["AP_unseen"] == 50.0
+    assert results["controls"]["proposal_crops"]["val"]["AP_unseen"] == 20.0
+    table = capsys.readouterr().out
+    assert "ground-truth boxes" in table and "proposal crops" in table

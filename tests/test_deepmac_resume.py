@@ -16,8 +16,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EPOCHS, CRASH_EPOCH = 3, 2  # the interrupted run has finished epochs 0 and 1 (last.ckpt)
 RUN = [
     "experiment=deepmac_quick",
-    # 10 images in batches of 4: the partial last batch is kept (drop_last=False).
-    "data.synthetic.num_train=10",
+    # 12 images, 2 held out for selection: 10 in batches of 4, the partial last batch is kept
+    # (drop_last=False).
+    "data.synthetic.num_train=12",
+    "data.holdout=2",
     "data.synthetic.num_val=4",
     "data.synthetic.image_size=32",
     "data.image_size=32",
@@ -28,7 +30,9 @@ RUN = [
     "model.mask_size=8",
     "model.fpn_channels=8",
     "model.head_channels=8",
+    "model.embedding_hidden=8",
     f"schedule.total_epochs={EPOCHS}",
+    "schedule.controls=[]",
     "trainer.deterministic=true",
     "logger=csv",
     "~callbacks.rich_progress_bar",

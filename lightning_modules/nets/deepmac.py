@@ -48,17 +48,22 @@ def crop_and_resize(
     Returns:
         ``(sum N_i, C, M, M)``, boxes in image order.
     """
-    boxes = [b.to(features.dtype) for b in boxes]
     if sum(len(b) for b in boxes) == 0:
         return features.new_zeros(0, features.shape[1], output_size, output_size)
-    return roi_align(
-        features,
-        boxes,
-        output_size=output_size,
-        spatial_scale=1.0 / stride,
-        sampling_ratio=sampling_ratio,
-        aligned=True,
-    )
+    # Geometry stays in fp32 whatever the features' dtype: bf16 keeps 8 bits of mantissa, so a box
+    # edge at x = 300.7 would read x = 300 while the targets are cropped with the exact box. The
+    # sampling runs on fp32 features (outside autocast, which would cast the boxes back down) and
+    # only the sampled values return to the features' dtype.
+    with torch.autocast(features.device.type, enabled=False):
+        crops = roi_align(
+            features.float(),
+            [b.float() for b in boxes],
+            output_size=output_size,
+            spatial_scale=1.0 / stride,
+            sampling_ratio=sampling_ratio,
+            aligned=True,
+        )
+    return crops.to(features.dtype)
 
 
 def crop_instance_masks(masks: torch.Tensor, boxes: torch.Tensor, output_size: int) -> torch.Tensor:
@@ -170,6 +175,96 @@ def jitter_boxes(
     return torch.stack([x1, y1, x2, y2], dim=1)
 
 
+def aligned_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of row ``i`` of ``a`` with row ``i`` of ``b``: ``(N, 4)`` xyxy pairs -> ``(N,)``."""
+    iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    inter = iw * ih
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    return inter / (area_a + area_b - inter).clamp(min=1e-12)
+
+
+def proposal_boxes(
+    boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    iou_range: tuple[float, float] = (0.5, 1.0),
+    generator: torch.Generator | None = None,
+    tries: int = 4,
+    steps: int = 32,
+) -> torch.Tensor:
+    """Boxes as a detector's foreground proposals: IoU with their instance's box ~ U(iou_range).
+
+    Mask R-CNN computes its mask loss on the RoIs matched to an instance with IoU >= 0.5 (He et
+    al. 2017, Sec. 3) and crops the instance's mask with the RoI, so its mask head sees boxes
+    anywhere in that IoU range. The IoU distribution of real positive proposals depends on the
+    detector; this draws the target IoU ``u`` uniformly in ``iou_range`` (an explicit choice,
+    docs/deepmac.md), a random direction ``d`` in the 4 corner coordinates (Gaussian, scaled by
+    the box's width and height, largest component one box side), and bisects the step ``t`` of
+    ``box + t * d`` (clipped to the image) until its IoU with ``box`` is ``u``. Along such a ray
+    every coordinate moves one way, so the IoU only falls with ``t`` (each edge either grows the
+    union or shrinks the intersection) and the bisection is exact. A box whose ray cannot reach
+    ``u`` inside the image (an instance filling the frame, every direction pointing out) draws a
+    new direction up to ``tries`` times and otherwise keeps the lowest IoU its last ray reaches
+    (above ``u``).
+
+    Args:
+        boxes: ``(N, 4)`` xyxy instance boxes (at least one pixel wide and high).
+        image_size: ``(H, W)``: proposals are clipped to the image.
+        iou_range: ``(low, high)`` of the target IoU, ``0 < low <= high <= 1``.
+        generator: random source (CPU).
+        tries: directions drawn at most per box.
+        steps: bisection steps (the step ``t`` is found to ``4 / 2**steps``).
+
+    Returns:
+        ``(N, 4)`` proposals (float32, sides of at least one pixel before clipping).
+    """
+    lo, hi = float(iou_range[0]), float(iou_range[1])
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"iou_range={iou_range}: expected 0 < low <= high <= 1")
+    n = len(boxes)
+    if n == 0:
+        return boxes
+    gt = boxes.detach().float().cpu()
+    h, w = image_size
+    wh = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)  # (N, 4): w, h, w, h
+    target = lo + (hi - lo) * torch.rand(n, generator=generator)  # (N,)
+    out = gt.clone()
+    todo = torch.ones(n, dtype=torch.bool)
+    for _ in range(tries):
+        idx = todo.nonzero()[:, 0]
+        if len(idx) == 0:
+            break
+        d = torch.randn(len(idx), 4, generator=generator)
+        d = d / d.abs().amax(1, keepdim=True) * wh[idx]  # (n, 4): largest move one box side
+        g = gt[idx]
+        # Largest step keeping each side >= 1 pixel (sides shrink when d_x2 < d_x1).
+        side = g[:, 2:] - g[:, :2]  # (n, 2)
+        shrink = (d[:, :2] - d[:, 2:]).clamp(min=1e-12)  # (n, 2)
+        t_side = torch.where(
+            d[:, 2:] < d[:, :2], (side - 1).clamp(min=0) / shrink, torch.full_like(side, 4.0)
+        )
+        t_hi = t_side.amin(1).clamp(max=4.0)  # (n,)
+
+        def ray(t: torch.Tensor, g: torch.Tensor = g, d: torch.Tensor = d) -> torch.Tensor:
+            b = g + t[:, None] * d
+            b[:, 0::2] = b[:, 0::2].clamp(0, w)
+            b[:, 1::2] = b[:, 1::2].clamp(0, h)
+            return b
+
+        u = target[idx]
+        t_lo = torch.zeros_like(t_hi)
+        reached = aligned_box_iou(ray(t_hi), g) <= u
+        for _ in range(steps):
+            mid = (t_lo + t_hi) / 2
+            above = aligned_box_iou(ray(mid), g) > u
+            t_lo = torch.where(above, mid, t_lo)
+            t_hi = torch.where(above, t_hi, mid)
+        out[idx] = ray(torch.where(reached, (t_lo + t_hi) / 2, t_hi))
+        todo[idx[reached]] = False
+    return out.to(boxes)
+
+
 def coordinate_channels(
     num: int, size: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -184,6 +279,12 @@ def coordinate_channels(
 
 
 # ---------------------------------------------------------------------- building blocks
+#
+# The heads follow the TF Object Detection API's Deep-MAC release (deepmac_meta_arch.py,
+# hourglass_network.py, resnet_v1.py), whose names count 3x3 convolution layers along the deepest
+# path: ``resnet8`` is 4 basic blocks (8 convolutions), ``hourglass52`` is 52 convolutions through
+# the downsampling branch. docs/deepmac.md lists the layouts; tests count the layers from the
+# autograd graph.
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -195,8 +296,16 @@ def _norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"norm={kind!r}: expected 'bn' or 'gn'")
 
 
+class ConvNormReLU(nn.Sequential):
+    """3x3 convolution (no bias), norm, ReLU: the hourglass's ``ConvolutionalBlock``."""
+
+    def __init__(self, cin: int, cout: int, norm: str = "gn") -> None:
+        super().__init__(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), _norm(norm, cout), nn.ReLU())
+
+
 class ResidualBlock(nn.Module):
-    """Two 3x3 convolutions with a (projected) identity shortcut."""
+    """Two 3x3 convolutions with a (projected) identity shortcut, ReLU after the sum (the
+    hourglass's ``ResidualBlock``)."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1, norm: str = "gn") -> None:
         super().__init__()
@@ -216,13 +325,20 @@ class ResidualBlock(nn.Module):
 
 
 def _stack(cin: int, cout: int, blocks: int, stride: int = 1, norm: str = "gn") -> nn.Sequential:
+    """``blocks`` residual blocks; the first strides and changes the channels."""
     layers = [ResidualBlock(cin, cout, stride, norm)]
     layers += [ResidualBlock(cout, cout, 1, norm) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
 
 
+def _decoder_stack(cin: int, cout: int, blocks: int, norm: str = "gn") -> nn.Sequential:
+    """``blocks`` residual blocks at ``cin`` channels; the last one changes them to ``cout``."""
+    layers = [ResidualBlock(cin, cin, 1, norm) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers, ResidualBlock(cin, cout, 1, norm))
+
+
 class _HourglassLevel(nn.Module):
-    """One level of an encoder-decoder hourglass: skip branch + (down, inner, up)."""
+    """One encoder-decoder stage: skip branch + (downsampling encoder, inner, decoder)."""
 
     def __init__(self, dims: list[int], blocks: list[int], norm: str) -> None:
         super().__init__()
@@ -232,7 +348,7 @@ class _HourglassLevel(nn.Module):
             self.inner: nn.Module = _HourglassLevel(dims[1:], blocks[1:], norm)
         else:
             self.inner = _stack(dims[1], dims[1], blocks[1], 1, norm)
-        self.up = _stack(dims[1], dims[0], blocks[0], 1, norm)
+        self.up = _decoder_stack(dims[1], dims[0], blocks[0], norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.up(self.inner(self.down(x)))  # (N, C, ceil(h/2), ceil(w/2))
@@ -241,7 +357,8 @@ class _HourglassLevel(nn.Module):
         return y + self.skip(x)
 
 
-# Stage layouts (blocks per stage, channel multipliers of num_channels) of Deep-MAC's hourglass heads.
+# Blocks per stage and channel multipliers of num_channels (``nc``) of the TF release's
+# ``hourglass_<depth>`` functions.
 HOURGLASS_LAYOUTS: dict[int, tuple[list[int], list[int]]] = {
     10: ([1, 1], [2, 2]),
     20: ([1, 2, 2], [2, 2, 3]),
@@ -252,13 +369,19 @@ HOURGLASS_LAYOUTS: dict[int, tuple[list[int], list[int]]] = {
 
 
 class HourglassHead(nn.Module):
-    """Hourglass mask head without initial downsampling (the crop is already small).
+    """The release's single-stage hourglass without initial downsampling (the crop is small).
+
+    Input block (3x3 conv to ``nc``, a residual block to ``2 nc``), the encoder-decoder stages of
+    :data:`HOURGLASS_LAYOUTS`, an output 3x3 conv block, and the 1x1 mask projection. The name's
+    depth counts the 3x3 convolutions through the downsampling branch: 3 (input) + the encoder
+    and decoder blocks of every stage and the innermost blocks (2 per residual block) + 1
+    (output); the skip branches run in parallel and are not counted.
 
     Args:
         in_channels: channels of the head's input crop.
         depth: 10, 20, 32, 52 or 100 (:data:`HOURGLASS_LAYOUTS`).
-        num_channels: base width ``nc``; the stages use ``nc * multiplier`` channels.
-        norm: ``"gn"`` or ``"bn"``.
+        num_channels: ``nc`` (the release's ``num_init_channels``).
+        norm: ``"gn"`` or ``"bn"`` (the release uses synchronised BatchNorm).
     """
 
     output_scale = 1
@@ -272,32 +395,87 @@ class HourglassHead(nn.Module):
         blocks, mult = HOURGLASS_LAYOUTS[depth]
         dims = [num_channels * m for m in mult]
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, dims[0], 3, 1, 1, bias=False), _norm(norm, dims[0]), nn.ReLU()
+            ConvNormReLU(in_channels, num_channels, norm),
+            ResidualBlock(num_channels, dims[0], 1, norm),
         )
         self.hourglass = _HourglassLevel(dims, blocks, norm)
+        self.post = ConvNormReLU(dims[0], dims[0], norm)
         self.out = nn.Conv2d(dims[0], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C_in, M, M)`` -> ``(N, 1, M, M)`` logits."""
-        return self.out(self.hourglass(self.stem(x)))
+        return self.out(self.post(self.hourglass(self.stem(x))))
+
+
+class PreActBasicBlock(nn.Module):
+    """The basic block of the release's ``resnet_v1.block_basic``.
+
+    ``norm -> ReLU`` first (the "preact"), then ``conv3x3 -> norm -> ReLU -> conv3x3 -> norm ->
+    ReLU`` added to the shortcut: a 1x1 convolution (with bias) of the preact in the first block
+    of a stack, the block's input otherwise. No ReLU after the sum.
+    """
+
+    def __init__(self, cin: int, cout: int, conv_shortcut: bool, norm: str = "gn") -> None:
+        super().__init__()
+        self.pre = nn.Sequential(_norm(norm, cin), nn.ReLU())
+        self.shortcut = nn.Conv2d(cin, cout, 1) if conv_shortcut else None
+        if self.shortcut is None and cin != cout:
+            raise ValueError(f"an identity shortcut needs cin == cout, got {cin} -> {cout}")
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+            _norm(norm, cout),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            _norm(norm, cout),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre(x)
+        skip = x if self.shortcut is None else self.shortcut(pre)
+        return self.body(pre) + skip
+
+
+# Basic blocks per stack and channel multipliers of ``nc`` of the release's ``resnetN`` mask
+# networks; N = 2 x blocks = the 3x3 convolutions.
+RESNET_LAYOUTS: dict[int, tuple[list[int], list[int]]] = {
+    4: ([2], [2]),
+    8: ([4], [2]),
+    12: ([6], [2]),
+    16: ([8], [2]),
+    20: ([8, 2], [2, 3]),
+}
 
 
 class ResNetHead(nn.Module):
-    """A stack of residual blocks at full crop resolution (Deep-MAC's "ResNet" heads)."""
+    """The release's ``ResNetMaskNetwork``: a 1x1 input conv to ``nc``, stacks of
+    :class:`PreActBasicBlock` at full crop resolution, the 1x1 mask projection.
+
+    Args:
+        in_channels: channels of the head's input crop.
+        depth: 4, 8, 12, 16 or 20 (:data:`RESNET_LAYOUTS`): the 3x3 convolutions.
+        num_channels: ``nc`` (the release's ``num_init_channels``).
+        norm: ``"gn"`` or ``"bn"``.
+    """
 
     output_scale = 1
 
-    def __init__(
-        self, in_channels: int, num_blocks: int = 4, num_channels: int = 128, norm: str = "gn"
-    ):
+    def __init__(self, in_channels: int, depth: int = 8, num_channels: int = 64, norm: str = "gn"):
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, num_channels, 3, 1, 1, bias=False),
-            _norm(norm, num_channels),
-            nn.ReLU(),
-        )
-        self.blocks = _stack(num_channels, num_channels, num_blocks, 1, norm)
-        self.out = nn.Conv2d(num_channels, 1, 1)
+        if depth not in RESNET_LAYOUTS:
+            raise ValueError(f"resnet depth {depth}: expected one of {sorted(RESNET_LAYOUTS)}")
+        blocks, mult = RESNET_LAYOUTS[depth]
+        self.stem = nn.Conv2d(in_channels, num_channels, 1)
+        layers: list[nn.Module] = []
+        cin = num_channels
+        for n, m in zip(blocks, mult, strict=True):
+            cout = num_channels * m
+            layers += [
+                PreActBasicBlock(cin if i == 0 else cout, cout, i == 0, norm) for i in range(n)
+            ]
+            cin = cout
+        self.blocks = nn.Sequential(*layers)
+        self.out = nn.Conv2d(cin, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C_in, M, M)`` -> ``(N, 1, M, M)`` logits."""
@@ -330,7 +508,8 @@ class MaskRCNNHead(nn.Module):
 
 
 def build_mask_head(name: str, in_channels: int, num_channels: int, norm: str = "gn") -> nn.Module:
-    """``hourglass10|20|32|52|100``, ``resnet<blocks>`` (e.g. ``resnet4``) or ``maskrcnn``."""
+    """``hourglass10|20|32|52|100``, ``resnet4|8|12|16|20`` (the release's names: 3x3
+    convolutions) or ``maskrcnn``."""
     key = name.lower().replace("-", "").replace("_", "")
     if key.startswith("hourglass"):
         return HourglassHead(in_channels, int(key[len("hourglass") :]), num_channels, norm)
@@ -339,6 +518,17 @@ def build_mask_head(name: str, in_channels: int, num_channels: int, norm: str = 
     if key == "maskrcnn":
         return MaskRCNNHead(in_channels, num_channels)
     raise ValueError(f"mask head {name!r}: expected hourglassN, resnetN or maskrcnn")
+
+
+class PredictionNet(nn.Sequential):
+    """CenterNet's prediction head (the release's ``make_prediction_net``): 3x3 conv to
+    ``hidden`` channels, ReLU, 1x1 conv to ``out_channels``; the Deep-MAC pixel and instance
+    embeddings and the centre heatmap are each one."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int = 256) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, hidden, 3, 1, 1), nn.ReLU(), nn.Conv2d(hidden, out_channels, 1)
+        )
 
 
 # ---------------------------------------------------------------------- the network
@@ -372,18 +562,35 @@ class Stride4FPN(nn.Module):
 class DeepMAC(nn.Module):
     """Boxes in, one class-agnostic mask logit map per box out.
 
+    The head's input for a box follows the release (``_get_mask_head_input``): normalised crop
+    coordinates (``use_xy``), the crop of a learned pixel embedding of the stride-4 features
+    (``pixel_embedding_dim`` channels, a :class:`PredictionNet`), and the instance embedding
+    (``embedding_dim`` channels, another :class:`PredictionNet`) read at the box centre and tiled
+    over the crop. ``pixel_embedding_dim=0`` crops the stride-4 features themselves.
+
     Args:
         backbone: ``"lite"`` or a ResNet depth (see :func:`build_backbone`).
         pretrained: ImageNet weights from the torch hub cache.
         fpn_channels: channels of the stride-4 map.
         head: mask-head name (:func:`build_mask_head`).
-        head_channels: the head's base width.
+        head_channels: the head's ``nc`` (the release's ``num_init_channels``).
+        head_width_scale: factor on ``head_channels`` (rounded): shrinks every head by the same
+            factor for CPU-sized runs, keeping the heads' relative widths and everything else
+            as configured.
         mask_size: side ``M`` of the predicted masks.
-        use_xy: append normalised crop coordinates (2 channels) to each crop.
-        embedding_dim: instance-embedding channels (0 = off): a 1x1 projection of the feature map
-            sampled at the box centre and tiled over the crop, telling the head which object the
-            box is about when boxes overlap.
-        box_jitter: relative Gaussian box noise in training (0 = off).
+        use_xy: prepend normalised crop coordinates (2 channels) to each crop.
+        pixel_embedding_dim: pixel-embedding channels (the release's 16); 0: crop the features.
+        embedding_dim: instance-embedding channels (the release's ``dim``, 32; 0 = off): tells
+            the head which object the box is about when boxes overlap.
+        embedding_hidden: hidden width of the embedding / heatmap prediction nets (256 as in
+            CenterNet).
+        box_jitter: relative Gaussian box noise in training (``box_jitter_mode="gaussian"``).
+        box_jitter_mode: ``"gaussian"`` (ground-truth boxes with ``box_jitter`` noise, as
+            Deep-MAC trains) or ``"proposal"`` (boxes as a detector's foreground proposals,
+            :func:`proposal_boxes`, as Mask R-CNN trains its mask head).
+        proposal_iou: ``(low, high)`` IoU range of the proposal boxes.
+        num_centre_classes: channels of an all-class centre heatmap predicted from the stride-4
+            features (CenterNet's object centres, which Deep-MAC's backbone also learns); 0 = off.
         sampling_ratio: roi_align samples per bin side.
         norm: normalisation of the hourglass/ResNet heads (``"gn"`` or ``"bn"``).
     """
@@ -397,23 +604,60 @@ class DeepMAC(nn.Module):
         fpn_channels: int = 128,
         head: str = "hourglass52",
         head_channels: int = 64,
+        head_width_scale: float = 1.0,
         mask_size: int = 32,
         use_xy: bool = True,
-        embedding_dim: int = 16,
+        pixel_embedding_dim: int = 16,
+        embedding_dim: int = 32,
+        embedding_hidden: int = 256,
         box_jitter: float = 0.0,
+        box_jitter_mode: str = "gaussian",
+        proposal_iou: tuple[float, float] = (0.5, 1.0),
+        num_centre_classes: int = 0,
         sampling_ratio: int = 2,
         norm: str = "gn",
     ) -> None:
         super().__init__()
+        if box_jitter_mode not in ("gaussian", "proposal"):
+            raise ValueError(f"box_jitter_mode={box_jitter_mode!r}: expected gaussian or proposal")
         self.features = Stride4FPN(backbone, pretrained, fpn_channels)
-        self.embedding = nn.Conv2d(fpn_channels, embedding_dim, 1) if embedding_dim > 0 else None
+        self.pixel_embedding = (
+            PredictionNet(fpn_channels, pixel_embedding_dim, embedding_hidden)
+            if pixel_embedding_dim > 0
+            else None
+        )
+        self.embedding = (
+            PredictionNet(fpn_channels, embedding_dim, embedding_hidden)
+            if embedding_dim > 0
+            else None
+        )
+        self.centre_heatmap = None
+        if num_centre_classes > 0:
+            self.centre_heatmap = PredictionNet(fpn_channels, num_centre_classes, embedding_hidden)
+            # CenterNet's prior: every cell starts at p = 0.1 (bias -2.19) so the focal loss of
+            # the overwhelmingly negative cells does not swamp the first steps.
+            nn.init.constant_(self.centre_heatmap[-1].bias, -math.log((1 - 0.1) / 0.1))
         self.use_xy, self.box_jitter, self.sampling_ratio = use_xy, box_jitter, sampling_ratio
-        in_ch = fpn_channels + (2 if use_xy else 0) + max(embedding_dim, 0)
-        self.head = build_mask_head(head, in_ch, head_channels, norm)
+        self.box_jitter_mode = box_jitter_mode
+        self.proposal_iou = (float(proposal_iou[0]), float(proposal_iou[1]))
+        pix = pixel_embedding_dim if pixel_embedding_dim > 0 else fpn_channels
+        in_ch = pix + (2 if use_xy else 0) + max(embedding_dim, 0)
+        width = max(1, round(head_channels * head_width_scale))
+        self.head = build_mask_head(head, in_ch, width, norm)
         self.mask_size = mask_size
         if mask_size % self.head.output_scale:
             raise ValueError(f"mask_size={mask_size} must be divisible by {self.head.output_scale}")
         self.crop_size = mask_size // self.head.output_scale
+
+    def training_boxes(
+        self, boxes: list[torch.Tensor], size: tuple[int, int]
+    ) -> list[torch.Tensor]:
+        """The boxes the head is trained on: jittered ground truth or proposal-like boxes."""
+        if self.box_jitter_mode == "proposal":
+            return [proposal_boxes(b, size, self.proposal_iou) for b in boxes]
+        if self.box_jitter > 0:
+            return [jitter_boxes(b, self.box_jitter, size) for b in boxes]
+        return boxes
 
     def forward(
         self, images: torch.Tensor, boxes: list[torch.Tensor]
@@ -424,21 +668,28 @@ class DeepMAC(nn.Module):
 
         Returns:
             ``mask_logits`` ``(sum N_i, M, M)``; ``boxes``: the boxes used (jittered in training),
-            a list like the input, to crop targets consistently.
+            a list like the input, to crop targets consistently; with ``num_centre_classes``,
+            ``centre_heatmap`` ``(B, K, H/4, W/4)`` logits.
         """
-        if self.training and self.box_jitter > 0:
-            size = images.shape[-2:]
-            boxes = [jitter_boxes(b, self.box_jitter, size) for b in boxes]
+        if self.training:
+            boxes = self.training_boxes(boxes, tuple(images.shape[-2:]))
         feats = self.features(images)  # (B, C, H/4, W/4)
-        crops = crop_and_resize(feats, boxes, self.crop_size, self.stride, self.sampling_ratio)
-        parts = [crops]  # (N, C, m, m)
+        out: dict[str, torch.Tensor | list] = {"boxes": boxes}
+        if self.centre_heatmap is not None:
+            out["centre_heatmap"] = self.centre_heatmap(feats)  # (B, K, H/4, W/4)
+        pix = feats if self.pixel_embedding is None else self.pixel_embedding(feats)
+        crops = crop_and_resize(pix, boxes, self.crop_size, self.stride, self.sampling_ratio)
         n = crops.shape[0]
         if n == 0:  # no box in the whole batch: nothing for the head to do
-            empty = feats.new_zeros(0, self.mask_size, self.mask_size) + 0 * feats.sum()
-            return {"mask_logits": empty, "boxes": boxes}
+            out["mask_logits"] = feats.new_zeros(0, self.mask_size, self.mask_size) + 0 * pix.sum()
+            return out
+        parts = [crops]  # (N, P, m, m)
+        if self.use_xy:
+            parts.insert(0, coordinate_channels(n, self.crop_size, crops.device, crops.dtype))
         if self.embedding is not None:
             emb = self.embedding(feats)  # (B, E, H/4, W/4)
-            # One stride-cell box at each centre, 1 bin, 1 sample: bilinear read at the centre.
+            # One stride-cell box at each centre, 1 bin, 1 sample: bilinear read at the centre
+            # (the release reads the cell under the centre).
             centres = [
                 torch.cat(
                     [
@@ -451,7 +702,6 @@ class DeepMAC(nn.Module):
             ]
             inst = crop_and_resize(emb, centres, 1, self.stride, 1)  # (N, E, 1, 1)
             parts.append(inst.expand(-1, -1, self.crop_size, self.crop_size))
-        if self.use_xy:
-            parts.append(coordinate_channels(n, self.crop_size, crops.device, crops.dtype))
         logits = self.head(torch.cat(parts, 1))  # (N, 1, M, M)
-        return {"mask_logits": logits[:, 0], "boxes": boxes}
+        out["mask_logits"] = logits[:, 0]
+        return out
