@@ -24,6 +24,7 @@ def data_dir(tmp_path_factory):
 
 def _independent_val_confusion(ckpt_path, cfg) -> np.ndarray:
     """Confusion of the checkpoint on the val split, scored image by image at original size."""
+    from datamodules.batch import network_batch
     from experiments.train import build_module
 
     module = build_module(cfg)
@@ -36,6 +37,7 @@ def _independent_val_confusion(ckpt_path, cfg) -> np.ndarray:
     c = cfg.data.num_classes
     confusion = np.zeros((c, c), dtype=np.int64)
     for batch in datamodule.val_dataloader():
+        batch = network_batch(batch)  # loaders give uint8; the module normalises after transfer
         with torch.no_grad():
             logits = module.net(batch["image"])["out"]
         for i, (h, w) in enumerate(batch["orig_size"].tolist()):
