@@ -24,6 +24,14 @@ from lightning_modules.metrics import (
     segmentation_scores,
 )
 from lightning_modules.schedulers import per_step_optimization
+from lightning_modules.step_state import (
+    GRADIENT,
+    LOSS,
+    NonFiniteRecord,
+    StepTerms,
+    decode,
+    stack_terms,
+)
 from samplers.regional import sampling_statistics
 
 log = logging.getLogger(__name__)
@@ -37,8 +45,10 @@ class NonFiniteWeightsError(NonFiniteLossError):
     """Non-finite weights after finite losses and gradients: the checkpoint was refused."""
 
 
-def _terms(losses: dict[str, Tensor]) -> str:
-    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+def _terms(losses: dict[str, Tensor] | dict[str, float]) -> str:
+    return ", ".join(
+        f"{k}={float(v.detach() if isinstance(v, Tensor) else v):.4g}" for k, v in losses.items()
+    )
 
 
 def match_outputs_to_loss(net: nn.Module, loss: nn.Module) -> list[str]:
@@ -100,7 +110,10 @@ class ParsingLitModule(pl.LightningModule):
             loss terms and the last good checkpoint; ``skip`` the batch and count it; ``off``.
             A non-finite gradient always stops the run (its loss was finite, so the batch is not
             the cause), and so do non-finite weights found when a checkpoint is saved (the
-            checkpoint is not written); ``off`` checks none of these.
+            checkpoint is not written); ``off`` checks none of these. ``stop`` costs no host sync
+            per step: the first non-finite step is recorded on the device and read every
+            ``trainer.log_every_n_steps`` steps, at each epoch's last batch and before every
+            checkpoint (the message names that step); ``skip`` syncs once per step.
         inference: test-time protocol ``(net_forward, image) -> scores`` for validation and test
             (flip / multi-scale / sliding window, see ``lightning_modules.inference``); None =
             one plain forward pass.
@@ -173,8 +186,10 @@ class ParsingLitModule(pl.LightningModule):
         self.nonfinite = nonfinite
         self.skipped_nonfinite = 0
         self._last_losses: dict[str, Tensor] = {}
-        # Under DDP: (term names, (W, T) loss terms of every rank) of the last step.
-        self._rank_terms: tuple[list[str], Tensor] | None = None
+        # The per-step loss terms and the first non-finite step, kept on the device; the host
+        # reads both every trainer.log_every_n_steps steps (see _read_step_state).
+        self._step_terms = StepTerms()
+        self._nonfinite_record = NonFiniteRecord()
         self._sampler_generator: torch.Generator | None = None
         # (stage, name, (H, W) uint8 ids) -> None: evaluation hands it every prediction at the
         # image's original size (``save_predictions=true`` writes PNGs with it).
@@ -202,12 +217,19 @@ class ParsingLitModule(pl.LightningModule):
                 "batch on one rank would leave the others waiting in the gradient all-reduce; "
                 "use module.nonfinite=stop"
             )
+        self._step_terms = StepTerms()
+        self._nonfinite_record = NonFiniteRecord()
         if self.sampler is not None:
             if not self.sampler.is_ready:
                 self._init_sampler()
             # Same probabilities everywhere, but each rank draws its own keep decisions.
             seed = int(torch.initial_seed()) + 1_000_003 * self.global_rank
             self._sampler_generator = torch.Generator(device=self.device).manual_seed(seed % 2**63)
+
+    def on_fit_end(self) -> None:
+        # Steps of a finished fit are not re-read by a later save (e.g. after trainer.test).
+        self._step_terms = StepTerms()
+        self._nonfinite_record = NonFiniteRecord()
 
     def reseed(self, seed: int) -> None:
         """Restarts the regional sampler's draws from ``seed`` (called by the EpochSeed callback)."""
@@ -368,34 +390,98 @@ class ParsingLitModule(pl.LightningModule):
         )
         extra = self.extra_loss_inputs(batch, outputs)
         losses = self.loss(outputs, target, sample_mask=sample_mask, **extra)
-        if self.nonfinite != "off" and not self._loss_is_finite(losses):
-            # One host sync per step: the price of catching a NaN in the step where it appears.
-            if self.nonfinite == "skip":
-                self.skipped_nonfinite += 1
-                log.warning(
-                    "step %d: non-finite loss, batch skipped (%d so far): %s",
-                    self.global_step,
-                    self.skipped_nonfinite,
-                    _terms(losses),
-                )
-                return None
-            raise NonFiniteLossError(self._nonfinite_message("loss", losses))
-        self._last_losses = {k: v.detach() for k, v in losses.items()}
-        bs = image.shape[0]
-        for name, value in losses.items():
-            if name == "loss/main":
-                continue  # the same tensor is logged under the main loss's own name (loss/ce, ...)
-            self.log(
-                f"train/{name}",
-                value,
-                on_step=True,
-                on_epoch=True,
-                batch_size=bs,
-                prog_bar=name == "loss",
+        if self.nonfinite == "skip" and not bool(torch.isfinite(losses["loss"])):
+            # One host sync per step: a batch can only be skipped before its backward pass.
+            self.skipped_nonfinite += 1
+            log.warning(
+                "step %d: non-finite loss, batch skipped (%d so far): %s",
+                self.global_step,
+                self.skipped_nonfinite,
+                _terms(losses),
             )
+            return None
+        self._last_losses = {k: v.detach() for k, v in losses.items()}
+        # loss/main is the same tensor as the main loss's own name (loss/ce, ...): logged once.
+        names = tuple(k for k in losses if k != "loss/main")
+        terms = stack_terms({k: losses[k] for k in names})  # (T,)
+        self._step_terms.update(names, terms, image.shape[0])
+        if self.nonfinite != "off":
+            bad = ~torch.isfinite(terms[names.index("loss")])
+            self._nonfinite_record.record(bad, LOSS, self.global_step, terms)
         if self.track_train_confusion or self.force_train_confusion:
             self.train_confmat.update(outputs["out"].detach().argmax(1), target)
         return losses["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trainer = self.trainer
+        # The steps at which Lightning writes step metrics (log_every_n_steps): a value logged at
+        # another step would be written late, as if it belonged to the next logging step.
+        log_now = trainer._logger_connector.should_update_logs
+        # Also at an epoch's last batch: validation and checkpoints come next, and must never see
+        # weights that a non-finite step produced.
+        last = batch_idx + 1 == trainer.num_training_batches
+        last = last or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if log_now or last:
+            self._read_step_state(log=log_now)
+
+    def _read_step_state(self, log: bool) -> None:
+        """Reads the last step's loss terms and the non-finite record in one host transfer (one
+        ``all_gather`` under DDP, so that every rank stops in the same step with the same message),
+        raises on a non-finite loss or gradient, and logs the terms as ``train/<term>_step``.
+
+        Raises:
+            NonFiniteLossError: naming the first non-finite step, its loss terms (those of the
+                ranks whose loss was non-finite, under DDP) and the last good checkpoint.
+        """
+        step_terms = self._step_terms
+        if step_terms.last is None:
+            return  # no training step in this process since the fit started
+        names = step_terms.names
+        nonfinite = self._nonfinite_record.state(len(names), step_terms.last.device)
+        packed = torch.cat([step_terms.last.double(), nonfinite])  # (2T + 1,)
+        if self.nonfinite != "off" and self.trainer.world_size > 1:
+            gathered = self.all_gather(packed).reshape(-1, packed.numel()).cpu()  # (W, 2T + 1)
+            own = gathered[self.global_rank]
+        else:
+            own = packed.cpu()
+            gathered = own[None]
+        if self.nonfinite != "off":
+            self._raise_if_nonfinite(names, gathered[:, len(names) :])
+        if log:
+            # CPU tensors: the progress bar and the loggers read them without a device sync.
+            for name, value in zip(names, own[: len(names)].float(), strict=True):
+                self.log(
+                    f"train/{name}_step",
+                    value,
+                    on_step=True,
+                    on_epoch=False,
+                    prog_bar=name == "loss",
+                    batch_size=1,
+                )
+
+    def _raise_if_nonfinite(self, names: tuple[str, ...], records: Tensor) -> None:
+        """Raises if a process recorded a non-finite step; ``records`` ``(W, 1 + T)`` holds each
+        process's :meth:`NonFiniteRecord.state`. Every rank decides from the same rows."""
+        found = []
+        for rank, row in enumerate(records.tolist()):
+            event = decode(row[0])
+            if event is not None:
+                found.append((event, rank, dict(zip(names, row[1:], strict=True))))
+        if not found:
+            return
+        step = min(event[0] for event, _, _ in found)
+        kind = min(event[1] for event, _, _ in found if event[0] == step)  # a loss before its grad
+        rows = [(rank, terms) for event, rank, terms in found if event == (step, kind)]
+        if len(records) == 1:
+            text = _terms(rows[0][1])
+        elif kind == LOSS:
+            text = "; ".join(f"rank {r}: {_terms(terms)}" for r, terms in rows[:4])
+        else:
+            mean = {n: sum(t[n] for _, t in rows) / len(rows) for n in names}
+            text = f"{_terms(mean)} (mean over {len(rows)} processes)"
+        raise NonFiniteLossError(
+            self._nonfinite_message("loss" if kind == LOSS else "gradient", step, text)
+        )
 
     def extra_loss_inputs(
         self, batch: dict[str, Any], outputs: dict[str, Tensor]
@@ -404,44 +490,17 @@ class ParsingLitModule(pl.LightningModule):
         refined ``soft_target`` / ``soft_edge``)."""
         return {}
 
-    def _loss_is_finite(self, losses: dict[str, Tensor]) -> bool:
-        """Whether the loss is finite on every process.
-
-        Under DDP the loss terms of all ranks are gathered (one small ``all_gather`` per step, in
-        place of the single-process host sync), so every rank stops in the same step with the same
-        message: a rank stopping alone would leave the others in the gradient all-reduce until the
-        process-group timeout. The gathered terms also word the gradient check's message.
-        """
-        if self._trainer is None or self.trainer.world_size == 1:
-            self._rank_terms = None
-            return bool(torch.isfinite(losses["loss"]))
-        names = list(losses)
-        terms = torch.stack([v.detach().float().reshape(()) for v in losses.values()])  # (T,)
-        gathered = self.all_gather(terms).reshape(-1, len(names)).cpu()  # (W, T)
-        self._rank_terms = (names, gathered)
-        return bool(torch.isfinite(gathered[:, names.index("loss")]).all())
-
-    def _terms_text(self, losses: dict[str, Tensor]) -> str:
-        """The loss terms for a message: this process's, or under DDP those of the ranks whose
-        loss is non-finite (else the mean over the ranks), identical on every rank."""
-        rank_terms = self._rank_terms
-        if rank_terms is None:
-            return _terms(losses)
-        names, gathered = rank_terms
-        bad = (~torch.isfinite(gathered[:, names.index("loss")])).nonzero().flatten().tolist()
-        if not bad:
-            mean = dict(zip(names, gathered.mean(0), strict=True))
-            return f"{_terms(mean)} (mean over {len(gathered)} processes)"
-        return "; ".join(
-            f"rank {r}: {_terms(dict(zip(names, gathered[r], strict=True)))}" for r in bad[:4]
-        )
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.nonfinite == "off":
+        terms = self._step_terms.last
+        if self.nonfinite == "off" or terms is None:
             return
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            raise NonFiniteLossError(self._nonfinite_message("gradient", self._last_losses))
+        if not grads:
+            return
+        # The largest |g| over every gradient entry: NaN or inf exactly when one entry is (a
+        # 2-norm could overflow on finite gradients). A few fused kernels, read with the record.
+        peak = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
+        self._nonfinite_record.record(~torch.isfinite(peak), GRADIENT, self.global_step, terms)
 
     def _good_checkpoint(self) -> str:
         """The newest checkpoint file of this run, or ``""``: every file the run wrote had finite
@@ -458,11 +517,11 @@ class ParsingLitModule(pl.LightningModule):
         saved += [p for cb in callbacks for p in (cb.last_model_path, cb.best_model_path)]
         return next((p for p in saved if p and Path(p).is_file()), "")
 
-    def _nonfinite_message(self, what: str, losses: dict[str, Tensor]) -> str:
+    def _nonfinite_message(self, what: str, step: int, terms: str) -> str:
         good = self._good_checkpoint()
         return (
-            f"non-finite {what} at global step {self.global_step} (epoch {self.current_epoch}); "
-            f"loss terms: {self._terms_text(losses)}. Nothing was written after this step; the "
+            f"non-finite {what} at global step {step} (epoch {self.current_epoch}); "
+            f"loss terms: {terms}. Nothing was written after this step; the "
             f"last good checkpoint (weights checked finite when it was written) is "
             f"{good or 'not saved yet'}. Lower the learning rate or check the batch's data; "
             "module.nonfinite=skip skips such batches instead."
@@ -501,6 +560,17 @@ class ParsingLitModule(pl.LightningModule):
         )
 
     def on_train_epoch_end(self) -> None:
+        self._read_step_state(log=False)
+        for name, mean in self._step_terms.epoch_means().items():
+            self.log(
+                f"train/{name}_epoch",
+                torch.tensor(mean),
+                on_step=False,
+                on_epoch=True,
+                prog_bar=name == "loss",
+                batch_size=1,
+            )
+        self._step_terms.reset()
         if self.skipped_nonfinite:
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
         if self.track_train_confusion:
@@ -637,7 +707,9 @@ class ParsingLitModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before anything is written (this hook runs inside every trainer.save_checkpoint, on
-        # every rank), so that no checkpoint file ever holds non-finite weights.
+        # every rank), so that no checkpoint file ever holds non-finite weights: first the steps
+        # since the last read, then the weights themselves.
+        self._read_step_state(log=False)
         self._check_weights_finite()
         # The net is not a hyper-parameter (see save_hyperparameters above): its resolved config
         # travels under its own key so that predict/export can rebuild it from the file alone.
