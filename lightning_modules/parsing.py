@@ -103,7 +103,9 @@ class ParsingLitModule(pl.LightningModule):
         class_names: C names for tables and logs.
         ignore_index: label value excluded from loss and metrics.
         freeze_encoder: freeze the net's encoder, BatchNorm statistics included (RIM stage 2).
-        track_train_confusion: accumulate a confusion matrix of the training batches every epoch.
+        track_train_confusion: accumulate a confusion matrix of the training batches every
+            epoch (``train/mIoU``, ...; an arg-max and a histogram per step). Off, it is kept
+            only in the epoch whose statistics ARBS needs (``CPASnapshot``).
         channels_last: run the net in channels-last memory format (faster convolutions on GPU).
         compile: ``torch.compile`` the net.
         nonfinite: what a NaN/Inf loss does: ``stop`` the run with a message naming the step, the
@@ -132,7 +134,7 @@ class ParsingLitModule(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         ignore_index: int = 255,
         freeze_encoder: bool = False,
-        track_train_confusion: bool = True,
+        track_train_confusion: bool = False,
         channels_last: bool = False,
         compile: bool = False,
         nonfinite: str = "stop",
@@ -164,6 +166,10 @@ class ParsingLitModule(pl.LightningModule):
                 f"class_names has {len(self.class_names)} entries but num_classes is {num_classes}"
             )
         self.ignore_index = ignore_index
+        if channels_last:
+            # Weights as well as inputs: a convolution given NHWC input and NCHW weights runs
+            # in one of them after a conversion, every step.
+            net.to(memory_format=torch.channels_last)
         if freeze_encoder:
             net.freeze_encoder()
         # Outputs the loss does not weight (the auxiliary head in RIM stage 2) only cost time.
@@ -190,6 +196,7 @@ class ParsingLitModule(pl.LightningModule):
         # reads both every trainer.log_every_n_steps steps (see _read_step_state).
         self._step_terms = StepTerms()
         self._nonfinite_record = NonFiniteRecord()
+        self._trained_parameters: list[nn.Parameter] = []
         self._sampler_generator: torch.Generator | None = None
         # (stage, name, (H, W) uint8 ids) -> None: evaluation hands it every prediction at the
         # image's original size (``save_predictions=true`` writes PNGs with it).
@@ -219,6 +226,8 @@ class ParsingLitModule(pl.LightningModule):
             )
         self._step_terms = StepTerms()
         self._nonfinite_record = NonFiniteRecord()
+        # Listed once: walking the module tree every step costs more than the check itself.
+        self._trained_parameters = [p for p in self.net.parameters() if p.requires_grad]
         if self.sampler is not None:
             if not self.sampler.is_ready:
                 self._init_sampler()
@@ -439,7 +448,8 @@ class ParsingLitModule(pl.LightningModule):
         names = step_terms.names
         nonfinite = self._nonfinite_record.state(len(names), step_terms.last.device)
         packed = torch.cat([step_terms.last.double(), nonfinite])  # (2T + 1,)
-        if self.nonfinite != "off" and self.trainer.world_size > 1:
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if self.nonfinite != "off" and world_size > 1:
             gathered = self.all_gather(packed).reshape(-1, packed.numel()).cpu()  # (W, 2T + 1)
             own = gathered[self.global_rank]
         else:
@@ -494,13 +504,14 @@ class ParsingLitModule(pl.LightningModule):
         terms = self._step_terms.last
         if self.nonfinite == "off" or terms is None:
             return
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        grads = [p.grad for p in self._trained_parameters if p.grad is not None]
         if not grads:
             return
-        # The largest |g| over every gradient entry: NaN or inf exactly when one entry is (a
-        # 2-norm could overflow on finite gradients). A few fused kernels, read with the record.
-        peak = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
-        self._nonfinite_record.record(~torch.isfinite(peak), GRADIENT, self.global_step, terms)
+        # The 2-norm of all gradients: NaN or inf when an entry is (or when the squares overflow
+        # float32, |g| > 1e19, which no converging run produces). A fused multi-tensor kernel on
+        # GPUs; an isfinite per tensor costs 15x more on a CPU, the max-norm too.
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        self._nonfinite_record.record(~torch.isfinite(norm), GRADIENT, self.global_step, terms)
 
     def _good_checkpoint(self) -> str:
         """The newest checkpoint file of this run, or ``""``: every file the run wrote had finite
@@ -605,12 +616,26 @@ class ParsingLitModule(pl.LightningModule):
         (:func:`~lightning_modules.inference.labels_to_original_affine`), SCHP's official
         scoring.
         """
+        # Scored in float32, as predict scores: under bf16 autocast the logits arrive in bf16, and
+        # resizing them in bf16 would round the differences the arg-max decides between.
         logits = self.predict_logits(batch["image"])
+        with torch.autocast(logits.device.type, enabled=False):
+            self._score_batch(logits.float(), batch, metric, stage)
+
+    def _score_batch(
+        self, logits: Tensor, batch: dict[str, Any], metric: ConfusionMatrix, stage: str
+    ) -> None:
+        """Scores ``(B, C, h, w)`` float32 ``logits`` of ``batch`` (see :meth:`_eval_step`)."""
         target = batch["mask"]
         orig = batch.get("orig_size")
         boxes = batch.get("valid_box")
         affines = batch.get("inverse_affine")
-        sizes = [tuple(target.shape[-2:])] * len(target) if orig is None else orig.tolist()
+        # Host lists (on_before_batch_transfer) or tensors (a batch handed in directly).
+        if isinstance(orig, Tensor):
+            orig = orig.tolist()
+        if isinstance(boxes, Tensor):
+            boxes = boxes.tolist()
+        sizes = [tuple(target.shape[-2:])] * len(target) if orig is None else orig
         if (
             boxes is None
             and affines is None
@@ -645,13 +670,23 @@ class ParsingLitModule(pl.LightningModule):
                 up = scores_to_original(
                     logits[i : i + 1],
                     (h, w),
-                    valid_box=None if boxes is None else boxes[i].tolist(),
+                    valid_box=None if boxes is None else boxes[i],
                     input_size=input_size,
                 )
                 pred = up.argmax(1)
             metric.update(pred, target[i : i + 1, :h, :w])
             per_image.append(pred[0])
         self._write_predictions(stage, batch, per_image)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The sizes and boxes slice the scores on the host: read them while they are still in
+        # host memory, instead of a device round trip per evaluation batch.
+        if isinstance(batch, dict):
+            for key in ("orig_size", "valid_box"):
+                value = batch.get(key)
+                if isinstance(value, Tensor) and value.device.type == "cpu":
+                    batch[key] = value.tolist()
+        return batch
 
     def _write_predictions(self, stage: str, batch: dict[str, Any], preds: list[Tensor]) -> None:
         """Hands each image's ``(H, W)`` predicted ids to ``prediction_writer``, when one is set."""
