@@ -33,9 +33,14 @@ BENIGN_WARNINGS = (
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device (bench/device_check.sh runs it)")
     for item in items:
         for spec in BENIGN_WARNINGS:
             item.add_marker(pytest.mark.filterwarnings(spec))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 def write_jpg(path: Path, image: np.ndarray) -> Path:

@@ -231,3 +231,26 @@ def test_sync_batchnorm_auto_follows_the_per_process_batch():
     # The mmseg Cityscapes recipe (2 images per GPU) asks for it explicitly.
     cfg = compose_cfg(["trainer=ddp", "experiment=pspnet_cityscapes"], Path("/nonexistent"))
     assert cfg.trainer.sync_batchnorm is True
+
+
+@pytest.mark.parametrize("module_name", ["PositionAttentionModule", "ChannelAttentionModule"])
+def test_danet_attention_keeps_bf16_and_channels_last(module_name):
+    """Under bf16 autocast with channels-last input the attention's output stays bf16 and
+    channels-last (the float32 gamma promoted it, the reshape made it NCHW), and equals the NCHW
+    computation."""
+    from lightning_modules.nets import danet
+
+    torch.manual_seed(0)
+    module = getattr(danet, module_name)(*([16] if module_name.startswith("Position") else []))
+    with torch.no_grad():
+        module.gamma.fill_(0.5)
+    x = torch.randn(2, 16, 5, 7)
+    features = x.bfloat16()  # what the convolution before it returns under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nhwc = module(features.contiguous(memory_format=torch.channels_last))
+        nchw = module(features)
+    assert nhwc.dtype == torch.bfloat16 and nchw.dtype == torch.bfloat16
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and nchw.is_contiguous()
+    reference = module(x)  # float32
+    assert torch.allclose(nhwc.float(), reference, atol=0.1, rtol=0.05)
+    assert torch.allclose(nchw.float(), reference, atol=0.1, rtol=0.05)
