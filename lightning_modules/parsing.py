@@ -107,7 +107,7 @@ class ParsingLitModule(pl.LightningModule):
             epoch (``train/mIoU``, ...; an arg-max and a histogram per step). Off, it is kept
             only in the epoch whose statistics ARBS needs (``CPASnapshot``).
         channels_last: run the net in channels-last memory format (faster convolutions on GPU).
-        compile: ``torch.compile`` the net.
+        compile: ``torch.compile`` the net's training forward (evaluation runs it eagerly).
         nonfinite: what a NaN/Inf loss does: ``stop`` the run with a message naming the step, the
             loss terms and the last good checkpoint; ``skip`` the batch and count it; ``off``.
             A non-finite gradient always stops the run (its loss was finite, so the batch is not
@@ -210,7 +210,10 @@ class ParsingLitModule(pl.LightningModule):
         """Logits of ``image`` ``(B, 3, h, w)``: ``{"out": (B, C, h, w), ...}``."""
         if self.hparams.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        return self._net_forward(image)
+        # Evaluation runs the net eagerly: its input sizes vary (full-resolution validation, a
+        # smaller last batch) and each new size, like each train/eval switch, would compile the
+        # net again; training compiles once per stage.
+        return (self._net_forward if self.training else self.net)(image)
 
     # ------------------------------------------------------------------ training
 

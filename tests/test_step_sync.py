@@ -254,3 +254,25 @@ def test_danet_attention_keeps_bf16_and_channels_last(module_name):
     reference = module(x)  # float32
     assert torch.allclose(nhwc.float(), reference, atol=0.1, rtol=0.05)
     assert torch.allclose(nchw.float(), reference, atol=0.1, rtol=0.05)
+
+
+def test_compiled_net_compiles_once_across_train_eval_switches(monkeypatch):
+    """module.compile=true: training steps, validation at two sizes and training again capture
+    the training graph once and run evaluation eagerly (dynamo's eager backend: no codegen)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda net: real(net, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    module = _module(1, compile=True)
+    for round_ in range(2):
+        module.train()
+        module.training_step(_batch(seed=round_), 0).backward()
+        module.eval()
+        with torch.no_grad():
+            for size in (16, 24):
+                module._eval_step(_batch(1, size), module.val_confmat, "val")
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
