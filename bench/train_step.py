@@ -98,12 +98,19 @@ class _Batches:
 
 
 class _StepTimer(pl.Callback):
-    """Wall time of the steps after ``warmup`` up to step ``total`` (CUDA synchronised only at
-    both ends, as the hand loop is: a sync per step would hide the host's run-ahead)."""
+    """Time of the steps after ``warmup`` up to step ``total`` (CUDA synchronised only at both
+    ends, as the hand loop is: a sync per step would hide the host's run-ahead).
 
-    def __init__(self, warmup: int, total: int) -> None:
-        self.warmup, self.total = warmup, total
-        self.start, self.end, self.first_loss = 0.0, 0.0, None
+    With ``hand`` (a hand-loop step, CPU only) one hand step runs after each timed rimlab step,
+    inside the same fit, and is timed on its own: both variants then see the same load from
+    step to step, which rounds of 40 steps on a shared machine do not. Timing runs from the
+    start of step ``warmup`` to the start of step ``total``, so that every Lightning hook of the
+    timed steps counts.
+    """
+
+    def __init__(self, warmup: int, total: int, hand=None) -> None:
+        self.warmup, self.total, self.hand = warmup, total, hand
+        self.start, self.end, self.hand_seconds, self.first_loss = 0.0, 0.0, 0.0, None
 
     def _sync(self, module: pl.LightningModule) -> None:
         if module.device.type == "cuda":
@@ -113,16 +120,22 @@ class _StepTimer(pl.Callback):
         if batch_idx == self.warmup:
             self._sync(pl_module)
             self.start = CLOCK[0]()
+        elif batch_idx == self.total:
+            self._sync(pl_module)
+            self.end = CLOCK[0]()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
             self.first_loss = float(outputs["loss"])
-        if batch_idx + 1 == self.total:
-            self._sync(pl_module)
-            self.end = CLOCK[0]()
+        if self.hand is not None and self.warmup <= batch_idx < self.total:
+            if batch_idx == self.warmup:
+                self.hand()  # builds the hand loop and runs its untimed first step
+            start = CLOCK[0]()
+            self.hand()
+            self.hand_seconds += CLOCK[0]() - start
 
 
-def time_rimlab(module, batches, args, device, cfg=None) -> tuple[float, float]:
+def time_rimlab(module, batches, args, device, cfg=None, hand=None) -> tuple[float, float, float]:
     """Seconds per step of the LightningModule under a Trainer, and the first step's loss.
 
     With ``cfg`` the Trainer is the one ``run.py`` builds (``experiments.train.build_trainer``:
@@ -130,7 +143,8 @@ def time_rimlab(module, batches, args, device, cfg=None) -> tuple[float, float]:
     metrics, logging and the progress bar cost what they cost a user; without it a bare Trainer.
     """
     steps = args.warmup + args.steps
-    timer = _StepTimer(args.warmup, steps)
+    timer = _StepTimer(args.warmup, steps, hand)
+    steps += 1  # the timing ends at the start of one more step
     if cfg is not None:
         from experiments.train import build_trainer
 
@@ -163,7 +177,8 @@ def time_rimlab(module, batches, args, device, cfg=None) -> tuple[float, float]:
         )
     loader = _Batches([batches[i % len(batches)] for i in range(steps)])
     trainer.fit(module, train_dataloaders=loader)
-    return (timer.end - timer.start) / args.steps, timer.first_loss
+    hand_s = timer.hand_seconds / args.steps
+    return (timer.end - timer.start) / args.steps - hand_s, hand_s, timer.first_loss
 
 
 def hand_step_fn(net, batches, args, device, aux_weight: float, sampler=None, ilm=None):
@@ -275,6 +290,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
+        "--interleave",
+        choices=("rounds", "steps"),
+        default="rounds",
+        help="alternate the variants by rounds, or step by step inside one fit (CPU only)",
+    )
+    parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
@@ -290,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.channels_last = gpu if args.channels_last is None else args.channels_last
     if args.warmup < 1:
         parser.error("--warmup must be >= 1")
+    if args.interleave == "steps" and gpu:
+        parser.error("--interleave steps times both variants on the host: CPU runs only")
 
     overrides = ["experiment=pspnet_mhp", "data=synthetic_mhp", "model.pretrained=false"]
     overrides += ["optimizer=sgd", f"optimizer.lr={args.lr}", "data.num_workers=" + str(
@@ -326,6 +349,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     aux_weight = 0.0 if args.stage == 2 else float(cfg.loss.get("aux_weight", 0.0))
     hand_step = None
+
+    def make_hand_step():
+        sampler = ilm = None
+        if args.stage == 2:
+            from losses import InterClassLoss
+
+            sampler = copy.deepcopy(module.sampler).to(device)
+            ilm = InterClassLoss(margin=float(cfg.loss.ilm.margin)).to(device)
+        return hand_step_fn(net_copy, batches, args, device, aux_weight, sampler, ilm)
+
     run_cfg = None
     if args.as_run:
         run_cfg = cfg.copy()
@@ -335,21 +368,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rimlab_times, hand_times, rimlab_mem = [], [], None
     rimlab_loss = hand_loss = float("nan")
     for round_ in range(args.repeats):
-        seconds, loss = time_rimlab(module, batches, args, device, run_cfg)
+        inside_hand = None
+        if args.interleave == "steps":
+
+            def inside_hand():  # built inside the fit, once ARBS has its statistics
+                nonlocal hand_step, hand_loss
+                if hand_step is None:
+                    hand_step = make_hand_step()
+                    hand_loss = hand_step()  # its first step, untimed
+                hand_step()
+
+        seconds, inside, loss = time_rimlab(module, batches, args, device, run_cfg, inside_hand)
         rimlab_times.append(seconds)
         if gpu and round_ == 0:
             rimlab_mem = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
         if round_ == 0:
             rimlab_loss = loss
-        if hand_step is None:  # after the first fit, which derived the sampler's statistics
-            sampler = ilm = None
-            if args.stage == 2:
-                from losses import InterClassLoss
-
-                sampler = copy.deepcopy(module.sampler).to(device)
-                ilm = InterClassLoss(margin=float(cfg.loss.ilm.margin)).to(device)
-            hand_step = hand_step_fn(net_copy, batches, args, device, aux_weight, sampler, ilm)
+        if args.interleave == "steps":
+            hand_times.append(inside)
+            continue
+        hand_step = hand_step or make_hand_step()  # after the first fit (ARBS statistics)
         seconds, loss = time_hand(hand_step, args, device)
         hand_times.append(seconds)
         if round_ == 0:

@@ -51,6 +51,23 @@ def _terms(losses: dict[str, Tensor] | dict[str, float]) -> str:
     )
 
 
+def _host_values(*values: Tensor | None) -> list[list | None]:
+    """``values`` (integer tensors or None) as nested lists, read in one device transfer."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    if not tensors:
+        return [v for v in values]
+    flat = torch.cat([t.reshape(-1).long() for t in tensors]).tolist()
+    out, offset = [], 0
+    for v in values:
+        if not isinstance(v, Tensor):
+            out.append(v)
+            continue
+        n = v.numel()
+        out.append(torch.tensor(flat[offset : offset + n]).reshape(v.shape).tolist())
+        offset += n
+    return out
+
+
 def match_outputs_to_loss(net: nn.Module, loss: nn.Module) -> list[str]:
     """Switches off the net's training-only outputs that ``loss`` does not score; freezes their heads.
 
@@ -633,11 +650,9 @@ class ParsingLitModule(pl.LightningModule):
         orig = batch.get("orig_size")
         boxes = batch.get("valid_box")
         affines = batch.get("inverse_affine")
-        # Host lists (on_before_batch_transfer) or tensors (a batch handed in directly).
-        if isinstance(orig, Tensor):
-            orig = orig.tolist()
-        if isinstance(boxes, Tensor):
-            boxes = boxes.tolist()
+        # The sizes and boxes slice the scores on the host: one transfer for both (a device
+        # round trip per image before).
+        orig, boxes = _host_values(orig, boxes)
         sizes = [tuple(target.shape[-2:])] * len(target) if orig is None else orig
         if (
             boxes is None
@@ -680,16 +695,6 @@ class ParsingLitModule(pl.LightningModule):
             metric.update(pred, target[i : i + 1, :h, :w])
             per_image.append(pred[0])
         self._write_predictions(stage, batch, per_image)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # The sizes and boxes slice the scores on the host: read them while they are still in
-        # host memory, instead of a device round trip per evaluation batch.
-        if isinstance(batch, dict):
-            for key in ("orig_size", "valid_box"):
-                value = batch.get(key)
-                if isinstance(value, Tensor) and value.device.type == "cpu":
-                    batch[key] = value.tolist()
-        return batch
 
     def _write_predictions(self, stage: str, batch: dict[str, Any], preds: list[Tensor]) -> None:
         """Hands each image's ``(H, W)`` predicted ids to ``prediction_writer``, when one is set."""
