@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,10 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from experiments.train import build_datamodule, build_module  # noqa: E402
+
+# The clock steps are timed with: wall time, or this process's CPU time (``--clock cpu``: on a
+# machine shared with other jobs it leaves out the time spent waiting for a core).
+CLOCK = [time.perf_counter]
 
 # H100 SXM dense bf16 matmul rate measured with torch.matmul (see docs/performance.md).
 H100_BF16_TFLOPS = 798.0
@@ -93,10 +98,19 @@ class _Batches:
 
 
 class _StepTimer(pl.Callback):
-    """Wall time of the steps after ``warmup`` (synchronising CUDA at both ends)."""
+    """Time of the steps after ``warmup`` up to step ``total`` (CUDA synchronised only at both
+    ends, as the hand loop is: a sync per step would hide the host's run-ahead).
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end, self.first_loss = warmup, 0.0, 0.0, None
+    With ``hand`` (a hand-loop step, CPU only) one hand step runs after each timed rimlab step,
+    inside the same fit, and is timed on its own: both variants then see the same load from
+    step to step, which rounds of 40 steps on a shared machine do not. Timing runs from the
+    start of step ``warmup`` to the start of step ``total``, so that every Lightning hook of the
+    timed steps counts.
+    """
+
+    def __init__(self, warmup: int, total: int, hand=None) -> None:
+        self.warmup, self.total, self.hand = warmup, total, hand
+        self.start, self.end, self.hand_seconds, self.first_loss = 0.0, 0.0, 0.0, None
 
     def _sync(self, module: pl.LightningModule) -> None:
         if module.device.type == "cuda":
@@ -105,36 +119,66 @@ class _StepTimer(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.warmup:
             self._sync(pl_module)
-            self.start = time.perf_counter()
+            self.start = CLOCK[0]()
+        elif batch_idx == self.total:
+            self._sync(pl_module)
+            self.end = CLOCK[0]()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
             self.first_loss = float(outputs["loss"])
-        self._sync(pl_module)
-        self.end = time.perf_counter()
+        if self.hand is not None and self.warmup <= batch_idx < self.total:
+            if batch_idx == self.warmup:
+                self.hand()  # builds the hand loop and runs its untimed first step
+            start = CLOCK[0]()
+            self.hand()
+            self.hand_seconds += CLOCK[0]() - start
 
 
-def time_rimlab(module, batches, args, device) -> tuple[float, float]:
-    """Seconds per step of the LightningModule under a Trainer, and the first step's loss."""
-    timer = _StepTimer(args.warmup)
-    trainer = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        precision=args.precision,
-        max_epochs=1,
-        limit_train_batches=args.warmup + args.steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-        benchmark=device.type == "cuda",
-    )
-    loader = _Batches([batches[i % len(batches)] for i in range(args.warmup + args.steps)])
+def time_rimlab(module, batches, args, device, cfg=None, hand=None) -> tuple[float, float, float]:
+    """Seconds per step of the LightningModule under a Trainer, and the first step's loss.
+
+    With ``cfg`` the Trainer is the one ``run.py`` builds (``experiments.train.build_trainer``:
+    the configured callbacks, progress bar, CSV logger, checkpoint callbacks, epoch seeding), so
+    metrics, logging and the progress bar cost what they cost a user; without it a bare Trainer.
+    """
+    steps = args.warmup + args.steps
+    timer = _StepTimer(args.warmup, steps, hand)
+    steps += 1  # the timing ends at the start of one more step
+    if cfg is not None:
+        from experiments.train import build_trainer
+
+        with open_dict(cfg):
+            cfg.trainer.accelerator = "gpu" if device.type == "cuda" else "cpu"
+            cfg.trainer.devices = 1
+            cfg.trainer.precision = args.precision
+            cfg.trainer.limit_train_batches = steps
+            cfg.trainer.limit_val_batches = 0
+            cfg.trainer.num_sanity_val_steps = 0
+            cfg.trainer.benchmark = device.type == "cuda"
+            cfg.trainer.strategy = "auto"
+        trainer = build_trainer(cfg, Path(cfg.paths.output_dir), max_epochs=1)
+        trainer.callbacks.append(timer)
+    else:
+        trainer = pl.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            precision=args.precision,
+            max_epochs=1,
+            limit_train_batches=steps,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+            benchmark=device.type == "cuda",
+        )
+    loader = _Batches([batches[i % len(batches)] for i in range(steps)])
     trainer.fit(module, train_dataloaders=loader)
-    return (timer.end - timer.start) / args.steps, timer.first_loss
+    hand_s = timer.hand_seconds / args.steps
+    return (timer.end - timer.start) / args.steps - hand_s, hand_s, timer.first_loss
 
 
 def hand_step_fn(net, batches, args, device, aux_weight: float, sampler=None, ilm=None):
@@ -180,12 +224,12 @@ def time_hand(step, args, device) -> tuple[float, float]:
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = CLOCK[0]()
     for _ in range(args.steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / args.steps, first
+    return (CLOCK[0]() - start) / args.steps, first
 
 
 def flops_per_image(net, batch, args, device) -> float:
@@ -235,13 +279,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data-batches", type=int, default=20, help="0 skips the data bench")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "train_step.json")
+    parser.add_argument(
+        "--as-run",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rimlab's Trainer as run.py builds it: callbacks, progress bar, CSV logger (default)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="alternating rimlab/hand rounds; medians reported"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--interleave",
+        choices=("rounds", "steps"),
+        default="rounds",
+        help="alternate the variants by rounds, or step by step inside one fit (CPU only)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or the process's CPU time (CPU runs on a shared machine, --threads 1)",
+    )
     args = parser.parse_args(argv)
+    CLOCK[0] = time.perf_counter if args.clock == "wall" else time.process_time
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.precision = args.precision or ("bf16-mixed" if gpu else "32")
     args.channels_last = gpu if args.channels_last is None else args.channels_last
     if args.warmup < 1:
         parser.error("--warmup must be >= 1")
+    if args.interleave == "steps" and gpu:
+        parser.error("--interleave steps times both variants on the host: CPU runs only")
 
     overrides = ["experiment=pspnet_mhp", "data=synthetic_mhp", "model.pretrained=false"]
     overrides += ["optimizer=sgd", f"optimizer.lr={args.lr}", "data.num_workers=" + str(
@@ -251,7 +322,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = compose_config([*overrides, *args.override], args.size, args.batch, args.data_dir)
     with open_dict(cfg):
         cfg.module.channels_last = bool(args.channels_last)
-        cfg.module.track_train_confusion = args.stage == 1  # stage 1 records CPA as in a real run
     torch.manual_seed(0)
     stage_overrides = None
     if args.stage == 2:
@@ -277,20 +347,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         net_copy.freeze_encoder()
     batches = make_batches(4, args.batch, args.size, int(cfg.data.num_classes), device)
 
-    rimlab_s, rimlab_loss = time_rimlab(module, batches, args, device)
-    if gpu:
-        rimlab_mem = torch.cuda.max_memory_allocated(device) / 2**30
-        torch.cuda.reset_peak_memory_stats(device)
     aux_weight = 0.0 if args.stage == 2 else float(cfg.loss.get("aux_weight", 0.0))
-    sampler = ilm = None
-    if args.stage == 2:
-        from losses import InterClassLoss
+    hand_step = None
 
-        sampler = copy.deepcopy(module.sampler).to(device)
-        ilm = InterClassLoss(margin=float(cfg.loss.ilm.margin)).to(device)
-    hand_s, hand_loss = time_hand(
-        hand_step_fn(net_copy, batches, args, device, aux_weight, sampler, ilm), args, device
-    )
+    def make_hand_step():
+        sampler = ilm = None
+        if args.stage == 2:
+            from losses import InterClassLoss
+
+            sampler = copy.deepcopy(module.sampler).to(device)
+            ilm = InterClassLoss(margin=float(cfg.loss.ilm.margin)).to(device)
+        return hand_step_fn(net_copy, batches, args, device, aux_weight, sampler, ilm)
+
+    run_cfg = None
+    if args.as_run:
+        run_cfg = cfg.copy()
+        with open_dict(run_cfg):
+            run_cfg.paths.output_dir = str(args.data_dir / "train_step_run")
+    # Interleaved rounds: on a loaded machine both variants see the same load.
+    rimlab_times, hand_times, rimlab_mem = [], [], None
+    rimlab_loss = hand_loss = float("nan")
+    for round_ in range(args.repeats):
+        inside_hand = None
+        if args.interleave == "steps":
+
+            def inside_hand():  # built inside the fit, once ARBS has its statistics
+                nonlocal hand_step, hand_loss
+                if hand_step is None:
+                    hand_step = make_hand_step()
+                    hand_loss = hand_step()  # its first step, untimed
+                hand_step()
+
+        seconds, inside, loss = time_rimlab(module, batches, args, device, run_cfg, inside_hand)
+        rimlab_times.append(seconds)
+        if gpu and round_ == 0:
+            rimlab_mem = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        if round_ == 0:
+            rimlab_loss = loss
+        if args.interleave == "steps":
+            hand_times.append(inside)
+            continue
+        hand_step = hand_step or make_hand_step()  # after the first fit (ARBS statistics)
+        seconds, loss = time_hand(hand_step, args, device)
+        hand_times.append(seconds)
+        if round_ == 0:
+            hand_loss = loss
+    rimlab_s = statistics.median(rimlab_times)
+    hand_s = statistics.median(hand_times)
     flops = flops_per_image(net_copy, batches[0], args, device)
     data_ips = data_images_per_s(cfg, args.data_batches) if args.data_batches > 0 else None
 
@@ -301,6 +405,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ms_per_step": {"rimlab": 1000 * rimlab_s, "hand": 1000 * hand_s},
         "images_per_s": {"rimlab": args.batch / rimlab_s, "hand": args.batch / hand_s},
         "rimlab_vs_hand_percent": 100.0 * (rimlab_s - hand_s) / hand_s,
+        "rimlab_minus_hand_ms": 1000 * (rimlab_s - hand_s),
+        "rounds_ms": {
+            "rimlab": [1000 * t for t in rimlab_times],
+            "hand": [1000 * t for t in hand_times],
+        },
         "first_step_loss": {"rimlab": rimlab_loss, "hand": hand_loss},
         "gflop_per_image": flops / 1e9,
         "tflops_achieved": {
@@ -320,7 +429,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{result['tflops_achieved'][k]:>9.2f} {result['mfu_percent'][k]:>7.2f}"
         )
     print(
-        f"rimlab vs hand loop: {result['rimlab_vs_hand_percent']:+.1f}%; "
+        f"rimlab vs hand loop: {result['rimlab_vs_hand_percent']:+.1f}% "
+        f"({result['rimlab_minus_hand_ms']:+.1f} ms/step); "
         f"{result['gflop_per_image']:.1f} GFLOP/image"
         + (f"; data pipeline alone {data_ips:.1f} images/s" if data_ips else "")
     )

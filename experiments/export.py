@@ -163,13 +163,27 @@ def export_onnx(
     return path
 
 
-def onnx_parity(
-    net: nn.Module, path: str | Path, sizes: Sequence[Sequence[int]], seed: int = 0
-) -> list[float]:
-    """Max absolute logit difference between onnxruntime (CPU) and PyTorch at each ``(h, w)``."""
+def cuda_provider_available() -> bool:
+    """Whether onnxruntime can run on a GPU here (an onnxruntime-gpu build and a CUDA device)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def onnx_parity(
+    net: nn.Module,
+    path: str | Path,
+    sizes: Sequence[Sequence[int]],
+    seed: int = 0,
+    provider: str = "CPUExecutionProvider",
+) -> list[float]:
+    """Max absolute logit difference between onnxruntime (on ``provider``: the CPU, or
+    ``CUDAExecutionProvider``) and PyTorch on the CPU at each ``(h, w)``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=[provider])
+    if provider not in session.get_providers():
+        raise PredictError(f"onnxruntime could not start {provider} for {path}")
     generator = torch.Generator().manual_seed(seed)
     net = net.eval().cpu()
     diffs = []
@@ -227,11 +241,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary["parity"] = onnx_parity(parser.net, output, sizes)
         print(f"onnxruntime vs PyTorch max |diff| at {sizes}: {summary['parity']}")
         tolerance = float(args.get("tolerance") or 1e-4)
-        if max(summary["parity"]) > tolerance:
-            raise PredictError(
-                f"{output}: onnxruntime and PyTorch logits differ by {max(summary['parity']):.2e} "
-                f"> tolerance={tolerance:g}; the export is not trustworthy (try another opset)"
+        checks = {"parity": summary["parity"]}
+        if cuda_provider_available():
+            # The GPU provider picks other kernels (cuDNN, TF32 off by default in onnxruntime).
+            summary["parity_cuda"] = onnx_parity(
+                parser.net, output, sizes, provider="CUDAExecutionProvider"
             )
+            print(f"onnxruntime CUDA vs PyTorch max |diff| at {sizes}: {summary['parity_cuda']}")
+            checks["parity_cuda"] = summary["parity_cuda"]
+        for key, diffs in checks.items():
+            if max(diffs) > tolerance:
+                raise PredictError(
+                    f"{output}: onnxruntime and PyTorch logits differ by {max(diffs):.2e} ({key}) "
+                    f"> tolerance={tolerance:g}; the export is not trustworthy (try another opset)"
+                )
     print(f"wrote {output}")
     return summary
 

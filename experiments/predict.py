@@ -94,6 +94,10 @@ class Parser:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     config: dict[str, Any] = field(default_factory=dict)
     dataset_ids: Any = None
+    bf16: bool = False
+    channels_last: bool = False
+    #: :meth:`labels` resizes at most this many score elements at a time (classes x pixels)
+    argmax_chunk_elements: int = 1 << 26
 
     def __post_init__(self) -> None:
         # The same resize + normalisation as validation (datamodules.transforms), so a prediction
@@ -139,23 +143,72 @@ class Parser:
             under flip / multi-scale protocols (see ``lightning_modules.inference``).
         """
         x, box = self.prepare(image)
-        if self.inference is None:
-            out = self.net(x)["out"]
-        else:
-            out = self.inference(lambda t: self.net(t)["out"], x)
+        out = self._network_scores(x)
         # (1, C, h, w) -> (1, C, H, W): back to the photo's resolution (cropped to the image's
         # box first when it was letterboxed), as validation scores it
         out = scores_to_original(out, image.shape[:2], valid_box=box, input_size=x.shape[-2:])
-        return out[0].float()
+        return out[0]
 
-    def predict(self, image: np.ndarray) -> tuple[np.ndarray, Tensor]:
-        """``(H, W)`` class ids and the ``(C, H, W)`` scores of an ``(H, W, 3)`` RGB image.
+    def _network_scores(self, x: Tensor) -> Tensor:
+        """``(1, C, h, w)`` float32 scores of the prepared input ``x`` at the network's resolution.
+
+        The network runs under bf16 autocast and in channels-last when ``bf16`` /
+        ``channels_last`` are set (``load_parser`` sets both on CUDA); its scores are resized in
+        float32 either way, as validation resizes them.
+        """
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.inference is None:
+                out = self.net(x)["out"]
+            else:
+                out = self.inference(lambda t: self.net(t)["out"], x)
+        return out.float()
+
+    @torch.inference_mode()
+    def labels(self, image: np.ndarray) -> Tensor:
+        """``(H, W)`` int64 class ids of an ``(H, W, 3)`` RGB image, on ``device``.
+
+        The same ids as ``scores(image).argmax(0)`` (bilinear resizing treats every class on its
+        own, and the running arg-max keeps the first of equal scores, as ``argmax`` does), but
+        the full-resolution scores are made ``argmax_chunk_elements // (H * W)`` classes at a
+        time: a 4K frame's 59 classes would take 2 GB in float32 at once.
+        """
+        x, box = self.prepare(image)
+        low = self._network_scores(x)  # (1, C, h, w)
+        height, width = image.shape[:2]
+        chunk = max(1, self.argmax_chunk_elements // (height * width))
+        best_score = best_id = None
+        for start in range(0, low.shape[1], chunk):
+            # (1, K, h, w) -> (K, H, W) for classes start .. start + K - 1
+            up = scores_to_original(
+                low[:, start : start + chunk],
+                (height, width),
+                valid_box=box,
+                input_size=x.shape[-2:],
+            )[0]
+            ids = up.argmax(0, keepdim=True)  # (1, H, W)
+            score = up.gather(0, ids)[0]
+            if best_score is None:
+                best_score, best_id = score, ids[0] + start
+                continue
+            better = score > best_score  # strictly: an earlier class keeps a tie
+            best_score = torch.where(better, score, best_score)
+            best_id = torch.where(better, ids[0] + start, best_id)
+        return best_id
+
+    def predict(
+        self, image: np.ndarray, with_scores: bool = True
+    ) -> tuple[np.ndarray, Tensor | None]:
+        """``(H, W)`` class ids and the ``(C, H, W)`` scores of an ``(H, W, 3)`` RGB image (None
+        without ``with_scores``: the ids then come from :meth:`labels`, class chunk by chunk).
 
         The ids are uint8 for up to 256 classes, uint16 beyond (:func:`ids_dtype`).
         """
-        scores = self.scores(image)
+        scores = self.scores(image) if with_scores else None
         # argmax on the device, then the smallest integer type that holds every id
-        ids = scores.argmax(0).to(torch.int32).cpu().numpy()
+        labels = scores.argmax(0) if scores is not None else self.labels(image)
+        ids = labels.to(torch.int32).cpu().numpy()
         return ids.astype(ids_dtype(self.num_classes)), scores
 
     def colorize(self, ids: np.ndarray) -> np.ndarray:
@@ -420,6 +473,9 @@ def load_parser(
         ) from err
     device = device if isinstance(device, torch.device) else pick_device(device)
     net.to(device).eval()
+    cuda = device.type == "cuda"
+    if cuda:  # weights and inputs channels-last, under bf16 autocast (CPU runs stay float32)
+        net.to(memory_format=torch.channels_last)
 
     data_cfg = config.get("data") or {}
     hparams = checkpoint.get("hyper_parameters") or {}
@@ -486,6 +542,8 @@ def load_parser(
         device=device,
         config=config,
         dataset_ids=dataset_ids,
+        bf16=cuda,
+        channels_last=cuda,
     )
 
 
@@ -513,7 +571,7 @@ def predict_image(
     alpha: float = 0.5,
 ) -> np.ndarray:
     """Writes ``<stem>.png``, ``<stem>_overlay.jpg`` (and ``<stem>_logits.npy``); returns the ids."""
-    ids, scores = parser.predict(image)
+    ids, scores = parser.predict(image, with_scores=save_logits)
     stem.parent.mkdir(parents=True, exist_ok=True)
     parser.write_ids(stem.with_name(stem.name + ".png"), ids)
     overlay = parser.overlay(image, ids, alpha)
@@ -606,7 +664,7 @@ def predict_stream(
     try:
         for frame in _frames(capture, max_frames):
             start = time.perf_counter()
-            ids, _ = parser.predict(frame)
+            ids, _ = parser.predict(frame, with_scores=False)
             if parser.device.type == "cuda":
                 torch.cuda.synchronize(parser.device)
             elapsed += time.perf_counter() - start

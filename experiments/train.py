@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.errors import FixableError, require
-from experiments.launch import cluster_plugins, determinism
+from experiments.launch import batch_norm_sync, cluster_plugins, determinism
 from experiments.stages import launcher_rank, shared_stage1
 from lightning_modules import ParsingLitModule
 from lightning_modules.callbacks import EpochSeed, Interruption, SlurmRequeue, StageEnd
@@ -342,6 +342,7 @@ def build_trainer(
         cfg.trainer,
         # deterministic=true runs as Lightning's "warn" (experiments.launch.determinism)
         **determinism(cfg.trainer),
+        **batch_norm_sync(cfg.trainer, cfg.data.batch_size),
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         default_root_dir=str(out_dir),
         max_epochs=max_epochs,

@@ -30,6 +30,14 @@ from lightning_modules.metrics import (
     segmentation_scores,
 )
 from lightning_modules.schedulers import per_step_optimization
+from lightning_modules.step_state import (
+    GRADIENT,
+    LOSS,
+    NonFiniteRecord,
+    StepTerms,
+    decode,
+    stack_terms,
+)
 from samplers.regional import sampling_statistics
 
 log = logging.getLogger(__name__)
@@ -49,8 +57,27 @@ class NonFiniteWeightsError(NonFiniteLossError):
     """Non-finite weights after finite losses and gradients: the checkpoint was refused."""
 
 
-def _terms(losses: dict[str, Tensor]) -> str:
-    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+def _terms(losses: dict[str, Tensor] | dict[str, float]) -> str:
+    return ", ".join(
+        f"{k}={float(v.detach() if isinstance(v, Tensor) else v):.4g}" for k, v in losses.items()
+    )
+
+
+def _host_values(*values: Tensor | None) -> list[list | None]:
+    """``values`` (integer tensors or None) as nested lists, read in one device transfer."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    if not tensors:
+        return [v for v in values]
+    flat = torch.cat([t.reshape(-1).long() for t in tensors]).tolist()
+    out, offset = [], 0
+    for v in values:
+        if not isinstance(v, Tensor):
+            out.append(v)
+            continue
+        n = v.numel()
+        out.append(torch.tensor(flat[offset : offset + n]).reshape(v.shape).tolist())
+        offset += n
+    return out
 
 
 def match_outputs_to_loss(net: nn.Module, loss: nn.Module) -> list[str]:
@@ -105,14 +132,19 @@ class ParsingLitModule(pl.LightningModule):
         class_names: C names for tables and logs.
         ignore_index: label value excluded from loss and metrics.
         freeze_encoder: freeze the net's encoder, BatchNorm statistics included (RIM stage 2).
-        track_train_confusion: accumulate a confusion matrix of the training batches every epoch.
+        track_train_confusion: accumulate a confusion matrix of the training batches every
+            epoch (``train/mIoU``, ...; an arg-max and a histogram per step). Off, it is kept
+            only in the epoch whose statistics ARBS needs (``CPASnapshot``).
         channels_last: run the net in channels-last memory format (faster convolutions on GPU).
-        compile: ``torch.compile`` the net.
+        compile: ``torch.compile`` the net's training forward (evaluation runs it eagerly).
         nonfinite: what a NaN/Inf loss does: ``stop`` the run with a message naming the step, the
             loss terms and the last good checkpoint; ``skip`` the batch and count it; ``off``.
             A non-finite gradient always stops the run (its loss was finite, so the batch is not
             the cause), and so do non-finite weights found when a checkpoint is saved (the
-            checkpoint is not written); ``off`` checks none of these.
+            checkpoint is not written); ``off`` checks none of these. ``stop`` costs no host sync
+            per step: the first non-finite step is recorded on the device and read every
+            ``trainer.log_every_n_steps`` steps, at each epoch's last batch and before every
+            checkpoint (the message names that step); ``skip`` syncs once per step.
         inference: test-time protocol ``(net_forward, image) -> scores`` for validation and test
             (flip / multi-scale / sliding window, see ``lightning_modules.inference``); None =
             one plain forward pass.
@@ -131,7 +163,7 @@ class ParsingLitModule(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         ignore_index: int = 255,
         freeze_encoder: bool = False,
-        track_train_confusion: bool = True,
+        track_train_confusion: bool = False,
         channels_last: bool = False,
         compile: bool = False,
         nonfinite: str = "stop",
@@ -163,6 +195,10 @@ class ParsingLitModule(pl.LightningModule):
                 f"class_names has {len(self.class_names)} entries but num_classes is {num_classes}"
             )
         self.ignore_index = ignore_index
+        if channels_last:
+            # Weights as well as inputs: a convolution given NHWC input and NCHW weights runs
+            # in one of them after a conversion, every step.
+            net.to(memory_format=torch.channels_last)
         if freeze_encoder:
             net.freeze_encoder()
         # Outputs the loss does not weight (the auxiliary head in RIM stage 2) only cost time.
@@ -185,8 +221,11 @@ class ParsingLitModule(pl.LightningModule):
         self.nonfinite = nonfinite
         self.skipped_nonfinite = 0
         self._last_losses: dict[str, Tensor] = {}
-        # Under DDP: (term names, (W, T) loss terms of every rank) of the last step.
-        self._rank_terms: tuple[list[str], Tensor] | None = None
+        # The per-step loss terms and the first non-finite step, kept on the device; the host
+        # reads both every trainer.log_every_n_steps steps (see _read_step_state).
+        self._step_terms = StepTerms()
+        self._nonfinite_record = NonFiniteRecord()
+        self._trained_parameters: list[nn.Parameter] = []
         self._sampler_generator: torch.Generator | None = None
         # (stage, name, (H, W) uint8 ids) -> None: evaluation hands it every prediction at the
         # image's original size (``save_predictions=true`` writes PNGs with it).
@@ -205,7 +244,10 @@ class ParsingLitModule(pl.LightningModule):
         """Logits of ``image`` ``(B, 3, h, w)``: ``{"out": (B, C, h, w), ...}``."""
         if self.hparams.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        return self._net_forward(image)
+        # Evaluation runs the net eagerly: its input sizes vary (full-resolution validation, a
+        # smaller last batch) and each new size, like each train/eval switch, would compile the
+        # net again; training compiles once per stage.
+        return (self._net_forward if self.training else self.net)(image)
 
     # ------------------------------------------------------------------ training
 
@@ -219,12 +261,21 @@ class ParsingLitModule(pl.LightningModule):
                 "batch on one rank would leave the others waiting in the gradient all-reduce; "
                 "use module.nonfinite=stop"
             )
+        self._step_terms = StepTerms()
+        self._nonfinite_record = NonFiniteRecord()
+        # Listed once: walking the module tree every step costs more than the check itself.
+        self._trained_parameters = [p for p in self.net.parameters() if p.requires_grad]
         if self.sampler is not None:
             if not self.sampler.is_ready:
                 self._init_sampler()
             # Same probabilities everywhere, but each rank draws its own keep decisions.
             seed = int(torch.initial_seed()) + 1_000_003 * self.global_rank
             self._sampler_generator = torch.Generator(device=self.device).manual_seed(seed % 2**63)
+
+    def on_fit_end(self) -> None:
+        # Steps of a finished fit are not re-read by a later save (e.g. after trainer.test).
+        self._step_terms = StepTerms()
+        self._nonfinite_record = NonFiniteRecord()
 
     def reseed(self, seed: int) -> None:
         """Restarts the regional sampler's draws from ``seed`` (called by the EpochSeed callback)."""
@@ -385,34 +436,99 @@ class ParsingLitModule(pl.LightningModule):
         )
         extra = self.extra_loss_inputs(batch, outputs)
         losses = self.loss(outputs, target, sample_mask=sample_mask, **extra)
-        if self.nonfinite != "off" and not self._loss_is_finite(losses):
-            # One host sync per step: the price of catching a NaN in the step where it appears.
-            if self.nonfinite == "skip":
-                self.skipped_nonfinite += 1
-                log.warning(
-                    "step %d: non-finite loss, batch skipped (%d so far): %s",
-                    self.global_step,
-                    self.skipped_nonfinite,
-                    _terms(losses),
-                )
-                return None
-            raise NonFiniteLossError(self._nonfinite_message("loss", losses))
-        self._last_losses = {k: v.detach() for k, v in losses.items()}
-        bs = image.shape[0]
-        for name, value in losses.items():
-            if name == "loss/main":
-                continue  # the same tensor is logged under the main loss's own name (loss/ce, ...)
-            self.log(
-                f"train/{name}",
-                value,
-                on_step=True,
-                on_epoch=True,
-                batch_size=bs,
-                prog_bar=name == "loss",
+        if self.nonfinite == "skip" and not bool(torch.isfinite(losses["loss"])):
+            # One host sync per step: a batch can only be skipped before its backward pass.
+            self.skipped_nonfinite += 1
+            log.warning(
+                "step %d: non-finite loss, batch skipped (%d so far): %s",
+                self.global_step,
+                self.skipped_nonfinite,
+                _terms(losses),
             )
+            return None
+        self._last_losses = {k: v.detach() for k, v in losses.items()}
+        # loss/main is the same tensor as the main loss's own name (loss/ce, ...): logged once.
+        names = tuple(k for k in losses if k != "loss/main")
+        terms = stack_terms({k: losses[k] for k in names})  # (T,)
+        self._step_terms.update(names, terms, image.shape[0])
+        if self.nonfinite != "off":
+            bad = ~torch.isfinite(terms[names.index("loss")])
+            self._nonfinite_record.record(bad, LOSS, self.global_step, terms)
         if self.track_train_confusion or self.force_train_confusion:
             self.train_confmat.update(outputs["out"].detach().argmax(1), target)
         return losses["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trainer = self.trainer
+        # The steps at which Lightning writes step metrics (log_every_n_steps): a value logged at
+        # another step would be written late, as if it belonged to the next logging step.
+        log_now = trainer._logger_connector.should_update_logs
+        # Also at an epoch's last batch: validation and checkpoints come next, and must never see
+        # weights that a non-finite step produced.
+        last = batch_idx + 1 == trainer.num_training_batches
+        last = last or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if log_now or last:
+            self._read_step_state(log=log_now)
+
+    def _read_step_state(self, log: bool) -> None:
+        """Reads the last step's loss terms and the non-finite record in one host transfer (one
+        ``all_gather`` under DDP, so that every rank stops in the same step with the same message),
+        raises on a non-finite loss or gradient, and logs the terms as ``train/<term>_step``.
+
+        Raises:
+            NonFiniteLossError: naming the first non-finite step, its loss terms (those of the
+                ranks whose loss was non-finite, under DDP) and the last good checkpoint.
+        """
+        step_terms = self._step_terms
+        if step_terms.last is None:
+            return  # no training step in this process since the fit started
+        names = step_terms.names
+        nonfinite = self._nonfinite_record.state(len(names), step_terms.last.device)
+        packed = torch.cat([step_terms.last.double(), nonfinite])  # (2T + 1,)
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if self.nonfinite != "off" and world_size > 1:
+            gathered = self.all_gather(packed).reshape(-1, packed.numel()).cpu()  # (W, 2T + 1)
+            own = gathered[self.global_rank]
+        else:
+            own = packed.cpu()
+            gathered = own[None]
+        if self.nonfinite != "off":
+            self._raise_if_nonfinite(names, gathered[:, len(names) :])
+        if log:
+            # CPU tensors: the progress bar and the loggers read them without a device sync.
+            for name, value in zip(names, own[: len(names)].float(), strict=True):
+                self.log(
+                    f"train/{name}_step",
+                    value,
+                    on_step=True,
+                    on_epoch=False,
+                    prog_bar=name == "loss",
+                    batch_size=1,
+                )
+
+    def _raise_if_nonfinite(self, names: tuple[str, ...], records: Tensor) -> None:
+        """Raises if a process recorded a non-finite step; ``records`` ``(W, 1 + T)`` holds each
+        process's :meth:`NonFiniteRecord.state`. Every rank decides from the same rows."""
+        found = []
+        for rank, row in enumerate(records.tolist()):
+            event = decode(row[0])
+            if event is not None:
+                found.append((event, rank, dict(zip(names, row[1:], strict=True))))
+        if not found:
+            return
+        step = min(event[0] for event, _, _ in found)
+        kind = min(event[1] for event, _, _ in found if event[0] == step)  # a loss before its grad
+        rows = [(rank, terms) for event, rank, terms in found if event == (step, kind)]
+        if len(records) == 1:
+            text = _terms(rows[0][1])
+        elif kind == LOSS:
+            text = "; ".join(f"rank {r}: {_terms(terms)}" for r, terms in rows[:4])
+        else:
+            mean = {n: sum(t[n] for _, t in rows) / len(rows) for n in names}
+            text = f"{_terms(mean)} (mean over {len(rows)} processes)"
+        raise NonFiniteLossError(
+            self._nonfinite_message("loss" if kind == LOSS else "gradient", step, text)
+        )
 
     def extra_loss_inputs(
         self, batch: dict[str, Any], outputs: dict[str, Tensor]
@@ -421,53 +537,27 @@ class ParsingLitModule(pl.LightningModule):
         refined ``soft_target`` / ``soft_edge``)."""
         return {}
 
-    def _loss_is_finite(self, losses: dict[str, Tensor]) -> bool:
-        """Whether the loss is finite on every process.
-
-        Under DDP the loss terms of all ranks are gathered (one small ``all_gather`` per step, in
-        place of the single-process host sync), so every rank stops in the same step with the same
-        message: a rank stopping alone would leave the others in the gradient all-reduce until the
-        process-group timeout. The gathered terms also word the gradient check's message.
-        """
-        if self._trainer is None or self.trainer.world_size == 1:
-            self._rank_terms = None
-            return bool(torch.isfinite(losses["loss"]))
-        names = list(losses)
-        terms = torch.stack([v.detach().float().reshape(()) for v in losses.values()])  # (T,)
-        gathered = self.all_gather(terms).reshape(-1, len(names)).cpu()  # (W, T)
-        self._rank_terms = (names, gathered)
-        return bool(torch.isfinite(gathered[:, names.index("loss")]).all())
-
-    def _terms_text(self, losses: dict[str, Tensor]) -> str:
-        """The loss terms for a message: this process's, or under DDP those of the ranks whose
-        loss is non-finite (else the mean over the ranks), identical on every rank."""
-        rank_terms = self._rank_terms
-        if rank_terms is None:
-            return _terms(losses)
-        names, gathered = rank_terms
-        bad = (~torch.isfinite(gathered[:, names.index("loss")])).nonzero().flatten().tolist()
-        if not bad:
-            mean = dict(zip(names, gathered.mean(0), strict=True))
-            return f"{_terms(mean)} (mean over {len(gathered)} processes)"
-        return "; ".join(
-            f"rank {r}: {_terms(dict(zip(names, gathered[r], strict=True)))}" for r in bad[:4]
-        )
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.nonfinite == "off":
+        terms = self._step_terms.last
+        if self.nonfinite == "off" or terms is None:
             return
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            raise NonFiniteLossError(self._nonfinite_message("gradient", self._last_losses))
+        grads = [p.grad for p in self._trained_parameters if p.grad is not None]
+        if not grads:
+            return
+        # The 2-norm of all gradients: NaN or inf when an entry is (or when the squares overflow
+        # float32, |g| > 1e19, which no converging run produces). A fused multi-tensor kernel on
+        # GPUs; an isfinite per tensor costs 15x more on a CPU, the max-norm too.
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        self._nonfinite_record.record(~torch.isfinite(norm), GRADIENT, self.global_step, terms)
 
     def _good_checkpoint(self) -> str:
         return good_checkpoint(self._trainer)
 
-    def _nonfinite_message(self, what: str, losses: dict[str, Tensor]) -> str:
+    def _nonfinite_message(self, what: str, step: int, terms: str) -> str:
         good = self._good_checkpoint()
         return (
-            f"non-finite {what} at global step {self.global_step} (epoch {self.current_epoch}); "
-            f"loss terms: {self._terms_text(losses)}. Nothing was written after this step; the "
+            f"non-finite {what} at global step {step} (epoch {self.current_epoch}); "
+            f"loss terms: {terms}. Nothing was written after this step; the "
             f"last good checkpoint (weights checked finite when it was written) is "
             f"{good or 'not saved yet'}. Lower the learning rate or check the batch's data; "
             "module.nonfinite=skip skips such batches instead."
@@ -492,6 +582,17 @@ class ParsingLitModule(pl.LightningModule):
             raise NonFiniteWeightsError(message)
 
     def on_train_epoch_end(self) -> None:
+        self._read_step_state(log=False)
+        for name, mean in self._step_terms.epoch_means().items():
+            self.log(
+                f"train/{name}_epoch",
+                torch.tensor(mean),
+                on_step=False,
+                on_epoch=True,
+                prog_bar=name == "loss",
+                batch_size=1,
+            )
+        self._step_terms.reset()
         if self.skipped_nonfinite:
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
         if self.track_train_confusion:
@@ -526,12 +627,24 @@ class ParsingLitModule(pl.LightningModule):
         (:func:`~lightning_modules.inference.labels_to_original_affine`), SCHP's official
         scoring.
         """
+        # Scored in float32, as predict scores: under bf16 autocast the logits arrive in bf16, and
+        # resizing them in bf16 would round the differences the arg-max decides between.
         logits = self.predict_logits(batch["image"])
+        with torch.autocast(logits.device.type, enabled=False):
+            self._score_batch(logits.float(), batch, metric, stage)
+
+    def _score_batch(
+        self, logits: Tensor, batch: dict[str, Any], metric: ConfusionMatrix, stage: str
+    ) -> None:
+        """Scores ``(B, C, h, w)`` float32 ``logits`` of ``batch`` (see :meth:`_eval_step`)."""
         target = batch["mask"]
         orig = batch.get("orig_size")
         boxes = batch.get("valid_box")
         affines = batch.get("inverse_affine")
-        sizes = [tuple(target.shape[-2:])] * len(target) if orig is None else orig.tolist()
+        # The sizes and boxes slice the scores on the host: one transfer for both (a device
+        # round trip per image before).
+        orig, boxes = _host_values(orig, boxes)
+        sizes = [tuple(target.shape[-2:])] * len(target) if orig is None else orig
         if (
             boxes is None
             and affines is None
@@ -566,7 +679,7 @@ class ParsingLitModule(pl.LightningModule):
                 up = scores_to_original(
                     logits[i : i + 1],
                     (h, w),
-                    valid_box=None if boxes is None else boxes[i].tolist(),
+                    valid_box=None if boxes is None else boxes[i],
                     input_size=input_size,
                 )
                 pred = up.argmax(1)
@@ -628,7 +741,9 @@ class ParsingLitModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Before anything is written (this hook runs inside every trainer.save_checkpoint, on
-        # every rank), so that no checkpoint file ever holds non-finite weights.
+        # every rank), so that no checkpoint file ever holds non-finite weights: first the steps
+        # since the last read, then the weights themselves.
+        self._read_step_state(log=False)
         self._check_weights_finite()
         # The net is not a hyper-parameter (see save_hyperparameters above): its resolved config
         # travels under its own key so that predict/export can rebuild it from the file alone.

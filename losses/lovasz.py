@@ -6,9 +6,9 @@ pixel errors ``m_i = |fg_i - p_ci|`` are fed to the Lovasz extension of the Jacc
 increment of ``Delta_J`` when its pixel joins the mismatch set. The loss averages the classes
 present in the target (SCHP's and Berman's ``classes="present"``) or all classes.
 
-Memory: the classes are processed in chunks of at most ``CHUNK_ELEMENTS // P`` classes (one at
-a time at SCHP's scale), so the sort and its weights cost a few ``(P,)`` vectors per class
-(``P`` labelled pixels) instead of several ``(P, C)`` matrices (about 2 GB per output at SCHP's
+Memory: the classes are processed in chunks of at most ``CHUNK_ELEMENTS // N`` classes (one at
+a time at SCHP's scale), so the sort and its weights cost a few ``(N,)`` vectors per class
+(``N`` pixels of the batch) instead of several ``(N, C)`` matrices (about 2 GB per output at SCHP's
 16 x 473 x 473 x 20). The loss is piecewise linear in the probabilities with weights fixed
 by the sort, so its gradient is written into one probabilities-sized tensor during the forward
 pass (:class:`_LovaszSoftmaxFunction`) instead of autograd keeping every class's sort.
@@ -88,39 +88,43 @@ def _lovasz_flat(
     classes: str,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> Tensor:
-    """Lovasz-softmax of ``(B, C, H, W)`` probabilities and ``(B, H, W)`` labels, by class chunks."""
+    """Lovasz-softmax of ``(B, C, H, W)`` probabilities and ``(B, H, W)`` labels, by class chunks.
+
+    No host sync: every pixel takes part in the sort, the ignored ones with the key -1 so that
+    they come after every labelled pixel (errors are >= 0) and change no weight before them; every
+    class is computed, and ``classes="present"`` weights the classes absent from the target by 0.
+    """
     batch, num_classes = probs.shape[:2]
     probs = probs.contiguous()
     hw = probs[0, 0].numel()
-    labels = target.reshape(batch, hw)  # (B, H, W) -> (B, HW)
-    # Flat positions of the labelled pixels in class 0's plane of probs: b * C * HW + hw, so
-    # class c's probabilities are probs.view(-1)[base + c * HW] (no (P, C) copy is made).
-    pixel = torch.nonzero(labels.reshape(-1) != ignore_index).squeeze(1)  # (P,), one host sync
-    if pixel.numel() == 0:
-        return probs.sum() * 0.0
-    base = (pixel // hw) * (num_classes * hw) + pixel % hw  # (P,)
-    labels = labels.reshape(-1)[pixel]  # (P,)
+    labels = target.reshape(-1)  # (B, H, W) -> (N,), N = B * HW
+    valid = labels != ignore_index  # (N,)
+    # Flat positions of every pixel in class 0's plane of probs: b * C * HW + hw, so class c's
+    # probabilities are probs.view(-1)[base + c * HW] (no (N, C) copy is made).
+    pixel = torch.arange(labels.numel(), device=labels.device)
+    base = (pixel // hw) * (num_classes * hw) + pixel % hw  # (N,)
     if classes == "all":
-        class_ids = list(range(num_classes))
+        class_weights = probs.new_ones(num_classes)
     else:
-        # Labels outside 0..C-1 (other than ignore_index) belong to no class, as before.
-        inside = (labels >= 0) & (labels < num_classes)
-        counts = torch.bincount(torch.where(inside, labels, num_classes), minlength=num_classes + 1)
-        class_ids = torch.nonzero(counts[:num_classes]).squeeze(1).tolist()
-        if not class_ids:
-            return probs.sum() * 0.0
-    chunk = max(1, chunk_elements // pixel.numel())
+        # Labels outside 0..C-1 (other than ignore_index) belong to no class.
+        inside = valid & (labels >= 0) & (labels < num_classes)
+        bins = torch.where(inside, labels, torch.full_like(labels, num_classes))
+        counts = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
+        counts.scatter_add_(0, bins, torch.ones_like(bins))  # (C + 1,); bincount would sync
+        class_weights = (counts[:num_classes] > 0).to(probs.dtype)  # (C,)
+    chunk = max(1, chunk_elements // labels.numel())
     want_grad = torch.is_grad_enabled() and probs.requires_grad
-    return _LovaszSoftmaxFunction.apply(probs, labels, base, class_ids, chunk, want_grad)
+    return _LovaszSoftmaxFunction.apply(probs, labels, valid, base, class_weights, chunk, want_grad)
 
 
 class _LovaszSoftmaxFunction(torch.autograd.Function):
-    """Mean over ``class_ids`` of the per-class Lovasz extensions, with its exact gradient.
+    """Weighted mean over the classes of the per-class Lovasz extensions, with its exact gradient.
 
     ``loss_c = sum_k e_(k) g_k`` with ``e_(k)`` the errors in decreasing order and ``g`` the
     :func:`lovasz_grad` of that order, so ``d loss_c / d p_ci = sign(p_ci - fg_ci) g_rank(i)``
-    (``sign(0) = 0``, as autograd's ``abs``). It is computed ``chunk`` classes at a time in the
-    forward pass and stored densely; the backward pass only scales it.
+    (``sign(0) = 0``, as autograd's ``abs``); the loss is ``sum_c w_c loss_c / max(sum_c w_c, 1)``
+    (``w_c`` 0 or 1). It is computed ``chunk`` classes at a time in the forward pass and stored
+    densely; the backward pass only scales it.
     """
 
     @staticmethod
@@ -128,39 +132,42 @@ class _LovaszSoftmaxFunction(torch.autograd.Function):
         ctx: Any,
         probs: Tensor,
         labels: Tensor,
+        valid: Tensor,
         base: Tensor,
-        class_ids: list[int],
+        class_weights: Tensor,
         chunk: int,
         want_grad: bool,
     ) -> Tensor:
         flat = probs.view(-1)  # (B * C * H * W,)
         plane = probs[0, 0].numel()
+        num_classes = class_weights.numel()
         grad = torch.zeros_like(flat) if want_grad else None
         total = flat.new_zeros(())
-        for start in range(0, len(class_ids), chunk):
-            cls = torch.tensor(class_ids[start : start + chunk], device=labels.device)  # (K,)
-            index = base[:, None] + cls[None, :] * plane  # (P, K) positions in flat
-            p = flat[index]  # (P, K)
-            fg = (labels[:, None] == cls[None, :]).to(p.dtype)  # (P, K)
-            diff = p - fg  # (P, K)
-            errors, order = torch.sort(diff.abs(), dim=0, descending=True)  # per class column
-            weights = lovasz_grad(fg.gather(0, order))  # (P, K)
-            total = total + (errors * weights).sum()
+        for start in range(0, num_classes, chunk):
+            cls = torch.arange(start, min(start + chunk, num_classes), device=labels.device)
+            index = base[:, None] + cls[None, :] * plane  # (N, K) positions in flat
+            p = flat[index]  # (N, K)
+            fg = ((labels[:, None] == cls[None, :]) & valid[:, None]).to(p.dtype)  # (N, K)
+            diff = p - fg  # (N, K)
+            # Ignored pixels sort last (key -1) and then weigh 0 (error clamped to 0).
+            key = torch.where(valid[:, None], diff.abs(), torch.full_like(diff, -1.0))
+            errors, order = torch.sort(key, dim=0, descending=True)  # per class column
+            weights = lovasz_grad(fg.gather(0, order)) * class_weights[cls]  # (N, K)
+            total = total + (errors.clamp(min=0.0) * weights).sum()
             if grad is not None:
                 # d loss_c / d p at the sorted pixels; positions are unique, so no accumulation.
-                grad.index_put_(
-                    (index.gather(0, order),), torch.sign(diff.gather(0, order)) * weights
-                )
-        scale = 1.0 / len(class_ids)
+                # (sorted keys >= 0: the labelled pixels; the ignored get no gradient)
+                sign = torch.sign(diff.gather(0, order)) * (errors >= 0)
+                grad.index_put_((index.gather(0, order),), sign * weights)
+        scale = 1.0 / class_weights.sum().clamp(min=1.0)  # () tensor: no host sync
         if grad is not None:
-            ctx.save_for_backward(grad.view_as(probs))
-        ctx.scale = scale
+            ctx.save_for_backward(grad.view_as(probs), scale)
         return total * scale
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        return grad * (grad_output * ctx.scale), None, None, None, None, None
+        grad, scale = ctx.saved_tensors
+        return grad * (grad_output * scale), None, None, None, None, None, None
 
 
 class LovaszSoftmaxLoss(nn.Module):

@@ -37,9 +37,14 @@ BENIGN_WARNINGS = (
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device (bench/device_check.sh runs it)")
     for item in items:
         for spec in BENIGN_WARNINGS:
             item.add_marker(pytest.mark.filterwarnings(spec))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 def write_jpg(path: Path, image: np.ndarray) -> Path:
@@ -139,3 +144,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_host_sync():
+    """Inside ``with no_host_sync():`` any tensor -> host conversion raises (``.item()``,
+    ``.cpu()``, ``.tolist()``, ``bool(t)``, ...): on an accelerator each is a device sync."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def guard():
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("cpu", "numpy", "item", "tolist", "__bool__", "__float__", "__int__"):
+
+                def refuse(self, *args, _name=name, **kwargs):
+                    raise AssertionError(f"host sync: Tensor.{_name}")
+
+                mp.setattr(torch.Tensor, name, refuse)
+            yield
+
+    return guard

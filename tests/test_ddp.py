@@ -389,9 +389,9 @@ class _Recording(ParsingLitModule):
 
     record = ""
 
-    def training_step(self, batch, batch_idx):
+    def _read_step_state(self, log):
         try:
-            return super().training_step(batch, batch_idx)
+            return super()._read_step_state(log)
         except NonFiniteLossError as err:
             Path(f"{self.record}.{self.global_rank}").write_text(str(err))
             raise

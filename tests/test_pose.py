@@ -622,23 +622,7 @@ def test_per_stage_data_overrides_are_applied_or_rejected(tmp_path):
 # -- no host syncs per step -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def no_host_sync(monkeypatch):
-    """Inside ``with no_host_sync():`` any tensor -> host conversion raises."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def guard():
-        with pytest.MonkeyPatch.context() as mp:
-            for name in ("cpu", "numpy", "item", "tolist", "__bool__", "__float__", "__int__"):
-
-                def refuse(self, *args, _name=name, **kwargs):
-                    raise AssertionError(f"host sync: Tensor.{_name}")
-
-                mp.setattr(torch.Tensor, name, refuse)
-            yield
-
-    return guard
+# (the no_host_sync fixture lives in conftest.py)
 
 
 def test_pose_metric_counts_on_device_and_skips_nan_head_sizes(no_host_sync):

@@ -22,6 +22,17 @@ from lightning_modules.nets.heads import (
 )
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` ``(B, C, h, w)`` is laid out channels-last (and not also NCHW-contiguous)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _scaled_residual(gamma: torch.Tensor, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``gamma * context + x`` in the activations' dtype: the float32 ``gamma`` would otherwise
+    promote bf16 activations under autocast to float32 from here on."""
+    return gamma.to(context.dtype) * context + x
+
+
 class PositionAttentionModule(nn.Module):
     """Self-attention over spatial positions (DANet's PAM), added to the input with a learnt scale.
 
@@ -53,9 +64,13 @@ class PositionAttentionModule(nn.Module):
         value = self.value_conv(x).flatten(2)  # (B, C, h, w) -> (B, C, N)
         energy = torch.bmm(query, key)  # (B, N, N): energy[j, i] = q_j . k_i
         attention = energy.softmax(dim=-1)  # normalised over the attended positions i
-        context = torch.bmm(value, attention.transpose(1, 2))  # (B, C, N)
-        context = context.reshape(b, c, h, w)  # (B, C, N) -> (B, C, h, w)
-        return self.gamma * context + x
+        if _is_channels_last(x):
+            # (B, N, N) @ (B, N, C) = (B, N, C), whose (B, C, h, w) view is channels-last
+            context = torch.bmm(attention, value.transpose(1, 2)).transpose(1, 2)
+        else:
+            context = torch.bmm(value, attention.transpose(1, 2))  # (B, C, N)
+        context = context.reshape(b, c, h, w)  # (B, C, N) -> (B, C, h, w), a view
+        return _scaled_residual(self.gamma, context, x)
 
 
 class ChannelAttentionModule(nn.Module):
@@ -83,8 +98,13 @@ class ChannelAttentionModule(nn.Module):
         energy = torch.bmm(flat, flat.transpose(1, 2))  # (B, C, C)
         energy = energy.amax(dim=-1, keepdim=True) - energy  # (B, C, C), the authors' trick
         attention = energy.softmax(dim=-1)  # over the attended channels k
-        context = torch.bmm(attention, flat).reshape(b, c, h, w)  # (B, C, N) -> (B, C, h, w)
-        return self.gamma * context + x
+        if _is_channels_last(x):
+            # (B, N, C) @ (B, C, C)^T = (B, N, C), whose (B, C, h, w) view is channels-last
+            context = torch.bmm(flat.transpose(1, 2), attention.transpose(1, 2)).transpose(1, 2)
+        else:
+            context = torch.bmm(attention, flat)  # (B, C, N)
+        context = context.reshape(b, c, h, w)  # (B, C, N) -> (B, C, h, w), a view
+        return _scaled_residual(self.gamma, context, x)
 
 
 def _dropout_classifier(channels: int, num_classes: int, dropout: float) -> nn.Sequential:

@@ -1,0 +1,278 @@
+"""The training step keeps its numbers on the device; evaluation scores float32 logits."""
+
+from __future__ import annotations
+
+import csv
+import math
+from functools import partial
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.parsing import NonFiniteLossError, ParsingLitModule
+from lightning_modules.step_state import GRADIENT, LOSS, NonFiniteRecord, StepTerms, decode
+from losses import CrossEntropyLoss, InterClassLoss, ParsingLoss
+from samplers import RegionalBalancedSampler
+
+C = 5
+
+
+class _TinyNet(torch.nn.Module):
+    """A 3x3 convolution at half resolution, upsampled, plus an auxiliary 1x1 head and BatchNorm:
+    every op of a real parsing net's step (encoder freezing included) at a few hundred weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.BatchNorm2d(8))
+        self.head = torch.nn.Conv2d(8, C, 1)
+        self.aux_head = torch.nn.Conv2d(8, C, 1)
+        self.use_aux = True
+
+    def freeze_encoder(self) -> None:
+        self.encoder.requires_grad_(False)
+
+    def forward(self, x):
+        feats = self.encoder(x)
+        size = x.shape[-2:]
+        out = {"out": F.interpolate(self.head(feats), size=size, mode="bilinear")}
+        if self.use_aux:
+            out["aux"] = F.interpolate(self.aux_head(feats), size=size, mode="bilinear")
+        return out
+
+
+def _module(stage: int, **kwargs) -> ParsingLitModule:
+    sampler = None
+    if stage == 1:
+        loss = ParsingLoss(CrossEntropyLoss(), aux_weight=0.4)
+    else:
+        loss = ParsingLoss(CrossEntropyLoss(), aux_weight=0.0, ilm=InterClassLoss(margin=1.0))
+        sampler = RegionalBalancedSampler(C)
+        sampler.set_statistics(torch.linspace(0.9, 0.1, C, dtype=torch.float64))
+    return ParsingLitModule(
+        net=_TinyNet(),
+        loss=loss,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        sampler=sampler,
+        num_classes=C,
+        freeze_encoder=stage == 2,
+        **kwargs,
+    )
+
+
+def _batch(n: int = 2, size: int = 16, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.randint(0, C, (n, size, size), generator=g)
+    mask[:, :2] = 255
+    return {"image": torch.randn(n, 3, size, size, generator=g), "mask": mask}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_training_step_makes_no_host_transfer(stage, no_host_sync):
+    """Forward, loss (ARBS + ILM in stage 2), the loss and gradient records and the training
+    confusion matrix of the ARBS epoch run without one tensor -> host conversion."""
+    module = _module(stage, track_train_confusion=True)
+    module._trained_parameters = [p for p in module.net.parameters() if p.requires_grad]
+    with no_host_sync():
+        for seed in range(2):
+            loss = module.training_step(_batch(seed=seed), 0)
+            loss.backward()
+            module.on_before_optimizer_step(None)
+    assert int(module.train_confmat.compute().sum()) == 2 * 2 * 14 * 16  # labelled pixels
+    # Nothing non-finite was recorded; the record is read outside the guard.
+    module._read_step_state(log=False)
+
+
+def test_nonfinite_step_is_named_when_read():
+    """A NaN loss in the second of three steps is reported, with its terms, when the host reads
+    the record after the third: the first bad step wins, finite later steps do not hide it."""
+    module = _module(1)
+    module._trained_parameters = list(module.net.parameters())
+    module.training_step(_batch(seed=0), 0).backward()
+    module.on_before_optimizer_step(None)
+    module._read_step_state(log=False)  # finite so far
+    poisoned = _batch(seed=1)
+    poisoned["image"][0, 0, 5, 5] = math.nan
+    module.training_step(poisoned, 1)
+    module.training_step(_batch(seed=2), 2)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 0 .*loss=nan"):
+        module._read_step_state(log=False)
+
+
+def test_step_terms_and_nonfinite_record_against_hand_values():
+    terms = StepTerms()
+    terms.update(("loss", "loss/ce"), torch.tensor([1.0, 2.0]), 4)
+    terms.update(("loss", "loss/ce"), torch.tensor([3.0, 5.0]), 1)
+    terms.update(("loss", "loss/soft"), torch.tensor([10.0, 7.0]), 5)  # a term from then on
+    means = terms.epoch_means()
+    assert means["loss"] == pytest.approx((4 * 1 + 1 * 3 + 5 * 10) / 10)
+    assert means["loss/ce"] == pytest.approx((4 * 2 + 1 * 5) / 5)
+    assert means["loss/soft"] == pytest.approx(7.0)
+    terms.reset()
+    assert terms.epoch_means() == {}
+
+    record = NonFiniteRecord()
+    assert decode(float(record.state(2, torch.device("cpu"))[0])) is None
+    record.record(torch.tensor(False), LOSS, 3, torch.tensor([1.0, 1.0]))
+    record.record(torch.tensor(True), GRADIENT, 7, torch.tensor([2.0, 3.0]))
+    record.record(torch.tensor(True), LOSS, 9, torch.tensor([math.nan, 0.0]))
+    state = record.state(2, torch.device("cpu"))
+    assert decode(float(state[0])) == (7, GRADIENT) and state[1:].tolist() == [2.0, 3.0]
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.items = [_batch(1, seed=i) for i in range(5)]
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, i):
+        return {k: v[0] for k, v in self.items[i].items()}
+
+
+class _Losses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_logged_step_and_epoch_values_match_lightnings_layout(tmp_path):
+    """Batches of 2, 2, 1 and log_every_n_steps=2: train/loss_step is written at step 1 with that
+    step's loss, train/loss_epoch is the batch-size-weighted mean, as self.log(on_step=True,
+    on_epoch=True) wrote them."""
+    module = _module(1)
+    losses = _Losses()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        log_every_n_steps=2,
+        logger=pl.loggers.CSVLogger(tmp_path, name="csv"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[losses],
+    )
+    loader = torch.utils.data.DataLoader(_Batches(), batch_size=2)
+    trainer.fit(module, train_dataloaders=loader)
+    with open(next(tmp_path.rglob("metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    steps = [(int(r["step"]), float(r["train/loss_step"])) for r in rows if r["train/loss_step"]]
+    assert steps == [(1, pytest.approx(losses.losses[1], rel=1e-6))]
+    epoch = [float(r["train/loss_epoch"]) for r in rows if r["train/loss_epoch"]]
+    expected = (2 * losses.losses[0] + 2 * losses.losses[1] + losses.losses[2]) / 5
+    assert epoch == [pytest.approx(expected, rel=1e-6)]
+    assert "train/loss/ce_step" in rows[0] and "train/loss/main_step" not in rows[0]
+
+
+def test_validation_scores_float32_logits_under_bf16_autocast():
+    """Under bf16 autocast the net's logits are bf16; they are resized and arg-maxed in float32,
+    as predict does. The bf16 resize would decide other pixels (checked, so the test can fail)."""
+    torch.manual_seed(0)
+    module = ParsingLitModule(
+        net=torch.nn.Conv2d(3, 20, 1),  # wrapped below: logits at 1/8 of the label size
+        loss=ParsingLoss(CrossEntropyLoss()),
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        num_classes=20,
+    )
+    conv = module.net
+    module._net_forward = lambda x: {"out": conv(F.avg_pool2d(x, 8))}
+    batch = {"image": torch.randn(2, 3, 64, 64), "mask": torch.randint(0, 20, (2, 64, 64))}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = module.predict_logits(batch["image"])
+        module._eval_step(batch, module.val_confmat, "val")
+    assert low.dtype == torch.bfloat16
+    got = module.val_confmat.compute()
+
+    def confusion(logits):
+        preds = F.interpolate(logits, size=(64, 64), mode="bilinear").argmax(1)
+        index = batch["mask"] * 20 + preds
+        return torch.bincount(index.flatten(), minlength=400).reshape(20, 20)
+
+    assert torch.equal(got, confusion(low.float()))
+    assert not torch.equal(got, confusion(low))  # bf16 resizing changes the decisions
+
+
+def test_channels_last_converts_the_weights():
+    module = _module(1, channels_last=True)
+    convs = [p for p in module.net.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    out = module(torch.randn(2, 3, 16, 16))["out"]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_lovasz_makes_no_host_transfer(no_host_sync):
+    from losses.lovasz import lovasz_softmax
+
+    logits = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 3, (2, 6, 6))  # class 3 absent: left out of "present"
+    target[0, 0] = 255
+    with no_host_sync():
+        loss = lovasz_softmax(logits, target)
+        loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).item()
+
+
+def test_sync_batchnorm_auto_follows_the_per_process_batch():
+    from cfg_utils import compose_cfg
+
+    from experiments.launch import batch_norm_sync
+
+    assert batch_norm_sync({"sync_batchnorm": "auto"}, 2) == {"sync_batchnorm": True}
+    assert batch_norm_sync({"sync_batchnorm": "auto"}, 8) == {"sync_batchnorm": False}
+    assert batch_norm_sync({"sync_batchnorm": True}, 16) == {}
+    cfg = compose_cfg(["trainer=ddp"], Path("/nonexistent"))
+    assert cfg.trainer.sync_batchnorm == "auto"
+    # The mmseg Cityscapes recipe (2 images per GPU) asks for it explicitly.
+    cfg = compose_cfg(["trainer=ddp", "experiment=pspnet_cityscapes"], Path("/nonexistent"))
+    assert cfg.trainer.sync_batchnorm is True
+
+
+@pytest.mark.parametrize("module_name", ["PositionAttentionModule", "ChannelAttentionModule"])
+def test_danet_attention_keeps_bf16_and_channels_last(module_name):
+    """Under bf16 autocast with channels-last input the attention's output stays bf16 and
+    channels-last (the float32 gamma promoted it, the reshape made it NCHW), and equals the NCHW
+    computation."""
+    from lightning_modules.nets import danet
+
+    torch.manual_seed(0)
+    module = getattr(danet, module_name)(*([16] if module_name.startswith("Position") else []))
+    with torch.no_grad():
+        module.gamma.fill_(0.5)
+    x = torch.randn(2, 16, 5, 7)
+    features = x.bfloat16()  # what the convolution before it returns under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nhwc = module(features.contiguous(memory_format=torch.channels_last))
+        nchw = module(features)
+    assert nhwc.dtype == torch.bfloat16 and nchw.dtype == torch.bfloat16
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and nchw.is_contiguous()
+    reference = module(x)  # float32
+    assert torch.allclose(nhwc.float(), reference, atol=0.1, rtol=0.05)
+    assert torch.allclose(nchw.float(), reference, atol=0.1, rtol=0.05)
+
+
+def test_compiled_net_compiles_once_across_train_eval_switches(monkeypatch):
+    """module.compile=true: training steps, validation at two sizes and training again capture
+    the training graph once and run evaluation eagerly (dynamo's eager backend: no codegen)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda net: real(net, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    module = _module(1, compile=True)
+    for round_ in range(2):
+        module.train()
+        module.training_step(_batch(seed=round_), 0).backward()
+        module.eval()
+        with torch.no_grad():
+            for size in (16, 24):
+                module._eval_step(_batch(1, size), module.val_confmat, "val")
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
