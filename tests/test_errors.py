@@ -146,7 +146,8 @@ def test_a_missing_optional_package_names_its_extra(package, call, tmp_path, mon
     from datamodules import cityscapes, coco_instances, nyudv2
     from datamodules.errors import OPTIONAL_PACKAGES, MissingPackageError
 
-    monkeypatch.setitem(sys.modules, package, None)  # import raises ImportError
+    for name in [package, *(m for m in sys.modules if m.startswith(f"{package}."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
     cityscapes.cityscapes_labels.cache_clear()
     calls = {
         "cityscapes": cityscapes.cityscapes_labels,

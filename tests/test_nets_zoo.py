@@ -256,7 +256,9 @@ def test_zoo_config_instantiates(path: Path) -> None:
             assert net.pam.query_conv.out_channels == inter // 8
         else:
             assert net.low_level_reduce.conv.in_channels == c1  # stride-4 features
-            assert net.decoder[0].conv.in_channels == cfg.aspp_channels + cfg.low_level_channels
+            first = net.decoder[0]  # ConvBNReLU, or a separable one (the mmseg recipe)
+            conv = first.depthwise.conv if hasattr(first, "depthwise") else first.conv
+            assert conv.in_channels == cfg.aspp_channels + cfg.low_level_channels
         # Tiny input: c1 5x6, c4 3x3; enough for the shapes.
         with torch.no_grad():
             out = net.eval()(torch.zeros(1, 3, 17, 21))

@@ -67,12 +67,12 @@ def test_dead_dataloader_worker_ends_the_run_with_a_checkpoint(tmp_path, monkeyp
     real_load = MHPv2Dataset.load
     calls = {"n": 0}
 
-    def load(self, index):
+    def load(self, index, **kwargs):
         if torch.utils.data.get_worker_info() is not None:
             calls["n"] += 1  # per worker process (a forked copy)
             if calls["n"] == 10:  # in the second epoch's first batches
                 os.kill(os.getpid(), signal.SIGKILL)
-        return real_load(self, index)
+        return real_load(self, index, **kwargs)
 
     monkeypatch.setattr(MHPv2Dataset, "load", load)
     cfg = compose_cfg([*RUN, "data.num_workers=1", "data.persistent_workers=false"], tmp_path)
