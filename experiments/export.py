@@ -1,7 +1,11 @@
 """Export the net of a rimlab parsing checkpoint to ONNX with dynamic batch, height and width.
 
     python -m experiments.export ckpt=<file.ckpt> format=onnx output=<model.onnx> \\
-        [weights=auto|net|schp] [opset=18] [check=true] [check_size=[h,w]] [tolerance=1e-4]
+        [weights=auto|net|schp] [opset=18] [check=true] [check_size=[h,w]] [tolerance=1e-4] \\
+        [example_size=[h,w]]
+
+The options are ``conf/export.yaml`` (``--help`` lists them), composed by Hydra as ``run.py``'s
+are (:mod:`datamodules.cli`); the network comes from :func:`lightning_modules.parser.load_parser`.
 
 The graph maps a normalised image ``image`` ``(B, 3, H, W)`` (RGB, ImageNet mean/std, as the
 training data) to ``logits`` ``(B, C, H, W)``. Class names, palette, flip pairs, the input size
@@ -18,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,26 +29,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD
-from experiments.predict import PredictError, load_parser, parse_args, run_cli
+from datamodules.cli import command
+from datamodules.files import atomic_path
+from experiments.predict import options
+from lightning_modules.parser import Parser, PredictError, load_parser
 
 log = logging.getLogger("rimlab.export")
-
-EXPORT_KEYS = (
-    "ckpt",
-    "output",
-    "format",
-    "weights",
-    "opset",
-    "check",
-    "check_size",
-    "tolerance",
-    "example_size",
-    "model",
-    "data",
-)
 
 
 def adaptive_pool_matrix(size: int, bins: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -134,7 +127,6 @@ def export_onnx(
     import onnx
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = LogitsOnly(exportable(net)).eval().cpu()
     example = torch.randn(1, 3, *(int(s) for s in example_size))
     dims = {
@@ -142,11 +134,11 @@ def export_onnx(
         2: torch.export.Dim("height", min=32, max=8192),
         3: torch.export.Dim("width", min=32, max=8192),
     }
-    with torch.no_grad():
+    with torch.no_grad(), atomic_path(path) as tmp:
         torch.onnx.export(
             model,
             (example,),
-            str(path),
+            str(tmp),
             dynamo=True,
             opset_version=opset,
             input_names=["image"],
@@ -154,12 +146,12 @@ def export_onnx(
             dynamic_shapes={"image": dims},
             external_data=False,
         )
-    if metadata:
-        proto = onnx.load(str(path))
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, str(path))
+        if metadata:
+            proto = onnx.load(str(tmp))
+            for key, value in metadata.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.save(proto, str(tmp))
     return path
 
 
@@ -198,28 +190,10 @@ def onnx_parity(
     return diffs
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the command; returns ``{"output": path, "parity": [...]}``."""
-    args = parse_args(
-        sys.argv[1:] if argv is None else argv,
-        known=EXPORT_KEYS,
-        required=("ckpt", "output"),
-    )
-    fmt = str(args.get("format") or "onnx")
-    if fmt != "onnx":
-        raise PredictError(f"format={fmt}: only onnx is supported")
-    parser = load_parser(
-        args["ckpt"],
-        "cpu",
-        weights=str(args.get("weights") or "auto"),
-        model=args.get("model"),
-        data=args.get("data"),
-    )
-    output = Path(args["output"])
-    if output.suffix != ".onnx":
-        output = output / (Path(args["ckpt"]).stem + ".onnx")
-    example = args.get("example_size") or parser.eval_size or (64, 64)
-    metadata = {
+def onnx_metadata(parser: Parser) -> dict[str, str]:
+    """The ``rimlab.*`` metadata of an exported parser: classes, colours, flip pairs, the
+    validation input and the normalisation, as JSON strings."""
+    return {
         "rimlab.class_names": json.dumps(parser.class_names),
         "rimlab.palette": json.dumps(parser.palette.tolist()),
         "rimlab.flip_pairs": json.dumps(parser.flip_pairs),
@@ -231,33 +205,59 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rimlab.input": "image (B, 3, H, W) float32 RGB, (x / 255 - mean) / std",
         "rimlab.output": "logits (B, C, H, W) float32",
     }
+
+
+def check_parity(
+    net: nn.Module, path: Path, sizes: Sequence[Sequence[int]], tolerance: float
+) -> dict[str, list[float]]:
+    """onnxruntime against PyTorch at ``sizes`` on the CPU provider, and on the GPU provider
+    when there is one: ``{"parity": [...], "parity_cuda": [...]}`` max |diff| per size.
+
+    Raises:
+        PredictError: a difference above ``tolerance``.
+    """
+    checks = {"parity": onnx_parity(net, path, sizes)}
+    print(f"onnxruntime vs PyTorch max |diff| at {sizes}: {checks['parity']}")
+    if cuda_provider_available():
+        # The GPU provider picks other kernels (cuDNN, TF32 off by default in onnxruntime).
+        checks["parity_cuda"] = onnx_parity(net, path, sizes, provider="CUDAExecutionProvider")
+        print(f"onnxruntime CUDA vs PyTorch max |diff| at {sizes}: {checks['parity_cuda']}")
+    for key, diffs in checks.items():
+        if max(diffs) > tolerance:
+            raise PredictError(
+                f"{path}: onnxruntime and PyTorch logits differ by {max(diffs):.2e} ({key}) "
+                f"> tolerance={tolerance:g}; the export is not trustworthy (try another opset)"
+            )
+    return checks
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """The command on a composed ``conf/export.yaml``; returns ``{"output": path, "parity":
+    [...]}`` (and ``parity_cuda`` with a GPU provider)."""
+    args = options(cfg, ("ckpt", "output"))
+    fmt = str(args["format"] or "onnx")
+    if fmt != "onnx":
+        raise PredictError(f"format={fmt}: only onnx is supported")
+    ckpt = str(args["ckpt"])
+    weights = str(args["weights"] or "auto")
+    parser = load_parser(ckpt, "cpu", weights=weights, model=args["model"], data=args["data"])
+    output = Path(str(args["output"]))
+    if output.suffix != ".onnx":
+        output = output / (Path(ckpt).stem + ".onnx")
+    example = args["example_size"] or parser.eval_size or (64, 64)
     start = time.perf_counter()
-    export_onnx(parser.net, output, example, int(args.get("opset") or 18), metadata)
+    export_onnx(parser.net, output, example, int(args["opset"] or 18), onnx_metadata(parser))
     log.info("exported %s in %.1f s", output, time.perf_counter() - start)
     summary: dict[str, Any] = {"output": str(output)}
-    if args.get("check", True):
+    if args["check"]:
         h, w = (int(v) for v in example)
-        sizes = [(h, w), tuple(args.get("check_size") or (h + 24, w + 40))]
-        summary["parity"] = onnx_parity(parser.net, output, sizes)
-        print(f"onnxruntime vs PyTorch max |diff| at {sizes}: {summary['parity']}")
-        tolerance = float(args.get("tolerance") or 1e-4)
-        checks = {"parity": summary["parity"]}
-        if cuda_provider_available():
-            # The GPU provider picks other kernels (cuDNN, TF32 off by default in onnxruntime).
-            summary["parity_cuda"] = onnx_parity(
-                parser.net, output, sizes, provider="CUDAExecutionProvider"
-            )
-            print(f"onnxruntime CUDA vs PyTorch max |diff| at {sizes}: {summary['parity_cuda']}")
-            checks["parity_cuda"] = summary["parity_cuda"]
-        for key, diffs in checks.items():
-            if max(diffs) > tolerance:
-                raise PredictError(
-                    f"{output}: onnxruntime and PyTorch logits differ by {max(diffs):.2e} ({key}) "
-                    f"> tolerance={tolerance:g}; the export is not trustworthy (try another opset)"
-                )
+        sizes = [(h, w), tuple(args["check_size"] or (h + 24, w + 40))]
+        summary |= check_parity(parser.net, output, sizes, float(args["tolerance"] or 1e-4))
     print(f"wrote {output}")
     return summary
 
 
+main = command("export", export)
+
 if __name__ == "__main__":
-    run_cli(main)
+    main()

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cfg_utils import ROOT, SINGLE, TINY, compose_cfg
+from hydra.errors import ConfigCompositionException
 from PIL import Image
 
 from experiments.predict import PredictError, load_parser, main
@@ -147,7 +148,7 @@ def test_predict_image_matches_predict_logits(trained, tmp_path):
 def test_predict_flip_protocol_and_original_size(trained, tmp_path):
     module, ckpt = trained
     image = _image(2, shape=(32, 40))
-    parser = load_parser(ckpt, "cpu", eval_name="flip", size="original")
+    parser = load_parser(ckpt, "cpu", eval_config="flip", size="original")
     ids, _ = parser.predict(image)
     from lightning_modules.inference import InferenceProtocol
 
@@ -208,7 +209,7 @@ def test_clear_errors(trained, tmp_path):
     _, ckpt = trained
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         main([f"ckpt={tmp_path / 'nope.ckpt'}", f"input={tmp_path}", f"output={tmp_path}"])
-    with pytest.raises(PredictError, match="unknown argument 'colour'"):
+    with pytest.raises(ConfigCompositionException, match="Could not override 'colour'"):
         main([f"ckpt={ckpt}", f"input={tmp_path}", f"output={tmp_path}", "colour=red"])
     with pytest.raises(PredictError, match="missing output"):
         main([f"ckpt={ckpt}", f"input={tmp_path}"])
