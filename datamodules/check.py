@@ -2,12 +2,14 @@
 
 Usage::
 
-    python -m datamodules.check --root data/LV-MHP-v2 [--split train,val] [--num-classes 59]
-    python -m datamodules.check data=lip data.root=/datasets/LIP          # Hydra-style keys too
-    python -m datamodules.check --data cityscapes --root /datasets/cityscapes --split train,val
+    python -m datamodules.check data.root=data/LV-MHP-v2 [split=[train,val]] [data.num_classes=59]
+    python -m datamodules.check data=lip data.root=/datasets/LIP
+    python -m datamodules.check data=cityscapes data.root=/datasets/cityscapes split=val
 
-``--data`` names a parsing dataset config of ``conf/data/`` (mhp_v2, lip, cityscapes, nyudv2, ...);
-the dataset is read exactly as training reads it, with bad samples collected instead of raised.
+The options are ``conf/check.yaml`` (``--help`` lists them), composed by Hydra as ``run.py``'s are
+(:mod:`datamodules.cli`): ``data=`` names a parsing dataset config of ``conf/data/`` (mhp_v2, lip,
+cityscapes, nyudv2, ...) and ``data.<key>=`` overrides its keys; the dataset is read exactly as
+training reads it, with bad samples collected instead of raised.
 
 Exit code 1 if any problem was found (missing/unreadable files, bad label values, size mismatches);
 a dataset that cannot be opened at all ends as one paragraph with exit code 1, no traceback
@@ -16,72 +18,37 @@ a dataset that cannot be opened at all ends as one paragraph with exit code 1, n
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, open_dict
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from datamodules.base import ParsingDataModule
 from datamodules.batch import DatasetError
-from datamodules.errors import run_command
-
-CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
-
-# Hydra-style keys accepted as "key=value" and their argparse flags.
-_HYDRA_KEYS = {
-    "data.root": "--root",
-    "root": "--root",
-    "data.num_classes": "--num-classes",
-    "num_classes": "--num-classes",
-    "split": "--split",
-    "data": "--data",
-}
+from datamodules.cli import command
 
 
-def _translate_hydra_args(argv: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if eq and not arg.startswith("-") and key.lstrip("+") in _HYDRA_KEYS:
-            out += [_HYDRA_KEYS[key.lstrip("+")], value]
-        else:
-            out.append(arg)
-    return out
+def datamodule_for(data: DictConfig) -> ParsingDataModule:
+    """The datamodule of a composed ``data`` config, skipping (and recording) bad samples.
 
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m datamodules.check", description=__doc__)
-    parser.add_argument("--data", default="mhp_v2", help="a conf/data/ name (default mhp_v2)")
-    parser.add_argument("--root", required=True, help="the dataset folder")
-    parser.add_argument("--split", default="train,val", help="comma-separated splits")
-    parser.add_argument("--num-classes", type=int, default=None, help="default: the config's")
-    parser.add_argument("--threads", type=int, default=None, help="decoding threads")
-    args = sys.argv[1:] if argv is None else list(argv)
-    return parser.parse_args(_translate_hydra_args(args))
-
-
-def datamodule_for(data: str, root: str, num_classes: int | None = None) -> ParsingDataModule:
-    """The datamodule of ``conf/data/<data>.yaml`` on ``root``, skipping (and recording) bad samples."""
-    path = CONF_DATA / f"{data}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONF_DATA.glob("*.yaml"))
-        raise SystemExit(f"--data {data}: no conf/data/{data}.yaml (known: {', '.join(known)})")
-    cfg = OmegaConf.load(path)
-    cfg.root, cfg.skip_bad = str(root), True
-    if num_classes is not None:
-        cfg.num_classes = int(num_classes)
-        if cfg.get("class_names") is not None and len(cfg.class_names) != num_classes:
-            cfg.class_names, cfg.palette = None, None
-    if "synthetic" in cfg:
-        cfg.synthetic = None  # check what is on disk, never generate
-    return instantiate(cfg, _convert_="all")
+    Class names and colours are dropped when their count differs from ``num_classes`` (a
+    ``data.num_classes=`` override), and a synthetic set is never generated: the check reads what
+    is on disk.
+    """
+    data = data.copy()
+    with open_dict(data):
+        data.skip_bad = True
+        names = data.get("class_names")
+        if names is not None and len(names) != data.num_classes:
+            data.class_names, data.palette = None, None
+        if "synthetic" in data:
+            data.synthetic = None
+    return instantiate(data, _convert_="all")
 
 
 def histogram_table(counts: np.ndarray, title: str, names: Sequence[str] = ()) -> Table:
@@ -99,26 +66,23 @@ def histogram_table(counts: np.ndarray, title: str, names: Sequence[str] = ()) -
 
 
 def check(
-    root: str,
+    datamodule: ParsingDataModule,
     splits: Sequence[str],
-    num_classes: int | None = None,
     threads: int | None = None,
     console: Console | None = None,
-    data: str = "mhp_v2",
 ) -> int:
-    """Scan ``splits`` of dataset ``data`` under ``root`` and print the report.
+    """Scan ``splits`` of ``datamodule`` (:func:`datamodule_for`) and print the report.
 
     Returns:
         The number of problems found (0 = clean).
     """
     console = console or Console()
     problems: list[str] = []
-    dm = datamodule_for(data, root, num_classes)
-    num_classes, names = dm.num_classes, dm.class_names
+    num_classes, names = datamodule.num_classes, datamodule.class_names
     total = np.zeros(num_classes, dtype=np.int64)
     for split in splits:
         try:
-            ds = dm.make_dataset(split, None)
+            ds = datamodule.make_dataset(split, None)
         except DatasetError as e:  # the split itself is unusable (missing folder, empty list)
             problems.append(f"[{split}] {e}")
             console.print(f"[red]{escape(split)}: {escape(str(e))}")
@@ -144,12 +108,20 @@ def check(
     return len(problems)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    splits = [s.strip() for s in args.split.split(",") if s.strip()]
-    return 1 if check(args.root, splits, args.num_classes, args.threads, data=args.data) else 0
+def splits_of(split: str | Sequence[str]) -> list[str]:
+    """``[train, val]``, ``val`` or ``"train,val"`` -> ``["train", "val"]``."""
+    names = [split] if isinstance(split, str) else list(split)
+    return [s.strip() for name in names for s in str(name).split(",") if s.strip()]
 
+
+def check_command(cfg: DictConfig) -> int:
+    """The command on a composed ``conf/check.yaml``: 1 when a problem was found, else 0."""
+    split = list(cfg.split) if isinstance(cfg.split, ListConfig) else str(cfg.split)
+    problems = check(datamodule_for(cfg.data), splits_of(split), cfg.threads)
+    return 1 if problems else 0
+
+
+main = command("check", check_command)
 
 if __name__ == "__main__":
-    # A dataset that cannot be read at all (no split to scan) is one paragraph and exit status 1.
-    sys.exit(run_command(main))
+    sys.exit(main())

@@ -562,12 +562,12 @@ def test_data_configs_match_constructor(name, tmp_path):
 
 
 def test_check_tool(mhp_root, capsys):
-    assert check_main([f"data.root={mhp_root}", "--split", "train,val,test"]) == 0
+    assert check_main([f"data.root={mhp_root}", "split=[train,val,test]"]) == 0
     out = capsys.readouterr().out
     assert "no problems" in out and "Tee-shirt" in out
     (mhp_root / "train/parsing_annos/7_03_02.png").write_bytes(b"")
     write_list(mhp_root, "val.txt", ["3", "404"])
-    assert check_main(["--root", str(mhp_root)]) == 1
+    assert check_main([f"data.root={mhp_root}"]) == 1
     out = capsys.readouterr().out
     assert "7_03_02.png" in out and "404.jpg" in out and "2 problem(s)" in out
 

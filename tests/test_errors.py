@@ -126,7 +126,7 @@ def test_export_unreadable_checkpoint_is_one_paragraph(tmp_path):
 
 def test_check_missing_dataset_folder_exits_1_without_traceback(tmp_path):
     root = tmp_path / "LIP"
-    proc = _command(["datamodules.check", "--data", "lip", "--root", str(root), "--split", "val"])
+    proc = _command(["datamodules.check", "data=lip", f"data.root={root}", "split=val"])
     assert proc.returncode == 1, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "Traceback" not in out and str(root) in " ".join(out.split())

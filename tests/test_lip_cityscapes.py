@@ -182,7 +182,7 @@ def test_check_tool_on_lip(lip_root, capsys):
     label = _lip_label(0)
     label[2, 3] = 20
     _write_png(lip_root / "train_segmentations/77_471474.png", label, mode="L")
-    assert check_main(["--data", "lip", "--root", str(lip_root)]) == 1
+    assert check_main(["data=lip", f"data.root={lip_root}", "split='train,val'"]) == 1
     out = capsys.readouterr().out
     assert "77_471474.png" in out and "1 problem(s)" in out
 
