@@ -1,6 +1,7 @@
 """Box prompt: an image and boxes in, one mask per box (PNG) and an overlay out, with a trained Deep-MAC.
 
-Usage (key=value arguments; boxes are xyxy in image pixels)::
+Usage (boxes are xyxy in image pixels; the options are ``conf/box_prompt.yaml``, ``--help`` lists
+them, composed by Hydra as ``run.py``'s are, :mod:`datamodules.cli`)::
 
     python -m experiments.box_prompt ckpt=logs/.../final.ckpt image=street.jpg \\
         'boxes=[[10,20,200,380],[220,40,300,260]]' output=out/
@@ -15,16 +16,22 @@ mask probability cut.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
+from datamodules.cli import command
+from datamodules.files import atomic_path, write_json
 from datamodules.instances import InstanceTransform, save_mask_png
+from experiments.predict import read_rgb
+from experiments.train import ConfigError
+from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
 from lightning_modules.nets.deepmac import paste_masks
+from lightning_modules.parser import pick_device
 
 _COLOURS = np.array(
     [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230]],
@@ -36,10 +43,10 @@ def load_deepmac(ckpt: str | Path, device: torch.device) -> tuple[torch.nn.Modul
     """The trained net of a Deep-MAC checkpoint and its network-frame side."""
     import hydra
 
-    state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
-    build = state.get("build_config")
+    state = read_checkpoint(ckpt)
+    build = state.get("build_config") if isinstance(state, dict) else None
     if build is None:
-        raise ValueError(f"{ckpt} has no build_config: it was not written by a Deep-MAC run")
+        raise CheckpointError(f"{ckpt} has no build_config: it was not written by a Deep-MAC run")
     net = hydra.utils.instantiate({**build["model"], "pretrained": False})
     weights = {k[len("net.") :]: v for k, v in state["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(weights)
@@ -47,15 +54,22 @@ def load_deepmac(ckpt: str | Path, device: torch.device) -> tuple[torch.nn.Modul
 
 
 def read_boxes(boxes: Any = None, boxes_json: str | None = None) -> np.ndarray:
-    """``(N, 4)`` float32 boxes from a nested list or a JSON file; checks x2 > x1 and y2 > y1."""
+    """``(N, 4)`` float32 boxes from a nested list or a JSON file; checks x2 > x1 and y2 > y1.
+
+    Raises:
+        ConfigError: no boxes, an unreadable file, or a box with x2 <= x1 or y2 <= y1.
+    """
     if boxes_json:
-        data = json.loads(Path(boxes_json).read_text())
+        try:
+            data = json.loads(Path(boxes_json).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"boxes_json={boxes_json}: not a readable JSON file ({err})") from err
         boxes = data["boxes"] if isinstance(data, dict) else data
     if boxes is None:
-        raise ValueError("give boxes=[[x1,y1,x2,y2],...] or boxes_json=<file>")
+        raise ConfigError("give boxes=[[x1,y1,x2,y2],...] or boxes_json=<file>")
     arr = np.asarray(boxes, np.float32).reshape(-1, 4)
     if ((arr[:, 2] <= arr[:, 0]) | (arr[:, 3] <= arr[:, 1])).any():
-        raise ValueError(f"boxes must be x1,y1,x2,y2 with x2 > x1 and y2 > y1: {arr.tolist()}")
+        raise ConfigError(f"boxes must be x1,y1,x2,y2 with x2 > x1 and y2 > y1: {arr.tolist()}")
     return arr
 
 
@@ -87,13 +101,9 @@ def box_prompt(
     threshold: float = 0.5,
 ) -> np.ndarray:
     """Segments ``boxes`` of ``image`` and writes the PNGs; returns ``(N, H, W)`` uint8 masks."""
-    dev = torch.device(
-        "cuda"
-        if device == "auto" and torch.cuda.is_available()
-        else ("cpu" if device == "auto" else device)
-    )
+    dev = pick_device(device)
     net, size = load_deepmac(ckpt, dev)
-    rgb = np.array(Image.open(image).convert("RGB"))
+    rgb = np.array(read_rgb(Path(image)))
     h, w = rgb.shape[:2]
     item = {
         "image": rgb,
@@ -106,35 +116,36 @@ def box_prompt(
     probs = paste_masks(logits, torch.from_numpy(boxes).to(dev), (h, w))  # (N, H, W)
     masks = (probs >= threshold).to(torch.uint8).cpu().numpy()
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     for k, m in enumerate(masks):
-        save_mask_png(out / f"mask_{k:02d}.png", m)
-    overlay(rgb, masks, boxes).save(out / "overlay.png")
+        with atomic_path(out / f"mask_{k:02d}.png") as tmp:
+            save_mask_png(tmp, m)
+    with atomic_path(out / "overlay.png") as tmp:
+        overlay(rgb, masks, boxes).save(tmp)
     summary = [{"box": b.tolist(), "area": int(m.sum())} for b, m in zip(boxes, masks, strict=True)]
-    (out / "masks.json").write_text(json.dumps({"image": str(image), "masks": summary}, indent=1))
+    write_json(out / "masks.json", {"image": str(image), "masks": summary}, indent=1)
     return masks
 
 
-def main(argv: list[str] | None = None) -> None:
-    from omegaconf import OmegaConf
-
-    args = OmegaConf.to_container(
-        OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv))
-    )
+def box_prompt_command(cfg: DictConfig) -> np.ndarray:
+    """The command on a composed ``conf/box_prompt.yaml``; returns the ``(N, H, W)`` masks."""
+    args = OmegaConf.to_container(cfg, resolve=True)
     for key in ("ckpt", "image", "output"):
-        if not args.get(key):
-            raise SystemExit(f"missing {key}=...\n{__doc__}")
-    boxes = read_boxes(args.get("boxes"), args.get("boxes_json"))
+        if OmegaConf.is_missing(cfg, key) or not args[key]:
+            raise ConfigError(f"missing {key}=... (python -m experiments.box_prompt --help)")
+    boxes = read_boxes(args["boxes"], args["boxes_json"])
     masks = box_prompt(
         args["ckpt"],
         args["image"],
         boxes,
         args["output"],
-        str(args.get("device", "auto")),
-        float(args.get("threshold", 0.5)),
+        str(args["device"] or "auto"),
+        float(args["threshold"]),
     )
     print(f"{len(masks)} mask(s) written to {args['output']}")
+    return masks
 
+
+main = command("box_prompt", box_prompt_command)
 
 if __name__ == "__main__":
     main()
