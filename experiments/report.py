@@ -1,6 +1,6 @@
 """Turns a sweep's results into the RIM paper's tables and figures, over seeds.
 
-    python -m experiments.report logs/<task>/multiruns/<date>_<time> [--out DIR] [--images N]
+    python -m experiments.report sweep=logs/<task>/multiruns/<date>_<time> [out=DIR] [images=N]
 
 Reads every job's ``results.json`` and resolved config (``.hydra/config.yaml``) below the folder.
 Each fit is named by what it is (:mod:`experiments.variants`: ``PSPNet``, ``PSPNet+ARBS``,
@@ -15,7 +15,7 @@ baseline once. Writes to ``DIR`` (default ``<sweep>/report``):
 - ``fig2_early_cpa.png``: early stage-1 CPA (recall and precision) against training sample counts;
 - ``fig5_arbs_vs_nrbs_iou.png``: per-class IoU of ARBS and NRBS where they differ most;
 - ``fig6_gains.png``: each variant's gain over its baseline, per network;
-- ``fig8_examples.png`` (``--images N``): image, ground truth, baseline and RIM on N validation
+- ``fig8_examples.png`` (``images=N``): image, ground truth, baseline and RIM on N validation
   images, predicted from the jobs' final checkpoints.
 
 ``hydra.callbacks`` can run it at the end of a multirun (:class:`ReportCallback`).
@@ -23,8 +23,8 @@ baseline once. Writes to ``DIR`` (default ``<sweep>/report``):
 
 from __future__ import annotations
 
-import argparse
 import csv
+import io
 import json
 import logging
 import math
@@ -35,7 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig
 
+from datamodules.cli import command
+from datamodules.files import atomic_path, atomic_write
+from experiments.train import ConfigError
 from experiments.variants import SWITCHES, Variant, describe
 
 log = logging.getLogger(__name__)
@@ -399,7 +403,8 @@ def settings_table(groups: list[Group]) -> str:
 
 
 def write_tables(groups: list[Group], out: Path) -> str:
-    """Writes report.md, table.md (the same) and table.csv; returns the Markdown."""
+    """Writes report.md, table.md (the same) and table.csv (:func:`table_csv`); returns the
+    Markdown."""
     paper, shown = paper_tables(groups)
     diff_md, words = differences(groups)
     others = {g.name for g in groups} - shown
@@ -432,45 +437,51 @@ def write_tables(groups: list[Group], out: Path) -> str:
         settings_table(groups),
     ]
     md = "\n".join(parts)
-    (out / "report.md").write_text(md)
-    (out / "table.md").write_text(md)
-    with open(out / "table.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "variant",
-                "method",
-                "network",
-                "seeds",
-                "metric",
-                "mean",
-                "std",
-                "delta",
-                "delta_low",
-                "delta_high",
-                "verdict",
-            ]
-        )
-        for g in groups:
-            for col, key in METRICS:
-                s, p = g.spread(key), g.paired(key)
-                is_base = g.variant.role == "baseline"
-                writer.writerow(
-                    [
-                        g.name,
-                        g.variant.method,
-                        g.variant.network,
-                        s.n,
-                        col,
-                        s.mean,
-                        s.std,
-                        None if is_base else p.mean,
-                        None if is_base else p.low,
-                        None if is_base else p.high,
-                        "" if is_base else p.verdict,
-                    ]
-                )
+    atomic_write(out / "report.md", md)
+    atomic_write(out / "table.md", md)
+    atomic_write(out / "table.csv", table_csv(groups))
     return md
+
+
+def table_csv(groups: list[Group]) -> str:
+    """table.csv: one row per variant and metric (mean, std, paired difference, verdict)."""
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    writer.writerow(
+        [
+            "variant",
+            "method",
+            "network",
+            "seeds",
+            "metric",
+            "mean",
+            "std",
+            "delta",
+            "delta_low",
+            "delta_high",
+            "verdict",
+        ]
+    )
+    for g in groups:
+        for col, key in METRICS:
+            s, p = g.spread(key), g.paired(key)
+            is_base = g.variant.role == "baseline"
+            writer.writerow(
+                [
+                    g.name,
+                    g.variant.method,
+                    g.variant.network,
+                    s.n,
+                    col,
+                    s.mean,
+                    s.std,
+                    None if is_base else p.mean,
+                    None if is_base else p.low,
+                    None if is_base else p.high,
+                    "" if is_base else p.verdict,
+                ]
+            )
+    return handle.getvalue()
 
 
 # ---------------------------------------------------------------------- figures
@@ -502,6 +513,14 @@ def _plt() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Writes ``fig`` as ``path`` (PNG, 120 dpi, atomically) and closes it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def fig2_early_cpa(fits: list[Fit], out: Path) -> Path | None:
@@ -547,10 +566,7 @@ def fig2_early_cpa(fits: list[Fit], out: Path) -> Path | None:
     ax1.set_xticks(x, [names[i] for i in order], rotation=90, fontsize=6)
     ax1.set_title(f"{network}: CPA of stage-1 epoch {ep} vs training sample counts (Fig. 2)")
     fig.tight_layout()
-    path = out / "fig2_early_cpa.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "fig2_early_cpa.png")
 
 
 def _mean_iou(g: Group) -> dict[str, float]:
@@ -586,10 +602,7 @@ def fig5_arbs_vs_nrbs(groups: list[Group], out: Path, top: int = 12) -> Path | N
     ax.set_title("ARBS vs NRBS: classes with the largest IoU difference (Fig. 5)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / "fig5_arbs_vs_nrbs_iou.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "fig5_arbs_vs_nrbs_iou.png")
 
 
 def fig6_gains(groups: list[Group], out: Path) -> Path | None:
@@ -618,10 +631,7 @@ def fig6_gains(groups: list[Group], out: Path) -> Path | None:
         ax.set_title(f"Δ {col} (points)")
     fig.suptitle("gain over the baseline, per network (Fig. 6); bars: 95% interval over seeds")
     fig.tight_layout()
-    path = out / "fig6_gains.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "fig6_gains.png")
 
 
 def _checkpoint(path: Any) -> Path | None:
@@ -726,10 +736,7 @@ def fig8_examples(groups: list[Group], out: Path, images: int) -> Path | None:
             ax.set_title(title, fontsize=8)
     fig.suptitle(f"{rim.variant.network}, seed {rim.variant.seed} (Fig. 8)", fontsize=9)
     fig.tight_layout()
-    path = out / "fig8_examples.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "fig8_examples.png")
 
 
 def plot_all(fits: list[Fit], groups: list[Group], out: Path, images: int = 0) -> list[Path]:
@@ -747,12 +754,14 @@ def write_report(sweep_dir: Path, out: Path | None = None, images: int = 0) -> P
     """Writes the report of ``sweep_dir`` to ``out`` (default ``<sweep>/report``); returns ``out``.
 
     Raises:
-        FileNotFoundError: no results.json below ``sweep_dir``.
+        ConfigError: ``sweep_dir`` is not a folder, or holds no results.json with scores.
     """
     sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"sweep={sweep_dir}: no such folder")
     fits = collect(sweep_dir)
     if not fits:
-        raise FileNotFoundError(f"{sweep_dir}: no results.json with scores below this folder")
+        raise ConfigError(f"sweep={sweep_dir}: no results.json with scores below this folder")
     out = Path(out) if out is not None else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     groups = group(fits)
@@ -787,24 +796,16 @@ class ReportCallback(_hydra_callback_base()):
         write_report(sweep_dir, images=self.images)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("sweep_dir", type=Path, help="a multirun folder (or any folder of runs)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="where to write (default: <sweep>/report)"
-    )
-    parser.add_argument(
-        "--images", type=int, default=0, help="validation images in Fig. 8 (default 0: none)"
-    )
-    args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        parser.error(f"{args.sweep_dir}: no such folder")
-    try:
-        write_report(args.sweep_dir, args.out, args.images)
-    except FileNotFoundError as err:
-        parser.error(str(err))
-    return 0
+def report(cfg: DictConfig) -> Path:
+    """The command on a composed ``conf/report.yaml``; returns the report's folder."""
+    from omegaconf import OmegaConf
 
+    if OmegaConf.is_missing(cfg, "sweep") or not cfg.sweep:
+        raise ConfigError("missing sweep=<multirun folder> (python -m experiments.report --help)")
+    return write_report(Path(str(cfg.sweep)), cfg.out and Path(str(cfg.out)), int(cfg.images))
+
+
+main = command("report", report)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -126,7 +126,7 @@ def _rows(out):
 
 def test_fake_sweep_statistics_names_and_pairing(tmp_path):
     other = _sweep(tmp_path)
-    assert main([str(tmp_path)]) == 0
+    assert main([f"sweep={tmp_path}"]) == tmp_path / "report"
     out = tmp_path / "report"
     rows = _rows(out)
     variants = {v for v, _ in rows}

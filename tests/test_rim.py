@@ -129,7 +129,7 @@ def test_multirun_shares_stage1_and_reports(tmp_path):
 
     from experiments.report import main
 
-    assert main([str(sweep)]) == 0
+    assert main([f"sweep={sweep}"]) == sweep / "report"
     # Named from the jobs' configs: one shared baseline, the ILM-only job and RIM.
     rows = (sweep / "report" / "report.md").read_text().split("## All variants")[1]
     names = [line.split("|")[1].strip() for line in rows.splitlines()[4:] if line.startswith("|")]
