@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,9 +32,10 @@ def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(name)
+    # A fresh name, created with the mode a plain open() gives (0666 less the umask; mkstemp's
+    # 0600 would make every written file private to its owner).
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(8)}{path.suffix}"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         if fsync:

@@ -44,3 +44,13 @@ def test_json_nan_becomes_null_unless_kept(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["a"] == [1.0, None]
     write_json(tmp_path / "k.json", obj, keep_nan=True)
     assert math.isnan(json.loads((tmp_path / "k.json").read_text())["a"][1])
+
+
+def test_written_files_get_the_mode_of_a_plain_open(tmp_path):
+    """Not the temporary file's private 0600: other readers of a prediction folder can read it."""
+    import stat
+
+    atomic_write(tmp_path / "atomic.txt", "x")
+    (tmp_path / "plain.txt").write_text("x")
+    modes = [stat.S_IMODE((tmp_path / f"{n}.txt").stat().st_mode) for n in ("atomic", "plain")]
+    assert modes[0] == modes[1]
