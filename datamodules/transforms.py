@@ -299,7 +299,7 @@ def eval_input(
     base_size: int | None,
     full_resolution: bool = False,
 ) -> tuple[tuple[int, int] | None, int | None]:
-    """The evaluation input rule, shared by the datamodules and ``experiments/predict.py``.
+    """The evaluation input rule, shared by the datamodules and ``lightning_modules/parser.py``.
 
     In order: an explicit ``eval_size`` is a fixed network input (stretched into, or letterboxed
     with ``eval_keep_ratio``; training still applies ``base_size``, so the scales then differ);
