@@ -311,7 +311,8 @@ def test_predict_writes_class_ids_beyond_255_as_16_bit_png(
     from PIL import Image
 
     from datamodules.batch import make_palette
-    from experiments.predict import Parser, predict_image, save_ids_png
+    from experiments.predict import predict_image
+    from lightning_modules.parser import Parser, save_ids_png
 
     ids = torch.tensor([[0, 1, 255, 256], [257, 299, 7, 128]]) % num_classes
     parser = Parser(
@@ -332,7 +333,7 @@ def test_predict_writes_class_ids_beyond_255_as_16_bit_png(
         assert mode == "P" and back.dtype == np.uint8  # the palette PNG SCHP users know
     assert (tmp_path / "photo_overlay.jpg").is_file()
     if num_classes > 256:
-        from experiments.predict import PredictError, ids_dtype
+        from lightning_modules.parser import PredictError, ids_dtype
 
         with pytest.raises(PredictError, match="65536"):
             ids_dtype(70000)
