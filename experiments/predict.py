@@ -232,10 +232,9 @@ def options(cfg: DictConfig, required: tuple[str, ...]) -> dict[str, Any]:
     groups = ("model", "data", "eval")
     # the groups stay configs: their ${data.*} interpolations resolve against the checkpoint's
     args: dict[str, Any] = {}
-    for key in cfg:
+    for key in (k for k in cfg if k not in groups):
         value = None if OmegaConf.is_missing(cfg, key) else cfg[key]
-        if key not in groups:
-            args[key] = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+        args[key] = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
     chosen = {g: cfg.get(g) if HydraConfig.get().runtime.choices.get(g) else None for g in groups}
     args |= {"model": chosen["model"], "data": chosen["data"], "eval_config": chosen["eval"]}
     unchosen_eval = chosen["eval"] is None and cfg.get("eval") is not None
