@@ -275,9 +275,9 @@ def same_maths_step_fn(module, net, batches, args, device):
         step_log.add_terms(state["i"], names, terms, image.shape[0])
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        step_log.add_gradient_norm(
-            state["i"], gradient_norm([p.grad for p in params if p.grad is not None])
-        )
+        if module.nonfinite != "off":  # the module's gradient check
+            grads = [p.grad for p in params if p.grad is not None]
+            step_log.add_gradient_norm(state["i"], gradient_norm(grads))
         opt.step()
         if scheduler is not None:
             scheduler.step()

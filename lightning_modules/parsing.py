@@ -143,8 +143,8 @@ class ParsingLitModule(pl.LightningModule):
             A non-finite gradient always stops the run (its loss was finite, so the batch is not
             the cause), and so do non-finite weights found when a checkpoint is saved (the
             checkpoint is not written); ``off`` checks none of these. ``stop`` costs no host sync
-            per step: the first non-finite step is recorded on the device and read every
-            ``trainer.log_every_n_steps`` steps, at each epoch's last batch and before every
+            per step: each step's loss terms and gradient norm stay on the device and are read
+            every ``trainer.log_every_n_steps`` steps, at each epoch's last batch and before every
             checkpoint (the message names that step); ``skip`` syncs once per step.
         inference: test-time protocol ``(net_forward, image) -> scores`` for validation and test
             (flip / multi-scale / sliding window, see ``lightning_modules.inference``); None =
