@@ -101,16 +101,18 @@ class _StepTimer(pl.Callback):
     """Time of the steps after ``warmup`` up to step ``total`` (CUDA synchronised only at both
     ends, as the hand loop is: a sync per step would hide the host's run-ahead).
 
-    With ``hand`` (a hand-loop step, CPU only) one hand step runs after each timed rimlab step,
-    inside the same fit, and is timed on its own: both variants then see the same load from
-    step to step, which rounds of 40 steps on a shared machine do not. Timing runs from the
-    start of step ``warmup`` to the start of step ``total``, so that every Lightning hook of the
-    timed steps counts.
+    With ``hand`` (``{name: step}``, hand-loop steps, CPU only) one step of each runs after each
+    timed rimlab step, inside the same fit, and is timed on its own (their order alternates from
+    step to step): all variants then see the same load from step to step, which rounds of 40
+    steps on a shared machine do not. Timing runs from the start of step ``warmup`` to the start
+    of step ``total``, so that every Lightning hook of the timed steps counts. ``profiler`` (a
+    ``cProfile.Profile``) runs over the same steps.
     """
 
-    def __init__(self, warmup: int, total: int, hand=None) -> None:
-        self.warmup, self.total, self.hand = warmup, total, hand
-        self.start, self.end, self.hand_seconds, self.first_loss = 0.0, 0.0, 0.0, None
+    def __init__(self, warmup: int, total: int, hand=None, profiler=None) -> None:
+        self.warmup, self.total, self.hand, self.profiler = warmup, total, hand or {}, profiler
+        self.start, self.end, self.first_loss = 0.0, 0.0, None
+        self.hand_seconds = dict.fromkeys(self.hand, 0.0)
 
     def _sync(self, module: pl.LightningModule) -> None:
         if module.device.type == "cuda":
@@ -120,30 +122,45 @@ class _StepTimer(pl.Callback):
         if batch_idx == self.warmup:
             self._sync(pl_module)
             self.start = CLOCK[0]()
+            if self.profiler is not None:
+                self.profiler.enable()
         elif batch_idx == self.total:
+            if self.profiler is not None:
+                self.profiler.disable()
             self._sync(pl_module)
             self.end = CLOCK[0]()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
             self.first_loss = float(outputs["loss"])
-        if self.hand is not None and self.warmup <= batch_idx < self.total:
-            if batch_idx == self.warmup:
-                self.hand()  # builds the hand loop and runs its untimed first step
+        if not self.hand or not self.warmup <= batch_idx < self.total:
+            return
+        if batch_idx == self.warmup:
+            if self.profiler is not None:
+                self.profiler.disable()
+            for step in self.hand.values():
+                step()  # builds the hand loop and runs its untimed first step
+            if self.profiler is not None:
+                self.profiler.enable()
+        names = list(self.hand)
+        for name in names if batch_idx % 2 == 0 else names[::-1]:
             start = CLOCK[0]()
-            self.hand()
-            self.hand_seconds += CLOCK[0]() - start
+            self.hand[name]()
+            self.hand_seconds[name] += CLOCK[0]() - start
 
 
-def time_rimlab(module, batches, args, device, cfg=None, hand=None) -> tuple[float, float, float]:
-    """Seconds per step of the LightningModule under a Trainer, and the first step's loss.
+def time_rimlab(
+    module, batches, args, device, cfg=None, hand=None, profiler=None
+) -> tuple[float, dict[str, float], float]:
+    """Seconds per step of the LightningModule under a Trainer, of each interleaved ``hand``
+    step (``{name: seconds}``), and the first step's loss.
 
     With ``cfg`` the Trainer is the one ``run.py`` builds (``experiments.train.build_trainer``:
     the configured callbacks, progress bar, CSV logger, checkpoint callbacks, epoch seeding), so
     metrics, logging and the progress bar cost what they cost a user; without it a bare Trainer.
     """
     steps = args.warmup + args.steps
-    timer = _StepTimer(args.warmup, steps, hand)
+    timer = _StepTimer(args.warmup, steps, hand, profiler)
     steps += 1  # the timing ends at the start of one more step
     if cfg is not None:
         from experiments.train import build_trainer
@@ -177,8 +194,8 @@ def time_rimlab(module, batches, args, device, cfg=None, hand=None) -> tuple[flo
         )
     loader = _Batches([batches[i % len(batches)] for i in range(steps)])
     trainer.fit(module, train_dataloaders=loader)
-    hand_s = timer.hand_seconds / args.steps
-    return (timer.end - timer.start) / args.steps - hand_s, hand_s, timer.first_loss
+    hand_s = {name: t / args.steps for name, t in timer.hand_seconds.items()}
+    return (timer.end - timer.start) / args.steps - sum(hand_s.values()), hand_s, timer.first_loss
 
 
 def hand_step_fn(net, batches, args, device, aux_weight: float, sampler=None, ilm=None):
@@ -214,6 +231,59 @@ def hand_step_fn(net, batches, args, device, aux_weight: float, sampler=None, il
         loss.backward()
         opt.step()
         return float(loss.detach()) if state["i"] == 1 else 0.0
+
+    return step
+
+
+def same_maths_step_fn(module, net, batches, args, device):
+    """rimlab's step without Lightning: what ``hand - rimlab`` leaves out, so that
+    ``rimlab - same_maths`` is what Lightning and the module's glue cost.
+
+    ``net`` (a copy of the module's) trains with the module's loss, a copy of its sampler (own
+    generator), its optimizer and per-step scheduler, and keeps the same loss terms and gradient
+    norms on the device (``lightning_modules.step_state.StepLog``), read as often as
+    ``ParsingLitModule`` reads them, under the same precision and memory format.
+    """
+    from lightning_modules.step_state import StepLog, gradient_norm, stack_terms
+
+    loss_fn = copy.deepcopy(module.loss).to(device)
+    sampler = copy.deepcopy(module.sampler).to(device) if module.sampler is not None else None
+    generator = torch.Generator(device=device).manual_seed(1)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = module.optimizer_factory(params=params)
+    scheduler = None
+    if module.scheduler_factory is not None:
+        scheduler = module.scheduler_factory(optimizer=opt, steps_per_epoch=args.steps + 2)
+    bf16 = args.precision.startswith("bf16")
+    step_log = StepLog()
+    read_every = max(1, int(module.trainer.log_every_n_steps)) if module._trainer else 10
+    state = {"i": 0}
+
+    def step() -> float:
+        batch = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        image = batch["image"]
+        if args.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = net(image)
+            target = batch["mask"]
+            keep = sampler(target, generator=generator) if sampler is not None else None
+            losses = loss_fn(outputs, target, sample_mask=keep)
+        names = tuple(k for k in losses if k != "loss/main")
+        terms = stack_terms({k: losses[k] for k in names})
+        step_log.add_terms(state["i"], names, terms, image.shape[0])
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if module.nonfinite != "off":  # the module's gradient check
+            grads = [p.grad for p in params if p.grad is not None]
+            step_log.add_gradient_norm(state["i"], gradient_norm(grads))
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        if state["i"] % read_every == 0:
+            step_log.read()  # the module's read (one transfer), without its logging
+        return float(losses["loss"].detach()) if state["i"] == 1 else 0.0
 
     return step
 
@@ -288,6 +358,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--repeats", type=int, default=1, help="alternating rimlab/hand rounds; medians reported"
     )
+    parser.add_argument(
+        "--same-maths",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time a hand loop doing rimlab's maths (loss, sampler, checks, scheduler)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
         "--interleave",
@@ -300,6 +376,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         choices=("wall", "cpu"),
         default="wall",
         help="wall time, or the process's CPU time (CPU runs on a shared machine, --threads 1)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="cProfile the timed steps of the last round (both variants) into this .prof file",
     )
     args = parser.parse_args(argv)
     CLOCK[0] = time.perf_counter if args.clock == "wall" else time.process_time
@@ -348,7 +430,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = make_batches(4, args.batch, args.size, int(cfg.data.num_classes), device)
 
     aux_weight = 0.0 if args.stage == 2 else float(cfg.loss.get("aux_weight", 0.0))
-    hand_step = None
 
     def make_hand_step():
         sampler = ilm = None
@@ -359,42 +440,67 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ilm = InterClassLoss(margin=float(cfg.loss.ilm.margin)).to(device)
         return hand_step_fn(net_copy, batches, args, device, aux_weight, sampler, ilm)
 
+    def make_same_maths_step():
+        return same_maths_step_fn(module, same_net, batches, args, device)
+
+    # The hand variants; built inside the first fit (or after it), once ARBS has its statistics.
+    makers = {"hand": make_hand_step}
+    if args.same_maths:
+        same_net = copy.deepcopy(net_copy)
+        makers["same_maths"] = make_same_maths_step
+    hand_steps: dict[str, Any] = {}
+
+    def hand_step(name: str):
+        def run() -> None:
+            if name not in hand_steps:
+                hand_steps[name] = makers[name]()
+                first_loss[name] = hand_steps[name]()  # its first step, untimed
+                return
+            hand_steps[name]()
+
+        return run
+
     run_cfg = None
     if args.as_run:
         run_cfg = cfg.copy()
         with open_dict(run_cfg):
             run_cfg.paths.output_dir = str(args.data_dir / "train_step_run")
     # Interleaved rounds: on a loaded machine both variants see the same load.
-    rimlab_times, hand_times, rimlab_mem = [], [], None
-    rimlab_loss = hand_loss = float("nan")
+    rimlab_times, rimlab_mem = [], None
+    hand_times: dict[str, list[float]] = {name: [] for name in makers}
+    first_loss: dict[str, float] = {}
     for round_ in range(args.repeats):
-        inside_hand = None
+        inside = None
         if args.interleave == "steps":
+            inside = {name: hand_step(name) for name in makers}
+        profiler = None
+        if args.profile is not None and round_ == args.repeats - 1:
+            import cProfile
 
-            def inside_hand():  # built inside the fit, once ARBS has its statistics
-                nonlocal hand_step, hand_loss
-                if hand_step is None:
-                    hand_step = make_hand_step()
-                    hand_loss = hand_step()  # its first step, untimed
-                hand_step()
-
-        seconds, inside, loss = time_rimlab(module, batches, args, device, run_cfg, inside_hand)
+            profiler = cProfile.Profile(CLOCK[0])
+        seconds, inside_s, loss = time_rimlab(
+            module, batches, args, device, run_cfg, inside, profiler
+        )
+        if profiler is not None:
+            args.profile.parent.mkdir(parents=True, exist_ok=True)
+            profiler.dump_stats(str(args.profile))
         rimlab_times.append(seconds)
         if gpu and round_ == 0:
             rimlab_mem = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
         if round_ == 0:
-            rimlab_loss = loss
-        if args.interleave == "steps":
-            hand_times.append(inside)
-            continue
-        hand_step = hand_step or make_hand_step()  # after the first fit (ARBS statistics)
-        seconds, loss = time_hand(hand_step, args, device)
-        hand_times.append(seconds)
-        if round_ == 0:
-            hand_loss = loss
+            first_loss["rimlab"] = loss
+        for name in makers:
+            if args.interleave == "steps":
+                hand_times[name].append(inside_s[name])
+                continue
+            if name not in hand_steps:
+                hand_steps[name] = makers[name]()  # after the first fit (ARBS statistics)
+            seconds, loss = time_hand(hand_steps[name], args, device)
+            hand_times[name].append(seconds)
+            first_loss.setdefault(name, loss)
     rimlab_s = statistics.median(rimlab_times)
-    hand_s = statistics.median(hand_times)
+    hand_s = statistics.median(hand_times["hand"])
     flops = flops_per_image(net_copy, batches[0], args, device)
     data_ips = data_images_per_s(cfg, args.data_batches) if args.data_batches > 0 else None
 
@@ -406,11 +512,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "images_per_s": {"rimlab": args.batch / rimlab_s, "hand": args.batch / hand_s},
         "rimlab_vs_hand_percent": 100.0 * (rimlab_s - hand_s) / hand_s,
         "rimlab_minus_hand_ms": 1000 * (rimlab_s - hand_s),
+        # per round (the variants of one round ran side by side), then the median
+        "rimlab_minus_hand_rounds_ms": [
+            1000 * (r - h) for r, h in zip(rimlab_times, hand_times["hand"], strict=True)
+        ],
         "rounds_ms": {
             "rimlab": [1000 * t for t in rimlab_times],
-            "hand": [1000 * t for t in hand_times],
+            **{name: [1000 * t for t in times] for name, times in hand_times.items()},
         },
-        "first_step_loss": {"rimlab": rimlab_loss, "hand": hand_loss},
+        "first_step_loss": {
+            "rimlab": first_loss.get("rimlab"),
+            **{name: first_loss.get(name) for name in makers},
+        },  # fmt: skip
         "gflop_per_image": flops / 1e9,
         "tflops_achieved": {
             k: flops * args.batch / s / 1e12 for k, s in (("rimlab", rimlab_s), ("hand", hand_s))
@@ -427,6 +540,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"{k:<8} {result['ms_per_step'][k]:>10.1f} {result['images_per_s'][k]:>10.1f} "
             f"{result['tflops_achieved'][k]:>9.2f} {result['mfu_percent'][k]:>7.2f}"
+        )
+    if "same_maths" in hand_times:
+        same_s = statistics.median(hand_times["same_maths"])
+        result["ms_per_step"]["same_maths"] = 1000 * same_s
+        result["rimlab_minus_same_maths_ms"] = 1000 * (rimlab_s - same_s)
+        result["same_maths_minus_hand_ms"] = 1000 * (same_s - hand_s)
+        print(
+            f"same_maths {1000 * same_s:>8.1f} ms/step: rimlab - same_maths "
+            f"{result['rimlab_minus_same_maths_ms']:+.2f} ms (Lightning and glue), same_maths - "
+            f"hand {result['same_maths_minus_hand_ms']:+.2f} ms (rimlab's extra maths)"
         )
     print(
         f"rimlab vs hand loop: {result['rimlab_vs_hand_percent']:+.1f}% "

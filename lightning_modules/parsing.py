@@ -30,14 +30,7 @@ from lightning_modules.metrics import (
     segmentation_scores,
 )
 from lightning_modules.schedulers import per_step_optimization
-from lightning_modules.step_state import (
-    GRADIENT,
-    LOSS,
-    NonFiniteRecord,
-    StepTerms,
-    decode,
-    stack_terms,
-)
+from lightning_modules.step_state import LOSS, NonFinite, StepLog, gradient_norm, stack_terms
 from samplers.regional import sampling_statistics
 
 log = logging.getLogger(__name__)
@@ -78,6 +71,14 @@ def _host_values(*values: Tensor | None) -> list[list | None]:
         out.append(torch.tensor(flat[offset : offset + n]).reshape(v.shape).tolist())
         offset += n
     return out
+
+
+def _event_row(event: NonFinite | None, names: tuple[str, ...]) -> Tensor:
+    """``(1 + T,)`` float64 ``[2 * step + kind, *terms]`` of a read's finding; -1 first for none."""
+    if event is None:
+        return torch.full((1 + len(names),), -1.0, dtype=torch.float64)
+    terms = [event.terms.get(name, math.nan) for name in names]
+    return torch.tensor([2.0 * event.step + event.kind, *terms], dtype=torch.float64)
 
 
 def match_outputs_to_loss(net: nn.Module, loss: nn.Module) -> list[str]:
@@ -142,8 +143,8 @@ class ParsingLitModule(pl.LightningModule):
             A non-finite gradient always stops the run (its loss was finite, so the batch is not
             the cause), and so do non-finite weights found when a checkpoint is saved (the
             checkpoint is not written); ``off`` checks none of these. ``stop`` costs no host sync
-            per step: the first non-finite step is recorded on the device and read every
-            ``trainer.log_every_n_steps`` steps, at each epoch's last batch and before every
+            per step: each step's loss terms and gradient norm stay on the device and are read
+            every ``trainer.log_every_n_steps`` steps, at each epoch's last batch and before every
             checkpoint (the message names that step); ``skip`` syncs once per step.
         inference: test-time protocol ``(net_forward, image) -> scores`` for validation and test
             (flip / multi-scale / sliding window, see ``lightning_modules.inference``); None =
@@ -221,10 +222,9 @@ class ParsingLitModule(pl.LightningModule):
         self.nonfinite = nonfinite
         self.skipped_nonfinite = 0
         self._last_losses: dict[str, Tensor] = {}
-        # The per-step loss terms and the first non-finite step, kept on the device; the host
-        # reads both every trainer.log_every_n_steps steps (see _read_step_state).
-        self._step_terms = StepTerms()
-        self._nonfinite_record = NonFiniteRecord()
+        # The per-step loss terms and gradient norms, kept on the device; the host reads them
+        # every trainer.log_every_n_steps steps (see _read_step_state).
+        self._step_log = StepLog()
         self._trained_parameters: list[nn.Parameter] = []
         self._sampler_generator: torch.Generator | None = None
         # (stage, name, (H, W) uint8 ids) -> None: evaluation hands it every prediction at the
@@ -261,8 +261,7 @@ class ParsingLitModule(pl.LightningModule):
                 "batch on one rank would leave the others waiting in the gradient all-reduce; "
                 "use module.nonfinite=stop"
             )
-        self._step_terms = StepTerms()
-        self._nonfinite_record = NonFiniteRecord()
+        self._step_log = StepLog()
         # Listed once: walking the module tree every step costs more than the check itself.
         self._trained_parameters = [p for p in self.net.parameters() if p.requires_grad]
         if self.sampler is not None:
@@ -274,8 +273,7 @@ class ParsingLitModule(pl.LightningModule):
 
     def on_fit_end(self) -> None:
         # Steps of a finished fit are not re-read by a later save (e.g. after trainer.test).
-        self._step_terms = StepTerms()
-        self._nonfinite_record = NonFiniteRecord()
+        self._step_log = StepLog()
 
     def reseed(self, seed: int) -> None:
         """Restarts the regional sampler's draws from ``seed`` (called by the EpochSeed callback)."""
@@ -450,10 +448,7 @@ class ParsingLitModule(pl.LightningModule):
         # loss/main is the same tensor as the main loss's own name (loss/ce, ...): logged once.
         names = tuple(k for k in losses if k != "loss/main")
         terms = stack_terms({k: losses[k] for k in names})  # (T,)
-        self._step_terms.update(names, terms, image.shape[0])
-        if self.nonfinite != "off":
-            bad = ~torch.isfinite(terms[names.index("loss")])
-            self._nonfinite_record.record(bad, LOSS, self.global_step, terms)
+        self._step_log.add_terms(self.global_step, names, terms, image.shape[0])
         if self.track_train_confusion or self.force_train_confusion:
             self.train_confmat.update(outputs["out"].detach().argmax(1), target)
         return losses["loss"]
@@ -471,48 +466,51 @@ class ParsingLitModule(pl.LightningModule):
             self._read_step_state(log=log_now)
 
     def _read_step_state(self, log: bool) -> None:
-        """Reads the last step's loss terms and the non-finite record in one host transfer (one
-        ``all_gather`` under DDP, so that every rank stops in the same step with the same message),
-        raises on a non-finite loss or gradient, and logs the terms as ``train/<term>_step``.
+        """Reads the loss terms and gradient norms since the last read in one host transfer,
+        raises on a non-finite loss or gradient (under DDP after one ``all_gather`` of each rank's
+        finding, so that every rank stops in the same step with the same message), and logs the
+        last step's terms as ``train/<term>_step``.
 
         Raises:
             NonFiniteLossError: naming the first non-finite step, its loss terms (those of the
                 ranks whose loss was non-finite, under DDP) and the last good checkpoint.
         """
-        step_terms = self._step_terms
-        if step_terms.last is None:
-            return  # no training step in this process since the fit started
-        names = step_terms.names
-        nonfinite = self._nonfinite_record.state(len(names), step_terms.last.device)
-        packed = torch.cat([step_terms.last.double(), nonfinite])  # (2T + 1,)
-        world_size = self.trainer.world_size if self._trainer is not None else 1
-        if self.nonfinite != "off" and world_size > 1:
-            gathered = self.all_gather(packed).reshape(-1, packed.numel()).cpu()  # (W, 2T + 1)
-            own = gathered[self.global_rank]
-        else:
-            own = packed.cpu()
-            gathered = own[None]
+        step_log = self._step_log
+        if not step_log.pending:
+            return  # no training step in this process since the last read
+        names = step_log.names
+        event = step_log.read()
         if self.nonfinite != "off":
-            self._raise_if_nonfinite(names, gathered[:, len(names) :])
+            world_size = self.trainer.world_size if self._trainer is not None else 1
+            records = _event_row(event, names)[None]  # (1, 1 + T)
+            if world_size > 1:
+                own = records.to(self.device)
+                records = self.all_gather(own).reshape(-1, own.numel()).cpu()  # (W, 1 + T)
+            self._raise_if_nonfinite(names, records)
         if log:
-            # CPU tensors: the progress bar and the loggers read them without a device sync.
-            for name, value in zip(names, own[: len(names)].float(), strict=True):
-                self.log(
-                    f"train/{name}_step",
-                    value,
-                    on_step=True,
-                    on_epoch=False,
-                    prog_bar=name == "loss",
-                    batch_size=1,
-                )
+            last = step_log.last
+            # One self.log (the progress bar's loss; Lightning's log call costs about a millisecond
+            # on a CPU) and one row for the loggers, as Lightning writes step metrics.
+            self.log(
+                "train/loss_step",
+                torch.tensor(last["loss"]),
+                on_step=True,
+                on_epoch=False,
+                prog_bar=True,
+                logger=False,
+                batch_size=1,
+            )
+            self.trainer._logger_connector.log_metrics(
+                {f"train/{name}_step": value for name, value in last.items()}
+            )
 
     def _raise_if_nonfinite(self, names: tuple[str, ...], records: Tensor) -> None:
-        """Raises if a process recorded a non-finite step; ``records`` ``(W, 1 + T)`` holds each
-        process's :meth:`NonFiniteRecord.state`. Every rank decides from the same rows."""
+        """Raises if a process found a non-finite step; ``records`` ``(W, 1 + T)`` holds each
+        process's :func:`_event_row`. Every rank decides from the same rows."""
         found = []
         for rank, row in enumerate(records.tolist()):
-            event = decode(row[0])
-            if event is not None:
+            if row[0] >= 0:
+                event = (int(row[0]) // 2, int(row[0]) % 2)
                 found.append((event, rank, dict(zip(names, row[1:], strict=True))))
         if not found:
             return
@@ -538,17 +536,11 @@ class ParsingLitModule(pl.LightningModule):
         return {}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        terms = self._step_terms.last
-        if self.nonfinite == "off" or terms is None:
+        if self.nonfinite == "off":
             return
         grads = [p.grad for p in self._trained_parameters if p.grad is not None]
-        if not grads:
-            return
-        # The 2-norm of all gradients: NaN or inf when an entry is (or when the squares overflow
-        # float32, |g| > 1e19, which no converging run produces). A fused multi-tensor kernel on
-        # GPUs; an isfinite per tensor costs 15x more on a CPU, the max-norm too.
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        self._nonfinite_record.record(~torch.isfinite(norm), GRADIENT, self.global_step, terms)
+        if grads:
+            self._step_log.add_gradient_norm(self.global_step, gradient_norm(grads))
 
     def _good_checkpoint(self) -> str:
         return good_checkpoint(self._trainer)
@@ -583,7 +575,7 @@ class ParsingLitModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._read_step_state(log=False)
-        for name, mean in self._step_terms.epoch_means().items():
+        for name, mean in self._step_log.epoch_means().items():
             self.log(
                 f"train/{name}_epoch",
                 torch.tensor(mean),
@@ -592,7 +584,7 @@ class ParsingLitModule(pl.LightningModule):
                 prog_bar=name == "loss",
                 batch_size=1,
             )
-        self._step_terms.reset()
+        self._step_log.reset()
         if self.skipped_nonfinite:
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
         if self.track_train_confusion:

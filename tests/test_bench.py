@@ -54,6 +54,7 @@ def test_train_step_bench_compares_identical_work(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     loss = result["first_step_loss"]
     assert loss["rimlab"] == pytest.approx(loss["hand"], rel=1e-5)
+    assert loss["same_maths"] == pytest.approx(loss["rimlab"], rel=1e-6)  # rimlab's own maths
     for k in ("rimlab", "hand"):
         ms = result["ms_per_step"][k]
         assert result["images_per_s"][k] == pytest.approx(2 / (ms / 1000))

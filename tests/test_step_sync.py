@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.parsing import NonFiniteLossError, ParsingLitModule
-from lightning_modules.step_state import GRADIENT, LOSS, NonFiniteRecord, StepTerms, decode
+from lightning_modules.step_state import GRADIENT, LOSS, NonFinite, StepLog, gradient_norm
 from losses import CrossEntropyLoss, InterClassLoss, ParsingLoss
 from samplers import RegionalBalancedSampler
 
@@ -102,25 +102,62 @@ def test_nonfinite_step_is_named_when_read():
         module._read_step_state(log=False)
 
 
-def test_step_terms_and_nonfinite_record_against_hand_values():
-    terms = StepTerms()
-    terms.update(("loss", "loss/ce"), torch.tensor([1.0, 2.0]), 4)
-    terms.update(("loss", "loss/ce"), torch.tensor([3.0, 5.0]), 1)
-    terms.update(("loss", "loss/soft"), torch.tensor([10.0, 7.0]), 5)  # a term from then on
-    means = terms.epoch_means()
+def test_nonfinite_gradient_is_named_in_its_step():
+    """A finite loss whose gradient is NaN in step 0 is reported as a gradient of step 0 (not as
+    the next step's loss); a NaN loss and gradient in the same step are reported as the loss."""
+    module = _module(1)
+    module._trained_parameters = list(module.net.parameters())
+    module.training_step(_batch(seed=0), 0).backward()
+    module.net.head.weight.grad[0, 0] = math.nan
+    module.on_before_optimizer_step(None)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient at global step 0 .*loss="):
+        module._read_step_state(log=False)
+
+    poisoned = _batch(seed=1)
+    poisoned["image"][0, 0, 5, 5] = math.nan
+    module.training_step(poisoned, 1).backward()
+    module.on_before_optimizer_step(None)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 0 "):
+        module._read_step_state(log=False)
+
+
+def test_step_log_against_hand_values(no_host_sync):
+    log = StepLog()
+    with no_host_sync():  # keeping steps costs no transfer
+        log.add_terms(3, ("loss", "loss/ce"), torch.tensor([1.0, 2.0]), 4)
+        log.add_gradient_norm(3, torch.tensor(0.5))
+        log.add_terms(4, ("loss", "loss/ce"), torch.tensor([3.0, 5.0]), 1)
+    assert log.read() is None and log.last == {"loss": 3.0, "loss/ce": 5.0}
+    log.add_terms(5, ("loss", "loss/soft"), torch.tensor([10.0, 7.0]), 5)  # a term from then on
+    assert log.read() is None and not log.pending
+    means = log.epoch_means()
     assert means["loss"] == pytest.approx((4 * 1 + 1 * 3 + 5 * 10) / 10)
     assert means["loss/ce"] == pytest.approx((4 * 2 + 1 * 5) / 5)
     assert means["loss/soft"] == pytest.approx(7.0)
-    terms.reset()
-    assert terms.epoch_means() == {}
+    log.reset()
+    assert log.epoch_means() == {}
 
-    record = NonFiniteRecord()
-    assert decode(float(record.state(2, torch.device("cpu"))[0])) is None
-    record.record(torch.tensor(False), LOSS, 3, torch.tensor([1.0, 1.0]))
-    record.record(torch.tensor(True), GRADIENT, 7, torch.tensor([2.0, 3.0]))
-    record.record(torch.tensor(True), LOSS, 9, torch.tensor([math.nan, 0.0]))
-    state = record.state(2, torch.device("cpu"))
-    assert decode(float(state[0])) == (7, GRADIENT) and state[1:].tolist() == [2.0, 3.0]
+    # The first bad step of a read wins; in one step a bad loss comes before its gradient.
+    log.add_terms(6, ("loss",), torch.tensor([1.0]), 1)
+    log.add_gradient_norm(6, torch.tensor(1.0))
+    log.add_terms(7, ("loss",), torch.tensor([2.0]), 1)
+    log.add_gradient_norm(7, torch.tensor(math.inf))
+    log.add_terms(8, ("loss",), torch.tensor([math.nan]), 1)
+    log.add_gradient_norm(8, torch.tensor(math.nan))
+    assert log.read() == NonFinite(7, GRADIENT, {"loss": 2.0})
+    log.add_terms(9, ("loss",), torch.tensor([math.nan]), 1)
+    log.add_gradient_norm(9, torch.tensor(math.nan))
+    event = log.read()
+    assert (event.step, event.kind) == (9, LOSS) and math.isnan(event.terms["loss"])
+
+
+def test_gradient_norm_is_the_sum_of_the_tensor_norms_and_catches_every_nonfinite():
+    g = [torch.tensor([3.0, 4.0]), torch.ones(2, 2), torch.zeros(3)]
+    assert float(gradient_norm(g)) == pytest.approx(5.0 + 2.0)
+    for bad in (math.nan, math.inf, -math.inf):
+        poisoned = [t.clone() for t in g]
+        poisoned[2][1] = bad
+        assert not torch.isfinite(gradient_norm(poisoned))
 
 
 class _Batches(torch.utils.data.Dataset):
