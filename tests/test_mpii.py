@@ -13,9 +13,12 @@ import torch
 from PIL import Image
 
 from datamodules.batch import DatasetError
-from datamodules.mpii import JointCrops, MPIIDataset, PersonCrop, load_release_mat
+from datamodules.mpii import MPIIDataset
+from datamodules.mpii_annotations import load_release_mat
 from datamodules.pose_transforms import (
     MPII_FLIP_PAIRS,
+    JointCrops,
+    PersonCrop,
     apply_affine,
     crop_affine,
     crop_image,
@@ -473,7 +476,7 @@ def test_json_persons_without_a_box_are_skipped_and_counted(json_root, caplog):
 
 
 def test_numeric_single_person_vector_is_one_entry_per_image(tmp_path):
-    from datamodules.mpii import _as_list
+    from datamodules.mpii_annotations import _as_list
 
     assert [int(v) for v in _as_list(np.array([2, 1, 3]))] == [2, 1, 3]
     assert len(_as_list(np.array(5))) == 1 and _as_list(np.zeros((0, 0))) == []
@@ -545,7 +548,7 @@ def test_jitter_laws_have_their_variances():
     1 - 2 phi(1) / (Phi(1) - Phi(-1)) = 0.2911."""
     from math import erf, exp, pi, sqrt
 
-    from datamodules.mpii import _jitter
+    from datamodules.pose_transforms import _jitter
 
     rng = np.random.default_rng(0)
     uni = np.array([_jitter(rng, "uniform") for _ in range(6000)])
