@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.batch import IGNORE_INDEX, DatasetError, collate_eval, collate_train, make_palette
+from datamodules.errors import ConfigError
+from datamodules.files import write_json
 from datamodules.transforms import (
     AUGMENT_IMPLS,
     PHOTOMETRIC_MODES,
@@ -68,19 +69,6 @@ def plain(value: Any) -> Any:
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "rimlab"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write-then-rename: concurrent workers or a killed process never leave a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 #: A rule ``(H, W) -> r`` giving the JPEG reduction (1, 2, 4 or 8) an image of the stored size
@@ -455,10 +443,9 @@ class ParsingDataset(Dataset, ABC):
             "counts": [int(v) for v in result.counts],
             "region_counts": [int(v) for v in result.region_counts],
         }
-        data = json.dumps(payload).encode()
         for path in paths:
             try:
-                atomic_write_bytes(path, data)
+                write_json(path, payload)
                 break
             except OSError as e:  # read-only dataset folder: fall back to the cache dir
                 log.debug("could not write %s: %s", path, e)
@@ -658,14 +645,18 @@ def split_loader(
 
 # -- LightningDataModule base ------------------------------------------------------------------
 
+#: Arguments whose None, given to a subclass, means the dataset's own default.
+_NONE_TAKES_DEFAULT = ("class_names", "palette")
+
 
 class ParsingDataModule(LightningDataModule, ABC):
     """Generic parsing datamodule: transforms, collate and loaders around ``make_dataset``.
 
-    Subclasses give their constructor the dataset's defaults (class names, flip pairs, sizes) and
-    pass everything on here by keyword; they implement :meth:`make_dataset` and, with cheap
-    file-system checks, :meth:`has_split` and :meth:`split_has_labels`. The most specific
-    constructor's arguments are saved as hyperparameters, as plain containers.
+    A subclass's constructor names only its own arguments, takes the others as ``**kwargs`` and
+    passes them on through :meth:`with_defaults` with the dataset's defaults (class names, flip
+    pairs, sizes); it implements :meth:`make_dataset` and, with cheap file-system checks,
+    :meth:`has_split` and :meth:`split_has_labels`. Every constructor argument is saved as a
+    hyperparameter, as a plain container: the value given, else the default in effect.
 
     Args:
         root: the dataset folder.
@@ -848,12 +839,48 @@ class ParsingDataModule(LightningDataModule, ABC):
         self.val_set: ParsingDataset | None = None
         self.test_set: ParsingDataset | None = None
 
+    @classmethod
+    def argument_names(cls) -> set[str]:
+        """Every keyword ``cls`` accepts: the keys a ``conf/data`` file of this class may set."""
+        names: set[str] = set()
+        for klass in cls.__mro__[: cls.__mro__.index(ParsingDataModule) + 1]:
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                names.update(
+                    name
+                    for name, p in inspect.signature(init).parameters.items()
+                    if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                )
+        return names
+
+    @classmethod
+    def with_defaults(cls, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """The keyword arguments a subclass passes on: ``given`` over the dataset's ``defaults``.
+
+        ``class_names`` or ``palette`` given as None take the dataset's default too (a config's
+        ``null`` means "the dataset's own"); the base's None (ids as names, the VOC colour map)
+        applies where the dataset has none.
+
+        Raises:
+            ConfigError: a key ``cls`` does not accept (a misspelt ``conf/data`` key).
+        """
+        unknown = sorted(set(given) - cls.argument_names())
+        if unknown:
+            raise ConfigError(
+                f"data.{unknown[0]}: {cls.__name__} has no argument {unknown[0]!r} (misspelt "
+                f"key?); its arguments are {', '.join(sorted(cls.argument_names()))}"
+            )
+        kept = {k: v for k, v in given.items() if v is not None or k not in _NONE_TAKES_DEFAULT}
+        return {**defaults, **kept}
+
     def _save_plain_hyperparameters(self, frame: Any) -> None:
-        # The arguments of the most specific constructor (the class the config names), as plain
-        # containers: Hydra passes ListConfig/DictConfig, which checkpoints could not load with
-        # weights_only=True, and base-only keywords would not fit the subclass's signature.
-        chain = collect_init_args(frame, [], classes=(HyperparametersMixin,))
-        hparams = {k: plain(v) for k, v in (chain[-1] if chain else {}).items()}
+        # Every level's arguments, the most specific winning: the base sees each value in effect
+        # (a dataset default the subclass passed on), the subclass its own keys and the values as
+        # given. Plain containers: Hydra passes ListConfig/DictConfig, which checkpoints could not
+        # load with weights_only=True.
+        hparams: dict[str, Any] = {}
+        for level in collect_init_args(frame, [], classes=(HyperparametersMixin,)):
+            hparams.update({k: plain(v) for k, v in level.items()})
         self.save_hyperparameters(hparams, logger=False)
 
     # -- what a subclass provides ---------------------------------------------------------------

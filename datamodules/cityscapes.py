@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -336,70 +335,25 @@ class CityscapesDataModule(ParsingDataModule):
     test_labels_hint = "the released test labels are placeholders"
     full_resolution_eval = True
 
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 8,
-        num_workers: int | None = None,
-        crop_size: Sequence[int] = (512, 1024),
-        scale_range: Sequence[float] = (0.5, 2.0),
-        rotate: float = 0.0,
-        eval_size: Sequence[int] | None = None,
-        eval_batch_size: int | None = None,
-        skip_bad: bool = False,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        num_classes: int = CITYSCAPES_NUM_CLASSES,
-        class_names: Sequence[str] | None = None,
-        flip_pairs: Sequence[Sequence[int]] = CITYSCAPES_FLIP_PAIRS,
-        color_jitter: float = 0.2,
-        cache_dir: str | None = None,
-        palette: Sequence[Sequence[int]] | None = None,
-        ignore_index: int = IGNORE_INDEX,
-        cat_max_ratio: float | None = None,
-        photometric: str = "jitter",
-        eval_keep_ratio: bool = False,
-        base_size: int | None = None,
-        base_side: str = "long",
-        flip_prob: float = 0.5,
-        augmentation: str = "default",
-        augment_impl: str = "fused",
-    ) -> None:
+    def __init__(self, root: str, **kwargs: Any) -> None:
+        num_classes = kwargs.get("num_classes", CITYSCAPES_NUM_CLASSES)
         if int(num_classes) != CITYSCAPES_NUM_CLASSES:
             raise ValueError(
                 f"Cityscapes has {CITYSCAPES_NUM_CLASSES} train classes, got {num_classes}"
             )
-        # Defaults from the label table (looked up only when needed, so explicit names and a
-        # palette work without the package); the arguments themselves stay as given (hparams).
-        table = _train_classes() if class_names is None or palette is None else None
-        super().__init__(
-            root,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            crop_size=crop_size,
-            scale_range=scale_range,
-            rotate=rotate,
-            eval_size=eval_size,
-            eval_batch_size=eval_batch_size,
-            skip_bad=skip_bad,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            class_names=class_names if class_names is not None else table[0],
-            flip_pairs=flip_pairs,
-            color_jitter=color_jitter,
-            cache_dir=cache_dir,
-            palette=palette if palette is not None else table[1].tolist(),
-            ignore_index=ignore_index,
-            cat_max_ratio=cat_max_ratio,
-            photometric=photometric,
-            eval_keep_ratio=eval_keep_ratio,
-            base_size=base_size,
-            base_side=base_side,
-            flip_prob=flip_prob,
-            augmentation=augmentation,
-            augment_impl=augment_impl,
-        )
+        defaults: dict[str, Any] = {
+            "batch_size": 8,
+            "crop_size": (512, 1024),
+            "rotate": 0.0,
+            "num_classes": CITYSCAPES_NUM_CLASSES,
+            "flip_pairs": CITYSCAPES_FLIP_PAIRS,
+        }
+        # Names and palette from the label table, looked up only when needed, so that explicit
+        # ones work without the package.
+        if kwargs.get("class_names") is None or kwargs.get("palette") is None:
+            names, colours = _train_classes()
+            defaults.update(class_names=names, palette=colours.tolist())
+        super().__init__(root, **self.with_defaults(kwargs, defaults))
 
     @staticmethod
     def to_dataset_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

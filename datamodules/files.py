@@ -1,9 +1,9 @@
 """Writing files so that a killed process or a concurrent reader never sees half of one.
 
-Every layer writes through these helpers (checkpoints, scores, caches, hand-off records), so the
-rule lives in one place: the bytes go to a hidden temporary file in the target's folder and only a
-complete file is renamed onto the target (``os.replace`` is atomic on POSIX within one file
-system).
+Every layer writes through these helpers (checkpoints, scores, caches, hand-off records, generated
+data sets), so the rule lives in one place: the bytes go to a hidden temporary file (or folder) in
+the target's folder and only a complete one is renamed onto the target (``os.replace`` and
+``os.rename`` are atomic on POSIX within one file system).
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Iterator
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,9 +35,10 @@ def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name, created with the mode a plain open() gives (0666 less the umask; mkstemp's
-    # 0600 would make every written file private to its owner).
-    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(8)}{path.suffix}"
+    # The writer's pid in the name lets remove_stale_temporaries tell a dead writer's leftover; the
+    # file is created with the mode a plain open() gives (0666 less the umask; mkstemp's 0600 would
+    # make every written file private to its owner).
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}{path.suffix}"
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
@@ -44,6 +48,23 @@ def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Deletes the temporaries of ``path`` that :func:`atomic_path` writers killed mid-write left
+    (those of live processes stay); returns the deleted paths."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(tmp.name[len(path.name) + 6 :].split("-", 1)[0])
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        except (ValueError, PermissionError):
+            continue  # not an atomic_path temporary, or another user's live process
+    return removed
 
 
 def atomic_write(path: str | Path, data: bytes | str, *, fsync: bool = False) -> None:
@@ -79,3 +100,66 @@ def write_json(
     """
     text = json.dumps(obj if keep_nan else json_safe(obj), indent=indent)
     atomic_write(path, text)
+
+
+def _marker_matches(root: Path, marker: str, params: Mapping[str, Any]) -> bool:
+    try:
+        return json.loads((root / marker).read_text()) == params
+    except (OSError, ValueError):
+        return False
+
+
+def generated_folder(
+    root: str | Path, params: Mapping[str, Any], write: Callable[[Path], None], marker: str
+) -> Path:
+    """Makes ``root`` hold what ``write`` generates for ``params``, unless it already does.
+
+    ``write(folder)`` fills a hidden temporary sibling of ``root``; the marker file recording
+    ``params`` is written last and the folder is then renamed onto ``root``. So an interrupted
+    generation leaves nothing under ``root`` (and a previous set intact), a set made with other
+    parameters is replaced, and when another process finishes the same set first, its copy is
+    kept and this one discarded.
+
+    Args:
+        root: the folder to generate.
+        params: JSON-serialisable parameters; equal parameters must generate equal files.
+        write: fills the folder it is given.
+        marker: the marker file's name inside ``root``.
+
+    Returns:
+        ``root`` as a Path.
+
+    Raises:
+        FileExistsError: ``root`` is a non-empty folder without ``marker``; it is left alone (it
+            may be a real data set).
+    """
+    root = Path(root)
+    params = json.loads(json.dumps(params))  # as read back from the marker (tuples -> lists)
+    if _marker_matches(root, marker, params):
+        return root
+    if root.exists() and not (root / marker).is_file() and any(root.iterdir()):
+        raise FileExistsError(f"{root} exists, is not empty and holds no {marker} marker")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    try:
+        write(tmp)
+        (tmp / marker).write_text(json.dumps(params, indent=1))  # last: the set is complete
+        if _marker_matches(root, marker, params):  # another process finished it meanwhile
+            return root
+        old = None
+        if root.exists():  # a set of other parameters (or an empty folder): moved aside
+            old = root.with_name(f".{root.name}.old-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(root, old)
+            except FileNotFoundError:  # another process moved it first
+                old = None
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not _marker_matches(root, marker, params):
+                raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename, else discarded
+    return root

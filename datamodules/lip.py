@@ -244,64 +244,17 @@ class LIPDataModule(ParsingDataModule):
 
     dataset_name = "LIP"
 
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 16,
-        num_workers: int | None = None,
-        crop_size: Sequence[int] = (473, 473),
-        scale_range: Sequence[float] = (0.75, 1.25),
-        rotate: float = 30.0,
-        eval_size: Sequence[int] | None = None,
-        eval_batch_size: int | None = None,
-        skip_bad: bool = False,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        num_classes: int = LIP_NUM_CLASSES,
-        class_names: Sequence[str] | None = None,
-        flip_pairs: Sequence[Sequence[int]] = LIP_FLIP_PAIRS,
-        color_jitter: float = 0.2,
-        cache_dir: str | None = None,
-        palette: Sequence[Sequence[int]] | None = None,
-        ignore_index: int = 255,
-        cat_max_ratio: float | None = None,
-        photometric: str = "jitter",
-        eval_keep_ratio: bool = False,
-        base_size: int | None = None,
-        base_side: str = "long",
-        flip_prob: float = 0.5,
-        augmentation: str = "default",
-        augment_impl: str = "fused",
-        eval_affine: bool = False,
-    ) -> None:
-        super().__init__(
-            root,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            crop_size=crop_size,
-            scale_range=scale_range,
-            rotate=rotate,
-            eval_size=eval_size,
-            eval_batch_size=eval_batch_size,
-            skip_bad=skip_bad,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            class_names=class_names if class_names is not None else LIP_CLASSES,
-            flip_pairs=flip_pairs,
-            color_jitter=color_jitter,
-            cache_dir=cache_dir,
-            palette=palette if palette is not None else LIP_PALETTE.tolist(),
-            ignore_index=ignore_index,
-            cat_max_ratio=cat_max_ratio,
-            photometric=photometric,
-            eval_keep_ratio=eval_keep_ratio,
-            base_size=base_size,
-            base_side=base_side,
-            flip_prob=flip_prob,
-            augmentation=augmentation,
-            augment_impl=augment_impl,
-        )
+    def __init__(self, root: str, eval_affine: bool = False, **kwargs: Any) -> None:
+        defaults = {
+            "crop_size": (473, 473),
+            "scale_range": (0.75, 1.25),
+            "rotate": 30.0,
+            "num_classes": LIP_NUM_CLASSES,
+            "class_names": LIP_CLASSES,
+            "flip_pairs": LIP_FLIP_PAIRS,
+            "palette": LIP_PALETTE.tolist(),
+        }
+        super().__init__(root, **self.with_defaults(kwargs, defaults))
         self.eval_affine = bool(eval_affine)
 
     def eval_transform(self) -> EvalTransform:

@@ -30,12 +30,12 @@ from datamodules.base import (
     ParsingDataModule,
     ParsingDataset,
     ReductionRule,
-    atomic_write_bytes,
     default_cache_dir,
     plain,
     read_image_reduced,
 )
 from datamodules.batch import DatasetError, make_palette
+from datamodules.files import atomic_write
 from datamodules.synthetic import ensure_synthetic_mhp
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ class MHPv2Dataset(ParsingDataset):
         merged = merge_person_labels(paths, self.num_classes)
         if cached is not None:
             try:
-                atomic_write_bytes(cached, _cached_label_bytes(merged))
+                atomic_write(cached, _cached_label_bytes(merged))
             except OSError as e:
                 log.debug("could not write merge cache %s: %s", cached, e)
         return merged
@@ -354,39 +354,17 @@ def _read_cached_label(path: Path) -> np.ndarray | None:
 class MHPv2DataModule(ParsingDataModule):
     """LV-MHP-v2 for Lightning; with ``synthetic`` set it generates and serves the synthetic set.
 
+    Arguments as :class:`~datamodules.base.ParsingDataModule` (the defaults: LV-MHP-v2's 59
+    classes and left/right pairs; ``palette`` None is the VOC colour map, MHPv2 publishes no
+    palette of its own; ``conf/data/mhp_v2.yaml`` sets the paper's ``base_size`` 400, long side),
+    and:
+
     Args:
         root: the ``LV-MHP-v2`` folder (or where the synthetic set is generated).
-        batch_size: training batch size (drop_last, so each batch is full).
-        num_workers: DataLoader workers (None: from the CPU and device counts).
-        crop_size: ``(h, w)`` training crop.
-        scale_range: ``(min, max)`` random scale factor.
-        rotate: maximum absolute rotation in degrees.
-        eval_size: ``(h, w)`` network input size at evaluation (default: ``crop_size``); labels
-            stay at their original resolution.
-        eval_batch_size: evaluation batch size (default: ``batch_size``).
-        skip_bad: skip bad samples with a warning instead of raising.
-        pin_memory: pin host memory (only when CUDA is available).
-        persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
-        num_classes: number of classes including background.
-        class_names: ``num_classes`` names (default: ``MHP_CLASSES``).
-        flip_pairs: left/right class ids swapped by the horizontal flip.
-        palette: ``num_classes`` RGB triples for plots and overlays (None: the VOC colour map;
-            MHPv2 publishes no palette of its own).
-        ignore_index: the label value never scored (255, the padding value of the transforms).
-        cat_max_ratio, photometric: training crop and colour augmentation, as in
-            :class:`~datamodules.base.ParsingDataModule`.
-        eval_keep_ratio: aspect-preserving evaluation input (black padding, ``valid_box``), as
-            in :class:`~datamodules.base.ParsingDataModule`.
-        base_size, base_side, flip_prob, augmentation, augment_impl: the scale protocol, the
-            flip, the augmentation preset and its implementation, as in
-            :class:`~datamodules.base.ParsingDataModule` (None: no base resize;
-            ``conf/data/mhp_v2.yaml`` sets the paper's 400, long side).
-        color_jitter: colour jitter strength (0 disables).
-        cache_dir: merged-label and count cache folder (None: ``~/.cache/rimlab``, or
-            ``$XDG_CACHE_HOME/rimlab``; the dataset folder may be read-only).
         merge_cache: merge each image's per-person files once, in parallel in
             ``prepare_data``, into one cached label map that training reads instead (off: merge
-            on every read).
+            on every read). The cache lives in ``cache_dir`` (None: ``~/.cache/rimlab``, or
+            ``$XDG_CACHE_HOME/rimlab``; the dataset folder may be read-only).
         synthetic: keyword arguments of :func:`ensure_synthetic_mhp`; when given, ``prepare_data``
             generates the synthetic set under ``root`` first.
     """
@@ -397,62 +375,16 @@ class MHPv2DataModule(ParsingDataModule):
     def __init__(
         self,
         root: str,
-        batch_size: int = 16,
-        num_workers: int | None = None,
-        crop_size: Sequence[int] = (400, 400),
-        scale_range: Sequence[float] = (0.5, 2.0),
-        rotate: float = 10.0,
-        eval_size: Sequence[int] | None = None,
-        eval_batch_size: int | None = None,
-        skip_bad: bool = False,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        num_classes: int = MHP_NUM_CLASSES,
-        class_names: Sequence[str] | None = None,
-        flip_pairs: Sequence[Sequence[int]] = MHP_FLIP_PAIRS,
-        palette: Sequence[Sequence[int]] | None = None,
-        ignore_index: int = 255,
-        cat_max_ratio: float | None = None,
-        photometric: str = "jitter",
-        color_jitter: float = 0.2,
-        cache_dir: str | None = None,
         merge_cache: bool = True,
         synthetic: dict[str, Any] | None = None,
-        eval_keep_ratio: bool = False,
-        base_size: int | None = None,
-        base_side: str = "long",
-        flip_prob: float = 0.5,
-        augmentation: str = "default",
-        augment_impl: str = "fused",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            crop_size=crop_size,
-            scale_range=scale_range,
-            rotate=rotate,
-            eval_size=eval_size,
-            eval_batch_size=eval_batch_size,
-            skip_bad=skip_bad,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            class_names=class_names if class_names is not None else MHP_CLASSES,
-            flip_pairs=flip_pairs,
-            palette=palette,
-            ignore_index=ignore_index,
-            cat_max_ratio=cat_max_ratio,
-            photometric=photometric,
-            eval_keep_ratio=eval_keep_ratio,
-            base_size=base_size,
-            base_side=base_side,
-            flip_prob=flip_prob,
-            augmentation=augmentation,
-            augment_impl=augment_impl,
-            color_jitter=color_jitter,
-            cache_dir=cache_dir,
-        )
+        defaults = {
+            "num_classes": MHP_NUM_CLASSES,
+            "class_names": MHP_CLASSES,
+            "flip_pairs": MHP_FLIP_PAIRS,
+        }
+        super().__init__(root, **self.with_defaults(kwargs, defaults))
         synthetic = plain(synthetic)
         self.synthetic = dict(synthetic) if synthetic is not None else None
         self.merge_cache = bool(merge_cache)

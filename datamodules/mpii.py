@@ -1,14 +1,10 @@
-"""MPII Human Pose (16 joints): the official ``RELEASE`` .mat, the mmpose/HRNet json form, person
-and joint crops for DeepPose cascades, and the LightningDataModule.
+"""MPII Human Pose (16 joints): the per-person Dataset and the LightningDataModule of DeepPose
+cascades.
 
-Read ``../shared/DATASETS.md`` section 5. Conventions kept here:
-
-- every coordinate is 0-based (the files are MATLAB 1-based; evaluation against the official
-  ``mpii_gt_val.mat`` adds 1 back, see :mod:`lightning_modules.pose_metrics`);
-- a joint is *labelled* when it is present in the annotation, whatever ``is_visible`` says;
-- ``head_size`` = 0.6 x the head-box diagonal (the PCKh normaliser);
-- ``center``/``scale`` are the raw ``objpos`` (0-based) and person height / 200; crops add the
-  +15 * scale vertical shift and the 1.25 enlargement (:func:`datamodules.pose_transforms.person_box`).
+Read ``../shared/DATASETS.md`` section 5. The annotation files are read by
+:mod:`datamodules.mpii_annotations` (its docstring gives the coordinate conventions); the person
+and joint crops are :class:`datamodules.pose_transforms.PersonCrop` and
+:class:`~datamodules.pose_transforms.JointCrops`.
 
 Raw item (``transform=None``): ``image`` (H, W, 3) uint8, ``keypoints`` (16, 3) float32 (x, y,
 labelled), ``visible`` (16,) float32 (the file's ``is_visible``; 1 when missing), ``head_size``
@@ -17,7 +13,6 @@ float (NaN without a head box), ``center`` (2,) float32, ``scale`` float, ``name
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -25,316 +20,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.io
-import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import read_image, split_loader
-from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD, DatasetError
+from datamodules.batch import DatasetError
+from datamodules.mpii_annotations import (
+    JSON_NAMES,
+    MAT_NAME,
+    find_annotation,
+    load_json_annotations,
+    load_release_mat,
+)
 from datamodules.pose_transforms import (
     MPII_FLIP_PAIRS,
     MPII_JOINTS,
-    apply_affine,
-    crop_affine,
-    crop_image,
-    flip_permutation,
-    person_box,
-    sample_displacements,
+    NUM_JOINTS,
+    JointCrops,
+    PersonCrop,
     torso_diameter,
 )
 
 log = logging.getLogger(__name__)
-
-NUM_JOINTS = 16
-MAT_NAME = "mpii_human_pose_v1_u12_1.mat"
-HEAD_SIZE_FACTOR = 0.6
-
-# -- the official .mat ----------------------------------------------------------------------------
-
-
-def _as_list(value: Any) -> list[Any]:
-    """A struct or cell array as a list: ``squeeze_me`` turns one-element arrays into a bare struct
-    and empty fields into empty arrays.
-
-    A numeric array is a list of its elements (``single_person`` saved as a plain vector instead of
-    a cell, one rect id per image); a 0-d array or a bare value is a one-element list.
-    """
-    if value is None:
-        return []
-    if isinstance(value, np.ndarray):
-        if value.size == 0:
-            return []
-        return [value] if value.ndim == 0 else list(value.ravel())
-    return [value]
-
-
-def _scalar(value: Any) -> float | None:
-    """A numeric field that may be a number, a (1,)/(1, 1) array, a string or empty; None if empty."""
-    if value is None:
-        return None
-    if isinstance(value, np.ndarray):
-        if value.size == 0:
-            return None
-        value = value.ravel()[0]
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, str):
-        value = value.strip()
-        if not value:
-            return None
-    return float(value)
-
-
-def _field(struct: Any, name: str) -> Any:
-    """``struct.name``, or None when the field is absent or empty."""
-    value = getattr(struct, name, None)
-    if value is None or (isinstance(value, np.ndarray) and value.size == 0):
-        return None
-    return value
-
-
-def _rect_head_size(rect: Any) -> float:
-    coords = [_scalar(_field(rect, k)) for k in ("x1", "y1", "x2", "y2")]
-    if any(c is None for c in coords):
-        return float("nan")
-    x1, y1, x2, y2 = coords
-    return HEAD_SIZE_FACTOR * float(np.hypot(x2 - x1, y2 - y1))
-
-
-def _rect_points(rect: Any, path: Path, where: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(16, 3) 0-based keypoints with labelled flags and (16,) is_visible, or None without joints."""
-    annopoints = _field(rect, "annopoints")
-    points = _as_list(_field(annopoints, "point")) if annopoints is not None else []
-    if not points:
-        return None
-    kp = np.zeros((NUM_JOINTS, 3), np.float32)
-    vis = np.zeros(NUM_JOINTS, np.float32)
-    for p in points:
-        try:
-            jid = _scalar(_field(p, "id"))
-            x, y = _scalar(_field(p, "x")), _scalar(_field(p, "y"))
-            v = _scalar(_field(p, "is_visible"))
-        except (TypeError, ValueError) as e:
-            raise DatasetError(path, f"{where}: unreadable joint field ({e})") from e
-        if jid is None or x is None or y is None:
-            raise DatasetError(path, f"{where}: a joint lacks id, x or y")
-        j = int(jid)
-        if not 0 <= j < NUM_JOINTS or jid != j:
-            raise DatasetError(path, f"{where}: joint id {jid} outside 0..{NUM_JOINTS - 1}")
-        if kp[j, 2] > 0:
-            raise DatasetError(path, f"{where}: joint id {j} appears twice")
-        kp[j] = (x - 1.0, y - 1.0, 1.0)  # MATLAB 1-based -> 0-based
-        # An empty is_visible counts as visible (pose-hg-train); it never decides "labelled".
-        vis[j] = 1.0 if v is None else float(v > 0)
-    return kp, vis
-
-
-def load_release_mat(path: str | Path) -> tuple[dict[str, list[dict[str, Any]]], Counter]:
-    """Reads the official ``RELEASE`` struct into per-person records.
-
-    Training images (``img_train == 1``, or every image when the field is absent) give persons with
-    joints; test images give persons with ``objpos`` and ``scale`` only (no labels). Persons without
-    joints (training) or without ``objpos``/``scale`` are skipped and counted.
-
-    Returns:
-        ``({"train": [...], "test": [...]}, skipped)`` where a record has ``name``, ``keypoints``
-        (16, 3), ``visible`` (16,), ``head_size``, ``center`` (2,) 0-based, ``scale``, ``image_index``
-        and ``rect_index`` (0-based), ``single_person`` (bool); ``skipped`` counts reasons.
-    """
-    path = Path(path)
-    try:
-        mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
-    except Exception as e:  # scipy raises MatReadError, ValueError, OSError, ... on bad files
-        raise DatasetError(path, f"unreadable MAT file ({e})") from e
-    release = mat.get("RELEASE")
-    if release is None or _field(release, "annolist") is None:
-        raise DatasetError(path, "no RELEASE.annolist (is this mpii_human_pose_v1_u12_1.mat?)")
-    annolist = _as_list(release.annolist)
-    img_train_field = _field(release, "img_train")
-    img_train = (
-        np.ones(len(annolist), np.int64)
-        if img_train_field is None
-        else np.atleast_1d(np.asarray(img_train_field)).astype(np.int64).ravel()
-    )
-    if len(img_train) != len(annolist):
-        raise DatasetError(
-            path, f"img_train has {len(img_train)} entries but annolist has {len(annolist)}"
-        )
-    single_field = _field(release, "single_person")
-    singles = _as_list(single_field) if single_field is not None else []
-    records: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
-    skipped: Counter = Counter()
-    for i, anno in enumerate(annolist):
-        image = _field(anno, "image")
-        name = _field(image, "name") if image is not None else None
-        if not isinstance(name, str) or not name:
-            raise DatasetError(path, f"annolist({i + 1}).image.name is missing")
-        single = set()
-        if i < len(singles):
-            single = {int(v) - 1 for v in np.atleast_1d(np.asarray(singles[i])).ravel() if v == v}
-        split = "train" if img_train[i] == 1 else "test"
-        for r, rect in enumerate(_as_list(_field(anno, "annorect"))):
-            where = f"annolist({i + 1}).annorect({r + 1}) of {name}"
-            objpos = _field(rect, "objpos")
-            try:
-                cx = _scalar(_field(objpos, "x")) if objpos is not None else None
-                cy = _scalar(_field(objpos, "y")) if objpos is not None else None
-                scale = _scalar(_field(rect, "scale"))
-            except (TypeError, ValueError) as e:
-                raise DatasetError(path, f"{where}: unreadable objpos/scale ({e})") from e
-            if cx is None or cy is None:
-                skipped[f"{split}: no objpos"] += 1
-                continue
-            if scale is None or not scale > 0:
-                skipped[f"{split}: no scale"] += 1
-                continue
-            points = _rect_points(rect, path, where) if split == "train" else None
-            if split == "train" and points is None:
-                skipped["train: no annopoints"] += 1
-                continue
-            if points is None:
-                kp, vis = np.zeros((NUM_JOINTS, 3), np.float32), np.zeros(NUM_JOINTS, np.float32)
-            else:
-                kp, vis = points
-            records[split].append(
-                {
-                    "name": name,
-                    "keypoints": kp,
-                    "visible": vis,
-                    "head_size": _rect_head_size(rect),
-                    "center": np.array([cx - 1.0, cy - 1.0], np.float32),
-                    "scale": float(scale),
-                    "image_index": i,
-                    "rect_index": r,
-                    "single_person": r in single,
-                }
-            )
-    return records, skipped
-
-
-# -- the mmpose / HRNet json form ------------------------------------------------------------------
-
-
-def load_json_annotations(
-    path: str | Path, gt_val_mat: str | Path | None = None, skipped: Counter | None = None
-) -> list[dict[str, Any]]:
-    """Reads ``mpii_{train,val,test}.json``; head sizes come from ``mpii_gt_val.mat`` when given.
-
-    The gt mat must list the same persons in the same order: its joints are checked against the
-    json's (a mismatch means the files belong to different splits or versions). Persons without a
-    usable box (``center`` of -1, the form's "missing", or ``scale <= 0``) are skipped and counted
-    in ``skipped``: no crop can be made for them.
-
-    Returns:
-        records like :func:`load_release_mat` (``visible`` = labelled: the json dropped occlusion)
-        with ``source_index``, the person's position in the json (= its row in the gt mat).
-    """
-    path = Path(path)
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DatasetError(path, f"unreadable json ({e})") from e
-    if not isinstance(entries, list):
-        raise DatasetError(path, "expected a list of person objects")
-    records = []
-    for n, e in enumerate(entries):
-        try:
-            center = np.asarray(e["center"], np.float64).reshape(2)
-            scale = float(e["scale"])
-            name = str(e["image"])
-            kp = np.zeros((NUM_JOINTS, 3), np.float32)
-            if "joints" in e:
-                joints = np.asarray(e["joints"], np.float64).reshape(NUM_JOINTS, 2)
-                vis = np.asarray(e.get("joints_vis", np.ones(NUM_JOINTS)), np.float64)
-                labelled = vis.reshape(NUM_JOINTS) > 0
-                kp[labelled, :2] = joints[labelled] - 1.0
-                kp[:, 2] = labelled
-        except (KeyError, TypeError, ValueError) as err:
-            raise DatasetError(path, f"entry {n}: malformed person ({err!r})") from err
-        records.append(
-            {
-                "name": name,
-                "keypoints": kp,
-                "visible": kp[:, 2].copy(),
-                "head_size": float("nan"),
-                "center": (center - 1.0).astype(np.float32),
-                "scale": scale,
-                "source_index": n,
-                "_center_1based": center,
-            }
-        )
-    if gt_val_mat is not None:
-        head_sizes, gt_joints, missing = load_gt_val_mat(gt_val_mat)
-        if len(head_sizes) != len(records):
-            raise DatasetError(
-                gt_val_mat, f"{len(head_sizes)} persons but {path.name} has {len(records)}"
-            )
-        for n, rec in enumerate(records):
-            labelled = rec["keypoints"][:, 2] > 0
-            if not np.array_equal(labelled, ~missing[n]) or not np.allclose(
-                rec["keypoints"][labelled, :2], gt_joints[n][labelled] - 1.0, atol=1.0
-            ):
-                raise DatasetError(
-                    gt_val_mat, f"person {n} disagrees with {path.name}: different split or order"
-                )
-            rec["head_size"] = float(head_sizes[n])
-    kept = []
-    for rec in records:
-        center = rec.pop("_center_1based")
-        # -1 is the json form's "no objpos"; a person box needs a positive scale.
-        if not np.isfinite(center).all() or (center == -1).any():
-            reason = "no center (-1)"
-        elif not rec["scale"] > 0:
-            reason = "scale <= 0"
-        else:
-            kept.append(rec)
-            continue
-        if skipped is not None:
-            skipped[reason] += 1
-    return kept
-
-
-def load_gt_val_mat(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``mpii_gt_val.mat`` (HRNet ``gt_valid.mat``).
-
-    Returns:
-        ``head_size`` (N,) = 0.6 x head-box diagonal, ``joints`` (N, 16, 2) 1-based as stored,
-        ``missing`` (N, 16) bool (``jnt_missing``).
-    """
-    path = Path(path)
-    try:
-        mat = scipy.io.loadmat(str(path))
-        boxes = np.asarray(mat["headboxes_src"], np.float64)  # (2, 2, N): [corner, xy, person]
-        pos = np.asarray(mat["pos_gt_src"], np.float64)  # (16, 2, N)
-        missing = np.asarray(mat["jnt_missing"]) > 0  # (16, N)
-    except Exception as e:  # a bad file (MatReadError, ...) or a missing variable (KeyError)
-        raise DatasetError(path, f"unreadable gt mat ({e!r})") from e
-    if boxes.ndim == 2:  # one person: scipy squeezes nothing, but savemat may drop the last axis
-        boxes, pos, missing = boxes[..., None], pos[..., None], missing.reshape(-1, 1)
-    head = HEAD_SIZE_FACTOR * np.linalg.norm(boxes[1] - boxes[0], axis=0)
-    return head, pos.transpose(2, 0, 1), missing.T
-
-
-# -- the dataset ----------------------------------------------------------------------------------
-
-
-def find_annotation(root: Path, names: Sequence[str]) -> Path | None:
-    """The first existing ``root/<dir>/<name>`` among the usual folders."""
-    for name in names:
-        for sub in ("", "annotations", "annot", "mpii_human_pose_v1_u12_2"):
-            candidate = root / sub / name if sub else root / name
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-_JSON_NAMES = {
-    "train": ("mpii_train.json", "train.json"),
-    "val": ("mpii_val.json", "valid.json"),
-    "trainval": ("mpii_trainval.json", "trainval.json"),
-    "test": ("mpii_test.json", "test.json"),
-}
 
 
 class MPIIDataset(Dataset):
@@ -384,11 +91,11 @@ class MPIIDataset(Dataset):
             if split == "train":
                 self.records = self._without_val_images(self.records)
         else:
-            if split not in _JSON_NAMES:
-                raise ValueError(f"split={split!r}: expected one of {sorted(_JSON_NAMES)}")
-            path = find_annotation(self.root, _JSON_NAMES[split])
+            if split not in JSON_NAMES:
+                raise ValueError(f"split={split!r}: expected one of {sorted(JSON_NAMES)}")
+            path = find_annotation(self.root, JSON_NAMES[split])
             if path is None:
-                raise DatasetError(self.root, f"{_JSON_NAMES[split][0]} not found")
+                raise DatasetError(self.root, f"{JSON_NAMES[split][0]} not found")
             self.source = path
             gt = find_annotation(self.root, ("mpii_gt_val.mat", "gt_valid.mat"))
             if split == "val" and gt is None:
@@ -411,7 +118,7 @@ class MPIIDataset(Dataset):
 
     def _without_val_images(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # HRNet/bearpaw: train leaves out every person of an image holding a val person.
-        val_json = find_annotation(self.root, _JSON_NAMES["val"])
+        val_json = find_annotation(self.root, JSON_NAMES["val"])
         if val_json is None:
             log.warning(
                 "MPII train from %s: no mpii_val.json, so val images are not excluded", MAT_NAME
@@ -459,234 +166,6 @@ class MPIIDataset(Dataset):
             "head_size": np.array([r["head_size"] for r in self.records], np.float64),
             "center": np.stack([r["center"] for r in self.records]).astype(np.float64),
             "scale": np.array([r["scale"] for r in self.records], np.float64),
-        }
-
-
-# -- crops ------------------------------------------------------------------------------------------
-
-
-def to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) array -> (3, H, W) tensor of its dtype (uint8, or float in [0, 255])."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-
-
-def normalise_images(images: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) uint8 -> float32 normalised with the ImageNet statistics, on the images'
-    device (the model calls it on stage >= 2 batches, which travel as uint8)."""
-    x = images.float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
-
-
-def to_tensor_image(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32 normalised with the ImageNet statistics."""
-    return normalise_images(to_uint8_tensor(image))
-
-
-#: Laws of PersonCrop's jitter draws (``v`` in [-1, 1]).
-JITTER_LAWS = ("uniform", "truncnorm")
-
-
-def _jitter(rng: np.random.Generator, law: str) -> float:
-    """One draw in [-1, 1]: uniform, or a standard normal truncated to [-1, 1] (by rejection:
-    the same law as scipy's ``truncnorm(-1, 1)``, which mmpose's RandomBBoxTransform uses)."""
-    if law == "uniform":
-        return float(rng.uniform(-1.0, 1.0))
-    while True:
-        v = float(rng.standard_normal())
-        if -1.0 <= v <= 1.0:
-            return v
-
-
-def _rng(seed: int | None) -> np.random.Generator:
-    # Without a seed (evaluation, or a loader without EpochShuffleSampler) draw one from torch, which
-    # EpochSeed / the DataLoader worker seeding keep reproducible.
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    return np.random.default_rng(seed)
-
-
-class PersonCrop:
-    """Stage-1 transform: the person box (+shift, x enlarge), scale/rotation jitter and flip.
-
-    Output item: ``image`` (3, S, S) float32; ``target`` (K, 2) joints in the crop's normalised
-    frame (flipped joints swapped to their mirror ids); ``labelled`` (K,); ``keypoints`` (K, 2)
-    ground truth in image pixels (unflipped); ``head_size``; ``affine`` (K, 2, 3) image ->
-    normalised map of each joint's frame (one shared frame here); ``box_side``; ``index``; ``name``.
-
-    Args:
-        size: crop side S in pixels.
-        shift: vertical centre shift in units of ``scale`` px (15 for MPII).
-        enlarge: box side = 200 * scale * enlarge.
-        train: apply the random jitter and flip.
-        scale_jitter: box side x (1 + j * v).
-        rotate: rotation r * v degrees, applied with probability ``rotate_prob``.
-        flip_pairs: mirror joint pairs (flip with probability 0.5 when non-empty and ``train``).
-        translate: the box centre moves by ``t * v`` box sides in x and in y (the slides' random
-            crop); 0 = off.
-        noise: standard deviation of Gaussian pixel noise added to the crop, as a fraction of the
-            intensity range (0.02 = 5.1 grey levels; the slides' random noise); 0 = off.
-        jitter: the law of each ``v``: ``uniform`` on [-1, 1], or ``truncnorm`` (a standard normal
-            truncated to [-1, 1], mmpose's ``RandomBBoxTransform``).
-    """
-
-    def __init__(
-        self,
-        size: int,
-        shift: float = 15.0,
-        enlarge: float = 1.25,
-        train: bool = False,
-        scale_jitter: float = 0.25,
-        rotate: float = 30.0,
-        rotate_prob: float = 0.6,
-        flip_pairs: Sequence[Sequence[int]] = MPII_FLIP_PAIRS,
-        translate: float = 0.0,
-        noise: float = 0.0,
-        jitter: str = "uniform",
-    ) -> None:
-        if jitter not in JITTER_LAWS:
-            raise ValueError(f"jitter={jitter!r}: expected one of {JITTER_LAWS}")
-        self.size = int(size)
-        self.shift, self.enlarge = float(shift), float(enlarge)
-        self.train = bool(train)
-        self.scale_jitter, self.rotate, self.rotate_prob = scale_jitter, rotate, rotate_prob
-        self.translate, self.noise, self.jitter = float(translate), float(noise), jitter
-        self.flip_pairs = [tuple(p) for p in flip_pairs]
-        self.perm = flip_permutation(NUM_JOINTS, self.flip_pairs)
-
-    def box(self, item: dict[str, Any]) -> tuple[np.ndarray, float]:
-        return person_box(item["center"], item["scale"], self.shift, self.enlarge)
-
-    def __call__(self, item: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
-        center, side = self.box(item)
-        base_side = side
-        rotation, flip = 0.0, False
-        rng = _rng(seed) if self.train else None
-        if rng is not None:
-            side *= 1.0 + self.scale_jitter * _jitter(rng, self.jitter)
-            if rng.random() < self.rotate_prob:
-                rotation = self.rotate * _jitter(rng, self.jitter)
-            flip = bool(self.flip_pairs) and rng.random() < 0.5
-            if self.translate > 0:
-                # Drawn after the others: runs without translation keep their random streams.
-                offset = [_jitter(rng, self.jitter) for _ in range(2)]
-                center = center + self.translate * base_side * np.asarray(offset)
-        affine = crop_affine(center, side, rotation, flip)
-        kp = item["keypoints"]
-        target = apply_affine(affine, kp[:, :2])
-        labelled = kp[:, 2].copy()
-        if flip:
-            # The mirrored left wrist looks like a right wrist: it becomes that joint's target.
-            target, labelled = target[self.perm], labelled[self.perm]
-        crop = crop_image(item["image"], affine, self.size)
-        if rng is not None and self.noise > 0:
-            noisy = crop + rng.normal(0.0, 255.0 * self.noise, crop.shape)
-            # (S, S, 3) float in [0, 255]: normalise_images divides by 255 whatever the dtype
-            crop = np.clip(noisy, 0.0, 255.0).astype(np.float32)
-        return {
-            "image": normalise_images(to_uint8_tensor(crop)),
-            "target": torch.from_numpy(target.astype(np.float32)),
-            "labelled": torch.from_numpy(labelled.astype(np.float32)),
-            "keypoints": torch.from_numpy(kp[:, :2].astype(np.float64)),
-            "head_size": torch.tensor(item["head_size"], dtype=torch.float64),
-            "affine": torch.from_numpy(np.repeat(affine[None], NUM_JOINTS, 0)),
-            "box_side": torch.tensor(base_side, dtype=torch.float64),
-            "index": int(item["index"]),
-            "name": item["name"],
-        }
-
-
-class JointCrops:
-    """Stage s >= 2 transform: one crop per joint, centred on the previous estimate, side
-    ``sigma * diam`` (diam = torso diameter of that estimate).
-
-    Training (``displacement`` given): the previous estimate is simulated as ground truth plus a
-    displacement drawn from ``N(mean_j, cov_j)`` of stage s-1's training errors (in units of the
-    person-box side), and diam is the ground truth's (the paper's ``D_A^s``); crops are flipped
-    with probability 0.5 (the crop of joint j then trains the output of its mirror joint).
-    Evaluation (``centers`` given): the crops sit on the given estimates.
-
-    Output item: ``image`` (K, 3, S, S) uint8 (normalised by the model, see
-    :func:`normalise_images`); ``target`` (K, 2) joint j in crop j's normalised frame;
-    ``slot`` (K,) the network output read for crop j; ``labelled``; ``keypoints``; ``head_size``;
-    ``affine`` (K, 2, 3); ``box_side``; ``index``; ``name``.
-
-    Args:
-        size: crop side S.
-        sigma: crop side as a multiple of diam.
-        shift, enlarge: the person box (for the displacement unit and diam fallback).
-        displacement: ``(mean (K, 2), cov (K, 2, 2))`` for training, else None.
-        centers: (N, K, 2) previous estimates in image pixels, indexed by person, for evaluation.
-        diam_ratio: diam / box side used when the ground truth has no labelled torso diagonal.
-        min_diam: lower bound of diam / box side (a collapsed predicted torso).
-        flip_pairs: mirror joint pairs (training flips).
-    """
-
-    def __init__(
-        self,
-        size: int,
-        sigma: float = 1.0,
-        shift: float = 15.0,
-        enlarge: float = 1.25,
-        displacement: tuple[np.ndarray, np.ndarray] | None = None,
-        centers: np.ndarray | None = None,
-        diam_ratio: float = 0.3,
-        min_diam: float = 0.1,
-        flip_pairs: Sequence[Sequence[int]] = MPII_FLIP_PAIRS,
-    ) -> None:
-        if (displacement is None) == (centers is None):
-            raise ValueError("JointCrops needs exactly one of displacement (train) or centers")
-        self.size, self.sigma = int(size), float(sigma)
-        self.shift, self.enlarge = float(shift), float(enlarge)
-        self.displacement = displacement
-        self.centers = None if centers is None else np.asarray(centers, np.float64)
-        self.diam_ratio, self.min_diam = float(diam_ratio), float(min_diam)
-        self.flip_pairs = [tuple(p) for p in flip_pairs]
-        self.perm = flip_permutation(NUM_JOINTS, self.flip_pairs)
-
-    def __call__(self, item: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
-        kp = item["keypoints"]
-        labelled = kp[:, 2] > 0
-        box_center, box_side = person_box(item["center"], item["scale"], self.shift, self.enlarge)
-        slot = np.arange(NUM_JOINTS)
-        flips = np.zeros(NUM_JOINTS, bool)
-        if self.displacement is not None:
-            rng = _rng(seed)
-            delta = sample_displacements(*self.displacement, rng) * box_side
-            # Unlabelled joints have no ground truth to displace: their (unscored) crops sit on
-            # the box centre.
-            base = np.where(labelled[:, None], kp[:, :2], box_center[None])
-            centers = base + delta
-            diam = float(torso_diameter(kp[:, :2], labelled))
-            if not np.isfinite(diam):
-                diam = self.diam_ratio * box_side
-            if self.flip_pairs:
-                flips = rng.random(NUM_JOINTS) < 0.5
-                slot = np.where(flips, self.perm, slot)
-        else:
-            centers = self.centers[int(item["index"])]
-            diam = float(torso_diameter(centers))
-        diam = max(diam, self.min_diam * box_side)
-        side = self.sigma * diam
-        affines = np.stack(
-            [crop_affine(centers[j], side, 0.0, flips[j]) for j in range(NUM_JOINTS)]
-        )
-        # uint8 (K, 3, S, S): 16 float crops per person would be 4x the memory and host-to-device
-        # traffic; the model normalises them on its device (normalise_images).
-        crops = [to_uint8_tensor(crop_image(item["image"], a, self.size)) for a in affines]
-        target = apply_affine(affines, kp[:, :2])  # (K, 2): joint j in crop j's frame
-        return {
-            "image": torch.stack(crops),
-            "target": torch.from_numpy(target.astype(np.float32)),
-            "slot": torch.from_numpy(slot.astype(np.int64)),
-            "labelled": torch.from_numpy(labelled.astype(np.float32)),
-            "keypoints": torch.from_numpy(kp[:, :2].astype(np.float64)),
-            "head_size": torch.tensor(item["head_size"], dtype=torch.float64),
-            "affine": torch.from_numpy(affines),
-            "box_side": torch.tensor(box_side, dtype=torch.float64),
-            "index": int(item["index"]),
-            "name": item["name"],
         }
 
 

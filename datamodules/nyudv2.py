@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -370,73 +370,25 @@ class NYUDv2DataModule(ParsingDataModule):
     dataset_name = "NYUDv2"
     full_resolution_eval = True
 
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 8,
-        num_workers: int | None = None,
-        crop_size: Sequence[int] = (480, 640),
-        scale_range: Sequence[float] = (0.5, 2.0),
-        rotate: float = 0.0,
-        eval_size: Sequence[int] | None = None,
-        eval_batch_size: int | None = None,
-        skip_bad: bool = False,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        num_classes: int = 40,
-        class_names: Sequence[str] | None = None,
-        flip_pairs: Sequence[Sequence[int]] = (),
-        color_jitter: float = 0.2,
-        cache_dir: str | None = None,
-        palette: Sequence[Sequence[int]] | None = None,
-        ignore_index: int = IGNORE_INDEX,
-        cat_max_ratio: float | None = None,
-        photometric: str = "jitter",
-        mapping_file: str | None = None,
-        eval_keep_ratio: bool = False,
-        base_size: int | None = None,
-        base_side: str = "long",
-        flip_prob: float = 0.5,
-        augmentation: str = "default",
-        augment_impl: str = "fused",
-    ) -> None:
-        if int(num_classes) not in NYU_NUM_CLASSES:
+    def __init__(self, root: str, mapping_file: str | None = None, **kwargs: Any) -> None:
+        num_classes = int(kwargs.get("num_classes", 40))
+        if num_classes not in NYU_NUM_CLASSES:
             raise ValueError(f"NYUDv2 has 40 or 13 classes, got num_classes={num_classes}")
-        # A user's classMapping40.mat replaces only mapClass: the names stay the package's.
-        names = class_names if class_names is not None else nyu_class_names(int(num_classes))
-        if len(names) != int(num_classes):
+        defaults = {
+            "batch_size": 8,
+            "crop_size": (480, 640),
+            "rotate": 0.0,
+            "num_classes": num_classes,
+            # A user's classMapping40.mat replaces only mapClass: the names stay the package's.
+            "class_names": nyu_class_names(num_classes),
+        }
+        args = self.with_defaults(kwargs, defaults)
+        if len(args["class_names"]) != num_classes:
             raise ValueError(
-                f"{len(names)} class_names given for num_classes={num_classes}; set "
-                "class_names=null for the default NYUDv2 names of that class count"
+                f"{len(args['class_names'])} class_names given for num_classes={num_classes}; "
+                "set class_names=null for the default NYUDv2 names of that class count"
             )
-        super().__init__(
-            root,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            crop_size=crop_size,
-            scale_range=scale_range,
-            rotate=rotate,
-            eval_size=eval_size,
-            eval_batch_size=eval_batch_size,
-            skip_bad=skip_bad,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            class_names=names,
-            flip_pairs=flip_pairs,
-            color_jitter=color_jitter,
-            cache_dir=cache_dir,
-            palette=palette,
-            ignore_index=ignore_index,
-            cat_max_ratio=cat_max_ratio,
-            photometric=photometric,
-            eval_keep_ratio=eval_keep_ratio,
-            base_size=base_size,
-            base_side=base_side,
-            flip_prob=flip_prob,
-            augmentation=augmentation,
-            augment_impl=augment_impl,
-        )
+        super().__init__(root, **args)
         self.mapping_file = mapping_file
 
     def has_split(self, split: str) -> bool:

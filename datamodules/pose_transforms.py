@@ -1,4 +1,5 @@
-"""Geometry of person and joint crops for pose regression (DeepPose), in plain numpy.
+"""Person and joint crops for pose regression (DeepPose): the geometry in plain numpy and the
+crop transforms the datamodule applies (:class:`PersonCrop`, :class:`JointCrops`).
 
 Coordinates are 0-based pixels with pixel centres on integers (MPII's 1-based values minus 1).
 A crop is a square box of side ``side`` pixels around ``center``, optionally rotated and mirrored.
@@ -8,14 +9,20 @@ paper's ``N(y; b) = (y - b_c) / b_w``, the frame in which every stage regresses 
 :func:`crop_affine` gives the (2, 3) image -> normalised map ``A``; :func:`invert_affine` its exact
 inverse (the un-crop). The pixel grid of an ``S x S`` crop is ``u = S * n + (S - 1) / 2``, so the box
 edge ``c - side / 2`` lands on the pixel edge ``-0.5`` and the box centre on the crop's centre.
+The person box adds the +15 * scale vertical shift and the 1.25 enlargement to MPII's ``objpos``
+and ``scale`` (:func:`person_box`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
+import torch
+
+from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD
 
 #: MPII joint order (DATASETS.md 5.2).
 MPII_JOINTS: tuple[str, ...] = (
@@ -36,6 +43,7 @@ MPII_JOINTS: tuple[str, ...] = (
     "l_elbow",
     "l_wrist",
 )
+NUM_JOINTS = len(MPII_JOINTS)
 #: Left/right joint pairs swapped by a horizontal flip.
 MPII_FLIP_PAIRS: tuple[tuple[int, int], ...] = (
     (0, 5),
@@ -227,3 +235,231 @@ def sample_displacements(
     z = rng.standard_normal(shape)
     out = mean + np.einsum("kij,nkj->nki", root, z)
     return out[0] if num is None else out
+
+
+# -- the crop transforms -------------------------------------------------------------------------
+
+
+def to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) array -> (3, H, W) tensor of its dtype (uint8, or float in [0, 255])."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
+def normalise_images(images: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) uint8 -> float32 normalised with the ImageNet statistics, on the images'
+    device (the model calls it on stage >= 2 batches, which travel as uint8)."""
+    x = images.float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def to_tensor_image(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 normalised with the ImageNet statistics."""
+    return normalise_images(to_uint8_tensor(image))
+
+
+#: Laws of PersonCrop's jitter draws (``v`` in [-1, 1]).
+JITTER_LAWS = ("uniform", "truncnorm")
+
+
+def _jitter(rng: np.random.Generator, law: str) -> float:
+    """One draw in [-1, 1]: uniform, or a standard normal truncated to [-1, 1] (by rejection:
+    the same law as scipy's ``truncnorm(-1, 1)``, which mmpose's RandomBBoxTransform uses)."""
+    if law == "uniform":
+        return float(rng.uniform(-1.0, 1.0))
+    while True:
+        v = float(rng.standard_normal())
+        if -1.0 <= v <= 1.0:
+            return v
+
+
+def _rng(seed: int | None) -> np.random.Generator:
+    # Without a seed (evaluation, or a loader without EpochShuffleSampler) draw one from torch, which
+    # EpochSeed / the DataLoader worker seeding keep reproducible.
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return np.random.default_rng(seed)
+
+
+class PersonCrop:
+    """Stage-1 transform: the person box (+shift, x enlarge), scale/rotation jitter and flip.
+
+    Output item: ``image`` (3, S, S) float32; ``target`` (K, 2) joints in the crop's normalised
+    frame (flipped joints swapped to their mirror ids); ``labelled`` (K,); ``keypoints`` (K, 2)
+    ground truth in image pixels (unflipped); ``head_size``; ``affine`` (K, 2, 3) image ->
+    normalised map of each joint's frame (one shared frame here); ``box_side``; ``index``; ``name``.
+
+    Args:
+        size: crop side S in pixels.
+        shift: vertical centre shift in units of ``scale`` px (15 for MPII).
+        enlarge: box side = 200 * scale * enlarge.
+        train: apply the random jitter and flip.
+        scale_jitter: box side x (1 + j * v).
+        rotate: rotation r * v degrees, applied with probability ``rotate_prob``.
+        flip_pairs: mirror joint pairs (flip with probability 0.5 when non-empty and ``train``).
+        translate: the box centre moves by ``t * v`` box sides in x and in y (the slides' random
+            crop); 0 = off.
+        noise: standard deviation of Gaussian pixel noise added to the crop, as a fraction of the
+            intensity range (0.02 = 5.1 grey levels; the slides' random noise); 0 = off.
+        jitter: the law of each ``v``: ``uniform`` on [-1, 1], or ``truncnorm`` (a standard normal
+            truncated to [-1, 1], mmpose's ``RandomBBoxTransform``).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        shift: float = 15.0,
+        enlarge: float = 1.25,
+        train: bool = False,
+        scale_jitter: float = 0.25,
+        rotate: float = 30.0,
+        rotate_prob: float = 0.6,
+        flip_pairs: Sequence[Sequence[int]] = MPII_FLIP_PAIRS,
+        translate: float = 0.0,
+        noise: float = 0.0,
+        jitter: str = "uniform",
+    ) -> None:
+        if jitter not in JITTER_LAWS:
+            raise ValueError(f"jitter={jitter!r}: expected one of {JITTER_LAWS}")
+        self.size = int(size)
+        self.shift, self.enlarge = float(shift), float(enlarge)
+        self.train = bool(train)
+        self.scale_jitter, self.rotate, self.rotate_prob = scale_jitter, rotate, rotate_prob
+        self.translate, self.noise, self.jitter = float(translate), float(noise), jitter
+        self.flip_pairs = [tuple(p) for p in flip_pairs]
+        self.perm = flip_permutation(NUM_JOINTS, self.flip_pairs)
+
+    def box(self, item: dict[str, Any]) -> tuple[np.ndarray, float]:
+        return person_box(item["center"], item["scale"], self.shift, self.enlarge)
+
+    def __call__(self, item: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
+        center, side = self.box(item)
+        base_side = side
+        rotation, flip = 0.0, False
+        rng = _rng(seed) if self.train else None
+        if rng is not None:
+            side *= 1.0 + self.scale_jitter * _jitter(rng, self.jitter)
+            if rng.random() < self.rotate_prob:
+                rotation = self.rotate * _jitter(rng, self.jitter)
+            flip = bool(self.flip_pairs) and rng.random() < 0.5
+            if self.translate > 0:
+                # Drawn after the others: runs without translation keep their random streams.
+                offset = [_jitter(rng, self.jitter) for _ in range(2)]
+                center = center + self.translate * base_side * np.asarray(offset)
+        affine = crop_affine(center, side, rotation, flip)
+        kp = item["keypoints"]
+        target = apply_affine(affine, kp[:, :2])
+        labelled = kp[:, 2].copy()
+        if flip:
+            # The mirrored left wrist looks like a right wrist: it becomes that joint's target.
+            target, labelled = target[self.perm], labelled[self.perm]
+        crop = crop_image(item["image"], affine, self.size)
+        if rng is not None and self.noise > 0:
+            noisy = crop + rng.normal(0.0, 255.0 * self.noise, crop.shape)
+            # (S, S, 3) float in [0, 255]: normalise_images divides by 255 whatever the dtype
+            crop = np.clip(noisy, 0.0, 255.0).astype(np.float32)
+        return {
+            "image": normalise_images(to_uint8_tensor(crop)),
+            "target": torch.from_numpy(target.astype(np.float32)),
+            "labelled": torch.from_numpy(labelled.astype(np.float32)),
+            "keypoints": torch.from_numpy(kp[:, :2].astype(np.float64)),
+            "head_size": torch.tensor(item["head_size"], dtype=torch.float64),
+            "affine": torch.from_numpy(np.repeat(affine[None], NUM_JOINTS, 0)),
+            "box_side": torch.tensor(base_side, dtype=torch.float64),
+            "index": int(item["index"]),
+            "name": item["name"],
+        }
+
+
+class JointCrops:
+    """Stage s >= 2 transform: one crop per joint, centred on the previous estimate, side
+    ``sigma * diam`` (diam = torso diameter of that estimate).
+
+    Training (``displacement`` given): the previous estimate is simulated as ground truth plus a
+    displacement drawn from ``N(mean_j, cov_j)`` of stage s-1's training errors (in units of the
+    person-box side), and diam is the ground truth's (the paper's ``D_A^s``); crops are flipped
+    with probability 0.5 (the crop of joint j then trains the output of its mirror joint).
+    Evaluation (``centers`` given): the crops sit on the given estimates.
+
+    Output item: ``image`` (K, 3, S, S) uint8 (normalised by the model, see
+    :func:`normalise_images`); ``target`` (K, 2) joint j in crop j's normalised frame;
+    ``slot`` (K,) the network output read for crop j; ``labelled``; ``keypoints``; ``head_size``;
+    ``affine`` (K, 2, 3); ``box_side``; ``index``; ``name``.
+
+    Args:
+        size: crop side S.
+        sigma: crop side as a multiple of diam.
+        shift, enlarge: the person box (for the displacement unit and diam fallback).
+        displacement: ``(mean (K, 2), cov (K, 2, 2))`` for training, else None.
+        centers: (N, K, 2) previous estimates in image pixels, indexed by person, for evaluation.
+        diam_ratio: diam / box side used when the ground truth has no labelled torso diagonal.
+        min_diam: lower bound of diam / box side (a collapsed predicted torso).
+        flip_pairs: mirror joint pairs (training flips).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        sigma: float = 1.0,
+        shift: float = 15.0,
+        enlarge: float = 1.25,
+        displacement: tuple[np.ndarray, np.ndarray] | None = None,
+        centers: np.ndarray | None = None,
+        diam_ratio: float = 0.3,
+        min_diam: float = 0.1,
+        flip_pairs: Sequence[Sequence[int]] = MPII_FLIP_PAIRS,
+    ) -> None:
+        if (displacement is None) == (centers is None):
+            raise ValueError("JointCrops needs exactly one of displacement (train) or centers")
+        self.size, self.sigma = int(size), float(sigma)
+        self.shift, self.enlarge = float(shift), float(enlarge)
+        self.displacement = displacement
+        self.centers = None if centers is None else np.asarray(centers, np.float64)
+        self.diam_ratio, self.min_diam = float(diam_ratio), float(min_diam)
+        self.flip_pairs = [tuple(p) for p in flip_pairs]
+        self.perm = flip_permutation(NUM_JOINTS, self.flip_pairs)
+
+    def __call__(self, item: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
+        kp = item["keypoints"]
+        labelled = kp[:, 2] > 0
+        box_center, box_side = person_box(item["center"], item["scale"], self.shift, self.enlarge)
+        slot = np.arange(NUM_JOINTS)
+        flips = np.zeros(NUM_JOINTS, bool)
+        if self.displacement is not None:
+            rng = _rng(seed)
+            delta = sample_displacements(*self.displacement, rng) * box_side
+            # Unlabelled joints have no ground truth to displace: their (unscored) crops sit on
+            # the box centre.
+            base = np.where(labelled[:, None], kp[:, :2], box_center[None])
+            centers = base + delta
+            diam = float(torso_diameter(kp[:, :2], labelled))
+            if not np.isfinite(diam):
+                diam = self.diam_ratio * box_side
+            if self.flip_pairs:
+                flips = rng.random(NUM_JOINTS) < 0.5
+                slot = np.where(flips, self.perm, slot)
+        else:
+            centers = self.centers[int(item["index"])]
+            diam = float(torso_diameter(centers))
+        diam = max(diam, self.min_diam * box_side)
+        side = self.sigma * diam
+        affines = np.stack(
+            [crop_affine(centers[j], side, 0.0, flips[j]) for j in range(NUM_JOINTS)]
+        )
+        # uint8 (K, 3, S, S): 16 float crops per person would be 4x the memory and host-to-device
+        # traffic; the model normalises them on its device (normalise_images).
+        crops = [to_uint8_tensor(crop_image(item["image"], a, self.size)) for a in affines]
+        target = apply_affine(affines, kp[:, :2])  # (K, 2): joint j in crop j's frame
+        return {
+            "image": torch.stack(crops),
+            "target": torch.from_numpy(target.astype(np.float32)),
+            "slot": torch.from_numpy(slot.astype(np.int64)),
+            "labelled": torch.from_numpy(labelled.astype(np.float32)),
+            "keypoints": torch.from_numpy(kp[:, :2].astype(np.float64)),
+            "head_size": torch.tensor(item["head_size"], dtype=torch.float64),
+            "affine": torch.from_numpy(affines),
+            "box_side": torch.tensor(box_side, dtype=torch.float64),
+            "index": int(item["index"]),
+            "name": item["name"],
+        }

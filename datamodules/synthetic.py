@@ -19,16 +19,13 @@ that make human parsing hard, so losses and samplers aimed at them have somethin
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from datamodules.files import generated_folder
 
 SYNTHETIC_VERSION = 2  # bump whenever the drawing changes: stale sets are regenerated
 MARKER_NAME = ".synthetic_complete.json"
@@ -56,8 +53,9 @@ def ensure_synthetic_mhp(
 ) -> Path:
     """Generate the synthetic set under ``root`` unless an identical one is already there.
 
-    Generation happens in a temporary sibling folder that is renamed into place only when complete,
-    so an interrupted run never leaves a half set; the marker file records the parameters.
+    Generation happens in a temporary sibling folder that is renamed into place only when complete
+    (:func:`datamodules.files.generated_folder`), so an interrupted run never leaves a half set;
+    the marker file records the parameters.
 
     Args:
         root: target folder (laid out like ``LV-MHP-v2``).
@@ -81,40 +79,7 @@ def ensure_synthetic_mhp(
         "seed": int(seed),
         "test_labels": bool(test_labels),
     }
-    if _marker_matches(root, params):
-        return root
-    if root.exists() and not (root / MARKER_NAME).is_file() and any(root.iterdir()):
-        # Never delete a folder we did not generate (it may be a real dataset).
-        raise FileExistsError(f"{root} exists, is not empty and holds no synthetic marker")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
-    try:
-        _generate(tmp, params)
-        (tmp / MARKER_NAME).write_text(json.dumps(params, indent=1))  # written last: set complete
-        old = None
-        if root.exists():
-            old = root.with_name(f".{root.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(root, old)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if _marker_matches(root, params):  # another process finished the same set first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return root
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
-
-
-def _marker_matches(root: Path, params: dict[str, Any]) -> bool:
-    try:
-        return json.loads((root / MARKER_NAME).read_text()) == params
-    except (OSError, ValueError):
-        return False
+    return generated_folder(root, params, lambda out: _generate(out, params), MARKER_NAME)
 
 
 def _generate(out: Path, params: dict[str, Any]) -> None:

@@ -11,10 +11,6 @@ loading path is what the smoke runs exercise.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +19,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from datamodules.files import generated_folder
 from datamodules.pose_transforms import MPII_JOINTS
 
 MARKER_NAME = ".synthetic_mpii.json"
@@ -50,7 +47,8 @@ def ensure_synthetic_mpii(
     missing_prob: float = 0.1,
     seed: int = 0,
 ) -> Path:
-    """Generate the set under ``root`` unless an identical one (same parameters) is there.
+    """Generate the set under ``root`` unless an identical one (same parameters) is there, in a
+    temporary folder renamed into place when complete (:func:`datamodules.files.generated_folder`).
 
     Args:
         num_train, num_val: persons (= images) per split.
@@ -68,27 +66,7 @@ def ensure_synthetic_mpii(
         "missing_prob": float(missing_prob),
         "seed": int(seed),
     }
-    try:
-        if json.loads((root / MARKER_NAME).read_text()) == params:
-            return root
-    except (OSError, ValueError):
-        pass
-    if root.exists() and not (root / MARKER_NAME).is_file() and any(root.iterdir()):
-        raise FileExistsError(f"{root} exists, is not empty and holds no synthetic marker")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
-    try:
-        _generate(tmp, params)
-        (tmp / MARKER_NAME).write_text(json.dumps(params))
-        if root.exists():
-            old = root.with_name(f".{root.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(root, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+    return generated_folder(root, params, lambda out: _generate(out, params), MARKER_NAME)
 
 
 def random_pose(rng: np.random.Generator, height: float, center: np.ndarray) -> np.ndarray:

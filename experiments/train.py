@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from datamodules.errors import FixableError, require
+from datamodules.errors import ConfigError, require
 from experiments.launch import batch_norm_sync, cluster_plugins, determinism
 from experiments.stages import launcher_rank, shared_stage1
 from lightning_modules import ParsingLitModule
@@ -49,10 +49,6 @@ DRIVERS = {
 }
 # Schedules of tasks other than parsing, whose drivers validate their own configs.
 OWN_VALIDATION = ("cascade", "deepmac")
-
-
-class ConfigError(FixableError, ValueError):
-    """A configuration that cannot work, caught before any data is read."""
 
 
 # ---------------------------------------------------------------------- validation

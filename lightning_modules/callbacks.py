@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from datamodules.files import write_json
 from samplers.seeding import mix_seed
 
 log = logging.getLogger(__name__)
@@ -193,10 +194,6 @@ class StageEnd(pl.Callback):
         self._write_scores(trainer, pl_module)
 
     def _write_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import json
-        import math
-        import os
-
         from lightning_modules.metrics import scores_to_json
 
         if not trainer.is_global_zero:
@@ -207,24 +204,14 @@ class StageEnd(pl.Callback):
             scores = last.get(split)
             return scores_to_json(scores, pl_module.class_names) if scores is not None else None
 
-        def clean(obj):
-            if isinstance(obj, float) and not math.isfinite(obj):
-                return None
-            if isinstance(obj, dict):
-                return {k: clean(v) for k, v in obj.items()}
-            return obj
-
         payload = {
-            "val": clean(entry("val")),
+            "val": entry("val"),
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
         }
         if last.get("test") is not None:
-            payload["test"] = clean(entry("test"))
-        tmp = f"{self.scores_path}.tmp"
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle)
-        os.replace(tmp, self.scores_path)
+            payload["test"] = entry("test")
+        write_json(self.scores_path, payload)  # non-finite scores become null
 
 
 class SlurmRequeue(pl.Callback):

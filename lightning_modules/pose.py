@@ -33,8 +33,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from datamodules.mpii import normalise_images
-from datamodules.pose_transforms import MPII_FLIP_PAIRS, MPII_JOINTS, flip_permutation
+from datamodules.pose_transforms import (
+    MPII_FLIP_PAIRS,
+    MPII_JOINTS,
+    flip_permutation,
+    normalise_images,
+)
 from lightning_modules import mmpose_weights
 from lightning_modules.checkpoint_io import (
     CheckpointError,

@@ -161,7 +161,7 @@ def evaluate_official(
         persons: the gt rows ``pred`` holds (the dataset's ``source_index``), when the loader
             skipped persons without a usable box; None = all rows.
     """
-    from datamodules.mpii import load_gt_val_mat
+    from datamodules.mpii_annotations import load_gt_val_mat
 
     head, joints, missing = load_gt_val_mat(gt_val_mat)
     if persons is not None:

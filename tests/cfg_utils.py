@@ -32,6 +32,15 @@ TINY = [
     "~callbacks.model_summary",
 ]
 
+# Smaller images and crops (64 px images, 48 px crops, the base fit at 64) for the end-to-end runs
+# whose checks compare two runs or test the control flow, where the image size plays no part.
+SMALL_IMAGES = [
+    "data.synthetic.image_size=[64,64]",
+    "data.synthetic.size_jitter=8",
+    "data.crop_size=[48,48]",
+    "data.base_size=64",
+]
+
 # The plain one-piece schedule (the quickstart itself runs RIM's two stages).
 SINGLE = ["schedule=single", "schedule.stage1_epochs=null", "sampler=none", "loss=ce"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import pickle
@@ -12,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_jpg, write_list, write_mhp_sample, write_person_png
+from fixtures.images import write_jpg
+from fixtures.mhp import write_list, write_mhp_sample, write_person_png
 from PIL import Image
 
 import datamodules.base as base_mod
@@ -207,14 +207,14 @@ def test_class_pixel_counts_and_cache(mhp_root, monkeypatch):
 
 
 def test_class_pixel_counts_read_only_root_falls_back(mhp_root, tmp_path, monkeypatch):
-    real_write = base_mod.atomic_write_bytes
+    real_write = base_mod.write_json
 
-    def refuse_root(path, data):
+    def refuse_root(path, obj):
         if path.parent == mhp_root:
             raise PermissionError(f"read-only: {path}")
-        real_write(path, data)
+        real_write(path, obj)
 
-    monkeypatch.setattr(base_mod, "atomic_write_bytes", refuse_root)
+    monkeypatch.setattr(base_mod, "write_json", refuse_root)
     cache_dir = tmp_path / "cache"
     counts = MHPv2Dataset(mhp_root, "val", cache_dir=cache_dir).class_pixel_counts()
     assert counts[5] == 18 and counts[0] == 18
@@ -547,7 +547,7 @@ def test_data_configs_match_constructor(name, tmp_path):
     path = Path(__file__).resolve().parents[1] / "conf" / "data" / f"{name}.yaml"
     cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "data": OmegaConf.load(path)})
     keys = set(cfg.data) - {"_target_"}
-    params = set(inspect.signature(MHPv2DataModule.__init__).parameters) - {"self"}
+    params = MHPv2DataModule.argument_names()
     assert keys == params
     assert list(cfg.data.class_names) == list(MHP_CLASSES)
     assert [tuple(p) for p in cfg.data.flip_pairs] == list(MHP_FLIP_PAIRS)
@@ -559,6 +559,43 @@ def test_data_configs_match_constructor(name, tmp_path):
     assert dm.palette[:3].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
     cfg.data.palette = [[i, 255 - i, 7] for i in range(59)]
     assert instantiate(cfg.data).palette[58].tolist() == [58, 197, 7]
+
+
+def test_subclasses_forward_the_base_arguments_and_refuse_a_misspelt_key(tmp_path, capsys):
+    import inspect
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from datamodules.errors import ConfigError, run_command
+    from datamodules.lip import LIPDataModule
+    from datamodules.nyudv2 import NYUDv2DataModule
+
+    base = set(inspect.signature(base_mod.ParsingDataModule.__init__).parameters) - {"self"}
+    assert len(base) == 26
+    assert MHPv2DataModule.argument_names() == base | {"merge_cache", "synthetic"}
+    assert LIPDataModule.argument_names() == base | {"eval_affine"}
+    assert NYUDv2DataModule.argument_names() == base | {"mapping_file"}
+    # Dataset defaults fill what is not given; a given value wins; None names take the dataset's.
+    dm = MHPv2DataModule(root=str(tmp_path), rotate=3.0, class_names=None)
+    assert dm.rotate == 3.0 and dm.class_names == list(MHP_CLASSES) and dm.flip_pairs[0] == (5, 6)
+    assert dm.hparams["rotate"] == 3.0 and dm.hparams["flip_pairs"] == [
+        list(p) for p in MHP_FLIP_PAIRS
+    ]
+
+    path = Path(__file__).resolve().parents[1] / "conf" / "data" / "synthetic_mhp.yaml"
+    cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "data": OmegaConf.load(path)})
+    cfg.data.crop_szie = [8, 8]
+    with pytest.raises(InstantiationException) as caught:
+        instantiate(cfg.data)
+    assert isinstance(caught.value.__cause__, ConfigError)
+    with pytest.raises(SystemExit) as stop:
+        run_command(lambda: instantiate(cfg.data))
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("ConfigError: data.crop_szie: MHPv2DataModule has no argument")
+    assert "crop_size" in err
 
 
 def test_check_tool(mhp_root, capsys):

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from cfg_utils import SINGLE, TINY, compose_cfg
+from cfg_utils import SINGLE, SMALL_IMAGES, TINY, compose_cfg
 
 from experiments.train import build_module
 from lightning_modules import ParsingLitModule
@@ -297,6 +297,7 @@ def test_ddp_spawn_shared_stage1_continues_exactly(tmp_path):
             "experiment=quickstart",
             *TINY,
             *SINGLE,
+            *SMALL_IMAGES,
             "trainer=ddp_cpu",
             "schedule.total_epochs=3",
             "schedule.stage1_epochs=2",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fixtures.coco import mask_annotation, write_coco
 
 from lightning_modules.nets.deepmac import (
     HOURGLASS_LAYOUTS,
@@ -375,53 +376,23 @@ def test_no_allowed_box_is_a_connected_zero():
 
 
 def _write_tiny_coco(path):
-    """Two 24x24 images: a 10x10 square of class 1 (uncompressed RLE) and a 6x8 box of class 2."""
-    import json
-
+    """Two 24x24 images: a 10x10 square of class 1 and a 6x8 box of class 2 (uncompressed RLE)."""
     sq = np.zeros((24, 24), np.uint8)
     sq[4:14, 2:12] = 1
     rect = np.zeros((24, 24), np.uint8)
     rect[10:16, 5:13] = 1
-
-    def rle(m):  # column-major run lengths, starting with zeros
-        flat = m.flatten(order="F")
-        counts, cur, run = [], 0, 0
-        for v in flat:
-            if v != cur:
-                counts.append(run)
-                cur, run = v, 0
-            run += 1
-        counts.append(run)
-        return {"size": list(m.shape), "counts": counts}
-
-    data = {
-        "images": [
+    write_coco(
+        path,
+        images=[
             {"id": 1, "width": 24, "height": 24, "file_name": "a.png"},
             {"id": 2, "width": 24, "height": 24, "file_name": "b.png"},
         ],
-        "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "rect"}],
-        "annotations": [
-            {
-                "id": 1,
-                "image_id": 1,
-                "category_id": 1,
-                "segmentation": rle(sq),
-                "area": 100,
-                "bbox": [2, 4, 10, 10],
-                "iscrowd": 0,
-            },
-            {
-                "id": 2,
-                "image_id": 2,
-                "category_id": 2,
-                "segmentation": rle(rect),
-                "area": 48,
-                "bbox": [5, 10, 8, 6],
-                "iscrowd": 0,
-            },
+        annotations=[
+            mask_annotation(1, 1, 1, sq, compressed=False),
+            mask_annotation(2, 2, 2, rect, compressed=False),
         ],
-    }
-    path.write_text(json.dumps(data))
+        categories=[{"id": 1, "name": "square"}, {"id": 2, "name": "rect"}],
+    )
     return sq, rect
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from cfg_utils import compose_cfg
+from fixtures.coco import mask_annotation, write_coco
+from fixtures.images import write_png
 from PIL import Image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -17,55 +19,28 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_coco(root):
-    """One 20x16 image: a polygon rectangle of class 3 and an RLE (compressed) L-shape of class 44."""
-    from pycocotools import mask as mask_utils
-
-    (root / "val2017").mkdir(parents=True)
-    Image.fromarray(np.full((16, 20, 3), 77, np.uint8)).save(root / "val2017" / "x.png")
+    """One 20x16 image: a polygon rectangle of class 3, an RLE (compressed) L-shape of class 44
+    and a crowd polygon of class 1."""
+    write_png(root / "val2017" / "x.png", np.full((16, 20, 3), 77, np.uint8))
     ell = np.zeros((16, 20), np.uint8)
     ell[8:14, 12:14] = 1
     ell[12:14, 14:18] = 1
-    rle = mask_utils.encode(np.asfortranarray(ell))
-    anns = [
-        {
-            "id": 1,
-            "image_id": 5,
-            "category_id": 3,
-            "segmentation": [[2, 2, 8, 2, 8, 6, 2, 6]],
-            "area": 24,
-            "bbox": [2, 2, 6, 4],
-            "iscrowd": 0,
-        },
-        {
-            "id": 2,
-            "image_id": 5,
-            "category_id": 44,
-            "segmentation": {"size": [16, 20], "counts": rle["counts"].decode()},
-            "area": 20,
-            "bbox": [12, 8, 6, 6],
-            "iscrowd": 0,
-        },
-        {
-            "id": 3,
-            "image_id": 5,
-            "category_id": 1,
-            "segmentation": [[0, 0, 4, 0, 4, 4]],
-            "area": 8,
-            "bbox": [0, 0, 4, 4],
-            "iscrowd": 1,
-        },
-    ]
-    data = {
-        "images": [{"id": 5, "file_name": "x.png", "height": 16, "width": 20}],
-        "annotations": anns,
-        "categories": [
+    polygon = {"segmentation": [[2, 2, 8, 2, 8, 6, 2, 6]], "area": 24, "bbox": [2, 2, 6, 4]}
+    crowd = {"segmentation": [[0, 0, 4, 0, 4, 4]], "area": 8, "bbox": [0, 0, 4, 4]}
+    write_coco(
+        root / "annotations" / "instances_val2017.json",
+        images=[{"id": 5, "file_name": "x.png", "height": 16, "width": 20}],
+        annotations=[
+            {"id": 1, "image_id": 5, "category_id": 3, "iscrowd": 0, **polygon},
+            mask_annotation(2, 5, 44, ell),
+            {"id": 3, "image_id": 5, "category_id": 1, "iscrowd": 1, **crowd},
+        ],
+        categories=[
             {"id": 1, "name": "person"},
             {"id": 3, "name": "car"},
             {"id": 44, "name": "bottle"},
         ],
-    }
-    (root / "annotations").mkdir()
-    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    )
     return ell
 
 
@@ -113,7 +88,7 @@ def test_train_flip_mirrors_boxes_and_masks():
 
 
 def test_cityscapes_instances_from_16bit_instance_ids(tmp_path):
-    from test_lip_cityscapes import INSTANCE_IDS, make_cityscapes
+    from fixtures.cityscapes import INSTANCE_IDS, make_cityscapes
 
     from datamodules.instances import CityscapesInstancesDataset
 

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from fixtures.coco import mask_annotation, rle
 
 from lightning_modules.deepmac_metrics import MaskAPAccumulator, flat_scores, gather_accumulator
 
@@ -20,13 +21,6 @@ def _box_mask(h, w, y0, y1, x0, x1):
     m = np.zeros((h, w), np.uint8)
     m[y0:y1, x0:x1] = 1
     return m
-
-
-def _rle(m):
-    from pycocotools import mask as mask_utils
-
-    r = mask_utils.encode(np.asfortranarray(m))
-    return {"size": r["size"], "counts": r["counts"].decode("ascii")}
 
 
 def _cocoeval_direct(data, results):
@@ -57,24 +51,14 @@ B = _box_mask(H, W, 4, 12, 6, 16)
 
 
 def _tiny_crowd_json():
-    def ann(i, img, m, crowd):
-        from pycocotools import mask as mask_utils
-
-        r = _rle(m)
-        return {
-            "id": i,
-            "image_id": img,
-            "category_id": 1,
-            "segmentation": r,
-            "area": float(m.sum()),
-            "bbox": mask_utils.toBbox(r).tolist(),
-            "iscrowd": crowd,
-        }
-
     return {
         "images": [{"id": 1, "height": H, "width": W}, {"id": 2, "height": H, "width": W}],
         "categories": [{"id": 1}],
-        "annotations": [ann(1, 1, A, 0), ann(2, 1, CROWD, 1), ann(3, 2, B, 0)],
+        "annotations": [
+            mask_annotation(1, 1, 1, A),
+            mask_annotation(2, 1, 1, CROWD, iscrowd=1),
+            mask_annotation(3, 2, 1, B),
+        ],
     }
 
 
@@ -82,8 +66,8 @@ def test_a_prediction_inside_a_crowd_region_is_ignored_as_pycocotools_does():
     data = _tiny_crowd_json()
     anns = data["annotations"]
     results = [
-        {"image_id": 1, "category_id": 1, "segmentation": _rle(PRED_A), "score": 1.0},
-        {"image_id": 2, "category_id": 1, "segmentation": _rle(B), "score": 1.0},
+        {"image_id": 1, "category_id": 1, "segmentation": rle(PRED_A), "score": 1.0},
+        {"image_id": 2, "category_id": 1, "segmentation": rle(B), "score": 1.0},
     ]
     for r, a in zip(results, (anns[0], anns[2]), strict=True):
         r["bbox"] = a["bbox"]  # the ground-truth box is the detection

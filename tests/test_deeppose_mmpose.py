@@ -115,8 +115,8 @@ def _module(net: nn.Module, **kw) -> PoseRegressionLitModule:
 def test_cascade_evaluates_mmpose_weights_as_the_reference_does(mmpose_file, tmp_path):
     """train=false ckpt_path=<mmpose .pth> with flip test: rimlab's val predictions (image pixels)
     equal the reference's r * S on the same crops, un-cropped through the crop's pixel map."""
-    from datamodules.mpii import MPIIDataset, PersonCrop
-    from datamodules.pose_transforms import pixel_affine
+    from datamodules.mpii import MPIIDataset
+    from datamodules.pose_transforms import PersonCrop, pixel_affine
     from experiments.pose import LAUNCH_ENV
     from experiments.train import run
 

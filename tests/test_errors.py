@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from cfg_utils import ROOT, TINY
+from cfg_utils import ROOT, SMALL_IMAGES, TINY
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -190,6 +190,7 @@ def test_the_quickstart_runs_without_the_optional_packages(tmp_path):
         str(ROOT / "run.py"),
         "experiment=quickstart",
         *TINY,
+        *SMALL_IMAGES,
         "schedule.total_epochs=2",
         "schedule.stage1_epochs=1",
         "schedule.cpa_epoch=1",

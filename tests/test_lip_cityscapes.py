@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import sys
@@ -11,7 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_jpg
+from fixtures.cityscapes import (
+    INSTANCE_IDS,
+    LABEL_IDS,
+    TRAIN_IDS,
+    H,
+    W,
+    make_cityscapes,
+)
+from fixtures.images import write_png
+from fixtures.lip import LIP_IDS, LIP_TEST_IDS, lip_image, lip_label, make_lip
 from PIL import Image
 
 import datamodules.cityscapes as cs_mod
@@ -33,68 +41,7 @@ def _raises_naming(fn, fragment: str, problem: str) -> DatasetError:
     return info.value
 
 
-def _write_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
-    return path
-
-
 # -- LIP ---------------------------------------------------------------------------------------
-
-# Two samples per labelled split, ids in LIP's "<digits>_<digits>" form; one is not square.
-LIP_IDS = {"train": ["77_471474", "102349_900100102349"], "val": ["100034_483681"]}
-LIP_TEST_IDS = ["315_462476"]
-
-
-def _lip_label(i: int, h: int = 9, w: int = 7) -> np.ndarray:
-    """Values 0..19 cycling over the image, with left arm (14) on the left, right arm (15) on the
-    right of the bottom row; different per sample."""
-    label = ((np.arange(h * w).reshape(h, w) + 3 * i) % 20).astype(np.uint8)
-    label[-1, : w // 2], label[-1, w // 2 :] = 14, 15
-    return label
-
-
-def _lip_image(i: int, h: int = 9, w: int = 7) -> np.ndarray:
-    image = np.zeros((h, w, 3), np.uint8)
-    image[..., 0], image[..., 1], image[..., 2] = 40 + 50 * i, 120, 200 - 30 * i
-    return image
-
-
-def _lip_paths(root: Path, layout: str, split: str) -> tuple[Path, Path, Path]:
-    """(image dir, label dir, id list) of a split in one of the three released layouts."""
-    if split == "test":
-        return root / "Testing_images/testing_images", None, root / "Testing_images/test_id.txt"
-    imgs, segs, ids = f"{split}_images", f"{split}_segmentations", f"{split}_id.txt"
-    if layout == "flat":
-        return root / imgs, root / segs, root / ids
-    if layout == "trainval":
-        return (
-            root / "TrainVal_images" / imgs,
-            root / "TrainVal_parsing_annotations" / segs,
-            root / "TrainVal_images" / ids,
-        )
-    # Doubly nested: the id lists sit in the outer TrainVal_images/.
-    return (
-        root / "TrainVal_images/TrainVal_images" / imgs,
-        root / "TrainVal_parsing_annotations/TrainVal_parsing_annotations" / segs,
-        root / "TrainVal_images" / ids,
-    )
-
-
-def make_lip(root: Path, layout: str = "flat", shapes: dict | None = None) -> Path:
-    """Write train/val/test in ``layout``; the id lists use LF (CRLF variants are tested apart)."""
-    shapes = shapes or {}
-    for split, ids in [*LIP_IDS.items(), ("test", LIP_TEST_IDS)]:
-        image_dir, label_dir, id_list = _lip_paths(root, layout, split)
-        for i, name in enumerate(ids):
-            h, w = shapes.get(name, (9, 7) if i == 0 else (5, 11))
-            # PNG for the "JPEG" content would not be a JPEG; write real JPEGs of flat colour.
-            write_jpg(image_dir / f"{name}.jpg", _lip_image(i, h, w))
-            if label_dir is not None:
-                _write_png(label_dir / f"{name}.png", _lip_label(i, h, w), mode="L")
-        id_list.parent.mkdir(parents=True, exist_ok=True)
-        id_list.write_text("".join(f"{name}\n" for name in ids))
-    return root
 
 
 @pytest.fixture
@@ -123,9 +70,9 @@ def test_lip_layouts_decode_the_same_values(tmp_path, layout):
             assert set(item) == {"image", "mask", "name"} and item["name"] == name
             assert item["image"].shape == (h, w, 3) and item["image"].dtype == np.uint8
             assert item["mask"].dtype == np.uint8
-            np.testing.assert_array_equal(item["mask"], _lip_label(i, h, w))
+            np.testing.assert_array_equal(item["mask"], lip_label(i, h, w))
             # Flat JPEG colour survives compression within a few levels.
-            np.testing.assert_allclose(item["image"].reshape(-1, 3).mean(0), _lip_image(i)[0, 0],
+            np.testing.assert_allclose(item["image"].reshape(-1, 3).mean(0), lip_image(i)[0, 0],
                                        atol=3)  # fmt: skip
     test = LIPDataset(root, "test")
     assert not test.has_labels and test.ids == LIP_TEST_IDS
@@ -154,15 +101,15 @@ def test_lip_grayscale_jpeg_becomes_rgb(lip_root):
 
 
 def test_lip_bad_data(lip_root):
-    label = _lip_label(0)
+    label = lip_label(0)
     label[2, 3] = 20
-    _write_png(lip_root / "train_segmentations/77_471474.png", label, mode="L")
+    write_png(lip_root / "train_segmentations/77_471474.png", label, mode="L")
     ds = LIPDataset(lip_root, "train")
     _raises_naming(lambda: ds[0], "77_471474.png", r"label value 20 outside 0\.\.19")
     # RGB labels (palette or luminance conversions) are refused, not guessed at.
-    _write_png(lip_root / "train_segmentations/77_471474.png", np.zeros((9, 7, 3), np.uint8))
+    write_png(lip_root / "train_segmentations/77_471474.png", np.zeros((9, 7, 3), np.uint8))
     _raises_naming(lambda: ds[0], "77_471474.png", "mode RGB")
-    _write_png(lip_root / "train_segmentations/77_471474.png", np.zeros((8, 7), np.uint8), "L")
+    write_png(lip_root / "train_segmentations/77_471474.png", np.zeros((8, 7), np.uint8), "L")
     _raises_naming(lambda: ds[0], "77_471474.png", "does not match image size")
     (lip_root / "val_segmentations/100034_483681.png").unlink()
     _raises_naming(lambda: LIPDataset(lip_root, "val"), "100034_483681.png", "not found")
@@ -179,18 +126,18 @@ def test_check_tool_on_lip(lip_root, capsys):
     assert check_main(["data=lip", f"data.root={lip_root}"]) == 0
     out = capsys.readouterr().out
     assert "no problems" in out and "Left-arm" in out
-    label = _lip_label(0)
+    label = lip_label(0)
     label[2, 3] = 20
-    _write_png(lip_root / "train_segmentations/77_471474.png", label, mode="L")
+    write_png(lip_root / "train_segmentations/77_471474.png", label, mode="L")
     assert check_main(["data=lip", f"data.root={lip_root}", "split='train,val'"]) == 1
     out = capsys.readouterr().out
     assert "77_471474.png" in out and "1 problem(s)" in out
 
 
 def test_lip_skip_bad(lip_root):
-    label = _lip_label(0)
+    label = lip_label(0)
     label[0, 0] = 200
-    _write_png(lip_root / "train_segmentations/77_471474.png", label, mode="L")
+    write_png(lip_root / "train_segmentations/77_471474.png", label, mode="L")
     (lip_root / "train_id.txt").write_text("404_1\n77_471474\n102349_900100102349\n")
     with pytest.raises(DatasetError):
         LIPDataset(lip_root, "train")
@@ -243,61 +190,6 @@ def test_lip_datamodule(lip_root):
 
 # -- Cityscapes --------------------------------------------------------------------------------
 
-H, W = 4, 6
-# labelIds drawn from void (0, 1, 4), flat (7, 8), building (11), person (24), car (26),
-# caravan (29, ignored in eval) and bicycle (33).
-LABEL_IDS = np.array(
-    [[0, 1, 7, 7, 8, 8], [11, 11, 24, 24, 26, 26], [26, 29, 29, 33, 33, 4], [7, 7, 26, 26, 0, 0]],
-    dtype=np.uint8,
-)
-# Hand-mapped through the official table: 7->0 road, 8->1, 11->2, 24->11, 26->13 car, 33->18,
-# and 0, 1, 4 (void) and 29 (caravan) -> 255.
-TRAIN_IDS = np.array(
-    [
-        [255, 255, 0, 0, 1, 1],
-        [2, 2, 11, 11, 13, 13],
-        [13, 255, 255, 18, 18, 255],
-        [0, 0, 13, 13, 255, 255],
-    ],
-    dtype=np.uint8,
-)
-# 16-bit instanceIds: cars 26000/26001, a person 24000, caravan 29000, bicycle 33000, car group 26,
-# stuff as the plain labelId. Values above 255 would wrap if cast to uint8.
-INSTANCE_IDS = np.array(
-    [
-        [0, 1, 7, 7, 8, 8],
-        [11, 11, 24000, 24000, 26001, 26001],
-        [26, 29000, 29000, 33000, 33000, 4],
-        [7, 7, 26000, 26000, 0, 0],
-    ],
-    dtype=np.uint16,
-)
-CITIES = {"train": ["bremen", "aachen"], "val": ["frankfurt"], "test": ["berlin"]}
-
-
-def _cs_stems(split: str) -> list[tuple[str, str]]:
-    # Written in an unsorted order on purpose (frame 000019 before 000000).
-    return [(c, f"{c}_000000_{f}") for c in CITIES[split] for f in ("000019", "000000")]
-
-
-def make_cityscapes(root: Path, train_ids: bool = True) -> Path:
-    for split in CITIES:
-        for k, (city, stem) in enumerate(_cs_stems(split)):
-            image = np.full((H, W, 3), 10 * k, np.uint8)
-            _write_png(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", image)
-            gt = root / "gtFine" / split / city
-            # Test ground truth is a placeholder in the release (all "unlabeled" here).
-            ids = LABEL_IDS if split != "test" else np.zeros_like(LABEL_IDS)
-            _write_png(gt / f"{stem}_gtFine_labelIds.png", ids, mode="L")
-            _write_png(gt / f"{stem}_gtFine_instanceIds.png", INSTANCE_IDS)  # mode I;16
-            _write_png(gt / f"{stem}_gtFine_color.png", np.zeros((H, W, 4), np.uint8))
-            (gt / f"{stem}_gtFine_polygons.json").write_text(
-                json.dumps({"imgHeight": H, "imgWidth": W, "objects": []})
-            )
-            if train_ids:
-                _write_png(gt / f"{stem}_gtFine_labelTrainIds.png", TRAIN_IDS, mode="L")
-    return root
-
 
 @pytest.fixture
 def cs_root(tmp_path) -> Path:
@@ -345,18 +237,18 @@ def test_cityscapes_disagreeing_train_ids(cs_root):
     wrong = TRAIN_IDS.copy()
     wrong[1, 4] = 14  # truck where the labelIds say car
     stem = "frankfurt_000000_000000"
-    _write_png(cs_root / f"gtFine/val/frankfurt/{stem}_gtFine_labelTrainIds.png", wrong, mode="L")
+    write_png(cs_root / f"gtFine/val/frankfurt/{stem}_gtFine_labelTrainIds.png", wrong, mode="L")
     ds = CityscapesDataset(cs_root, "val")
     np.testing.assert_array_equal(ds[1]["mask"], TRAIN_IDS)  # the other file still agrees
     err = _raises_naming(lambda: ds[0], f"{stem}_gtFine_labelTrainIds.png", "1 pixels disagree")
     assert "y=1, x=4" in str(err) and "file has 14" in str(err)
     bad = TRAIN_IDS.copy()
     bad[0, 0] = 19
-    _write_png(cs_root / f"gtFine/val/frankfurt/{stem}_gtFine_labelTrainIds.png", bad, mode="L")
+    write_png(cs_root / f"gtFine/val/frankfurt/{stem}_gtFine_labelTrainIds.png", bad, mode="L")
     _raises_naming(lambda: ds[0], "labelTrainIds.png", r"trainId 19 outside")
     ids = LABEL_IDS.copy()
     ids[0, 0] = 34
-    _write_png(cs_root / f"gtFine/val/frankfurt/{stem}_gtFine_labelIds.png", ids, mode="L")
+    write_png(cs_root / f"gtFine/val/frankfurt/{stem}_gtFine_labelIds.png", ids, mode="L")
     _raises_naming(lambda: ds[0], f"{stem}_gtFine_labelIds.png", "labelId 34 is not in")
 
 
@@ -375,7 +267,7 @@ def test_cityscapes_16bit_instances_decoded_exactly(cs_root):
     np.testing.assert_array_equal(np.where(inst >= 1000, inst // 1000, inst), LABEL_IDS)
     assert "instances" not in CityscapesDataset(cs_root, "train")[0]
     # An 8-bit "instance" map cannot hold id*1000+k: refused.
-    _write_png(path, LABEL_IDS, mode="L")
+    write_png(path, LABEL_IDS, mode="L")
     _raises_naming(lambda: ds[0], "instanceIds.png", "expected 16-bit")
     path.unlink()
     _raises_naming(lambda: CityscapesDataset(cs_root, "train", instances=True),
@@ -453,9 +345,7 @@ def test_data_configs_match_constructor(tmp_path, name, cls, classes, palette, p
     cfg = OmegaConf.create(
         {"paths": {"data_dir": str(tmp_path)}, "data": OmegaConf.load(CONF / f"{name}.yaml")}
     )
-    assert set(cfg.data) - {"_target_"} == set(inspect.signature(cls.__init__).parameters) - {
-        "self"
-    }
+    assert set(cfg.data) - {"_target_"} == cls.argument_names()
     assert list(cfg.data.class_names) == list(classes)
     np.testing.assert_array_equal(np.array(cfg.data.palette), palette)
     assert [tuple(p) for p in cfg.data.flip_pairs] == list(pairs)
@@ -471,7 +361,7 @@ def test_data_configs_match_constructor(tmp_path, name, cls, classes, palette, p
 def test_mhp_datamodule_builds_on_the_base(mhp_root):
     dm = MHPv2DataModule(root=str(mhp_root), batch_size=1, num_workers=0, crop_size=(8, 8))
     assert isinstance(dm, ParsingDataModule) and dm.splits["validate"] == "val"
-    assert set(dm.hparams) == set(inspect.signature(MHPv2DataModule.__init__).parameters) - {"self"}
+    assert set(dm.hparams) == MHPv2DataModule.argument_names()
     assert dm.hparams["palette"] is None and dm.eval_size == (8, 8)
     assert not dm.has_test_labels
     batch = next(iter(dm.val_dataloader()))
@@ -504,9 +394,9 @@ def test_cityscapes_miou_agrees_with_the_official_evaluation(tmp_path):
         # Every labelId 0..33, void ones included; the network predicts trainIds 0..18, right
         # about half the time.
         label_ids = rng.integers(0, 34, size=(h, w)).astype(np.uint8)
-        _write_png(root / "leftImg8bit" / "val" / "frankfurt" / f"{stem}_leftImg8bit.png",
+        write_png(root / "leftImg8bit" / "val" / "frankfurt" / f"{stem}_leftImg8bit.png",
                    rng.integers(0, 255, (h, w, 3)).astype(np.uint8))  # fmt: skip
-        gt = _write_png(
+        gt = write_png(
             root / "gtFine" / "val" / "frankfurt" / f"{stem}_gtFine_labelIds.png", label_ids, "L"
         )
         truth = cs_mod.label_id_to_train_id()[label_ids]

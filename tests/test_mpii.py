@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,12 +9,24 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from PIL import Image
+from fixtures.mpii import (
+    RECT_FIELDS,
+    json_person,
+    make_json_set,
+    make_release_quirks,
+    points,
+    struct_array,
+    write_gt_val,
+    write_json_split,
+)
 
 from datamodules.batch import DatasetError
-from datamodules.mpii import JointCrops, MPIIDataset, PersonCrop, load_release_mat
+from datamodules.mpii import MPIIDataset
+from datamodules.mpii_annotations import load_release_mat
 from datamodules.pose_transforms import (
     MPII_FLIP_PAIRS,
+    JointCrops,
+    PersonCrop,
     apply_affine,
     crop_affine,
     crop_image,
@@ -30,108 +41,9 @@ from datamodules.pose_transforms import (
 # -- fixtures in the real formats -----------------------------------------------------------------
 
 
-def struct_array(records: list[dict], fields: list[str]) -> np.ndarray:
-    """A MATLAB 1xN struct array (numpy record array of objects) with ``fields``."""
-    arr = np.zeros((1, len(records)), dtype=[(f, object) for f in fields])
-    for i, rec in enumerate(records):
-        for f in fields:
-            arr[0, i][f] = rec.get(f, np.zeros((0, 0)))  # a missing value is MATLAB's []
-    return arr
-
-
-def points(rows: list[tuple]) -> np.ndarray:
-    """annopoints.point: (id, x, y, is_visible) rows; values may be numbers, strings or []."""
-    recs = [
-        {"id": np.array([[i]]), "x": np.array([[x]]), "y": np.array([[y]]), "is_visible": v}
-        for i, x, y, v in rows
-    ]
-    return struct_array(recs, ["id", "x", "y", "is_visible"])
-
-
-def write_image(path: Path, h: int, w: int, value: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(path, quality=95)
-
-
-RECT_FIELDS = ["x1", "y1", "x2", "y2", "scale", "objpos", "annopoints"]
-
-
 @pytest.fixture
 def mat_root(tmp_path: Path) -> Path:
-    """A RELEASE struct in the real nesting, with the quirks of DATASETS.md 5.6.
-
-    - image 1 (train): person A (3 joints: numeric, string '0' and empty is_visible) and person B
-      (one joint stored as strings, datumaro style: the point array collapses under squeeze_me);
-    - image 2 (train): a single annorect (collapses to a bare struct) with empty annopoints;
-    - image 3 (train): a person with joints but an empty objpos;
-    - image 4 (test): a rect with only scale and objpos (its own, smaller field set);
-    - image 5 (train): one valid person.
-    """
-    root = tmp_path / "mpii"
-    a = {
-        "x1": np.array([[10.0]]), "y1": np.array([[20.0]]), "x2": np.array([[40.0]]),
-        "y2": np.array([[60.0]]), "scale": np.array([[2.0]]),
-        "objpos": {"x": np.array([[50.0]]), "y": np.array([[60.0]])},
-        "annopoints": {
-            "point": points([(0, 11.0, 21.0, np.array([[1]])), (9, 31.5, 41.0, "0"),
-                             (13, 51.0, 61.0, np.zeros((0, 0)))])
-        },
-    }  # fmt: skip
-    b = {
-        "x1": np.array([[100.0]]), "y1": np.array([[100.0]]), "x2": np.array([[103.0]]),
-        "y2": np.array([[104.0]]), "scale": np.array([[1.5]]),
-        "objpos": {"x": np.array([[80.0]]), "y": np.array([[90.0]])},
-        "annopoints": {
-            "point": struct_array(
-                [{"id": "7", "x": "620.0", "y": "10.5", "is_visible": "1"}],
-                ["id", "x", "y", "is_visible"],
-            )
-        },
-    }  # fmt: skip
-    no_points = {**a, "annopoints": np.zeros((0, 0))}
-    no_objpos = {**a, "objpos": np.zeros((0, 0))}
-    test_rect = {
-        "scale": np.array([[3.0]]),
-        "objpos": {"x": np.array([[5.0]]), "y": np.array([[6.0]])},
-    }
-    five = {**a, "objpos": {"x": np.array([[7.0]]), "y": np.array([[8.0]])}}
-    annolist = struct_array(
-        [
-            {"image": {"name": "000000001.jpg"}, "annorect": struct_array([a, b], RECT_FIELDS)},
-            {
-                "image": {"name": "000000002.jpg"},
-                "annorect": struct_array([no_points], RECT_FIELDS),
-            },
-            {
-                "image": {"name": "000000003.jpg"},
-                "annorect": struct_array([no_objpos], RECT_FIELDS),
-            },
-            {
-                "image": {"name": "000000004.jpg"},
-                "annorect": struct_array([test_rect], ["scale", "objpos"]),
-            },
-            {"image": {"name": "000000005.jpg"}, "annorect": struct_array([five], RECT_FIELDS)},
-        ],
-        ["image", "annorect", "frame_sec", "vididx"],
-    )
-    single = np.empty((5, 1), dtype=object)
-    for i, v in enumerate(
-        [np.array([[2]]), np.zeros((0, 0)), np.array([[1]]), np.array([[1]]), np.array([[1]])]
-    ):
-        single[i, 0] = v
-    release = {
-        "annolist": annolist,
-        "img_train": np.array([[1, 1, 1, 0, 1]]),
-        "single_person": single,
-        "act": struct_array([{"act_name": "", "cat_name": "", "act_id": np.array([[-1]])}] * 5,
-                            ["act_name", "cat_name", "act_id"]),
-        "video_list": np.array([["abc"]], dtype=object),
-    }  # fmt: skip
-    root.mkdir(parents=True)
-    scipy.io.savemat(root / "mpii_human_pose_v1_u12_1.mat", {"RELEASE": release})
-    for i in range(1, 6):
-        write_image(root / "images" / f"{i:09d}.jpg", 70, 90, 40 * i)
-    return root
+    return make_release_quirks(tmp_path / "mpii")
 
 
 def test_release_mat_quirks(mat_root: Path, caplog):
@@ -172,58 +84,9 @@ def test_release_mat_quirks(mat_root: Path, caplog):
     assert len(MPIIDataset(mat_root, "test")) == 1
 
 
-def write_json_split(root: Path, split: str, persons: list[dict]) -> None:
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    (root / "annotations" / f"mpii_{split}.json").write_text(json.dumps(persons))
-
-
-def json_person(name: str, joints: np.ndarray, vis: np.ndarray, center, scale) -> dict:
-    return {
-        "image": name,
-        "center": list(center),
-        "scale": scale,
-        "joints": [
-            [float(x), float(y)] if v else [-1.0, -1.0]
-            for (x, y), v in zip(joints, vis, strict=True)
-        ],
-        "joints_vis": [int(v) for v in vis],
-    }
-
-
-def write_gt_val(root: Path, joints: list[np.ndarray], vis: list[np.ndarray], boxes: list) -> None:
-    scipy.io.savemat(
-        root / "annotations" / "mpii_gt_val.mat",
-        {
-            "jnt_missing": np.stack([1 - v for v in vis], 1),
-            "pos_gt_src": np.stack([j * v[:, None] for j, v in zip(joints, vis, strict=True)], 2),
-            "headboxes_src": np.stack([np.asarray(b, float) for b in boxes], 2),
-        },
-    )
-
-
 @pytest.fixture
 def json_root(tmp_path: Path) -> tuple[Path, list[np.ndarray], list[np.ndarray]]:
-    root = tmp_path / "mpii_json"
-    rng = np.random.default_rng(0)
-    joints = [rng.uniform(5, 60, (16, 2)).round(1) for _ in range(2)]
-    vis = [np.ones(16, np.int64), np.ones(16, np.int64)]
-    vis[1][[0, 5]] = 0  # missing ankles, as in 051423444.jpg
-    write_json_split(
-        root,
-        "val",
-        [
-            json_person(f"{i + 1:09d}.jpg", joints[i], vis[i], (30.0, 31.0), 0.3 + i)
-            for i in range(2)
-        ],
-    )
-    write_json_split(
-        root, "train", [json_person("000000003.jpg", joints[0], vis[1], (20.0, 25.0), 1.0)]
-    )
-    boxes = [[(10.0, 10.0), (16.0, 18.0)], [(0.0, 0.0), (3.0, 4.0)]]  # [(x1, y1), (x2, y2)]
-    write_gt_val(root, joints, vis, boxes)
-    for i in range(1, 4):
-        write_image(root / "images" / f"{i:09d}.jpg", 64, 64, 100)
-    return root, joints, vis
+    return make_json_set(tmp_path / "mpii_json")
 
 
 def test_json_and_gt_val(json_root):
@@ -473,7 +336,7 @@ def test_json_persons_without_a_box_are_skipped_and_counted(json_root, caplog):
 
 
 def test_numeric_single_person_vector_is_one_entry_per_image(tmp_path):
-    from datamodules.mpii import _as_list
+    from datamodules.mpii_annotations import _as_list
 
     assert [int(v) for v in _as_list(np.array([2, 1, 3]))] == [2, 1, 3]
     assert len(_as_list(np.array(5))) == 1 and _as_list(np.zeros((0, 0))) == []
@@ -545,7 +408,7 @@ def test_jitter_laws_have_their_variances():
     1 - 2 phi(1) / (Phi(1) - Phi(-1)) = 0.2911."""
     from math import erf, exp, pi, sqrt
 
-    from datamodules.mpii import _jitter
+    from datamodules.pose_transforms import _jitter
 
     rng = np.random.default_rng(0)
     uni = np.array([_jitter(rng, "uniform") for _ in range(6000)])

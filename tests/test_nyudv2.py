@@ -7,7 +7,6 @@ wrong transpose, frame offset or map fails on values, not only on shapes.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import pickle
@@ -368,7 +367,7 @@ def test_data_config_matches_constructor(tmp_path):
     cfg = OmegaConf.create(
         {"paths": {"data_dir": str(tmp_path)}, "data": OmegaConf.load(CONF / "nyudv2.yaml")}
     )
-    params = set(inspect.signature(NYUDv2DataModule.__init__).parameters) - {"self"}
+    params = NYUDv2DataModule.argument_names()
     assert set(cfg.data) - {"_target_"} == params
     assert list(cfg.data.class_names) == list(NYU40_CLASSES) and cfg.data.num_classes == 40
     assert list(cfg.data.crop_size) == [480, 640] and cfg.data.ignore_index == 255

@@ -665,8 +665,12 @@ def test_nonfinite_loss_is_caught_without_a_sync_per_step(no_host_sync):
 
 def test_joint_crops_are_uint8_and_normalise_to_the_float_path():
     from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD
-    from datamodules.mpii import JointCrops, normalise_images, to_tensor_image
-    from datamodules.pose_transforms import crop_image
+    from datamodules.pose_transforms import (
+        JointCrops,
+        crop_image,
+        normalise_images,
+        to_tensor_image,
+    )
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (60, 50, 3), dtype=np.uint8)

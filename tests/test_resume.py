@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from cfg_utils import ROOT, TINY
+from cfg_utils import ROOT, SMALL_IMAGES, TINY
 
 RUN = [
     "experiment=quickstart",
     *TINY,
+    *SMALL_IMAGES,
     "schedule.total_epochs=4",
     "schedule.stage1_epochs=2",
     "schedule.cpa_epoch=1",

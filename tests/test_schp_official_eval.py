@@ -12,12 +12,12 @@ the centre truncated to integers. Below, that rule is written out in closed form
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from fixtures.lip import write_lip_split
 from PIL import Image
 from torch import Tensor, nn
 
@@ -185,23 +185,12 @@ class PixelNet(nn.Module):
         return {"out": nn.functional.conv2d(x, self.weight) * ramp}
 
 
-def _write_lip_val(root: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray]):
-    (root / "val_images").mkdir(parents=True)
-    (root / "val_segmentations").mkdir()
-    for name, image in images.items():
-        Image.fromarray(image).save(root / "val_images" / f"{name}.jpg", quality=95)
-        Image.fromarray(labels[name].astype(np.uint8)).save(
-            root / "val_segmentations" / f"{name}.png"
-        )
-    (root / "val_id.txt").write_text("".join(f"{n}\n" for n in images))
-
-
 def test_eval_step_scores_schps_geometry_end_to_end(tmp_path):
     rng = np.random.default_rng(7)
     sizes = {"even": (14, 9), "odd": (9, 15)}  # (H, W): an even and an odd long side
     images = {n: rng.integers(0, 256, size=(*s, 3), dtype=np.uint8) for n, s in sizes.items()}
     labels = {n: rng.integers(0, 20, size=s) for n, s in sizes.items()}
-    _write_lip_val(tmp_path, images, labels)
+    write_lip_split(tmp_path, "val", images, labels)
     out = (31, 31)
     dm = LIPDataModule(
         str(tmp_path), batch_size=2, num_workers=0, crop_size=out, base_size=31, eval_affine=True

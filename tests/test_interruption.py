@@ -14,18 +14,21 @@ import time
 
 import pytest
 import torch
-from cfg_utils import ROOT, SINGLE, TINY, compose_cfg
+from cfg_utils import ROOT, SINGLE, SMALL_IMAGES, TINY, compose_cfg
 
 from experiments.train import run
 
-RUN = ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=3"]
+QUICKSTART = ["experiment=quickstart", *TINY, *SINGLE]
+RUN = [*QUICKSTART, "schedule.total_epochs=3"]
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_state_and_prints_the_resume_command(tmp_path):
     run_dir = tmp_path / "run"
     base = [
-        *RUN,
+        *QUICKSTART,
+        *SMALL_IMAGES,
+        "schedule.total_epochs=2",  # the resumed run finishes epoch 1
         f"paths.log_dir={tmp_path / 'logs'}",
         f"paths.data_dir={tmp_path / 'data'}",
         f"hydra.run.dir={run_dir}",
