@@ -12,17 +12,18 @@ one semantic map; on overlap the later person (ascending ``k``) wins, as in M-CE
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
 import os
 import re
-import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import lz4.frame
 import numpy as np
 from PIL import Image
 
@@ -147,7 +148,7 @@ class MHPv2Dataset(ParsingDataset):
             holds the pixel-count cache when ``root`` is read-only.
         num_classes: valid label ids are ``0..num_classes-1``.
         merge_cache: read (and write) merged label maps in ``cache_dir/mhp_merged`` as
-            zlib-compressed ``.npy`` files, so the per-person files are merged once; a cache
+            LZ4-compressed ``.npy`` files, so the per-person files are merged once; a cache
             entry is keyed by the person files' names, sizes and modification times.
     """
 
@@ -249,7 +250,7 @@ class MHPv2Dataset(ParsingDataset):
 
     def write_merge_cache(self, num_threads: int | None = None) -> int:
         """Merges every sample whose cache entry is missing, in ``num_threads`` threads
-        (default: the CPU count; decoding and zlib release the GIL).
+        (default: the CPU count; decoding and LZ4 release the GIL).
 
         Bad samples raise as :meth:`load_mask` would, or are left to the loader with
         ``skip_bad``.
@@ -301,9 +302,12 @@ class MHPv2Dataset(ParsingDataset):
             except OSError as e:
                 raise DatasetError(p, f"annotation file not readable ({e})") from e
             sig.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return self._merge_cache_dir / f"{name}_{sig.hexdigest()[:12]}.npy.lz4"
+
+    @functools.cached_property
+    def _merge_cache_dir(self) -> Path:
         root_key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
-        sub = (self.cache_dir or default_cache_dir()) / "mhp_merged" / root_key / self.split
-        return sub / f"{name}_{sig.hexdigest()[:12]}.npy.zlib"
+        return (self.cache_dir or default_cache_dir()) / "mhp_merged" / root_key / self.split
 
     def load(self, index: int, reduction: ReductionRule | None = None) -> dict[str, Any]:
         """Raw item ``index`` without transform; raises :class:`DatasetError` on bad data.
@@ -334,21 +338,32 @@ class MHPv2Dataset(ParsingDataset):
 
 
 def _cached_label_bytes(label: np.ndarray) -> bytes:
-    """``(H, W)`` uint8 -> zlib-compressed ``.npy`` bytes (level 1: labels compress well, and
-    inflating them is about three times faster than decoding the same map as a PNG)."""
+    """``(H, W)`` uint8 -> LZ4-frame-compressed ``.npy`` bytes: labels compress about 20-fold and
+    inflate about five times faster than zlib's (level 1), fifteen times faster than the same map
+    decoded as a PNG (docs/performance.md)."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(label, dtype=np.uint8), allow_pickle=False)
-    return zlib.compress(buf.getvalue(), 1)
+    return lz4.frame.compress(buf.getvalue())
 
 
 def _read_cached_label(path: Path) -> np.ndarray | None:
     """The cached ``(H, W)`` uint8 label map, or None when missing or damaged (rebuilt then)."""
     try:
-        data = zlib.decompress(path.read_bytes())
-        label = np.load(io.BytesIO(data), allow_pickle=False)
-    except (OSError, ValueError, zlib.error):
+        data = lz4.frame.decompress(path.read_bytes(), return_bytearray=True)
+        head = io.BytesIO(data[:256])  # np.save pads its header to a multiple of 64 bytes
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(np.lib.format.read_magic(head))
+        if read_header is None:
+            return None
+        shape, fortran, dtype = read_header(head)
+        if dtype != np.uint8 or len(shape) != 2 or fortran:
+            return None
+        # a view of the inflated buffer (np.load would copy it once more)
+        return np.frombuffer(data, np.uint8, shape[0] * shape[1], head.tell()).reshape(shape)
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: a damaged LZ4 frame
         return None
-    return label if label.dtype == np.uint8 and label.ndim == 2 else None
 
 
 class MHPv2DataModule(ParsingDataModule):

@@ -225,7 +225,7 @@ def test_class_pixel_counts_read_only_root_falls_back(mhp_root, tmp_path, monkey
 def test_merge_cache(mhp_root, tmp_path, monkeypatch):
     ds = MHPv2Dataset(mhp_root, "train", cache_dir=tmp_path / "cache")
     first = ds[0]["mask"]
-    assert len(list((tmp_path / "cache" / "mhp_merged").rglob("7_*.npy.zlib"))) == 1
+    assert len(list((tmp_path / "cache" / "mhp_merged").rglob("7_*.npy.lz4"))) == 1
 
     def boom(*args, **kwargs):
         raise AssertionError("merged again although cached")
