@@ -475,15 +475,28 @@ def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.stack(cv2.split(image)) if image.ndim == 3 else image[None])
 
 
+def _to_channels_last_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 numpy -> (3, H, W) uint8 tensor viewing the same memory (channels-last
+    strides, no copy): :func:`~datamodules.batch.collate_train` stacks such images as
+    (B, H, W, 3) and :func:`~datamodules.batch.normalize_image` makes them contiguous on the
+    device, where the transposition costs next to nothing."""
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise TypeError(f"the transforms hand over (H, W, 3) uint8 images, got {image.dtype}")
+    # (H, W, 3) -> (3, H, W) view
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
 def _hue_shift_uint8(img: np.ndarray, factor: float) -> np.ndarray:
     """albumentations' uint8 hue step (``adjust_hue_torchvision``) with the same table applied
-    to the contiguous H plane (``cv2.split`` / ``cv2.merge``), so the result is bit-identical;
-    a strided single-channel or a 3-channel ``cv2.LUT`` costs two to five times as much."""
+    to the H plane copied out and back (``cv2.extractChannel`` / ``cv2.insertChannel``), so the
+    result is bit-identical; a strided single-channel or a 3-channel ``cv2.LUT`` costs two to
+    five times as much."""
     if factor == 0:
         return img
-    h, s, v = cv2.split(cv2.cvtColor(img, cv2.COLOR_RGB2HSV))
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
     hue = np.mod(np.arange(0, 256, dtype=np.int16) + 180 * factor, 180).astype(np.uint8)
-    return cv2.cvtColor(cv2.merge([cv2.LUT(h, hue), s, v]), cv2.COLOR_HSV2RGB)
+    hsv = cv2.insertChannel(cv2.LUT(cv2.extractChannel(hsv, 0), hue), hsv, 0)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
 def _contrast_uint8(img: np.ndarray, factor: float) -> np.ndarray:
@@ -810,8 +823,9 @@ class AffineTrainTransform:
         ``draw`` (else one drawn from ``seed``).
 
         Returns:
-            The item with ``image`` (3, h, w) uint8 RGB and ``mask`` (h, w) uint8 (255 where no
-            label reached), ``(h, w) = crop_size``; ``image_reduction`` removed.
+            The item with ``image`` (3, h, w) uint8 RGB (a channels-last view, see
+            :func:`_to_channels_last_tensor`) and ``mask`` (h, w) uint8 (255 where no label
+            reached), ``(h, w) = crop_size``; ``image_reduction`` removed.
         """
         draw = draw if draw is not None else self.draw(seed)
         item = dict(item)
@@ -843,7 +857,7 @@ class AffineTrainTransform:
             image = cv2.cvtColor(image, cv2.COLOR_RGBA2RGB)
         if self.photometric is not None:
             image = self.photometric.seeded(image, draw.colour_seed)
-        item["image"] = _to_chw_tensor(image)
+        item["image"] = _to_channels_last_tensor(image)
         item["mask"] = torch.from_numpy(out_mask)
         return item
 
