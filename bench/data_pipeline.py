@@ -13,6 +13,9 @@ id in R) and times, interleaved round by round on the same files, training batch
   transform: base resize to 400, scale 0.5-2, rotation +-10 degrees, 400x400 crop, flip with the
   left/right swap, colour jitter) through ``prepare_data`` / ``setup`` and its training loader, as
   ``run.py`` builds it; images leave as uint8 and are normalised on the device.
+- ``rimlab_pixel_cache``: the same with ``data.pixel_cache=true``: ``prepare_data`` stores the
+  JPEGs decoded (at each reduction the transform can pick) and training reads those pixels
+  memory-mapped instead of decoding (the same pixels).
 - ``rimlab_reference``: the same datamodule with ``data.augment_impl=reference`` (the sequential
   albumentations transforms, one full-image warp each, normalised on the host) and no merged-label
   cache: the pipeline before the fused transform.
@@ -59,7 +62,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate  # noqa: E402
 from datamodules.synthetic import render_scene  # noqa: E402
 from datamodules.transforms import flip_lut  # noqa: E402
 
-VARIANTS = ("rimlab", "rimlab_reference", "albumentations")
+VARIANTS = ("rimlab", "rimlab_pixel_cache", "rimlab_reference", "albumentations")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -247,6 +250,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in variants:
             if name == "rimlab":
                 loaders[name] = rimlab_loader(cfg, args.batch, args.workers)
+            elif name == "rimlab_pixel_cache":
+                pixels = compose_data([*cache, "data.pixel_cache=true"], data_dir)
+                loaders[name] = rimlab_loader(pixels, args.batch, args.workers)
             elif name == "rimlab_reference":
                 ref = compose_data(
                     ["data.augment_impl=reference", "data.merge_cache=false"], data_dir

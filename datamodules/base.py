@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.batch import IGNORE_INDEX, DatasetError, collate_eval, collate_train, make_palette
+from datamodules.files import atomic_path
 from datamodules.transforms import (
     AUGMENT_IMPLS,
     PHOTOMETRIC_MODES,
@@ -95,8 +96,77 @@ def _complete_jpeg(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
 
 
+class PixelCache:
+    """Decoded training JPEGs kept as uncompressed RGBX ``.npy`` files, one per (image,
+    reduction), memory-mapped when read (``data.pixel_cache``): the warp then touches only the
+    pixels its window needs and no JPEG is decoded. The pixels are those of
+    :func:`read_image_reduced` (the same decode, stored), so training draws and pixels do not
+    change; the price is disk (``4 H W / r^2`` bytes per entry, docs/performance.md).
+
+    An entry is keyed by the image's path, size, modification time and the reduction, so an
+    edited image misses the cache.
+
+    Args:
+        folder: where the entries go.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def entry(self, path: Path, reduction: int) -> Path:
+        st = Path(path).stat()
+        key = hashlib.sha1(f"{path}:{st.st_size}:{st.st_mtime_ns}:{reduction}".encode())
+        return self.folder / f"{Path(path).stem}_r{reduction}_{key.hexdigest()[:12]}.npy"
+
+    def read(self, entry: Path, shape: tuple[int, int]) -> np.ndarray | None:
+        """The ``(*shape, 4)`` uint8 entry (read-only memory map), or None when missing or
+        damaged (decoded and written again then)."""
+        try:
+            image = np.load(entry, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        return image if image.dtype == np.uint8 and image.shape == (*shape, 4) else None
+
+    def write(self, entry: Path, image: np.ndarray) -> None:
+        try:
+            with atomic_path(entry) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(image), allow_pickle=False)
+        except OSError as e:  # a full or read-only cache folder costs speed, not the run
+            log.debug("could not write pixel cache %s: %s", entry, e)
+
+
+def write_pixel_cache(
+    cache: PixelCache,
+    images: Sequence[Path],
+    reductions: Callable[[int, int], Sequence[int]],
+    num_threads: int | None = None,
+) -> int:
+    """Writes the missing entries of every image at every reduction ``reductions(H, W)`` gives,
+    in threads (unreadable images are left to the loader, which names them).
+
+    Returns:
+        The number of entries written.
+    """
+
+    def one(path: Path) -> int:
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(Path(path).read_bytes())
+            written = 0
+            for r in reductions(height, width):
+                if not cache.entry(path, r).is_file():
+                    read_image_reduced(path, lambda h, w, r=r: r, cache)
+                    written += 1
+            return written
+        except (OSError, ValueError, DatasetError):
+            return 0
+
+    threads = num_threads or min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return sum(pool.map(one, images))
+
+
 def read_image_reduced(
-    path: Path, reduction: ReductionRule | None = None
+    path: Path, reduction: ReductionRule | None = None, pixel_cache: PixelCache | None = None
 ) -> tuple[np.ndarray, int]:
     """Decode an image, a JPEG at 1/``r`` of its size when ``reduction`` allows (libjpeg's DCT
     scaling: ``ceil(H / r) x ceil(W / r)``, pixel ``i`` centred on stored pixel
@@ -109,7 +179,8 @@ def read_image_reduced(
 
     With a ``reduction`` rule (the fused training transform's decode) a JPEG comes back as RGBX
     ``(h, w, 4)``, the fourth channel 255: libjpeg-turbo writes it at no cost, and OpenCV warps
-    4-channel pixels about twice as fast as 3-channel ones.
+    4-channel pixels about twice as fast as 3-channel ones. With a ``pixel_cache`` too, that
+    decode is read from (or written to) the cache.
 
     Returns:
         ``(image, r)``: (ceil(H / r), ceil(W / r), 3 or 4) uint8 RGB(X) and the reduction used.
@@ -119,20 +190,28 @@ def read_image_reduced(
     except OSError as e:
         raise DatasetError(path, f"unreadable image ({e})") from e
     if _complete_jpeg(data):
+        cached = entry = None
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
             r = int(reduction(height, width)) if reduction is not None else 1
             shape = (-(-height // r), -(-width // r))
-            # the smallest of libjpeg's M/8 scalings whose output is at least ``shape``: 1/r
-            image = simplejpeg.decode_jpeg(
-                data,
-                colorspace="RGB" if reduction is None else "RGBX",
-                min_height=shape[0],
-                min_width=shape[1],
-            )
+            if pixel_cache is not None and reduction is not None:
+                entry = pixel_cache.entry(path, r)
+                cached = pixel_cache.read(entry, shape)
+            image = cached
+            if image is None:
+                # the smallest of libjpeg's M/8 scalings whose output is at least ``shape``: 1/r
+                image = simplejpeg.decode_jpeg(
+                    data,
+                    colorspace="RGB" if reduction is None else "RGBX",
+                    min_height=shape[0],
+                    min_width=shape[1],
+                )
         except ValueError:
             image = None
         if image is not None and image.shape[:2] == shape:
+            if entry is not None and cached is None:
+                pixel_cache.write(entry, image)
             return image, r
     return _read_image_pil(io.BytesIO(data), path), 1
 

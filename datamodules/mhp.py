@@ -30,14 +30,17 @@ from PIL import Image
 from datamodules.base import (
     ParsingDataModule,
     ParsingDataset,
+    PixelCache,
     ReductionRule,
     atomic_write_bytes,
     default_cache_dir,
     plain,
     read_image_reduced,
+    write_pixel_cache,
 )
 from datamodules.batch import DatasetError, make_palette
 from datamodules.synthetic import ensure_synthetic_mhp
+from datamodules.transforms import AffineTrainTransform
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,8 @@ class MHPv2Dataset(ParsingDataset):
         merge_cache: read (and write) merged label maps in ``cache_dir/mhp_merged`` as
             LZ4-compressed ``.npy`` files, so the per-person files are merged once; a cache
             entry is keyed by the person files' names, sizes and modification times.
+        pixel_cache: the fused training path reads its decoded JPEGs from
+            ``cache_dir/pixels`` (:class:`~datamodules.base.PixelCache`) instead of decoding.
     """
 
     dataset_name = "MHPv2"
@@ -164,9 +169,15 @@ class MHPv2Dataset(ParsingDataset):
         cache_dir: str | Path | None = None,
         num_classes: int = MHP_NUM_CLASSES,
         merge_cache: bool = False,
+        pixel_cache: bool = False,
     ) -> None:
         super().__init__(root, split, transform, skip_bad, num_classes, cache_dir)
         self.merge_cache = bool(merge_cache) or cache_dir is not None
+        self.pixels = (
+            PixelCache((self.cache_dir or default_cache_dir()) / "pixels" / self.split)
+            if pixel_cache
+            else None
+        )
         if not self.root.is_dir():
             raise DatasetError(self.root, "dataset root not found (expected the LV-MHP-v2 folder)")
         list_name, folder = _split_paths(split)
@@ -317,7 +328,7 @@ class MHPv2Dataset(ParsingDataset):
                 then says ``image_reduction`` and the mask keeps the stored size.
         """
         name = self.ids[index]
-        image, r = read_image_reduced(self.image_path(name), reduction)
+        image, r = read_image_reduced(self.image_path(name), reduction, self.pixels)
         item: dict[str, Any] = {"image": image, "name": name}
         if r != 1:
             item["image_reduction"] = r
@@ -402,6 +413,10 @@ class MHPv2DataModule(ParsingDataModule):
         merge_cache: merge each image's per-person files once, in parallel in
             ``prepare_data``, into one cached label map that training reads instead (off: merge
             on every read).
+        pixel_cache: also store the training JPEGs decoded (at every reduction the fused
+            transform can pick) in ``cache_dir``, in ``prepare_data``, and train from those
+            memory-mapped pixels: no JPEG decoding, the same pixels, about ``4 H W`` bytes per
+            image (:class:`~datamodules.base.PixelCache`; off by default).
         synthetic: keyword arguments of :func:`ensure_synthetic_mhp`; when given, ``prepare_data``
             generates the synthetic set under ``root`` first.
     """
@@ -432,6 +447,7 @@ class MHPv2DataModule(ParsingDataModule):
         color_jitter: float = 0.2,
         cache_dir: str | None = None,
         merge_cache: bool = True,
+        pixel_cache: bool = False,
         synthetic: dict[str, Any] | None = None,
         eval_keep_ratio: bool = False,
         base_size: int | None = None,
@@ -471,6 +487,7 @@ class MHPv2DataModule(ParsingDataModule):
         synthetic = plain(synthetic)
         self.synthetic = dict(synthetic) if synthetic is not None else None
         self.merge_cache = bool(merge_cache)
+        self.pixel_cache = bool(pixel_cache)
 
     def has_split(self, split: str) -> bool:
         return (self.root / "list" / _split_paths(split)[0]).is_file()
@@ -486,6 +503,16 @@ class MHPv2DataModule(ParsingDataModule):
         the labelled train and val splits (one pass over the missing entries, in threads)."""
         if self.synthetic is not None:
             ensure_synthetic_mhp(self.root, **self.synthetic)
+        train = self.splits["fit"]
+        transform = self.train_transform()
+        if (
+            self.pixel_cache
+            and self.has_split(train)
+            and isinstance(transform, AffineTrainTransform)  # the reference path decodes itself
+        ):
+            ds = self.make_dataset(train, None)
+            images = [ds.image_path(name) for name in ds.ids]
+            write_pixel_cache(ds.pixels, images, transform.reductions)
         if not self.merge_cache:
             return
         for stage in ("fit", "validate"):
@@ -502,4 +529,5 @@ class MHPv2DataModule(ParsingDataModule):
             cache_dir=self.cache_dir,
             num_classes=self._num_classes,
             merge_cache=self.merge_cache,
+            pixel_cache=self.pixel_cache,
         )

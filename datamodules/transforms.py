@@ -731,12 +731,21 @@ class AffineTrainTransform:
     def reduction(self, draw: AugmentDraw, height: int, width: int) -> int:
         """The largest JPEG reduction ``r`` (1, 2, 4, 8) at which an ``(height, width)`` image is
         still downscaled (or kept) by the warp: ``r * max(h_s / H, w_s / W) <= 1``."""
-        hs, ws = self.scaled_size(height, width, draw.scale)
+        return self._reduction_at(draw.scale, height, width)
+
+    def _reduction_at(self, scale: float, height: int, width: int) -> int:
+        hs, ws = self.scaled_size(height, width, scale)
         factor = max(hs / height, ws / width)
         r = 1
         while r < self.MAX_REDUCTION and 2 * r * factor <= 1.0 and min(height, width) >= 16 * r:
             r *= 2
         return r
+
+    def reductions(self, height: int, width: int) -> list[int]:
+        """Every reduction :meth:`reduction` can pick for an ``(height, width)`` image over the
+        scale range (it falls as the scale grows), largest first."""
+        lo, hi = (self._reduction_at(s, height, width) for s in self.scale_range)
+        return [r for r in (8, 4, 2, 1) if hi <= r <= lo]
 
     def _padded_box(self, hs: int, ws: int) -> tuple[int, int, int, int]:
         """``(pad_top, pad_left, Hp, Wp)``: albumentations' centred ``PadIfNeeded``."""

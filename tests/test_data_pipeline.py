@@ -325,3 +325,42 @@ def test_damaged_merge_cache_entry_is_merged_again(tmp_path):
     entry.write_bytes(good[: len(good) // 2])
     np.testing.assert_array_equal(ds.load_mask(0), expected)
     assert entry.read_bytes() == good
+
+
+def test_pixel_cache_serves_the_decoded_pixels(tmp_path):
+    """With data.pixel_cache, prepare_data stores each training JPEG at every reduction the
+    transform can pick; training items are then bit-identical to the decoding path's (same
+    draws, same pixels), read from memory maps; a damaged entry is decoded and written again."""
+    from datamodules.base import PixelCache, read_image_reduced
+
+    root = tmp_path / "LV-MHP-v2"
+    import data_pipeline
+
+    data_pipeline.write_mhp_layout(root, 3, (90, 120), 3)
+    kwargs = dict(root=str(root), batch_size=2, num_workers=0, crop_size=(32, 32), base_size=64)
+    plain = MHPv2DataModule(**kwargs, cache_dir=str(tmp_path / "c0"))
+    cached = MHPv2DataModule(**kwargs, cache_dir=str(tmp_path / "c1"), pixel_cache=True)
+    for dm in (plain, cached):
+        dm.prepare_data()
+        dm.setup("fit")
+    tf = cached.train_set.transform
+    # 64/120 of the size times 0.5..2: reductions 1 (scale > 0.94) and 2, never 4
+    assert tf.reductions(90, 120) == [2, 1]
+    entries = sorted((tmp_path / "c1" / "pixels").rglob("*.npy"))
+    assert len(entries) == 3 * 2 and not (tmp_path / "c0" / "pixels").exists()
+    path = cached.train_set.image_path(cached.train_set.ids[0])
+    pixels = PixelCache(entries[0].parent)
+    for r in (1, 2):
+        stored = np.load(pixels.entry(path, r))
+        np.testing.assert_array_equal(stored, read_image_reduced(path, lambda h, w, r=r: r)[0])
+    for index in range(3):
+        for seed in (1, 2, 3, 4):
+            a, b = plain.train_set[(index, seed)], cached.train_set[(index, seed)]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    image, r = read_image_reduced(path, lambda h, w: 1, pixels)
+    assert isinstance(image, np.memmap) and r == 1
+    entry = pixels.entry(path, 1)
+    good = entry.read_bytes()
+    entry.write_bytes(good[:100])
+    image, _ = read_image_reduced(path, lambda h, w: 1, pixels)
+    assert not isinstance(image, np.memmap) and entry.read_bytes() == good
