@@ -302,8 +302,11 @@ def test_data_pipeline_bench_smoke(tmp_path):
     out = tmp_path / "d.json"
     result = data_pipeline.main(
         ["--size", "72x48", "--images", "4", "--batch", "2", "--batches", "1", "--repeats", "1",
-         "--data-dir", str(tmp_path / "data"), "--json", str(out)]
+         "--stages", "3", "--data-dir", str(tmp_path / "data"), "--json", str(out)]
     )  # fmt: skip
+    stages = result["stage_ms_per_image"]
+    assert set(stages) == {"rimlab", "rimlab_pixel_cache"}
+    assert all(v >= 0 for ms in stages.values() for v in ms.values())
     assert set(result["images_per_s"]) == set(data_pipeline.VARIANTS)
     assert result["ratio_to_albumentations"]["albumentations"] == pytest.approx(1.0)
     assert all(v > 0 for v in result["images_per_cpu_s"].values())
