@@ -13,6 +13,9 @@ id in R) and times, interleaved round by round on the same files, training batch
   transform: base resize to 400, scale 0.5-2, rotation +-10 degrees, 400x400 crop, flip with the
   left/right swap, colour jitter) through ``prepare_data`` / ``setup`` and its training loader, as
   ``run.py`` builds it; images leave as uint8 and are normalised on the device.
+- ``rimlab_pixel_cache``: the same with ``data.pixel_cache=true``: ``prepare_data`` stores the
+  JPEGs decoded (at each reduction the transform can pick) and training reads those pixels
+  memory-mapped instead of decoding (the same pixels).
 - ``rimlab_reference``: the same datamodule with ``data.augment_impl=reference`` (the sequential
   albumentations transforms, one full-image warp each, normalised on the host) and no merged-label
   cache: the pipeline before the fused transform.
@@ -25,12 +28,16 @@ One process and one thread by default (``--workers 0``, ``torch.set_num_threads(
 ``cv2.setNumThreads(1)``): the images/s are then per core. Reported: the median images/s of each
 variant over ``--repeats`` rounds and its ratio to ``albumentations``, in wall-clock images/s and
 (without workers) in images per CPU second of the process, which a machine loaded by other
-processes disturbs less. Prints a table and writes JSON.
+processes disturbs less. ``--stages N`` also profiles the stages of the rimlab variants
+(draw, decode, label map, transform, colour alone, collate; CPU ms per image). Prints a table
+and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import statistics
@@ -59,7 +66,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate  # noqa: E402
 from datamodules.synthetic import render_scene  # noqa: E402
 from datamodules.transforms import flip_lut  # noqa: E402
 
-VARIANTS = ("rimlab", "rimlab_reference", "albumentations")
+VARIANTS = ("rimlab", "rimlab_pixel_cache", "rimlab_reference", "albumentations")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -216,6 +223,47 @@ def time_loader(loader: DataLoader, batches: int) -> tuple[float, float]:
     return images / (time.perf_counter() - start), images / (time.process_time() - cpu)
 
 
+def stage_profile(loader: DataLoader, images: int) -> dict[str, float]:
+    """Milliseconds of CPU per image in each stage of rimlab's fused training path, over
+    ``images`` (index, seed) pairs of ``loader``'s sampler: the draw, the JPEG decode (with the
+    drawn reduction; from the pixel cache when it is on), the merged label map, the transform
+    (warps, flip, colour, tensor), the colour step alone (repeated on the transform's crop) and
+    collate."""
+    from datamodules.base import read_image_reduced
+
+    ds = loader.dataset
+    tf = ds.transform
+    pairs = list(itertools.islice(itertools.cycle(list(loader.sampler)), images))
+    clock = time.process_time
+    spent = dict.fromkeys(("draw", "decode", "label", "transform", "colour", "collate"), 0.0)
+    items = []
+    for index, seed in pairs:
+        t0 = clock()
+        draw = tf.draw(seed)
+        t1 = clock()
+        image, r = read_image_reduced(
+            ds.image_path(ds.ids[index]), functools.partial(tf.reduction, draw), ds.pixels
+        )
+        t2 = clock()
+        mask = ds.load_mask(index)
+        t3 = clock()
+        item = {"image": image, "mask": mask, "name": ds.ids[index], "image_reduction": r}
+        out = tf(item, draw=draw)
+        t4 = clock()
+        crop = out["image"].permute(1, 2, 0).numpy()
+        if tf.photometric is not None:
+            tf.photometric.seeded(crop, draw.colour_seed)
+        t5 = clock()
+        items.append(out)
+        for key, a, b in zip(spent, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5), strict=False):
+            spent[key] += b - a
+    t0 = clock()
+    for k in range(0, len(items), loader.batch_size):
+        loader.collate_fn(items[k : k + loader.batch_size])
+    spent["collate"] = clock() - t0
+    return {key: 1e3 * v / len(pairs) for key, v in spent.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="900x650", help="image width x height")
@@ -227,6 +275,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: main)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--data-dir", type=Path, default=None, help="default: a temporary dir")
+    parser.add_argument(
+        "--stages",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile the stages of the rimlab variants over N images (CPU ms per image)",
+    )
     parser.add_argument(
         "--json", type=Path, default=ROOT / "bench" / "results" / "data_pipeline.json"
     )
@@ -247,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in variants:
             if name == "rimlab":
                 loaders[name] = rimlab_loader(cfg, args.batch, args.workers)
+            elif name == "rimlab_pixel_cache":
+                pixels = compose_data([*cache, "data.pixel_cache=true"], data_dir)
+                loaders[name] = rimlab_loader(pixels, args.batch, args.workers)
             elif name == "rimlab_reference":
                 ref = compose_data(
                     ["data.augment_impl=reference", "data.merge_cache=false"], data_dir
@@ -256,6 +314,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loaders[name] = peer_loader(root, cfg, args.batch, args.workers)
         for loader in loaders.values():  # warm-up: worker start, first decodes, the cache
             time_loader(loader, 1)
+        stages = {
+            name: stage_profile(loaders[name], args.stages)
+            for name in ("rimlab", "rimlab_pixel_cache")
+            if args.stages and name in loaders
+        }
         rounds: dict[str, list[float]] = {name: [] for name in variants}
         cpu_rounds: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.repeats):
@@ -288,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_ratio_to_albumentations": (
             {n: v / cpu_peer for n, v in cpu_median.items()} if cpu_peer else None
         ),
+        "stage_ms_per_image": stages or None,
     }
     print(f"{'variant':<20}{'images/s':>10}{'x albumentations':>18}{'images/CPU-s':>14}{'x':>7}")
     for name, value in median.items():
@@ -295,6 +359,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cpu = cpu_median.get(name)
         cpu_text = f"{cpu:>14.1f}{cpu / cpu_peer:>7.2f}" if cpu and cpu_peer else f"{'-':>14}"
         print(f"{name:<20}{value:>10.1f}{ratio:>18}{cpu_text}")
+    for name, ms in stages.items():
+        print(f"{name} stages (CPU ms/image): " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -5,7 +5,8 @@ with 255 = ignore (absent for splits without labels), ``name`` str.
 
 Batch (after transforms and collate):
 
-- ``image``: (B, 3, h, w) uint8 RGB as the loaders deliver it; :func:`network_batch` (the
+- ``image``: (B, 3, h, w) uint8 RGB as the loaders deliver it (training batches of the fused
+  transform with channels-last strides, see :func:`collate_train`); :func:`network_batch` (the
   LightningModule's ``on_after_batch_transfer``) turns it into float32 normalised by
   ``IMAGENET_MEAN`` / ``IMAGENET_STD`` on the device, the one definition of the normalisation
   (predict and export use it too). Evaluation images that carry a ``valid_box`` may differ in
@@ -102,14 +103,15 @@ def save_label_png(path: Path, ids: np.ndarray, palette: np.ndarray | None = Non
 
 
 def normalize_image(image: torch.Tensor) -> torch.Tensor:
-    """The network input: ``(..., 3, H, W)`` uint8 RGB -> float32 ``(x / 255 - mean) / std``
-    with ImageNet's mean and std, on the tensor's device. A floating-point tensor is taken as
-    already normalised and returned unchanged.
+    """The network input: ``(..., 3, H, W)`` uint8 RGB (any strides) -> contiguous float32
+    ``(x / 255 - mean) / std`` with ImageNet's mean and std, on the tensor's device. A
+    floating-point tensor is taken as already normalised and returned unchanged.
     """
     if image.is_floating_point():
         return image
     mean, std = _mean_std_255(image.device)
-    return (image.float() - mean) / std
+    # channels-last training batches (collate_train) leave contiguous: the network sees one layout
+    return (image.contiguous().float() - mean) / std
 
 
 @functools.lru_cache(maxsize=8)
@@ -135,13 +137,22 @@ def network_batch(batch: dict[str, Any]) -> dict[str, Any]:
 def collate_train(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack transformed training items that all have the crop size.
 
+    Images that are channels-last views (the fused transform's) are stacked as (B, h, w, 3),
+    one copy, and handed over as a (B, 3, h, w) view of it, transposed on the device by
+    :func:`normalize_image`; stacking the views as they are would be a strided copy several
+    times slower.
+
     Returns:
-        ``image`` (B, 3, h, w) uint8, ``mask`` (B, h, w) uint8, ``name`` list of B str.
+        ``image`` (B, 3, h, w) uint8 (channels-last strides when the items are),
+        ``mask`` (B, h, w) uint8, ``name`` list of B str.
     """
-    out: dict[str, Any] = {
-        "image": torch.stack([item["image"] for item in batch]),
-        "name": [item["name"] for item in batch],
-    }
+    images = [item["image"] for item in batch]
+    if all(img.ndim == 3 and img.permute(1, 2, 0).is_contiguous() for img in images):
+        # (B, h, w, 3) -> (B, 3, h, w) view
+        stacked = torch.stack([img.permute(1, 2, 0) for img in images]).permute(0, 3, 1, 2)
+    else:
+        stacked = torch.stack(images)
+    out: dict[str, Any] = {"image": stacked, "name": [item["name"] for item in batch]}
     if "mask" in batch[0]:
         out["mask"] = torch.stack([torch.as_tensor(item["mask"]) for item in batch])
     return out

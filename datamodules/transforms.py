@@ -17,6 +17,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from albucore import multiply_add
 
 from datamodules.batch import IGNORE_INDEX, collate_eval, collate_train
 
@@ -355,7 +356,22 @@ def _scale_clip_uint8(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) ->
     return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
 
-class PhotoMetricDistortion(A.ImageOnlyTransform):
+class SeededImageOnly(A.ImageOnlyTransform):
+    """An image-only transform that :meth:`seeded` applies as ``A.Compose([self])`` does after
+    :func:`seed_augmentation` with the same seed (same draws, same pixels:
+    tests/test_data_pipeline.py) without Compose's per-call bookkeeping (about 0.1 ms a call)."""
+
+    def seeded(self, img: np.ndarray, seed: int) -> np.ndarray:
+        """``img`` (H, W, 3) uint8 RGB with this sample's draws from ``seed``."""
+        seed = int(seed) % 2**32
+        self.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        self.py_random.random()  # Compose(p=1) draws one number before its transforms run
+        if not self.should_apply():
+            return img
+        return self.apply(img, **self.get_params())
+
+
+class PhotoMetricDistortion(SeededImageOnly):
     """mmsegmentation's photometric distortion on a uint8 RGB image.
 
     In order: brightness (add ``delta ~ U(-brightness_delta, brightness_delta)``, p=0.5); contrast
@@ -459,23 +475,47 @@ def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.stack(cv2.split(image)) if image.ndim == 3 else image[None])
 
 
+def _to_channels_last_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 numpy -> (3, H, W) uint8 tensor viewing the same memory (channels-last
+    strides, no copy): :func:`~datamodules.batch.collate_train` stacks such images as
+    (B, H, W, 3) and :func:`~datamodules.batch.normalize_image` makes them contiguous on the
+    device, where the transposition costs next to nothing."""
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise TypeError(f"the transforms hand over (H, W, 3) uint8 images, got {image.dtype}")
+    # (H, W, 3) -> (3, H, W) view
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
 def _hue_shift_uint8(img: np.ndarray, factor: float) -> np.ndarray:
-    """albumentations' uint8 hue step (``adjust_hue_torchvision``) as one 3-channel ``cv2.LUT``:
-    the same table on H, identity on S and V, so the result is bit-identical."""
+    """albumentations' uint8 hue step (``adjust_hue_torchvision``) with the same table applied
+    to the H plane copied out and back (``cv2.extractChannel`` / ``cv2.insertChannel``), so the
+    result is bit-identical; a strided single-channel or a 3-channel ``cv2.LUT`` costs two to
+    five times as much."""
     if factor == 0:
         return img
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-    ramp = np.arange(0, 256, dtype=np.int16)
-    hue = np.mod(ramp + 180 * factor, 180).astype(np.uint8)
-    same = ramp.astype(np.uint8)
-    lut = np.stack([hue, same, same], axis=-1).reshape(256, 1, 3)
-    return cv2.cvtColor(cv2.LUT(hsv, lut), cv2.COLOR_HSV2RGB)
+    hue = np.mod(np.arange(0, 256, dtype=np.int16) + 180 * factor, 180).astype(np.uint8)
+    hsv = cv2.insertChannel(cv2.LUT(cv2.extractChannel(hsv, 0), hue), hsv, 0)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
-class ColorJitterLUT(A.ColorJitter):
+def _contrast_uint8(img: np.ndarray, factor: float) -> np.ndarray:
+    """albumentations' uint8 contrast step (``adjust_contrast_torchvision``) with the grey mean
+    summed by OpenCV: an exact integer sum divided by the pixel count, so the same float64 as
+    numpy's mean, in a twentieth of the time."""
+    if factor == 1:
+        return img
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    mean = cv2.sumElems(grey)[0] / grey.size
+    if factor == 0:
+        return np.full_like(img, int(mean + 0.5))
+    return multiply_add(img, factor, mean * (1 - factor), inplace=False)
+
+
+class ColorJitterLUT(A.ColorJitter, SeededImageOnly):
     """albumentations' ``ColorJitter`` (same parameters, draws and order) with its hue step done
-    by one 3-channel look-up table instead of a strided single-channel one: bit-identical output
-    on uint8 RGB images (tests/test_data_pipeline.py), about a third of the time."""
+    by a look-up table on the contiguous H plane instead of a strided one: bit-identical output
+    on uint8 RGB images (tests/test_data_pipeline.py), about a fifth of the time."""
 
     def apply(
         self,
@@ -490,8 +530,9 @@ class ColorJitterLUT(A.ColorJitter):
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
             return super().apply(img, brightness, contrast, saturation, hue, order, **params)
         values = [brightness, contrast, saturation, hue]
+        steps = {1: _contrast_uint8, 3: _hue_shift_uint8}
         for i in order:
-            img = _hue_shift_uint8(img, hue) if i == 3 else self.transforms[i](img, values[i])
+            img = steps.get(i, self.transforms[i])(img, values[i])
         return img
 
 
@@ -617,8 +658,9 @@ class AffineTrainTransform:
     Args:
         crop_size, scale_range, rotate, flip_pairs, flip_prob, cat_max_ratio, base_size,
             base_side: as :func:`build_train_transform`.
-        photometric: the colour step on the uint8 RGB crop (None: none); its own draws are
-            seeded by :attr:`AugmentDraw.colour_seed`.
+        photometric: the colour step on the uint8 RGB crop (None: none), applied by
+            :meth:`SeededImageOnly.seeded` with :attr:`AugmentDraw.colour_seed`: the draws and
+            pixels of ``A.Compose([photometric])`` seeded by :func:`seed_augmentation`.
     """
 
     #: The largest JPEG reduction tried (libjpeg scales by 1/2, 1/4, 1/8).
@@ -631,7 +673,7 @@ class AffineTrainTransform:
         rotate: float = 0.0,
         flip_pairs: Sequence[Sequence[int]] = (),
         flip_prob: float = 0.5,
-        photometric: A.BasicTransform | None = None,
+        photometric: SeededImageOnly | None = None,
         cat_max_ratio: float | None = None,
         base_size: int | None = None,
         base_side: str = "long",
@@ -641,7 +683,7 @@ class AffineTrainTransform:
         self.rotate = float(rotate)
         self.flip_prob = float(flip_prob)
         self.lut = flip_lut(flip_pairs)
-        self.photometric = A.Compose([photometric]) if photometric is not None else None
+        self.photometric = photometric
         self.crop_check = (
             CatMaxRatioRandomCrop(self.crop_h, self.crop_w, float(cat_max_ratio))
             if cat_max_ratio is not None and float(cat_max_ratio) < 1.0
@@ -689,12 +731,21 @@ class AffineTrainTransform:
     def reduction(self, draw: AugmentDraw, height: int, width: int) -> int:
         """The largest JPEG reduction ``r`` (1, 2, 4, 8) at which an ``(height, width)`` image is
         still downscaled (or kept) by the warp: ``r * max(h_s / H, w_s / W) <= 1``."""
-        hs, ws = self.scaled_size(height, width, draw.scale)
+        return self._reduction_at(draw.scale, height, width)
+
+    def _reduction_at(self, scale: float, height: int, width: int) -> int:
+        hs, ws = self.scaled_size(height, width, scale)
         factor = max(hs / height, ws / width)
         r = 1
         while r < self.MAX_REDUCTION and 2 * r * factor <= 1.0 and min(height, width) >= 16 * r:
             r *= 2
         return r
+
+    def reductions(self, height: int, width: int) -> list[int]:
+        """Every reduction :meth:`reduction` can pick for an ``(height, width)`` image over the
+        scale range (it falls as the scale grows), largest first."""
+        lo, hi = (self._reduction_at(s, height, width) for s in self.scale_range)
+        return [r for r in (8, 4, 2, 1) if hi <= r <= lo]
 
     def _padded_box(self, hs: int, ws: int) -> tuple[int, int, int, int]:
         """``(pad_top, pad_left, Hp, Wp)``: albumentations' centred ``PadIfNeeded``."""
@@ -762,7 +813,7 @@ class AffineTrainTransform:
             (self.crop_w, self.crop_h),
             flags=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_CONSTANT,
-            borderValue=(fill, fill, fill) if array.ndim == 3 else fill,
+            borderValue=(fill,) * array.shape[2] if array.ndim == 3 else fill,
         )
 
     @staticmethod
@@ -776,13 +827,14 @@ class AffineTrainTransform:
     def __call__(
         self, item: dict[str, Any], seed: int | None = None, draw: AugmentDraw | None = None
     ) -> dict[str, Any]:
-        """Augments ``item`` (``image`` (h', w', 3) uint8 RGB decoded at 1/``image_reduction``
-        of the stored size, ``mask`` (H, W) at the stored size) with ``draw`` (else one drawn
-        from ``seed``).
+        """Augments ``item`` (``image`` (h', w', 3) uint8 RGB or (h', w', 4) RGBX decoded at
+        1/``image_reduction`` of the stored size, ``mask`` (H, W) at the stored size) with
+        ``draw`` (else one drawn from ``seed``).
 
         Returns:
-            The item with ``image`` (3, h, w) uint8 RGB and ``mask`` (h, w) uint8 (255 where no
-            label reached), ``(h, w) = crop_size``; ``image_reduction`` removed.
+            The item with ``image`` (3, h, w) uint8 RGB (a channels-last view, see
+            :func:`_to_channels_last_tensor`) and ``mask`` (h, w) uint8 (255 where no label
+            reached), ``(h, w) = crop_size``; ``image_reduction`` removed.
         """
         draw = draw if draw is not None else self.draw(seed)
         item = dict(item)
@@ -810,10 +862,11 @@ class AffineTrainTransform:
             out_mask = cv2.LUT(out_mask, self.lut)
         m_image = m if reduction == 1 else self.matrix(height, width, draw, offset, reduction)
         image = self._outside_frame(self._warp(item["image"], m_image, False, 0), frame, 0)
+        if image.shape[2] == 4:  # RGBX from the reduced decode: the warp's fast path
+            image = cv2.cvtColor(image, cv2.COLOR_RGBA2RGB)
         if self.photometric is not None:
-            seed_augmentation(self.photometric, draw.colour_seed)
-            image = self.photometric(image=image)["image"]
-        item["image"] = _to_chw_tensor(image)
+            image = self.photometric.seeded(image, draw.colour_seed)
+        item["image"] = _to_channels_last_tensor(image)
         item["mask"] = torch.from_numpy(out_mask)
         return item
 
@@ -1085,7 +1138,7 @@ def build_train_transform(
         raise ValueError(f"photometric must be one of {PHOTOMETRIC_MODES}, got {photometric!r}")
     if cat_max_ratio is not None and not 0 < float(cat_max_ratio) <= 1:
         raise ValueError(f"cat_max_ratio must lie in (0, 1] or be None, got {cat_max_ratio}")
-    colour: A.BasicTransform | None = None
+    colour: SeededImageOnly | None = None
     if photometric == "mmseg":
         colour = PhotoMetricDistortion()
     elif color_jitter:

@@ -71,6 +71,7 @@ _DATA_IGNORED = (
     "eval_batch_size",
     "skip_bad",
     "palette",
+    "pixel_cache",  # the same pixels, stored instead of decoded
 )
 _TRAINER_KEPT = (
     "precision",

@@ -21,6 +21,7 @@ from datamodules.transforms import (
     AffineTrainTransform,
     AugmentDraw,
     ColorJitterLUT,
+    PhotoMetricDistortion,
     TrainTransform,
     build_train_transform,
     seed_augmentation,
@@ -157,13 +158,46 @@ def test_reduced_decoding_keeps_the_geometry(tmp_path):
     # 32 / 264 of the size: an eighth decode is still shrunk (by 0.97) by the warp
     assert tf.reduction(d, 200, 264) == 8
     reduced, r = read_image_reduced(path, lambda h, w: tf.reduction(d, h, w))
-    assert r == 8 and reduced.shape == (25, 33, 3)
+    assert r == 8 and reduced.shape == (25, 33, 4)  # RGBX: the fused path's decode
     a = tf({"image": full, "mask": mask, "name": "x"}, draw=d)["image"].numpy().astype(int)
     d.rng = np.random.default_rng(0)
     b = tf({"image": reduced, "mask": mask, "name": "x", "image_reduction": r}, draw=d)
     b = b["image"].numpy().astype(int)
     inner = (slice(None), slice(8, -8), slice(8, -8))
     assert np.median(np.abs(a[inner][:2] - b[inner][:2])) <= 3
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_decode_equals_opencv_at_every_reduction(tmp_path, mode):
+    """simplejpeg gives OpenCV's pixels (both bundle libjpeg-turbo: same IDCT, same upsampling)
+    at 1, 1/2, 1/4 and 1/8, as RGB for evaluation and as RGBX (X = 255) for the fused
+    training path; a greyscale JPEG comes back as three equal channels, as PIL converts it."""
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (75, 101, 3), dtype=np.uint8), (5, 5), 1.5)
+    path = tmp_path / "a.jpg"
+    Image.fromarray(image).convert(mode).save(path, quality=90)
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}
+    flags[8] = cv2.IMREAD_REDUCED_COLOR_8
+    full = read_image(path)
+    np.testing.assert_array_equal(full, np.asarray(Image.open(path).convert("RGB")))
+    for r, flag in flags.items():
+        expected = cv2.imdecode(np.fromfile(path, np.uint8), flag)[..., ::-1]  # BGR -> RGB
+        got, used = read_image_reduced(path, lambda h, w, r=r: r)
+        assert used == r and got.shape == (-(-75 // r), -(-101 // r), 4)
+        np.testing.assert_array_equal(got[..., :3], expected)
+        assert (got[..., 3] == 255).all()
+    np.testing.assert_array_equal(full, cv2.imdecode(np.fromfile(path, np.uint8), 1)[..., ::-1])
+
+
+def test_fused_transform_gives_the_same_crop_from_rgbx():
+    image, mask = _coordinate_sample()
+    rgbx = np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])
+    tf = build_train_transform((40, 48), (0.5, 2.0), 10.0, MHP_FLIP_PAIRS, 0.5, 0.2, base_size=64)
+    for seed in range(4):
+        a = tf({"image": image, "mask": mask, "name": "x"}, seed=seed)
+        b = tf({"image": rgbx, "mask": mask, "name": "x"}, seed=seed)
+        assert a["image"].shape == b["image"].shape == (3, 40, 48)
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
 
 
 def test_reduction_never_upsamples():
@@ -187,14 +221,28 @@ def test_truncated_jpeg_still_fails_with_the_file_named(tmp_path):
 
 
 def test_color_jitter_lut_is_bit_identical_to_albumentations():
+    """ColorJitterLUT (hue on the H plane, contrast mean by OpenCV) under A.Compose and by
+    ``seeded`` (no Compose) gives albumentations' own ColorJitter pixels, seed by seed, the
+    skipped 20% included; PhotoMetricDistortion's ``seeded`` equals its Compose path."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)
-    for seed in range(12):
-        ours = A.Compose([ColorJitterLUT(0.2, 0.2, 0.2, 0.05, p=1.0)])
-        theirs = A.Compose([A.ColorJitter(0.2, 0.2, 0.2, 0.05, p=1.0)])
+    jitter = ColorJitterLUT(0.2, 0.2, 0.2, 0.05, p=0.8)
+    skipped = 0
+    for seed in range(40):
+        ours = A.Compose([ColorJitterLUT(0.2, 0.2, 0.2, 0.05, p=0.8)])
+        theirs = A.Compose([A.ColorJitter(0.2, 0.2, 0.2, 0.05, p=0.8)])
         seed_augmentation(ours, seed)
         seed_augmentation(theirs, seed)
-        np.testing.assert_array_equal(ours(image=image)["image"], theirs(image=image)["image"])
+        expected = theirs(image=image)["image"]
+        np.testing.assert_array_equal(ours(image=image)["image"], expected)
+        np.testing.assert_array_equal(jitter.seeded(image, seed), expected)
+        skipped += np.array_equal(expected, image)
+    assert 2 <= skipped <= 16  # p = 0.8 of 40
+    mmseg = PhotoMetricDistortion()
+    for seed in range(10):
+        composed = A.Compose([PhotoMetricDistortion()])
+        seed_augmentation(composed, seed)
+        np.testing.assert_array_equal(mmseg.seeded(image, seed), composed(image=image)["image"])
 
 
 def test_batches_travel_uint8_and_are_normalised_once_on_the_device():
@@ -232,7 +280,7 @@ def test_loader_uses_the_merge_cache_and_one_opencv_thread(tmp_path, monkeypatch
         cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
     dm.prepare_data()
-    cached = sorted((tmp_path / "cache" / "mhp_merged").rglob("*.npy.zlib"))
+    cached = sorted((tmp_path / "cache" / "mhp_merged").rglob("*.npy.lz4"))
     assert len(cached) == 6  # 3 train + 3 val (the bench's val lists the same ids)
     dm.setup("fit")
     import datamodules.mhp as mhp_mod
@@ -254,9 +302,68 @@ def test_data_pipeline_bench_smoke(tmp_path):
     out = tmp_path / "d.json"
     result = data_pipeline.main(
         ["--size", "72x48", "--images", "4", "--batch", "2", "--batches", "1", "--repeats", "1",
-         "--data-dir", str(tmp_path / "data"), "--json", str(out)]
+         "--stages", "3", "--data-dir", str(tmp_path / "data"), "--json", str(out)]
     )  # fmt: skip
+    stages = result["stage_ms_per_image"]
+    assert set(stages) == {"rimlab", "rimlab_pixel_cache"}
+    assert all(v >= 0 for ms in stages.values() for v in ms.values())
     assert set(result["images_per_s"]) == set(data_pipeline.VARIANTS)
     assert result["ratio_to_albumentations"]["albumentations"] == pytest.approx(1.0)
     assert all(v > 0 for v in result["images_per_cpu_s"].values())
     assert out.is_file()
+
+
+def test_damaged_merge_cache_entry_is_merged_again(tmp_path):
+    """A truncated LZ4 entry reads as missing: the per-person files are merged again (the same
+    map as a dataset without cache) and the entry rewritten."""
+    from datamodules.mhp import MHPv2Dataset
+
+    root = tmp_path / "LV-MHP-v2"
+    _write_mhp(root)
+    ds = MHPv2Dataset(root, "train", cache_dir=tmp_path / "cache")
+    expected = MHPv2Dataset(root, "train").load_mask(0)
+    np.testing.assert_array_equal(ds.load_mask(0), expected)
+    (entry,) = (tmp_path / "cache" / "mhp_merged").rglob(f"{ds.ids[0]}_*.npy.lz4")
+    good = entry.read_bytes()
+    entry.write_bytes(good[: len(good) // 2])
+    np.testing.assert_array_equal(ds.load_mask(0), expected)
+    assert entry.read_bytes() == good
+
+
+def test_pixel_cache_serves_the_decoded_pixels(tmp_path):
+    """With data.pixel_cache, prepare_data stores each training JPEG at every reduction the
+    transform can pick; training items are then bit-identical to the decoding path's (same
+    draws, same pixels), read from memory maps; a damaged entry is decoded and written again."""
+    from datamodules.base import PixelCache, read_image_reduced
+
+    root = tmp_path / "LV-MHP-v2"
+    import data_pipeline
+
+    data_pipeline.write_mhp_layout(root, 3, (90, 120), 3)
+    kwargs = dict(root=str(root), batch_size=2, num_workers=0, crop_size=(32, 32), base_size=64)
+    plain = MHPv2DataModule(**kwargs, cache_dir=str(tmp_path / "c0"))
+    cached = MHPv2DataModule(**kwargs, cache_dir=str(tmp_path / "c1"), pixel_cache=True)
+    for dm in (plain, cached):
+        dm.prepare_data()
+        dm.setup("fit")
+    tf = cached.train_set.transform
+    # 64/120 of the size times 0.5..2: reductions 1 (scale > 0.94) and 2, never 4
+    assert tf.reductions(90, 120) == [2, 1]
+    entries = sorted((tmp_path / "c1" / "pixels").rglob("*.npy"))
+    assert len(entries) == 3 * 2 and not (tmp_path / "c0" / "pixels").exists()
+    path = cached.train_set.image_path(cached.train_set.ids[0])
+    pixels = PixelCache(entries[0].parent)
+    for r in (1, 2):
+        stored = np.load(pixels.entry(path, r))
+        np.testing.assert_array_equal(stored, read_image_reduced(path, lambda h, w, r=r: r)[0])
+    for index in range(3):
+        for seed in (1, 2, 3, 4):
+            a, b = plain.train_set[(index, seed)], cached.train_set[(index, seed)]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    image, r = read_image_reduced(path, lambda h, w: 1, pixels)
+    assert isinstance(image, np.memmap) and r == 1
+    entry = pixels.entry(path, 1)
+    good = entry.read_bytes()
+    entry.write_bytes(good[:100])
+    image, _ = read_image_reduced(path, lambda h, w: 1, pixels)
+    assert not isinstance(image, np.memmap) and entry.read_bytes() == good

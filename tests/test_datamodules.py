@@ -225,7 +225,7 @@ def test_class_pixel_counts_read_only_root_falls_back(mhp_root, tmp_path, monkey
 def test_merge_cache(mhp_root, tmp_path, monkeypatch):
     ds = MHPv2Dataset(mhp_root, "train", cache_dir=tmp_path / "cache")
     first = ds[0]["mask"]
-    assert len(list((tmp_path / "cache" / "mhp_merged").rglob("7_*.npy.zlib"))) == 1
+    assert len(list((tmp_path / "cache" / "mhp_merged").rglob("7_*.npy.lz4"))) == 1
 
     def boom(*args, **kwargs):
         raise AssertionError("merged again although cached")
@@ -574,7 +574,7 @@ def test_subclasses_forward_the_base_arguments_and_refuse_a_misspelt_key(tmp_pat
 
     base = set(inspect.signature(base_mod.ParsingDataModule.__init__).parameters) - {"self"}
     assert len(base) == 26
-    assert MHPv2DataModule.argument_names() == base | {"merge_cache", "synthetic"}
+    assert MHPv2DataModule.argument_names() == base | {"merge_cache", "pixel_cache", "synthetic"}
     assert LIPDataModule.argument_names() == base | {"eval_affine"}
     assert NYUDv2DataModule.argument_names() == base | {"mapping_file"}
     # Dataset defaults fill what is not given; a given value wins; None names take the dataset's.
