@@ -542,11 +542,15 @@ def test_fine_tune_and_evaluate_an_mmseg_checkpoint(tmp_path):
     importlib.util.find_spec("mmseg") is None, reason="mmsegmentation is not installed"
 )
 def test_equivalence_with_installed_mmseg(tmp_path):
-    """bench/mmseg_equivalence.py against the installed mmsegmentation (docs/mmseg.md)."""
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "mmseg_equivalence.py"), "--size", "64", "128"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    """bench/mmseg_equivalence.py against the installed mmsegmentation (docs/mmseg.md): the
+    512x1024 configs, and PSPNet's 769x769 test in the shrunk geometry."""
+    bench = [sys.executable, str(ROOT / "bench" / "mmseg_equivalence.py")]
+    for args in (
+        ["--size", "64", "128"],
+        ["--config", "769x769", "--shrink", "8", "--size", "128", "256", "--nets", "pspnet"],
+    ):
+        json_path = tmp_path / f"eq{len(args)}.json"
+        out = subprocess.run(
+            [*bench, *args, "--json", str(json_path)], capture_output=True, text=True, cwd=ROOT
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
