@@ -39,9 +39,10 @@ scale 2049x1025, the crop 769, the stride 513) becomes ``(s - 1) / k + 1`` on bo
 ``k = 8``: 257x129, 97, 65, so a 128x256 image slides the same 2 x 4 windows as a 1024x2048 frame).
 
 Prints the max abs difference, the logit range and the arg-max agreement per net and output;
-``--json`` writes them (default ``bench/results/mmseg_equivalence_<config>_r<depth>.json``). Exit
-status 1 if a difference reaches ``--tol`` (default 1e-4). mmcv's compiled ops (``mmcv.ops``) are
-not installed with mmcv-lite; these models use none of them, so the module is stubbed before
+``--json`` writes them (default
+``bench/results/mmseg_equivalence_<config>_<H>x<W>_r<depth>.json``). Exit status 1 if a difference
+reaches ``--tol`` (default 1e-4). mmcv's compiled ops (``mmcv.ops``) are not installed with
+mmcv-lite; these models use none of them, so the module is stubbed before
 mmsegmentation is imported.
 """
 
@@ -376,7 +377,8 @@ def main() -> int:
     all_results["seconds"] = time.perf_counter() - start
     all_results["load_after"] = os.getloadavg()
     json_path = args.json or (
-        ROOT / "bench" / "results" / f"mmseg_equivalence_{args.config}_r{args.depth}.json"
+        ROOT / "bench" / "results" / f"mmseg_equivalence_{args.config}_{size[0]}x{size[1]}"
+        f"_r{args.depth}.json"
     )
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(json_path, all_results, indent=2)
