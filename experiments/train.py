@@ -481,7 +481,8 @@ _EVAL_INPUT_KEYS = ("eval_size", "eval_keep_ratio", "base_size", "base_side", "e
 def eval_protocol(cfg: DictConfig) -> dict[str, Any] | None:
     """The resolved ``eval`` config (conf/eval/*.yaml: scales, flip, mode, ...) the scores were
     computed under, with the data keys that decide the input geometry under ``input`` (base-size
-    fit, letterbox, SCHP's affine); None when there is no ``eval`` (the plain forward pass)."""
+    fit, letterbox, SCHP's affine) and ``align_corners: true`` for a net that resizes its logits
+    so; None when there is no ``eval`` (the plain forward pass)."""
     if not cfg.get("eval"):
         return None
     protocol = OmegaConf.to_container(cfg.eval, resolve=True)
@@ -493,6 +494,10 @@ def eval_protocol(cfg: DictConfig) -> dict[str, Any] | None:
         for k in _EVAL_INPUT_KEYS
         if k in data
     }
+    # The net's resizes of its logits (model.align_corners, mmseg's 769x769 models); recorded
+    # only when set, so records of the other nets stay comparable with earlier ones.
+    if (cfg.get("model") or {}).get("align_corners"):
+        protocol["align_corners"] = True
     return protocol
 
 

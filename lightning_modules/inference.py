@@ -113,21 +113,30 @@ def slide_inference(
     crop_size: Sequence[int],
     stride: Sequence[int],
     num_classes: int | None = None,
+    *,
+    pad_to_crop: bool = True,
+    align_corners: bool = False,
 ) -> Tensor:
     """Sliding-window inference: the average of overlapping window logits (mmsegmentation's).
 
-    The image is zero-padded at the bottom/right to at least the crop size (zero is the mean
-    colour after normalisation), every window of `window_boxes` goes through the net, window
-    logits are summed into place and divided by the number of windows covering each pixel, and
-    the padding is cropped away.
+    Every window of `window_boxes` goes through the net, window logits are summed into place
+    and divided by the number of windows covering each pixel (mmsegmentation's ``count_mat``).
+    An image smaller than the crop along a side is, with ``pad_to_crop``, zero-padded at the
+    bottom/right to the crop size (zero is the mean colour after normalisation; the padding is
+    cropped away afterwards); without it the windows shrink to the image's side, as
+    mmsegmentation's ``EncoderDecoder.slide_inference`` does. Images at least as large as the
+    crop slide the same windows either way.
 
     Args:
         net_forward: ``(B, 3, ch, cw)`` image -> ``(B, C, h', w')`` logits; outputs at a lower
-            resolution are resized to the window.
+            resolution are resized to the window (bilinear, with ``align_corners``).
         image: ``(B, 3, H, W)`` normalised image.
         crop_size: window size ``(ch, cw)``.
         stride: step ``(sh, sw)``, each at most the crop size so that every pixel is covered.
         num_classes: C, checked against the net's output when given.
+        pad_to_crop: pad a smaller image to the crop size (True) or shrink the windows (False).
+        align_corners: of the resize of lower-resolution window logits (the net's own, see
+            `lightning_modules.nets.logits_align_corners`).
 
     Returns:
         ``(B, C, H, W)`` logits, float32 or wider.
@@ -137,6 +146,9 @@ def slide_inference(
     if not (0 < sh <= ch and 0 < sw <= cw):
         raise ValueError(f"stride {(sh, sw)} must be positive and at most the crop {(ch, cw)}")
     batch, _, height, width = image.shape
+    if not pad_to_crop:
+        # mmsegmentation: a side shorter than the crop is one window of that side's length
+        ch, cw = min(ch, height), min(cw, width)
     pad_h, pad_w = max(ch - height, 0), max(cw - width, 0)
     if pad_h or pad_w:
         # (B, 3, H, W) -> (B, 3, max(H, ch), max(W, cw)): zeros at the bottom and right
@@ -149,7 +161,9 @@ def slide_inference(
         logits = net_forward(image[:, :, y1:y2, x1:x2])
         if logits.shape[-2:] != (ch, cw):
             # (B, C, h', w') -> (B, C, ch, cw)
-            logits = F.interpolate(logits, size=(ch, cw), mode="bilinear", align_corners=False)
+            logits = F.interpolate(
+                logits, size=(ch, cw), mode="bilinear", align_corners=align_corners
+            )
         if scores is None:
             if num_classes is not None and logits.shape[1] != num_classes:
                 raise ValueError(f"net returned {logits.shape[1]} classes, expected {num_classes}")
@@ -167,8 +181,9 @@ def scores_to_original(
     orig_size: Sequence[int],
     valid_box: Sequence[int] | None = None,
     input_size: Sequence[int] | None = None,
+    align_corners: bool = False,
 ) -> Tensor:
-    """Maps scores of a network input back to the original image (bilinear, no corner alignment).
+    """Maps scores of a network input back to the original image (bilinear).
 
     Without ``valid_box`` the whole map is resized to ``orig_size`` (the input was the image,
     stretched). With it (the image was scaled with its aspect ratio kept and padded, see
@@ -183,6 +198,9 @@ def scores_to_original(
             ``N`` maps), in input pixels; None: the input is the whole image.
         input_size: ``(h, w)`` of the network input the box refers to; required with
             ``valid_box`` (a net's output may be smaller than its input).
+        align_corners: of the bilinear resizes: the net's own
+            (`lightning_modules.nets.logits_align_corners`; mmsegmentation resizes to the
+            original image with its head's ``align_corners``), False for most nets.
 
     Returns:
         ``(N, C, H, W)`` scores at the original size.
@@ -202,12 +220,16 @@ def scores_to_original(
             )
         if scores.shape[-2:] != (in_h, in_w):
             # (N, C, h', w') -> (N, C, h, w): the net's output at the input resolution
-            scores = F.interpolate(scores, size=(in_h, in_w), mode="bilinear", align_corners=False)
+            scores = F.interpolate(
+                scores, size=(in_h, in_w), mode="bilinear", align_corners=align_corners
+            )
         # (N, C, h, w) -> (N, C, box_h, box_w): the image without its padding
         scores = scores[:, :, top : top + box_h, left : left + box_w]
     if scores.shape[-2:] != (height, width):
         # (N, C, h'', w'') -> (N, C, H, W)
-        scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
+        scores = F.interpolate(
+            scores, size=(height, width), mode="bilinear", align_corners=align_corners
+        )
     return scores
 
 
@@ -275,6 +297,8 @@ class InferenceProtocol:
         num_classes: C, checked against the net's output in slide mode when given.
         average: ``"prob"`` averages softmax probabilities over runs (mmsegmentation's aug_test);
             ``"logit"`` averages logits.
+        pad_to_crop: in slide mode, pad an image smaller than ``crop_size`` to it (True) or
+            shrink the windows to the image, as mmsegmentation does (False; `slide_inference`).
     """
 
     scales: Sequence[float] = (1.0,)
@@ -285,6 +309,7 @@ class InferenceProtocol:
     stride: Sequence[int] | None = None
     num_classes: int | None = None
     average: str = "prob"
+    pad_to_crop: bool = True
 
     def __post_init__(self) -> None:
         # Plain tuples: Hydra passes ListConfigs, which neither hash nor index like lists.
@@ -320,15 +345,23 @@ class InferenceProtocol:
         """Forward passes (or window sweeps) per image: scales x (2 with flip, else 1)."""
         return len(self.scales) * (2 if self.flip else 1)
 
-    def _infer(self, net_forward: NetForward, image: Tensor) -> Tensor:
+    def _infer(self, net_forward: NetForward, image: Tensor, align_corners: bool) -> Tensor:
         """Logits ``(B, C, h', w')`` of ``image`` ``(B, 3, h', w')`` in whole or slide mode."""
         if self.mode == "slide":
             return slide_inference(
-                net_forward, image, self.crop_size, self.stride, num_classes=self.num_classes
+                net_forward,
+                image,
+                self.crop_size,
+                self.stride,
+                num_classes=self.num_classes,
+                pad_to_crop=self.pad_to_crop,
+                align_corners=align_corners,
             )
         return net_forward(image)
 
-    def __call__(self, net_forward: NetForward, image: Tensor) -> Tensor:
+    def __call__(
+        self, net_forward: NetForward, image: Tensor, align_corners: bool = False
+    ) -> Tensor:
         """Scores of ``image`` under this protocol.
 
         Args:
@@ -336,6 +369,10 @@ class InferenceProtocol:
                 ``lambda x: net(x)["out"]``); called in whatever grad/autocast context the
                 caller set.
             image: ``(B, 3, h, w)`` normalised image.
+            align_corners: of the resizes of logits (window logits to the window, each run's
+                logits to the input size): the net's own
+                (`lightning_modules.nets.logits_align_corners`). The rescaled images of
+                ``scales`` are resized without it, as an image resize in a data pipeline is.
 
         Returns:
             ``(B, C, h, w)`` scores for an argmax: the net's logits for a single whole-image run
@@ -356,11 +393,13 @@ class InferenceProtocol:
                 scaled = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
             for mirrored in (False, True) if self.flip else (False,):
                 # (B, 3, h*s, w*s) -> (B, 3, h*s, w*s) mirrored along W
-                logits = self._infer(net_forward, scaled.flip(-1) if mirrored else scaled)
+                logits = self._infer(
+                    net_forward, scaled.flip(-1) if mirrored else scaled, align_corners
+                )
                 if logits.shape[-2:] != (height, width):
                     # (B, C, h*s, w*s) -> (B, C, h, w)
                     logits = F.interpolate(
-                        logits, size=(height, width), mode="bilinear", align_corners=False
+                        logits, size=(height, width), mode="bilinear", align_corners=align_corners
                     )
                 if mirrored:
                     logits = flip_logits(logits, self.flip_pairs)

@@ -34,6 +34,7 @@ from datamodules.transforms import build_eval_transform, check_base_resize, eval
 from lightning_modules import mmseg_weights, official_weights
 from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
 from lightning_modules.inference import InferenceProtocol, scores_to_original
+from lightning_modules.nets.heads import logits_align_corners
 
 log = logging.getLogger("rimlab.predict")
 
@@ -147,7 +148,13 @@ class Parser:
         out = self._network_scores(x)
         # (1, C, h, w) -> (1, C, H, W): back to the photo's resolution (cropped to the image's
         # box first when it was letterboxed), as validation scores it
-        out = scores_to_original(out, image.shape[:2], valid_box=box, input_size=x.shape[-2:])
+        out = scores_to_original(
+            out,
+            image.shape[:2],
+            valid_box=box,
+            input_size=x.shape[-2:],
+            align_corners=logits_align_corners(self.net),
+        )
         return out[0]
 
     def _network_scores(self, x: Tensor) -> Tensor:
@@ -163,7 +170,9 @@ class Parser:
             if self.inference is None:
                 out = self.net(x)["out"]
             else:
-                out = self.inference(lambda t: self.net(t)["out"], x)
+                out = self.inference(
+                    lambda t: self.net(t)["out"], x, align_corners=logits_align_corners(self.net)
+                )
         return out.float()
 
     @torch.inference_mode()
@@ -187,6 +196,7 @@ class Parser:
                 (height, width),
                 valid_box=box,
                 input_size=x.shape[-2:],
+                align_corners=logits_align_corners(self.net),
             )[0]
             ids = up.argmax(0, keepdim=True)  # (1, H, W)
             score = up.gather(0, ids)[0]

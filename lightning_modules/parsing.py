@@ -29,6 +29,7 @@ from lightning_modules.metrics import (
     make_process_private,
     segmentation_scores,
 )
+from lightning_modules.nets.heads import logits_align_corners
 from lightning_modules.schedulers import per_step_optimization
 from lightning_modules.step_state import LOSS, NonFinite, StepLog, gradient_norm, stack_terms
 from samplers.regional import sampling_statistics
@@ -146,9 +147,10 @@ class ParsingLitModule(pl.LightningModule):
             per step: each step's loss terms and gradient norm stay on the device and are read
             every ``trainer.log_every_n_steps`` steps, at each epoch's last batch and before every
             checkpoint (the message names that step); ``skip`` syncs once per step.
-        inference: test-time protocol ``(net_forward, image) -> scores`` for validation and test
-            (flip / multi-scale / sliding window, see ``lightning_modules.inference``); None =
-            one plain forward pass.
+        inference: test-time protocol ``(net_forward, image, align_corners=...) -> scores`` for
+            validation and test (flip / multi-scale / sliding window, see
+            ``lightning_modules.inference``; ``align_corners`` is the net's); None = one plain
+            forward pass.
         mpa: what the logged and reported MPA averages, ``"recall"`` or ``"precision"``
             (``metrics.mpa``); both are logged as ``mRecall`` and ``mPrecision`` anyway.
     """
@@ -604,7 +606,9 @@ class ParsingLitModule(pl.LightningModule):
         (logits for a single pass, averaged probabilities for flip / multi-scale)."""
         if self.inference is None:
             return self(image)["out"]
-        return self.inference(lambda x: self(x)["out"], image)
+        return self.inference(
+            lambda x: self(x)["out"], image, align_corners=logits_align_corners(self.net)
+        )
 
     def _eval_step(self, batch: dict[str, Any], metric: ConfusionMatrix, stage: str) -> None:
         """Scores a batch at the original label resolution.
@@ -628,7 +632,12 @@ class ParsingLitModule(pl.LightningModule):
     def _score_batch(
         self, logits: Tensor, batch: dict[str, Any], metric: ConfusionMatrix, stage: str
     ) -> None:
-        """Scores ``(B, C, h, w)`` float32 ``logits`` of ``batch`` (see :meth:`_eval_step`)."""
+        """Scores ``(B, C, h, w)`` float32 ``logits`` of ``batch`` (see :meth:`_eval_step`).
+
+        Every resize of the logits uses the net's ``align_corners`` (mmsegmentation resizes to
+        the original image with its head's), False for most nets.
+        """
+        align_corners = logits_align_corners(self.net)
         target = batch["mask"]
         orig = batch.get("orig_size")
         boxes = batch.get("valid_box")
@@ -646,7 +655,7 @@ class ParsingLitModule(pl.LightningModule):
             if logits.shape[-2:] != target.shape[-2:]:
                 # (B, C, h, w) -> (B, C, H, W)
                 logits = F.interpolate(
-                    logits, size=target.shape[-2:], mode="bilinear", align_corners=False
+                    logits, size=target.shape[-2:], mode="bilinear", align_corners=align_corners
                 )
             preds = logits.argmax(1)
             metric.update(preds, target)
@@ -673,6 +682,7 @@ class ParsingLitModule(pl.LightningModule):
                     (h, w),
                     valid_box=None if boxes is None else boxes[i],
                     input_size=input_size,
+                    align_corners=align_corners,
                 )
                 pred = up.argmax(1)
             metric.update(pred, target[i : i + 1, :h, :w])

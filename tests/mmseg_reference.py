@@ -12,7 +12,10 @@ Sources (mmsegmentation 1.2, configs/_base_/models/{pspnet,deeplabv3plus,danet}_
 - :func:`random_state`: random values for that spec (BatchNorm statistics and attention scales
   included, scaled so that activations stay O(1) through ResNet-50);
 - :func:`forward`: the logits of every head, resized to the input as mmsegmentation's
-  ``encode_decode`` (decode head) and ``loss_by_feat`` (all heads) resize them.
+  ``encode_decode`` (decode head) and ``loss_by_feat`` (all heads) resize them; ``align_corners``
+  is the heads' (True in the ``*_cityscapes-769x769`` configs), used by every resize inside the
+  heads and by those to the input;
+- :func:`slide`: mmsegmentation's ``EncoderDecoder.slide_inference`` (windows, ``count_mat``).
 """
 
 from __future__ import annotations
@@ -198,16 +201,21 @@ class _Net:
         return outs
 
 
-def _resize(x: Tensor, size) -> Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
 def forward(
-    state: dict[str, Tensor], x: Tensor, head: str, depth: int = 50, training: bool = False
+    state: dict[str, Tensor],
+    x: Tensor,
+    head: str,
+    depth: int = 50,
+    training: bool = False,
+    align_corners: bool = False,
 ) -> dict[str, Tensor]:
     """Logits ``(B, C, H, W)`` of every head of the network, named as rimlab names its outputs:
     ``out`` (decode head; DAHead's ``pam_cam``), ``aux`` (FCNHead on layer3) and, for DAHead,
     ``pam`` and ``cam``."""
+
+    def _resize(t: Tensor, size) -> Tensor:  # mmseg's resize() with the heads' align_corners
+        return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
     net = _Net(state, training)
     size = x.shape[-2:]
     c1, _, c3, c4 = net.backbone(x, depth)
@@ -256,3 +264,30 @@ def forward(
         raise ValueError(head)
     out["aux"] = net.seg(net.cm(c3, "auxiliary_head.convs.0", padding=1), "auxiliary_head.conv_seg")
     return {name: _resize(logits, size) for name, logits in out.items()}
+
+
+def slide(
+    encode_decode, image: Tensor, crop: tuple[int, int], stride: tuple[int, int], classes: int
+) -> Tensor:
+    """mmsegmentation's ``slide_inference``: ``h_grids x w_grids`` windows starting every stride,
+    the last one of a row/column moved back to end at the border (never before 0, so a side
+    shorter than the crop is one shorter window, unpadded), each window's logits added into a
+    zero map and divided by ``count_mat``, the number of windows covering each pixel.
+
+    ``encode_decode``: ``(B, 3, h, w)`` window -> ``(B, classes, h, w)`` logits."""
+    (h_crop, w_crop), (h_stride, w_stride) = crop, stride
+    batch, _, h_img, w_img = image.shape
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    preds = image.new_zeros((batch, classes, h_img, w_img))
+    count_mat = image.new_zeros((batch, 1, h_img, w_img))
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y2 = min(h_idx * h_stride + h_crop, h_img)
+            x2 = min(w_idx * w_stride + w_crop, w_img)
+            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+            logits = encode_decode(image[:, :, y1:y2, x1:x2])
+            preds += F.pad(logits, (x1, w_img - x2, y1, h_img - y2))
+            count_mat[:, :, y1:y2, x1:x2] += 1
+    assert (count_mat == 0).sum() == 0
+    return preds / count_mat

@@ -23,7 +23,9 @@ import torch
 from cfg_utils import CONF, ROOT, SINGLE, TINY, compose_cfg
 from omegaconf import OmegaConf
 
+from datamodules.batch import normalize_image
 from lightning_modules.checkpoint_io import CheckpointError
+from lightning_modules.inference import InferenceProtocol
 from lightning_modules.mmseg_weights import (
     MMSegCheckpointError,
     load_mmseg_state,
@@ -152,6 +154,42 @@ def test_mmseg_weights_give_the_reference_logits(head):
     net.eval()
     with torch.no_grad():
         assert (net(x)["out"] - ref.forward(state, x, head)["out"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("head", ref.HEADS)
+def test_align_corners_models_give_the_reference_logits(head):
+    """The ``*_mmseg_769`` configs (align_corners=True in every head resize, as mmseg's
+    769x769 Cityscapes configs): every training-mode output equals the reference's with
+    align_corners=True (< 1e-4) and differs from the align_corners=False one (control). Training
+    mode: one forward gives every output; the resizes are the same in eval mode."""
+    num_classes, size = 5, (17, 33)  # stride-8 features 3x5: every resize rounds
+    state = small_state(head, num_classes, seed=11)
+    net = build(head, num_classes, meta=True, width=WIDTH, config=f"{CONFIGS[head]}_r50_mmseg_769")
+    assert net.align_corners is True
+    net.load_state_dict(map_mmseg_state(dict(state), net, "x.pth"), strict=True, assign=True)
+    _zero_dropout(net)
+    net.train()
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        ours = net(x)
+        theirs = ref.forward(state, x, head, training=True, align_corners=True)
+        plain = ref.forward(state, x, head, training=True, align_corners=False)
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        diff = (ours[name] - theirs[name]).abs().max().item()
+        assert diff < 1e-4, f"{name}: max abs diff {diff}"
+        assert (ours[name] - plain[name]).abs().max() > 1e-3, f"{name}: align_corners unused"
+
+
+def test_769_configs_are_their_base_with_align_corners():
+    """Each ``<net>_r<depth>_mmseg_769`` is ``<net>_r<depth>_mmseg`` with align_corners true."""
+    for net in CONFIGS.values():
+        for depth in (50, 101):
+            base = OmegaConf.load(CONF / "model" / f"{net}_r{depth}_mmseg.yaml")
+            variant = OmegaConf.load(CONF / "model" / f"{net}_r{depth}_mmseg_769.yaml")
+            assert base.align_corners is False and variant.align_corners is True
+            base.align_corners = True
+            assert variant == base, f"{net}_r{depth}_mmseg_769"
 
 
 @pytest.mark.parametrize("depth", [50, 101])
@@ -325,6 +363,140 @@ def test_predict_runs_an_mmseg_checkpoint(tmp_path):
         predict.load_parser(path, "cpu", size=SIZE, model="danet_r50_mmseg", data="cityscapes")
 
 
+# ---------------------------------------------------------------------- mmseg's 769x769 test
+
+
+class _WindowNet(torch.nn.Module):
+    """A net whose window logits depend on the window's borders: a zero-padded 3x3 conv at half
+    resolution, resized to the window (so window placement and averaging are visible)."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.conv(torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True))
+        return torch.nn.functional.interpolate(
+            low, size=x.shape[-2:], mode="bilinear", align_corners=True
+        )
+
+
+def test_slide_windows_of_mmsegs_769_test():
+    """mmseg's 769x769 test slides 2 x 4 windows over the 1025x2049 input: rows at 0 and
+    1025 - 769 = 256, columns every 513 with the last moved back to 2049 - 769 = 1280."""
+    from lightning_modules.inference import window_boxes
+
+    rows, cols = [(0, 769), (256, 1025)], [(0, 769), (513, 1282), (1026, 1795), (1280, 2049)]
+    expected = [(y1, y2, x1, x2) for y1, y2 in rows for x1, x2 in cols]
+    assert window_boxes(1025, 2049, (769, 769), (513, 513)) == expected
+
+
+@pytest.mark.parametrize("shape", [(11, 17), (4, 17)])
+def test_slide_inference_is_mmsegs(shape):
+    """``eval=mmseg_slide_769`` (``pad_to_crop: false``) slides as mmseg's ``slide_inference``
+    (``tests/mmseg_reference.slide``): overlapping windows, the last ones moved back, count_mat;
+    an image lower than the crop (4 < 5) gets shorter windows, no padding (padding changes the
+    logits: control)."""
+    from lightning_modules.parser import eval_protocol
+
+    net, crop, stride = _WindowNet(), (5, 7), (3, 4)
+    x = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(3))
+    protocol = eval_protocol(
+        {"data": {"num_classes": 3}},
+        "mmseg_slide_769",
+        {"crop_size": list(crop), "stride": list(stride)},
+    )
+    assert protocol.mode == "slide" and protocol.pad_to_crop is False
+    with torch.no_grad():
+        expected = ref.slide(net, x, crop, stride, 3)
+        ours = protocol(net, x, align_corners=True)
+        padded = InferenceProtocol(mode="slide", crop_size=crop, stride=stride)(net, x)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    if shape[0] < crop[0]:
+        assert (padded - expected).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(padded, expected, rtol=0, atol=1e-6)
+
+
+def test_evaluation_resizes_with_the_nets_align_corners():
+    """Validation and predict score a ``*_mmseg_769`` net as mmseg's 769x769 test: the image
+    resized to the input, the slide's logits brought back to the image's size with
+    align_corners=True, the net's; a plain ``*_mmseg`` net's with False."""
+    from lightning_modules.parser import Parser
+    from lightning_modules.parsing import ParsingLitModule
+
+    # the image 33x49 resized to the input 17x25 and the scores back: mmseg resizes 1024x2048 to
+    # 1025x2049, whose tiny shift rarely moves an arg-max of random weights; this one does
+    num_classes, size, orig = 5, (17, 25), (33, 49)
+    crop, stride = (9, 13), (8, 12)  # 2 x 2 overlapping windows
+    state = small_state("psp", num_classes, seed=13)
+    rgb = np.random.default_rng(14).integers(0, 256, (*orig, 3), dtype=np.uint8)
+    protocol = InferenceProtocol(mode="slide", crop_size=crop, stride=stride, pad_to_crop=False)
+    # Random weights give one class nearly everywhere: tie the two leading classes on average so
+    # that class boundaries cross the image and the resize decides pixels near them.
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        mean = ref.forward(state, normalize_image(x), "psp")["out"].mean((0, 2, 3))
+    first, second = mean.topk(2).indices.tolist()
+    state["decode_head.conv_seg.bias"][second] += mean[first] - mean[second]
+    for config, align in (("pspnet_r50_mmseg_769", True), ("pspnet_r50_mmseg", False)):
+        net = build("psp", num_classes, meta=True, width=WIDTH, config=config)
+        net.load_state_dict(map_mmseg_state(dict(state), net, "x.pth"), strict=True, assign=True)
+        net.eval()
+        palette = np.zeros((num_classes, 3), np.uint8)
+        parser = Parser(
+            net, num_classes, list("abcde"), palette, eval_size=size, inference=protocol
+        )
+        x, _ = parser.prepare(rgb)
+        module = ParsingLitModule(
+            net=net,
+            loss=torch.nn.Module(),
+            optimizer=lambda params: None,
+            num_classes=num_classes,
+            inference=protocol,
+        ).eval()
+        written: dict[str, np.ndarray] = {}
+        module.prediction_writer = lambda stage, name, ids, out=written: out.__setitem__(name, ids)
+        batch = {
+            "image": x,
+            "mask": torch.zeros(1, *orig, dtype=torch.int64),
+            "orig_size": torch.tensor([orig]),
+            "name": ["a"],
+        }
+        with torch.no_grad():
+            module._eval_step(batch, module.val_confmat, "val")
+            ids, _ = parser.predict(rgb)
+            chunked, _ = parser.predict(rgb, with_scores=False)
+
+            def reference(w, align=align):
+                return ref.forward(state, w, "psp", align_corners=align)["out"]
+
+            logits = ref.slide(reference, x, crop, stride, num_classes)
+        expected = {
+            a: torch.nn.functional.interpolate(
+                logits, size=orig, mode="bilinear", align_corners=a
+            ).argmax(1)[0]
+            for a in (True, False)
+        }
+        assert not torch.equal(expected[True], expected[False])  # the switch shows in the ids
+        for name, got in (("validation", written["a"]), ("predict", ids), ("labels", chunked)):
+            np.testing.assert_array_equal(got, expected[align].numpy(), err_msg=name)
+
+
+def test_eval_record_and_checkpoint_config_carry_align_corners(tmp_path):
+    """results.json's protocol says align_corners for a _769 net (absent for the others, whose
+    records stay as they were), and the checkpoint's build config rebuilds it with the switch."""
+    from experiments.train import checkpoint_build_config, eval_protocol
+
+    cfg = compose_cfg(["model=pspnet_r50_mmseg_769", "eval=mmseg_slide_769"], tmp_path)
+    protocol = eval_protocol(cfg)
+    assert protocol["align_corners"] is True
+    assert protocol["pad_to_crop"] is False and protocol["input"]["eval_size"] == [1025, 2049]
+    assert checkpoint_build_config(cfg)["model"]["align_corners"] is True
+    assert "align_corners" not in eval_protocol(compose_cfg(["model=pspnet_r50_mmseg"], tmp_path))
+
+
 def test_resuming_training_from_an_mmseg_checkpoint_is_refused(tmp_path):
     from experiments.train import ConfigError, refuse_weights_only_resume
 
@@ -370,11 +542,15 @@ def test_fine_tune_and_evaluate_an_mmseg_checkpoint(tmp_path):
     importlib.util.find_spec("mmseg") is None, reason="mmsegmentation is not installed"
 )
 def test_equivalence_with_installed_mmseg(tmp_path):
-    """bench/mmseg_equivalence.py against the installed mmsegmentation (docs/mmseg.md)."""
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "mmseg_equivalence.py"), "--size", "64", "128"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    """bench/mmseg_equivalence.py against the installed mmsegmentation (docs/mmseg.md): the
+    512x1024 configs, and PSPNet's 769x769 test in the shrunk geometry."""
+    bench = [sys.executable, str(ROOT / "bench" / "mmseg_equivalence.py")]
+    for args in (
+        ["--size", "64", "128"],
+        ["--config", "769x769", "--shrink", "8", "--size", "128", "256", "--nets", "pspnet"],
+    ):
+        json_path = tmp_path / f"eq{len(args)}.json"
+        out = subprocess.run(
+            [*bench, *args, "--json", str(json_path)], capture_output=True, text=True, cwd=ROOT
+        )
+        assert out.returncode == 0, out.stdout + out.stderr

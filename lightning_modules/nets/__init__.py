@@ -24,6 +24,7 @@ from lightning_modules.nets.heads import (
     EncoderDecoderNet,
     FCNHead,
     init_decoder_weights,
+    logits_align_corners,
 )
 from lightning_modules.nets.pspnet import PSPNet, PyramidPoolingModule
 
@@ -45,6 +46,7 @@ __all__ = [
     "default_atrous_rates",
     "init_decoder_weights",
     "load_pretrained_state_dict",
+    "logits_align_corners",
     "parse_depth",
     "pretrained_checkpoint_path",
 ]

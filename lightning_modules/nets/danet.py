@@ -143,6 +143,9 @@ class DANet(EncoderDecoderNet):
         dropout: Dropout2d probability before every classifier.
         aux: build the auxiliary FCN head on layer3.
         aux_channels: hidden channels of the auxiliary head.
+        align_corners: `align_corners` of the resizes of every output to the input and of
+            evaluation's resizes of the logits (see `EncoderDecoderNet`); mmsegmentation's
+            769x769 Cityscapes models use True.
 
     Attributes:
         use_aux: runtime switch for the auxiliary output `aux`.
@@ -160,8 +163,10 @@ class DANet(EncoderDecoderNet):
         dropout: float = 0.1,
         aux: bool = True,
         aux_channels: int = 256,
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
+        self.align_corners = bool(align_corners)
         self.num_classes = num_classes
         self.backbone = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
         channels = self.backbone.channels
@@ -211,16 +216,20 @@ class DANet(EncoderDecoderNet):
         cam = self.cam_out(self.cam(self.cam_in(c4)))  # (B, inter, H/os, W/os)
         out = self.classifier(self.dropout(pam + cam))  # (B, num_classes, H/os, W/os)
         # (B, num_classes, H/os, W/os) -> (B, num_classes, H, W)
-        outputs = {"out": F.interpolate(out, size=size, mode="bilinear", align_corners=False)}
+        outputs = {
+            "out": F.interpolate(out, size=size, mode="bilinear", align_corners=self.align_corners)
+        }
         if self.training and self.side_enabled:
             for name, feat, head in (("pam", pam, self.pam_head), ("cam", cam, self.cam_head)):
                 logits = head(feat)  # (B, num_classes, H/os, W/os)
                 # (B, num_classes, H/os, W/os) -> (B, num_classes, H, W)
                 outputs[name] = F.interpolate(
-                    logits, size=size, mode="bilinear", align_corners=False
+                    logits, size=size, mode="bilinear", align_corners=self.align_corners
                 )
         if self.training and self.aux and self.use_aux:
             aux = self.aux_head(feats["c3"])  # (B, num_classes, H/os3, W/os3)
             # (B, num_classes, H/os3, W/os3) -> (B, num_classes, H, W)
-            outputs["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+            outputs["aux"] = F.interpolate(
+                aux, size=size, mode="bilinear", align_corners=self.align_corners
+            )
         return outputs

@@ -102,6 +102,8 @@ class AtrousSpatialPyramidPooling(nn.Module):
         dropout: Dropout2d probability after the projection.
         separable: depthwise-separable atrous branches.
         project_kernel_size: kernel of the projection conv (odd).
+        align_corners: `align_corners` of the image pool's upsampling (a broadcast from one
+            pixel either way; the switch is mmsegmentation's).
 
     Attributes:
         atrous_rates: the rates as a tuple of ints.
@@ -116,8 +118,10 @@ class AtrousSpatialPyramidPooling(nn.Module):
         dropout: float = 0.1,
         separable: bool = False,
         project_kernel_size: int = 1,
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
+        self.align_corners = bool(align_corners)
         self.atrous_rates = tuple(int(r) for r in atrous_rates)  # Hydra passes a ListConfig
         if not self.atrous_rates:
             raise ValueError("ASPP needs at least one atrous rate")
@@ -148,7 +152,9 @@ class AtrousSpatialPyramidPooling(nn.Module):
         outs = [branch(x) for branch in self.branches]  # each (B, ch, h, w)
         pooled = self.image_pool(x)  # (B, ch, 1, 1)
         # (B, ch, 1, 1) -> (B, ch, h, w); bilinear from a single pixel is a broadcast
-        outs.append(F.interpolate(pooled, size=size, mode="bilinear", align_corners=False))
+        outs.append(
+            F.interpolate(pooled, size=size, mode="bilinear", align_corners=self.align_corners)
+        )
         return self.project(
             torch.cat(outs, dim=1)
         )  # (B, (n_rates + 2) * ch, h, w) -> (B, ch, h, w)
@@ -186,6 +192,10 @@ class DeepLabV3Plus(EncoderDecoderNet):
             paper; mmsegmentation's "bottleneck" is 3x3).
         dropout_position: `"aspp"`: Dropout2d after the ASPP projection; `"classifier"`:
             Dropout2d right before the 1x1 classifier (mmsegmentation's decode heads).
+        align_corners: `align_corners` of every bilinear resize (ASPP's image pool, the ASPP
+            output to the stride-4 features, the logits to the input) and of evaluation's
+            resizes of the logits (see `EncoderDecoderNet`); mmsegmentation's 769x769 Cityscapes
+            models use True.
 
     Attributes:
         use_aux: runtime switch for the auxiliary output (see `EncoderDecoderNet`).
@@ -207,8 +217,10 @@ class DeepLabV3Plus(EncoderDecoderNet):
         separable: bool = False,
         aspp_project_kernel_size: int = 1,
         dropout_position: str = "aspp",
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
+        self.align_corners = bool(align_corners)
         if dropout_position not in DROPOUT_POSITIONS:
             raise ValueError(
                 f"dropout_position must be one of {DROPOUT_POSITIONS}, got {dropout_position!r}"
@@ -229,6 +241,7 @@ class DeepLabV3Plus(EncoderDecoderNet):
             0.0 if at_classifier else dropout,
             separable=self.separable,
             project_kernel_size=aspp_project_kernel_size,
+            align_corners=self.align_corners,
         )
         self.low_level_reduce = ConvBNReLU(channels["c1"], low_level_channels, kernel_size=1)
         self.decoder = nn.Sequential(
@@ -262,13 +275,19 @@ class DeepLabV3Plus(EncoderDecoderNet):
         low = self.low_level_reduce(feats["c1"])  # (B, low_level, H/4, W/4)
         high = self.aspp(feats["c4"])  # (B, aspp, H/os, W/os)
         # (B, aspp, H/os, W/os) -> (B, aspp, H/4, W/4)
-        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        high = F.interpolate(
+            high, size=low.shape[-2:], mode="bilinear", align_corners=self.align_corners
+        )
         out = self.decoder(torch.cat([high, low], dim=1))  # (B, decoder, H/4, W/4)
         out = self.classifier(self.classifier_dropout(out))  # (B, num_classes, H/4, W/4)
         # (B, num_classes, H/4, W/4) -> (B, num_classes, H, W)
-        outputs = {"out": F.interpolate(out, size=size, mode="bilinear", align_corners=False)}
+        outputs = {
+            "out": F.interpolate(out, size=size, mode="bilinear", align_corners=self.align_corners)
+        }
         if self.training and self.aux and self.use_aux:
             aux = self.aux_head(feats["c3"])  # (B, num_classes, H/os3, W/os3)
             # (B, num_classes, H/os3, W/os3) -> (B, num_classes, H, W)
-            outputs["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+            outputs["aux"] = F.interpolate(
+                aux, size=size, mode="bilinear", align_corners=self.align_corners
+            )
         return outputs

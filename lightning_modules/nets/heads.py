@@ -136,10 +136,15 @@ class EncoderDecoderNet(nn.Module):
         use_aux: switch for the auxiliary output `aux`.
         use_side: switch for the side outputs; `None` (the default) follows `use_aux`, the
             behaviour of nets built before the two were separated.
+        align_corners: how the net's bilinear resizes of features and logits align the two
+            grids (`F.interpolate`'s `align_corners`), and so how its logits are resized further
+            at evaluation (to the image, `logits_align_corners`). False unless a subclass takes
+            it as an argument (mmsegmentation's 769x769 Cityscapes models: True).
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self.align_corners = False
         self.use_aux = True
         self.use_side: bool | None = None
         self._frozen_encoder = False
@@ -222,3 +227,10 @@ class EncoderDecoderNet(nn.Module):
         # batch statistics would both update them and change the features the decoder sees.
         for module in self.encoder_modules():
             module.eval()
+
+
+def logits_align_corners(net: nn.Module) -> bool:
+    """The `align_corners` with which evaluation resizes `net`'s logits (to the image's size,
+    window logits to the window): the net's own (`EncoderDecoderNet.align_corners`), False for a
+    module that is not an `EncoderDecoderNet`."""
+    return isinstance(net, EncoderDecoderNet) and bool(net.align_corners)

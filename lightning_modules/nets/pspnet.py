@@ -27,13 +27,17 @@ class PyramidPoolingModule(nn.Module):
         in_channels: channels of the input feature map.
         channels: output channels of each pooling branch.
         bins: grid sizes of the branches.
+        align_corners: `align_corners` of the upsampling (mmsegmentation's 769x769 models: True).
 
     Attributes:
         out_channels: `in_channels + len(bins) * channels`.
     """
 
-    def __init__(self, in_channels: int, channels: int, bins: Sequence[int]) -> None:
+    def __init__(
+        self, in_channels: int, channels: int, bins: Sequence[int], align_corners: bool = False
+    ) -> None:
         super().__init__()
+        self.align_corners = bool(align_corners)
         # BatchNorm on the 1x1 bin sees one value per channel and image: training needs batch > 1.
         self.stages = nn.ModuleList(
             nn.Sequential(nn.AdaptiveAvgPool2d(b), ConvBNReLU(in_channels, channels, kernel_size=1))
@@ -46,7 +50,7 @@ class PyramidPoolingModule(nn.Module):
         size = x.shape[-2:]
         # each branch: (B, in, h, w) -> (B, ch, b, b) -> (B, ch, h, w)
         pooled = [
-            F.interpolate(stage(x), size=size, mode="bilinear", align_corners=False)
+            F.interpolate(stage(x), size=size, mode="bilinear", align_corners=self.align_corners)
             for stage in self.stages
         ]
         return torch.cat([x, *pooled], dim=1)  # (B, in + len(bins) * ch, h, w)
@@ -69,6 +73,9 @@ class PSPNet(EncoderDecoderNet):
         aux: build the auxiliary head on layer3.
         aux_channels: hidden channels of the auxiliary head.
         output_stride: 8 or 16.
+        align_corners: `align_corners` of every bilinear resize (the pyramid's upsampling, the
+            logits to the input) and of evaluation's resizes of the logits (see
+            `EncoderDecoderNet`); mmsegmentation's 769x769 Cityscapes models use True.
 
     Attributes:
         use_aux: runtime switch for the auxiliary output (see `EncoderDecoderNet`).
@@ -86,15 +93,17 @@ class PSPNet(EncoderDecoderNet):
         aux: bool = True,
         aux_channels: int = 256,
         output_stride: int = 8,
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.align_corners = bool(align_corners)
         self.backbone = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
         in_channels = self.backbone.channels["c4"]
         ppm_channels = ppm_channels or in_channels // 4
         bins = tuple(int(b) for b in bins)  # Hydra passes a ListConfig
 
-        self.ppm = PyramidPoolingModule(in_channels, ppm_channels, bins)
+        self.ppm = PyramidPoolingModule(in_channels, ppm_channels, bins, self.align_corners)
         self.bottleneck = ConvBNReLU(self.ppm.out_channels, bottleneck_channels, kernel_size=3)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(bottleneck_channels, num_classes, kernel_size=1)
@@ -128,9 +137,13 @@ class PSPNet(EncoderDecoderNet):
         out = self.bottleneck(out)  # (B, bottleneck, H/8, W/8)
         out = self.classifier(self.dropout(out))  # (B, num_classes, H/8, W/8)
         # (B, num_classes, H/8, W/8) -> (B, num_classes, H, W)
-        outputs = {"out": F.interpolate(out, size=size, mode="bilinear", align_corners=False)}
+        outputs = {
+            "out": F.interpolate(out, size=size, mode="bilinear", align_corners=self.align_corners)
+        }
         if self.training and self.aux and self.use_aux:
             aux = self.aux_head(feats["c3"])  # (B, num_classes, H/8, W/8)
             # (B, num_classes, H/8, W/8) -> (B, num_classes, H, W)
-            outputs["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+            outputs["aux"] = F.interpolate(
+                aux, size=size, mode="bilinear", align_corners=self.align_corners
+            )
         return outputs
