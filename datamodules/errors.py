@@ -24,6 +24,10 @@ class FixableError(Exception):
     checkpoint): :func:`run_command` prints them as one paragraph with exit status 1."""
 
 
+class ConfigError(FixableError, ValueError):
+    """A configuration that cannot work, caught before any data is read."""
+
+
 class MissingPackageError(FixableError, ImportError):
     """An optional package that a dataset or option needs is not installed."""
 

@@ -19,6 +19,8 @@ from typing import Any
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, open_dict
 
+from datamodules.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 #: ``trainer.strategy`` strings whose launcher re-executes ``sys.argv`` in child processes.
@@ -79,7 +81,7 @@ def check_launch(cfg: DictConfig, multirun: bool, launcher_target: str | None) -
         launcher_target: ``hydra.launcher._target_`` (None outside Hydra).
 
     Raises:
-        experiments.train.ConfigError: ``-m`` with the basic (local) launcher, a subprocess DDP
+        datamodules.errors.ConfigError: ``-m`` with the basic (local) launcher, a subprocess DDP
             trainer and no external launcher (torchrun, SLURM).
     """
     if not multirun or not uses_subprocess_launcher(cfg.get("trainer") or {}):
@@ -88,8 +90,6 @@ def check_launch(cfg: DictConfig, multirun: bool, launcher_target: str | None) -
         return  # torchrun or srun started every rank: each runs the same sweep in lockstep
     if launcher_target and not launcher_target.endswith("BasicLauncher"):
         return  # e.g. hydra/launcher=rimlab_slurm: every job is its own SLURM job
-    from experiments.train import ConfigError
-
     raise ConfigError(
         "python run.py -m with trainer=ddp on one machine cannot work: Lightning's ddp launcher "
         "starts the other ranks by re-running the whole command line, sweep included, so every "

@@ -639,8 +639,8 @@ def predict_examples(rim: Fit, images: int) -> list[tuple[Any, Any, Any, Any]]:
     from omegaconf import OmegaConf, open_dict
 
     from datamodules.batch import network_batch
-    from experiments.stages import stage1_overrides
-    from experiments.train import build_datamodule, build_module
+    from experiments.build import build_datamodule, build_module
+    from experiments.keys import stage1_overrides
     from lightning_modules.dashboard import validation_example
 
     base_dir = (rim.results.get("baseline") or {}).get("dir")

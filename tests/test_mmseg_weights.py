@@ -326,7 +326,8 @@ def test_predict_runs_an_mmseg_checkpoint(tmp_path):
 
 
 def test_resuming_training_from_an_mmseg_checkpoint_is_refused(tmp_path):
-    from experiments.train import ConfigError, refuse_weights_only_resume
+    from datamodules.errors import ConfigError
+    from experiments.checkpoints import refuse_weights_only_resume
 
     path = save_mmseg(small_state("psp", 3, seed=8), tmp_path / "psp.pth")
     with pytest.raises(ConfigError, match=rf"mmsegmentation checkpoint.*init_from={path}"):
@@ -340,7 +341,7 @@ def test_resuming_training_from_an_mmseg_checkpoint_is_refused(tmp_path):
 def test_fine_tune_and_evaluate_an_mmseg_checkpoint(tmp_path):
     """run.py's paths end to end on the synthetic set (59 classes): init_from=<mmseg file> trains
     from it, train=false ckpt_path=<mmseg file> scores it."""
-    from experiments.train import run
+    from run import run
 
     path = save_mmseg(small_state("aspp", 59, seed=7), tmp_path / "deeplabv3plus.pth")
     base = [

@@ -16,7 +16,7 @@ import pytest
 import torch
 from cfg_utils import ROOT, SINGLE, TINY, compose_cfg
 
-from experiments.train import run
+from run import run
 
 RUN = ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=3"]
 
