@@ -16,7 +16,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import hydra
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, open_dict
 
 from datamodules.errors import ConfigError
@@ -54,6 +56,15 @@ def _process_count(trainer: Mapping[str, Any]) -> int:
         return 1
 
 
+def _is_ddp(target: Any) -> bool:
+    """Whether a strategy's ``_target_`` names Lightning's ``DDPStrategy`` or a subclass."""
+    try:
+        cls = hydra.utils.get_class(str(target))
+    except Exception:  # noqa: BLE001 - no such class: not DDP
+        return False
+    return isinstance(cls, type) and issubclass(cls, DDPStrategy)
+
+
 def uses_subprocess_launcher(trainer: Mapping[str, Any]) -> bool:
     """Whether ``trainer`` (the resolved ``cfg.trainer``) starts its ranks with Lightning's
     subprocess launcher, which re-runs ``sys.argv`` (``ddp``; not ``ddp_spawn``)."""
@@ -61,11 +72,9 @@ def uses_subprocess_launcher(trainer: Mapping[str, Any]) -> bool:
     if isinstance(strategy, str):
         subprocess = strategy in SUBPROCESS_STRATEGIES
     elif isinstance(strategy, Mapping):
-        target = str(strategy.get("_target_", ""))
-        subprocess = target.endswith("DDPStrategy") and strategy.get("start_method", "popen") in (
-            None,
-            "popen",
-        )
+        subprocess = _is_ddp(strategy.get("_target_")) and strategy.get(
+            "start_method", "popen"
+        ) in (None, "popen")
     else:
         subprocess = False
     nodes = int(trainer.get("num_nodes", 1) or 1)

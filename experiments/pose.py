@@ -336,7 +336,7 @@ class CascadeData:
     """What every stage of one cascade reads: the datamodule, the val and training persons and the
     training persons on which stage errors are measured."""
 
-    datamodule: Any
+    datamodule: PoseDataModule
     val_set: Any
     val: dict[str, np.ndarray]
     train: dict[str, np.ndarray]

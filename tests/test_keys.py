@@ -98,6 +98,18 @@ def test_each_hash_keeps_its_own_rule_where_they_disagree(monkeypatch):
     assert "flip_test" not in stage["module"] and "freeze_encoder" in stage["module"]
 
 
+def test_checkpoints_record_the_inference_keys(tmp_path):
+    from cfg_utils import compose_cfg
+
+    cfg = compose_cfg(["data=cityscapes", "data.base_side=long"], tmp_path)
+    data = keys.inference_config(cfg)["data"]
+    assert data["base_side"] == "long" and data["full_resolution_eval"] is True
+    assert set(data) == {k for k in keys.INFERENCE_DATA_KEYS if k in cfg.data} | {
+        "full_resolution_eval",
+        "datamodule",
+    }
+
+
 def test_derived_lists():
     assert keys.INFERENCE_DATA_KEYS == (
         "num_classes",
