@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from experiments.train import build_datamodule
+from experiments.build import build_datamodule
 from samplers import expected_kept_share, keep_probabilities, sampling_statistics
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

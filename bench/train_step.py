@@ -39,7 +39,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from experiments.train import build_datamodule, build_module  # noqa: E402
+from experiments.build import build_datamodule, build_module  # noqa: E402
 
 # The clock steps are timed with: wall time, or this process's CPU time (``--clock cpu``: on a
 # machine shared with other jobs it leaves out the time spent waiting for a core).
@@ -155,7 +155,7 @@ def time_rimlab(
     """Seconds per step of the LightningModule under a Trainer, of each interleaved ``hand``
     step (``{name: seconds}``), and the first step's loss.
 
-    With ``cfg`` the Trainer is the one ``run.py`` builds (``experiments.train.build_trainer``:
+    With ``cfg`` the Trainer is the one ``run.py`` builds (``experiments.build.build_trainer``:
     the configured callbacks, progress bar, CSV logger, checkpoint callbacks, epoch seeding), so
     metrics, logging and the progress bar cost what they cost a user; without it a bare Trainer.
     """
@@ -163,7 +163,7 @@ def time_rimlab(
     timer = _StepTimer(args.warmup, steps, hand, profiler)
     steps += 1  # the timing ends at the start of one more step
     if cfg is not None:
-        from experiments.train import build_trainer
+        from experiments.build import build_trainer
 
         with open_dict(cfg):
             cfg.trainer.accelerator = "gpu" if device.type == "cuda" else "cpu"

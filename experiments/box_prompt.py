@@ -25,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
 from datamodules.cli import command
+from datamodules.errors import ConfigError
 from datamodules.files import atomic_path, write_json
 from datamodules.instances import InstanceTransform, save_mask_png
 from experiments.predict import read_rgb
-from experiments.train import ConfigError
 from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
 from lightning_modules.nets.deepmac import paste_masks
 from lightning_modules.parser import pick_device

@@ -1,7 +1,7 @@
 """Deep-MAC driver (``schedule=deepmac``): trains a class-agnostic mask head on ground-truth boxes,
 then scores mask AP with ground-truth boxes given, separately for seen and unseen classes.
 
-``experiments.train.run`` dispatches here on ``schedule.name == "deepmac"``. One fit of
+``run.py`` dispatches here on ``schedule.name == "deepmac"``. One fit of
 ``schedule.total_epochs`` epochs; the final weights (``final.ckpt``, written by the shared
 :class:`~lightning_modules.callbacks.StageEnd`) are evaluated once more in this process on one
 device, so the scores are those of all validation images whatever the launcher.
@@ -23,33 +23,38 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from experiments.train import (
-    ConfigError,
-    build_trainer,
-    checkpoint_paths,
-    load_module_weights,
-    resume_checkpoint,
-    trainer_device,
-)
+from datamodules.errors import ConfigError
+from datamodules.instances import InstanceDataModule
+from experiments.build import build_datamodule, build_trainer, trainer_device
+from experiments.checkpoints import load_module_weights, resume_checkpoint
+from experiments.results import checkpoint_paths
 from lightning_modules.deepmac import DeepMACLitModule
 from lightning_modules.deepmac_metrics import MaskAPAccumulator, flat_scores
+from lightning_modules.nets.deepmac import DeepMAC
+from losses.mask import resolve_classes
 
 log = logging.getLogger(__name__)
+
+
+def _is_subclass(target: Any, base: type) -> bool:
+    """Whether the class a ``_target_`` names is ``base`` or derives from it."""
+    try:
+        cls = hydra.utils.get_class(str(target))
+    except Exception:  # noqa: BLE001 - no such class: not a subclass
+        return False
+    return isinstance(cls, type) and issubclass(cls, base)
 
 
 def validate_deepmac(cfg: DictConfig) -> None:
     """Checks the Deep-MAC keys; raises :class:`ConfigError` naming the key."""
     model = cfg.get("model") or {}
-    if not str(model.get("_target_", "")).endswith("DeepMAC"):
+    if not _is_subclass(model.get("_target_"), DeepMAC):
         raise ConfigError(
             f"schedule=deepmac needs a Deep-MAC model (model=deepmac_*), got {model.get('_target_')}"
         )
     if int(model.get("mask_size", 32)) < 2:
         raise ConfigError(f"model.mask_size={model.get('mask_size')}: must be >= 2")
-    if (
-        not str(cfg.data.get("_target_", "")).startswith("datamodules.")
-        or "image_size" not in cfg.data
-    ):
+    if not _is_subclass(cfg.data.get("_target_"), InstanceDataModule):
         raise ConfigError(
             "schedule=deepmac needs an instance datamodule (data=coco_instances, ...)"
         )
@@ -71,8 +76,6 @@ def validate_deepmac(cfg: DictConfig) -> None:
     centre = module.get("centre_loss")
     num_centre = int(model.get("num_centre_classes", 0) or 0)
     if centre is not None:
-        from losses.mask import resolve_classes
-
         ids = resolve_classes(centre.get("class_ids", "coco_all"))
         if num_centre != len(ids or ()):
             raise ConfigError(
@@ -86,14 +89,18 @@ def build_deepmac_module(cfg: DictConfig) -> DeepMACLitModule:
     net = hydra.utils.instantiate(cfg.model)
     loss = hydra.utils.instantiate(cfg.loss, _convert_="all")
     optimizer = hydra.utils.instantiate(cfg.optimizer)
-    module = hydra.utils.instantiate(
-        cfg.module, net=net, loss=loss, optimizer=optimizer, _convert_="all"
+    # The build config goes to the partial: through instantiate, Hydra would build the nets its
+    # model entry names.
+    factory = hydra.utils.instantiate(cfg.module, _partial_=True, _convert_="all")
+    return factory(
+        net=net,
+        loss=loss,
+        optimizer=optimizer,
+        build_config={
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "data": {"image_size": int(cfg.data.image_size)},
+        },
     )
-    module.build_config = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "data": {"image_size": int(cfg.data.image_size)},
-    }
-    return module
 
 
 @torch.no_grad()
@@ -125,7 +132,7 @@ def run_one_deepmac(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """
     validate_deepmac(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     module = build_deepmac_module(cfg)
     results: dict[str, Any] = {

@@ -16,8 +16,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import hydra
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, open_dict
+
+from datamodules.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,15 @@ def _process_count(trainer: Mapping[str, Any]) -> int:
         return 1
 
 
+def _is_ddp(target: Any) -> bool:
+    """Whether a strategy's ``_target_`` names Lightning's ``DDPStrategy`` or a subclass."""
+    try:
+        cls = hydra.utils.get_class(str(target))
+    except Exception:  # noqa: BLE001 - no such class: not DDP
+        return False
+    return isinstance(cls, type) and issubclass(cls, DDPStrategy)
+
+
 def uses_subprocess_launcher(trainer: Mapping[str, Any]) -> bool:
     """Whether ``trainer`` (the resolved ``cfg.trainer``) starts its ranks with Lightning's
     subprocess launcher, which re-runs ``sys.argv`` (``ddp``; not ``ddp_spawn``)."""
@@ -59,11 +72,9 @@ def uses_subprocess_launcher(trainer: Mapping[str, Any]) -> bool:
     if isinstance(strategy, str):
         subprocess = strategy in SUBPROCESS_STRATEGIES
     elif isinstance(strategy, Mapping):
-        target = str(strategy.get("_target_", ""))
-        subprocess = target.endswith("DDPStrategy") and strategy.get("start_method", "popen") in (
-            None,
-            "popen",
-        )
+        subprocess = _is_ddp(strategy.get("_target_")) and strategy.get(
+            "start_method", "popen"
+        ) in (None, "popen")
     else:
         subprocess = False
     nodes = int(trainer.get("num_nodes", 1) or 1)
@@ -79,7 +90,7 @@ def check_launch(cfg: DictConfig, multirun: bool, launcher_target: str | None) -
         launcher_target: ``hydra.launcher._target_`` (None outside Hydra).
 
     Raises:
-        experiments.train.ConfigError: ``-m`` with the basic (local) launcher, a subprocess DDP
+        datamodules.errors.ConfigError: ``-m`` with the basic (local) launcher, a subprocess DDP
             trainer and no external launcher (torchrun, SLURM).
     """
     if not multirun or not uses_subprocess_launcher(cfg.get("trainer") or {}):
@@ -88,8 +99,6 @@ def check_launch(cfg: DictConfig, multirun: bool, launcher_target: str | None) -
         return  # torchrun or srun started every rank: each runs the same sweep in lockstep
     if launcher_target and not launcher_target.endswith("BasicLauncher"):
         return  # e.g. hydra/launcher=rimlab_slurm: every job is its own SLURM job
-    from experiments.train import ConfigError
-
     raise ConfigError(
         "python run.py -m with trainer=ddp on one machine cannot work: Lightning's ddp launcher "
         "starts the other ranks by re-running the whole command line, sweep included, so every "

@@ -14,7 +14,7 @@ Config (``conf/cascade/deeppose.yaml``)::
     cascade.sigma=1.0                    # crop side / diam for every refinement stage
     cascade.stages.2.epochs=10           # per-stage knobs: epochs, sigma, init_from
     +cascade.stages.2.optimizer.lr=1e-4  # any other key is merged into that stage's config
-    +cascade.stages.2.data.rotate=0      # data keys: only those of STAGE_DATA_KEYS
+    +cascade.stages.2.data.rotate=0      # data keys: experiments.keys.STAGE_DATA_KEYS only
 
 Every stage records the hash of its config (:func:`stage_record`) in ``stage<s>/stage.json``
 before it trains, and ``errors.json`` the hash of the errors it holds. ``resume=true`` reuses a
@@ -30,101 +30,64 @@ of the launch, and the other ranks wait for that file and read the val estimates
 statistics from it: every rank builds the next stage's data from the same numbers.
 
 ``run_pose`` returns the results entry (per-stage PCKh tables, ``val`` = the full cascade) that
-:func:`experiments.train.run` writes to ``results.json``.
+``run.py`` writes to ``results.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import sys
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import hydra
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
 from torch.utils.data import DataLoader
 
+from datamodules.errors import ConfigError
+from datamodules.files import atomic_path, write_json
 from datamodules.mpii import find_annotation
 from datamodules.pose_transforms import error_statistics
-from experiments.stages import launch_token, launcher_rank, wait_for_rank0
-from experiments.train import (
-    ConfigError,
-    build_loggers,
-    build_trainer,
-    checkpoint_paths,
-    load_module_weights,
-    resume_checkpoint,
-    trainer_device,
-)
+from experiments.build import build_datamodule, build_loggers, build_trainer, trainer_device
+from experiments.checkpoints import load_module_weights, resume_checkpoint
+from experiments.keys import CASCADE_STAGE_KNOBS, STAGE_DATA_KEYS, cascade_config, config_hash
+from experiments.ranks import await_handoff, launch_id, launcher_rank, publish_handoff, read_json
+from experiments.results import checkpoint_paths
 from lightning_modules.pose import PoseRegressionLitModule, draw_skeleton
 from lightning_modules.pose_metrics import evaluate_official, evaluate_pose, format_pose_table
 
 log = logging.getLogger(__name__)
 
-#: Keys of ``cascade.stages.<s>`` that are not config overrides.
-STAGE_KEYS = ("epochs", "sigma", "init_from")
-#: ``data`` keys a stage may override (``cascade.stages.<s>.data.<key>``): they change only how
-#: that stage's loaders batch and augment. The others define the persons, their boxes (the unit of
-#: the error statistics) or the skeleton, which every stage of one cascade shares.
-STAGE_DATA_KEYS = (
-    "batch_size",
-    "eval_batch_size",
-    "num_workers",
-    "scale_jitter",
-    "rotate",
-    "rotate_prob",
-    "flip",
-    "min_diam",
-    "translate",
-    "noise",
-    "jitter",
-)
-#: Top-level keys that say where a run writes or how it reports, not what a stage computes.
-_HASH_IGNORED = (
-    "paths",
-    "hydra",
-    "resume",
-    "requeue_signal",
-    "train",
-    "test",
-    "ckpt_path",
-    "init_from",
-    "save_predictions",
-    "prediction_format",
-    "logger",
-    "callbacks",
-    "task_name",
-    "tags",
-    "optimized_metric",
-    "cascade",
-)
-#: ``data`` keys that do not change a stage's weights (the driver sets sigma and input_size).
-_HASH_IGNORED_DATA = (
-    "num_workers",
-    "pin_memory",
-    "persistent_workers",
-    "eval_batch_size",
-    "sigma",
-    "input_size",
-)
-#: ``module`` keys that only change evaluation (the skeleton's pairs are hashed with ``data``).
-_HASH_IGNORED_MODULE = ("flip_test", "flip_shift", "flip_pairs")
-_HASH_IGNORED_TRAINER = (
-    "default_root_dir",
-    "log_every_n_steps",
-    "enable_progress_bar",
-    "enable_model_summary",
-    "num_sanity_val_steps",
-)
-#: Environment variable carrying the launch id to the ranks Lightning's ``ddp`` launcher starts.
-LAUNCH_ENV = "RIMLAB_POSE_LAUNCH"
+
+@runtime_checkable
+class PoseDataModule(Protocol):
+    """What the cascade asks of its datamodule (:class:`datamodules.mpii.MPIIDataModule`)."""
+
+    root: Path
+    enlarge: float
+
+    def prepare_data(self) -> None: ...
+
+    def dataset(self, split: str) -> Any: ...
+
+    def set_stage_options(self, **options: Any) -> None: ...
+
+    def configure_stage(self, stage: int, **kwargs: Any) -> None: ...
+
+    def predict_loader(self, split: str, **kwargs: Any) -> DataLoader: ...
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` atomically: a rank never loads half an array."""
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
 
 
 # ---------------------------------------------------------------------- configuration
@@ -200,18 +163,7 @@ def stage_record(
     was trained on (``previous``; None for stage 1) and, for ``init_from``, the checkpoint's
     content (:func:`file_digest`): a file replaced at the same path makes a new hash, so errors
     measured with the old weights are not reused."""
-    full = OmegaConf.to_container(scfg, resolve=True)
-    record = {k: v for k, v in full.items() if k not in _HASH_IGNORED}
-    record["data"] = {
-        k: v for k, v in (record.get("data") or {}).items() if k not in _HASH_IGNORED_DATA
-    }
-    record["trainer"] = {
-        k: v for k, v in (record.get("trainer") or {}).items() if k not in _HASH_IGNORED_TRAINER
-    }
-    if isinstance(record.get("module"), dict):
-        record["module"] = {
-            k: v for k, v in record["module"].items() if k not in _HASH_IGNORED_MODULE
-        }
+    record = cascade_config(scfg)
     record["stage"] = {
         "stage": stage,
         "epochs": epochs,
@@ -226,12 +178,6 @@ def stage_record(
         # The weights stage 1 trains from (top-level init_from=): part of what it becomes.
         record["stage"]["start_weights"] = file_digest(Path(start_from))
     return record
-
-
-def config_hash(obj: Any) -> str:
-    """A short stable hash of a JSON-able object."""
-    blob = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def file_digest(path: Path, key: str = "") -> str:
@@ -249,33 +195,13 @@ def file_digest(path: Path, key: str = "") -> str:
     return h.hexdigest()[:16]
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Atomic write (NaN stays NaN: the ranks read back the very values rank 0 used)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
 def check_stage_record(stage_dir: Path, stage: int, digest: str, what: Path) -> None:
     """Resuming ``what`` (final.ckpt or last.ckpt) needs ``stage.json`` of the same config.
 
     Raises:
         ConfigError: naming the stage, both hashes and what to do.
     """
-    saved = _read_json(stage_dir / "stage.json")
+    saved = read_json(stage_dir / "stage.json")
     if saved is not None and saved.get("hash") == digest:
         return
     why = (
@@ -290,44 +216,6 @@ def check_stage_record(stage_dir: Path, stage: int, digest: str, what: Path) -> 
     )
 
 
-def _launch_id(rank: int) -> str | None:
-    """An id shared by the ranks of this launch: torchrun/SLURM's, or one rank 0 makes and puts
-    in the environment before its first fit (Lightning's ``ddp`` launcher copies it to the ranks
-    it starts). None on a non-zero rank that got neither (handoffs then match by hash only)."""
-    token = launch_token()
-    if token:
-        return token
-    if rank == 0:
-        os.environ[LAUNCH_ENV] = uuid.uuid4().hex
-    return os.environ.get(LAUNCH_ENV)
-
-
-def await_handoff(
-    stage_dir: Path, digest: str, launch: str | None, poll_s: float = 0.5
-) -> dict[str, Any]:
-    """Waits for rank 0's ``handoff.json`` of this stage (same config hash and launch id)."""
-    path = stage_dir / "handoff.json"
-    parent = os.getppid()
-
-    def read() -> dict[str, Any] | None:
-        handoff = _read_json(path) if path.is_file() else None
-        if (
-            handoff is not None
-            and handoff.get("hash") == digest
-            and (launch is None or handoff.get("launch") == launch)
-        ):
-            if "error" in handoff:
-                raise RuntimeError(f"rank 0 failed between cascade stages: {handoff['error']}")
-            return handoff
-        if os.getppid() != parent:
-            # Started by Lightning's ddp launcher from rank 0, which has exited.
-            raise RuntimeError(f"rank 0 exited before writing {path}")
-        return None
-
-    # Rank 0 runs the cascade over the training persons: minutes on the full MPII.
-    return wait_for_rank0(read, str(path), poll_s)
-
-
 def stage_config(cfg: DictConfig, stage: int) -> tuple[DictConfig, int, float, str | None]:
     """The config of cascade stage ``stage``: ``cfg`` with ``cascade.stages.<stage>`` merged in.
 
@@ -340,19 +228,23 @@ def stage_config(cfg: DictConfig, stage: int) -> tuple[DictConfig, int, float, s
     scfg = cfg.copy()
     with open_dict(scfg):
         for key, value in over.items():
-            if key in STAGE_KEYS:
+            if key in CASCADE_STAGE_KNOBS:
                 continue
             OmegaConf.update(scfg, str(key), value, merge=True, force_add=True)
     epochs = over.get("epochs")
     epochs = int(cfg.schedule.total_epochs if epochs is None else epochs)
     sigma = over.get("sigma")
     sigma = float(cfg.cascade.sigma if sigma is None else sigma)
+    span_schedule(scfg, epochs)
+    return scfg, epochs, sigma, over.get("init_from")
+
+
+def span_schedule(scfg: DictConfig, epochs: int) -> None:
+    """Makes the learning-rate curve of ``scfg`` span ``epochs`` epochs (in place)."""
     with open_dict(scfg):
-        # The learning-rate curve spans this stage's epochs.
         sched = scfg.get("module", {}).get("scheduler")
         if sched is not None and "total_epochs" in sched:
             scfg.module.scheduler.total_epochs = epochs
-    return scfg, epochs, sigma, over.get("init_from")
 
 
 def stage1_weights(
@@ -411,8 +303,6 @@ def write_overlays(
     dataset: Any, pred: np.ndarray, folder: Path, count: int
 ) -> list[tuple[str, np.ndarray]]:
     """PNGs of the first ``count`` persons: ground truth in green, the cascade's estimate in red."""
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     images = []
     for i in range(min(count, len(dataset))):
@@ -421,14 +311,13 @@ def write_overlays(
         img = draw_skeleton(item["image"], kp[:, :2], kp[:, 2], colour=(40, 220, 40), thickness=1)
         img = draw_skeleton(img, pred[i], None, colour=(255, 50, 50), thickness=1)
         name = f"{i:04d}_{Path(item['name']).stem}.png"
-        Image.fromarray(img).save(folder / name)
+        with atomic_path(folder / name) as tmp:
+            Image.fromarray(img).save(tmp)
         images.append((name, img))
     return images
 
 
 def _wandb_loggers(loggers: list[Any]) -> list[Any]:
-    from lightning.pytorch.loggers import WandbLogger
-
     return [lg for lg in loggers if isinstance(lg, WandbLogger)]
 
 
@@ -442,6 +331,68 @@ def _log_to_wandb(loggers: list[Any], stage: int, scores: dict[str, Any], overla
         lg.experiment.log(flat)
 
 
+@dataclass
+class CascadeData:
+    """What every stage of one cascade reads: the datamodule, the val and training persons and the
+    training persons on which stage errors are measured."""
+
+    datamodule: PoseDataModule
+    val_set: Any
+    val: dict[str, np.ndarray]
+    train: dict[str, np.ndarray]
+    #: indices of the training persons whose errors drive the next stage (sorted)
+    err_idx: np.ndarray
+    #: (len(err_idx),) person-box sides in pixels, the unit of the error statistics
+    box_side: np.ndarray
+    #: the official val annotations (``mpii_gt_val.mat``) and the val persons' rows in it, or None
+    gt_val_mat: Any
+    val_rows: list[int]
+    #: training persons on which errors are measured (``cascade.error_persons``), None: all
+    error_persons: int | None
+
+
+@dataclass
+class Estimates:
+    """What stage s hands to stage s+1: the cascade's estimates so far and the error statistics."""
+
+    val_pred: np.ndarray | None = None
+    train_pred: np.ndarray | None = None
+    displacement: tuple[np.ndarray, np.ndarray] | None = None
+    errors_hash: str | None = None
+
+
+def cascade_data(cfg: DictConfig) -> CascadeData:
+    """Builds and reads the pose datamodule of ``cfg`` (call after seeding)."""
+    datamodule = build_datamodule(cfg)
+    if not isinstance(datamodule, PoseDataModule):
+        raise ConfigError(f"data={cfg.data._target_} is not a pose datamodule (configure_stage)")
+    datamodule.prepare_data()
+    val_set = datamodule.dataset("val")
+    train_set = datamodule.dataset("train")
+    train = train_set.arrays()
+    # The training persons on which stage errors are measured (the paper uses the training set).
+    limit = cfg.cascade.get("error_persons")
+    n_train = len(train_set)
+    rng = np.random.default_rng(int(cfg.seed))
+    err_idx = (
+        np.sort(rng.choice(n_train, int(limit), replace=False))
+        if limit is not None and int(limit) < n_train
+        else np.arange(n_train)
+    )
+    return CascadeData(
+        datamodule=datamodule,
+        val_set=val_set,
+        val=val_set.arrays(),
+        train=train,
+        err_idx=err_idx,
+        box_side=200.0 * train["scale"][err_idx] * datamodule.enlarge,
+        gt_val_mat=find_annotation(datamodule.root, ("mpii_gt_val.mat", "gt_valid.mat")),
+        # The gt-mat rows of the val persons (persons without a usable box were skipped).
+        val_rows=[int(r.get("source_index", i)) for i, r in enumerate(val_set.records)],
+        error_persons=limit,
+    )
+
+
 def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Trains and evaluates the cascade of ``cfg``; returns the results.json entry.
 
@@ -451,217 +402,27 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         :func:`lightning_modules.pose_metrics.pose_scores` (the same on every rank).
     """
     num_stages = validate_cascade(cfg)
-    casc = cfg.cascade
     rank = launcher_rank()
-    launch = _launch_id(rank)
+    launch = launch_id(rank)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    if not hasattr(datamodule, "configure_stage"):
-        raise ConfigError(f"data={cfg.data._target_} is not a pose datamodule (configure_stage)")
-    datamodule.prepare_data()
-    val_set = datamodule.dataset("val")
-    val = val_set.arrays()
-    train_set = datamodule.dataset("train")
-    train = train_set.arrays()
-    # The training persons on which stage errors are measured (the paper uses the training set).
-    limit = casc.get("error_persons")
-    n_train = len(train_set)
-    rng = np.random.default_rng(int(cfg.seed))
-    err_idx = (
-        np.sort(rng.choice(n_train, int(limit), replace=False))
-        if limit is not None and int(limit) < n_train
-        else np.arange(n_train)
-    )
-    box_side = 200.0 * train["scale"][err_idx] * datamodule.enlarge
-    gt_val_mat = find_annotation(datamodule.root, ("mpii_gt_val.mat", "gt_valid.mat"))
-    # The gt-mat rows of the val persons (persons without a usable box were skipped).
-    val_rows = [int(r.get("source_index", i)) for i, r in enumerate(val_set.records)]
+    data = cascade_data(cfg)
     device = trainer_device(cfg)
-
     results: dict[str, Any] = {
         "task_name": cfg.task_name,
         "schedule": "cascade",
         "num_stages": num_stages,
         "stages": {},
     }
-    val_pred: np.ndarray | None = None
-    train_pred: np.ndarray | None = None
-    displacement: tuple[np.ndarray, np.ndarray] | None = None
-    errors_hash: str | None = None
+    state = Estimates()
     for s in range(1, num_stages + 1):
-        scfg, epochs, sigma, init_from = stage_config(cfg, s)
-        init_from, start_from = stage1_weights(cfg, s, init_from)
-        stage_dir = out_dir / f"stage{s}"
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        record = stage_record(scfg, s, epochs, sigma, init_from, errors_hash, start_from)
-        digest = config_hash(record)
-        # The errors of stage s also depend on which training persons measure them.
-        errors_hash = config_hash(
-            {"weights": digest, "error_persons": limit, "seed": int(cfg.seed)}
-        )
-        input_size = int(scfg.model.input_size)
-        datamodule.set_stage_options(**stage_data_options(scfg))
-        datamodule.configure_stage(
-            s, input_size=input_size, sigma=sigma, displacement=displacement, val_centers=val_pred
-        )
-        pl.seed_everything(int(cfg.seed) + s - 1, workers=True)
-        module = build_pose_module(scfg, s)
-        final = stage_dir / "final.ckpt"
-        entry: dict[str, Any] = {"epochs": epochs, "input_size": input_size, "config_hash": digest}
-        if s >= 2:
-            entry["sigma"] = sigma
-        loggers = build_loggers(scfg, stage_dir, name_suffix=f"-stage{s}")
-        # False once the stage trains in this run: its errors are then measured afresh, never
-        # read from an errors.json of earlier weights.
-        reused = True
-        if init_from:
-            module.load_init_weights(init_from)
-            # The hash was taken from an earlier read: the weights must be those bytes.
-            if (
-                file_digest(Path(init_from), f"cascade.stages.{s}")
-                != record["stage"]["init_weights"]
-            ):
-                raise ConfigError(
-                    f"cascade.stages.{s}.init_from={init_from} changed while this run read it"
-                )
-            entry["init_from"] = str(init_from)
-        elif cfg.train and not (cfg.get("resume") and final.is_file()):
-            ckpt_path = resume_checkpoint(cfg, stage_dir)
-            if ckpt_path is not None:
-                check_stage_record(stage_dir, s, digest, Path(ckpt_path))
-            if rank == 0:
-                # Before the fit (which starts the other ranks of Lightning's ddp launcher): they
-                # must not find a handoff of an earlier run of this stage.
-                (stage_dir / "handoff.json").unlink(missing_ok=True)
-                # Errors measured on earlier weights of this stage must never be paired with
-                # the weights trained now (same config hash, other run).
-                (stage_dir / "errors.json").unlink(missing_ok=True)
-                (stage_dir / "train_predictions.npy").unlink(missing_ok=True)
-                _write_json(stage_dir / "stage.json", {"hash": digest, "config": record})
-            reused = False
-            trainer = build_trainer(
-                scfg,
-                stage_dir,
-                max_epochs=epochs,
-                loggers=loggers,
-                final_checkpoint=final,
-                seed=int(cfg.seed) + s - 1,
-            )
-            if start_from and ckpt_path is None:
-                module.load_init_weights(start_from)
-                entry["start_from"] = str(start_from)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-            # Spawn launchers train in child processes: the weights come back through final.ckpt.
-            load_module_weights(module, final)
-            entry["checkpoints"] = {**checkpoint_paths(trainer), "final": str(final)}
-        elif final.is_file():
-            if cfg.train:
-                check_stage_record(stage_dir, s, digest, final)
-            else:
-                saved = _read_json(stage_dir / "stage.json") or {}
-                if saved.get("hash") != digest:
-                    log.warning(
-                        "train=false: stage %d's %s was trained with another config (hash %s, "
-                        "this config %s); evaluating it anyway",
-                        s,
-                        final,
-                        saved.get("hash"),
-                        digest,
-                    )
-            log.info("stage %d: using the trained weights of %s", s, final)
-            load_module_weights(module, final)
-            entry["checkpoints"] = {"final": str(final)}
-        else:
-            raise ConfigError(
-                f"stage {s} has no weights: train=false needs {final} or cascade.stages.{s}.init_from"
-            )
-
-        if rank != 0:
-            # Rank 0 evaluates and measures the errors; this rank uses its numbers.
-            handoff = await_handoff(stage_dir, digest, launch)
-            entry = handoff["entry"]
-            val_pred = np.load(stage_dir / "val_predictions.npy")
-            if handoff.get("displacement") is not None:
-                d = handoff["displacement"]
-                displacement = (np.asarray(d["mean"]), np.asarray(d["cov"]))
-            results["stages"][f"stage{s}"] = entry
-            continue
-
-        try:
-            # The whole cascade so far on val: stage s refines the stage s-1 estimates.
-            loader = datamodule.predict_loader(
-                "val", centers=val_pred, input_size=input_size, sigma=sigma
-            )
-            val_pred = predict(module, loader, len(val_set), device)
-            scores = evaluate_pose(
-                val_pred, val["keypoints"][..., :2], val["keypoints"][..., 2], val["head_size"]
-            )
-            entry["val"] = scores
-            if gt_val_mat is not None:
-                entry["val_official_PCKh"] = evaluate_official(val_pred, gt_val_mat, val_rows)[
-                    "PCKh"
-                ]
-            _save_npy(stage_dir / "val_predictions.npy", val_pred)
-            print(
-                format_pose_table(
-                    scores, f"\nMPII val, cascade of {s} stage(s) (PCKh@0.5 / PCP, %)"
-                )
-            )
-            overlays = write_overlays(
-                val_set, val_pred, stage_dir / "overlays", int(casc.get("num_overlays", 4))
-            )
-            _log_to_wandb(loggers, s, scores, overlays)
-
-            if s < num_stages:
-                stats = _stage_errors(
-                    stage_dir,
-                    errors_hash,
-                    reused,
-                    module,
-                    datamodule,
-                    train_pred,
-                    err_idx,
-                    train,
-                    box_side,
-                    input_size,
-                    sigma,
-                    device,
-                )
-                train_pred, displacement = stats["train_pred"], (stats["mean"], stats["cov"])
-                entry["train_error_rms"] = stats["rms"]
-            _write_json(
-                stage_dir / "handoff.json",
-                {
-                    "hash": digest,
-                    "launch": launch,
-                    "entry": entry,
-                    "displacement": None
-                    if s == num_stages
-                    else {"mean": displacement[0].tolist(), "cov": displacement[1].tolist()},
-                },
-            )
-        except BaseException as error:
-            # The other ranks wait for this handoff: tell them rank 0 failed instead of leaving
-            # them polling forever (Lightning's ddp launcher does not stop them).
-            _write_json(
-                stage_dir / "handoff.json",
-                {"hash": digest, "launch": launch, "error": f"{type(error).__name__}: {error}"},
-            )
-            raise
-        results["stages"][f"stage{s}"] = entry
-        # One W&B run per stage (their steps restart), grouped by task_name.
-        if (
-            _wandb_loggers(loggers)
-            and "wandb" in sys.modules
-            and sys.modules["wandb"].run is not None
-        ):
-            sys.modules["wandb"].finish()
+        stage = run_stage(cfg, out_dir, s, num_stages, data, state, device, rank, launch)
+        results["stages"][f"stage{s}"] = stage
     results["PCKh_per_stage"] = [
         results["stages"][f"stage{s}"]["val"]["PCKh"] for s in range(1, num_stages + 1)
     ]
     results["val"] = results["stages"][f"stage{num_stages}"]["val"]
-    if casc.get("control"):
-        control = run_control(cfg, out_dir, datamodule, num_stages, device, rank)
+    if cfg.cascade.get("control"):
+        control = run_control(cfg, out_dir, data.datamodule, num_stages, device, rank)
         if control is not None:
             results["control"] = control
             results["cascade_minus_control_PCKh"] = results["val"]["PCKh"] - control["val"]["PCKh"]
@@ -671,6 +432,236 @@ def run_pose(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                 f"{control['val']['PCKh']:.2f}"
             )
     return results
+
+
+def run_stage(
+    cfg: DictConfig,
+    out_dir: Path,
+    s: int,
+    num_stages: int,
+    data: CascadeData,
+    state: Estimates,
+    device: torch.device,
+    rank: int,
+    launch: str | None,
+) -> dict[str, Any]:
+    """Stage ``s``: its weights (trained, resumed or loaded), then on rank 0 the cascade so far on
+    val and the errors for stage s+1, handed to the other ranks; updates ``state``.
+
+    Returns:
+        The stage's results entry (the same on every rank).
+    """
+    scfg, epochs, sigma, init_from = stage_config(cfg, s)
+    init_from, start_from = stage1_weights(cfg, s, init_from)
+    stage_dir = out_dir / f"stage{s}"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    record = stage_record(scfg, s, epochs, sigma, init_from, state.errors_hash, start_from)
+    digest = config_hash(record)
+    # The errors of stage s also depend on which training persons measure them.
+    state.errors_hash = config_hash(
+        {"weights": digest, "error_persons": data.error_persons, "seed": int(cfg.seed)}
+    )
+    input_size = int(scfg.model.input_size)
+    data.datamodule.set_stage_options(**stage_data_options(scfg))
+    data.datamodule.configure_stage(
+        s,
+        input_size=input_size,
+        sigma=sigma,
+        displacement=state.displacement,
+        val_centers=state.val_pred,
+    )
+    pl.seed_everything(int(cfg.seed) + s - 1, workers=True)
+    module = build_pose_module(scfg, s)
+    entry: dict[str, Any] = {"epochs": epochs, "input_size": input_size, "config_hash": digest}
+    if s >= 2:
+        entry["sigma"] = sigma
+    loggers = build_loggers(scfg, stage_dir, name_suffix=f"-stage{s}")
+    weights = StageWeights(scfg, data.datamodule, stage_dir, s, epochs, digest, record, rank)
+    reused = weights.obtain(cfg, module, loggers, init_from, start_from, entry)
+    if rank != 0:
+        return follow_rank0(stage_dir, digest, launch, state)
+    try:
+        evaluate_stage(cfg, stage_dir, s, sigma, data, state, module, loggers, entry, device)
+        displacement = None
+        if s < num_stages:
+            stats = _stage_errors(
+                stage_dir, state.errors_hash, reused, module, data, state.train_pred, input_size,
+                sigma, device
+            )  # fmt: skip
+            state.train_pred = stats["train_pred"]
+            state.displacement = (stats["mean"], stats["cov"])
+            entry["train_error_rms"] = stats["rms"]
+            displacement = {"mean": stats["mean"].tolist(), "cov": stats["cov"].tolist()}
+        publish_handoff(stage_dir, digest, launch, entry=entry, displacement=displacement)
+    except BaseException as error:
+        # The other ranks wait for this handoff: tell them rank 0 failed instead of leaving
+        # them polling forever (Lightning's ddp launcher does not stop them).
+        publish_handoff(stage_dir, digest, launch, error=f"{type(error).__name__}: {error}")
+        raise
+    # One W&B run per stage (their steps restart), grouped by task_name.
+    if _wandb_loggers(loggers) and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
+    return entry
+
+
+def follow_rank0(
+    stage_dir: Path, digest: str, launch: str | None, state: Estimates
+) -> dict[str, Any]:
+    """A rank other than 0: takes rank 0's val estimates and error statistics of the stage (so
+    that every rank builds the next stage's data from the same numbers); returns its entry."""
+    handoff = await_handoff(stage_dir, digest, launch)
+    state.val_pred = np.load(stage_dir / "val_predictions.npy")
+    if handoff.get("displacement") is not None:
+        d = handoff["displacement"]
+        state.displacement = (np.asarray(d["mean"]), np.asarray(d["cov"]))
+    return handoff["entry"]
+
+
+@dataclass
+class StageWeights:
+    """Where the weights of one cascade stage come from: ``init_from``, a fit (fresh or resumed),
+    or the ``final.ckpt`` of an earlier run of the same config."""
+
+    scfg: DictConfig
+    datamodule: Any
+    stage_dir: Path
+    stage: int
+    epochs: int
+    digest: str
+    record: dict[str, Any]
+    rank: int
+
+    def obtain(
+        self,
+        cfg: DictConfig,
+        module: PoseRegressionLitModule,
+        loggers: list[Any],
+        init_from: str | None,
+        start_from: str | None,
+        entry: dict[str, Any],
+    ) -> bool:
+        """Puts the stage's weights into ``module`` and records where they came from in
+        ``entry``; returns False when the stage trained in this run (its errors are then measured
+        afresh, never read from an ``errors.json`` of earlier weights)."""
+        final = self.stage_dir / "final.ckpt"
+        if init_from:
+            self.load_init(module, init_from)
+            entry["init_from"] = str(init_from)
+            return True
+        if cfg.train and not (cfg.get("resume") and final.is_file()):
+            self.fit(cfg, module, loggers, start_from, entry)
+            return False
+        if not final.is_file():
+            raise ConfigError(
+                f"stage {self.stage} has no weights: train=false needs {final} or "
+                f"cascade.stages.{self.stage}.init_from"
+            )
+        self.check_final(cfg, final)
+        log.info("stage %d: using the trained weights of %s", self.stage, final)
+        load_module_weights(module, final)
+        entry["checkpoints"] = {"final": str(final)}
+        return True
+
+    def load_init(self, module: PoseRegressionLitModule, init_from: str) -> None:
+        key = f"cascade.stages.{self.stage}"
+        module.load_init_weights(init_from)
+        # The hash was taken from an earlier read: the weights must be those bytes.
+        if file_digest(Path(init_from), key) != self.record["stage"]["init_weights"]:
+            raise ConfigError(f"{key}.init_from={init_from} changed while this run read it")
+
+    def fit(
+        self,
+        cfg: DictConfig,
+        module: PoseRegressionLitModule,
+        loggers: list[Any],
+        start_from: str | None,
+        entry: dict[str, Any],
+    ) -> None:
+        stage_dir, final = self.stage_dir, self.stage_dir / "final.ckpt"
+        ckpt_path = resume_checkpoint(cfg, stage_dir)
+        if ckpt_path is not None:
+            check_stage_record(stage_dir, self.stage, self.digest, Path(ckpt_path))
+        if self.rank == 0:
+            # Before the fit (which starts the other ranks of Lightning's ddp launcher): they
+            # must not find a handoff of an earlier run of this stage.
+            (stage_dir / "handoff.json").unlink(missing_ok=True)
+            # Errors measured on earlier weights of this stage must never be paired with
+            # the weights trained now (same config hash, other run).
+            (stage_dir / "errors.json").unlink(missing_ok=True)
+            (stage_dir / "train_predictions.npy").unlink(missing_ok=True)
+            write_json(
+                stage_dir / "stage.json",
+                {"hash": self.digest, "config": self.record},
+                keep_nan=True,
+            )
+        trainer = build_trainer(
+            self.scfg,
+            stage_dir,
+            max_epochs=self.epochs,
+            loggers=loggers,
+            final_checkpoint=final,
+            seed=int(cfg.seed) + self.stage - 1,
+        )
+        if start_from and ckpt_path is None:
+            module.load_init_weights(start_from)
+            entry["start_from"] = str(start_from)
+        trainer.fit(module, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        # Spawn launchers train in child processes: the weights come back through final.ckpt.
+        load_module_weights(module, final)
+        entry["checkpoints"] = {**checkpoint_paths(trainer), "final": str(final)}
+
+    def check_final(self, cfg: DictConfig, final: Path) -> None:
+        if cfg.train:
+            check_stage_record(self.stage_dir, self.stage, self.digest, final)
+            return
+        saved = read_json(self.stage_dir / "stage.json") or {}
+        if saved.get("hash") != self.digest:
+            log.warning(
+                "train=false: stage %d's %s was trained with another config (hash %s, "
+                "this config %s); evaluating it anyway",
+                self.stage,
+                final,
+                saved.get("hash"),
+                self.digest,
+            )
+
+
+def evaluate_stage(
+    cfg: DictConfig,
+    stage_dir: Path,
+    s: int,
+    sigma: float,
+    data: CascadeData,
+    state: Estimates,
+    module: PoseRegressionLitModule,
+    loggers: list[Any],
+    entry: dict[str, Any],
+    device: torch.device,
+) -> None:
+    """Rank 0: the whole cascade so far on val (stage s refines the stage s-1 estimates), its
+    scores into ``entry``, predictions and overlays into ``stage_dir``."""
+    input_size = entry["input_size"]
+    loader = data.datamodule.predict_loader(
+        "val", centers=state.val_pred, input_size=input_size, sigma=sigma
+    )
+    state.val_pred = predict(module, loader, len(data.val_set), device)
+    val = data.val
+    scores = evaluate_pose(
+        state.val_pred, val["keypoints"][..., :2], val["keypoints"][..., 2], val["head_size"]
+    )
+    entry["val"] = scores
+    if data.gt_val_mat is not None:
+        official = evaluate_official(state.val_pred, data.gt_val_mat, data.val_rows)
+        entry["val_official_PCKh"] = official["PCKh"]
+    save_npy(stage_dir / "val_predictions.npy", state.val_pred)
+    print(format_pose_table(scores, f"\nMPII val, cascade of {s} stage(s) (PCKh@0.5 / PCP, %)"))
+    overlays = write_overlays(
+        data.val_set,
+        state.val_pred,
+        stage_dir / "overlays",
+        int(cfg.cascade.get("num_overlays", 4)),
+    )
+    _log_to_wandb(loggers, s, scores, overlays)
 
 
 def crop_passes(cfg: DictConfig, num_stages: int) -> int:
@@ -708,10 +699,7 @@ def run_control(
     budget = crop_passes(cfg, num_stages)
     epochs = int(casc.get("control_epochs") or budget)
     scfg, _, _, _ = stage_config(cfg, 1)
-    with open_dict(scfg):
-        sched = scfg.get("module", {}).get("scheduler")
-        if sched is not None and "total_epochs" in sched:
-            scfg.module.scheduler.total_epochs = epochs
+    span_schedule(scfg, epochs)
     control_dir = out_dir / "control"
     control_dir.mkdir(parents=True, exist_ok=True)
     digest = config_hash(stage_record(scfg, 1, epochs, 0.0, None, None))
@@ -727,7 +715,9 @@ def run_control(
         if ckpt_path is not None:
             check_stage_record(control_dir, 1, digest, Path(ckpt_path))
         if rank == 0:
-            _write_json(control_dir / "stage.json", {"hash": digest, "epochs": epochs})
+            write_json(
+                control_dir / "stage.json", {"hash": digest, "epochs": epochs}, keep_nan=True
+            )
         trainer = build_trainer(
             scfg,
             control_dir,
@@ -753,7 +743,7 @@ def run_control(
     scores = evaluate_pose(
         pred, val["keypoints"][..., :2], val["keypoints"][..., 2], val["head_size"]
     )
-    _save_npy(control_dir / "val_predictions.npy", pred)
+    save_npy(control_dir / "val_predictions.npy", pred)
     print(format_pose_table(scores, f"\nMPII val, stage 1 alone for {epochs} epochs (control)"))
     return {"epochs": epochs, "cascade_crop_passes": budget, "config_hash": digest, "val": scores}
 
@@ -763,11 +753,8 @@ def _stage_errors(
     errors_hash: str,
     reused: bool,
     module: PoseRegressionLitModule,
-    datamodule: Any,
+    data: CascadeData,
     train_pred: np.ndarray | None,
-    err_idx: np.ndarray,
-    train: dict[str, np.ndarray],
-    box_side: np.ndarray,
     input_size: int,
     sigma: float,
     device: torch.device,
@@ -782,7 +769,7 @@ def _stage_errors(
     """
     errors_file = stage_dir / "errors.json"
     pred_file = stage_dir / "train_predictions.npy"
-    saved = _read_json(errors_file) if reused else None
+    saved = read_json(errors_file) if reused else None
     if saved is not None and saved.get("hash") == errors_hash and pred_file.is_file():
         log.info("%s: reusing the error statistics of %s", stage_dir.name, errors_file)
         return {
@@ -791,8 +778,9 @@ def _stage_errors(
             "rms": saved.get("train_error_rms"),
             "train_pred": np.load(pred_file),
         }
+    train, err_idx, box_side = data.train, data.err_idx, data.box_side
     # Stage s's errors on training persons drive stage s+1's simulated inputs.
-    loader = datamodule.predict_loader(
+    loader = data.datamodule.predict_loader(
         "train", centers=train_pred, indices=err_idx, input_size=input_size, sigma=sigma
     )
     full = predict(module, loader, len(train["scale"]), device)
@@ -801,8 +789,8 @@ def _stage_errors(
     mean, cov, count = error_statistics(errors, labelled)
     rms = float(np.sqrt(np.nanmean((errors**2).sum(-1)[labelled > 0])))
     # rows outside err_idx stay NaN and are never used as centres
-    _save_npy(pred_file, full)
-    _write_json(
+    save_npy(pred_file, full)
+    write_json(
         errors_file,
         {
             "hash": errors_hash,
@@ -813,6 +801,7 @@ def _stage_errors(
             "count": count.tolist(),
             "train_error_rms": rms,
         },
+        keep_nan=True,
     )
     # The numbers the file holds (JSON keeps float64 exactly), as a resumed run reads them.
     return {"mean": mean, "cov": cov, "rms": rms, "train_pred": full}

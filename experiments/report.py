@@ -38,8 +38,8 @@ import yaml
 from omegaconf import DictConfig
 
 from datamodules.cli import command
+from datamodules.errors import ConfigError
 from datamodules.files import atomic_path, atomic_write
-from experiments.train import ConfigError
 from experiments.variants import SWITCHES, Variant, describe
 
 log = logging.getLogger(__name__)
@@ -649,8 +649,8 @@ def predict_examples(rim: Fit, images: int) -> list[tuple[Any, Any, Any, Any]]:
     from omegaconf import OmegaConf, open_dict
 
     from datamodules.batch import network_batch
-    from experiments.stages import stage1_overrides
-    from experiments.train import build_datamodule, build_module
+    from experiments.build import build_datamodule, build_module
+    from experiments.keys import stage1_overrides
     from lightning_modules.dashboard import validation_example
 
     base_dir = (rim.results.get("baseline") or {}).get("dir")

@@ -21,21 +21,12 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from experiments.stages import Stage1, shared_baseline, shared_stage1, stage1_key
-from experiments.train import (
-    ConfigError,
-    build_datamodule,
-    build_module,
-    build_trainer,
-    checkpoint_paths,
-    enable_prediction_pngs,
-    eval_protocol,
-    evaluated_checkpoint,
-    final_scores,
-    read_scores,
-    resume_checkpoint,
-    summarise,
-)
+from datamodules.errors import ConfigError
+from experiments.build import build_datamodule, build_module, build_trainer
+from experiments.checkpoints import evaluated_checkpoint, resume_checkpoint
+from experiments.keys import stage1_key
+from experiments.results import checkpoint_paths, eval_protocol, prediction_writer, scored
+from experiments.stages import Stage1, shared_baseline, shared_stage1
 from lightning_modules.loggers import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -84,29 +75,8 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["stage1"] = {"dir": str(stage1.directory), "checkpoint": str(stage1.checkpoint)}
         results["val"] = stage1.val
         return results
-
     if not cfg.train:
-        # Evaluation only: score the given stage-2 (or any rimlab) checkpoint, train nothing.
-        evaluated = evaluated_checkpoint(cfg, cfg.get("ckpt_path"))
-        ckpt = evaluated["checkpoint"]
-        datamodule = build_datamodule(cfg)
-        module = build_module(cfg, stage2_overrides(cfg))
-        module.load_init_weights(str(ckpt))
-        trainer = build_trainer(cfg, out_dir / "eval", max_epochs=1)
-        enable_prediction_pngs(cfg, module, datamodule, out_dir)
-        results["checkpoint"] = str(ckpt)
-        results["evaluated"] = evaluated
-        results["eval_protocol"] = eval_protocol(cfg)
-        results["val"] = summarise(
-            module, final_scores(trainer, module, datamodule, "val"), f"evaluation of {ckpt}"
-        )
-        if cfg.get("test") and getattr(datamodule, "has_test_labels", False):
-            results["test"] = summarise(
-                module,
-                final_scores(trainer, module, datamodule, "test"),
-                f"test evaluation of {ckpt}",
-            )
-        return results
+        return evaluate_stage2(cfg, out_dir, results)
 
     init, stage1 = _stage1_for_stage2(cfg)
     results["stage1"] = {"checkpoint": str(init)}
@@ -130,37 +100,60 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         seed=stage2_seed,
         role="stage2",
     )
-    if cfg.train:
-        ckpt_path = cfg.get("ckpt_path") or resume_checkpoint(cfg, stage_dir)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    results["val"] = summarise(
-        module, final_scores(trainer, module, datamodule, "val"), "RIM stage 2 (final weights)"
-    ) or read_scores(stage_dir)
+    ckpt_path = cfg.get("ckpt_path") or resume_checkpoint(cfg, stage_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    results["val"] = scored(
+        trainer, module, datamodule, "val", "RIM stage 2 (final weights)", stage_dir
+    )
     if cfg.get("test"):
-        if getattr(datamodule, "has_test_labels", False):
-            results["test"] = summarise(
-                module, final_scores(trainer, module, datamodule, "test"), "RIM stage 2 on test"
-            )
+        if datamodule.has_test_labels:
+            results["test"] = scored(trainer, module, datamodule, "test", "RIM stage 2 on test")
         else:
             log.warning("test=true but the test split has no labels: nothing to score")
-    sampling = module.sampling_report()
-    if sampling is not None:
-        results["sampling"] = sampling
-    names = module.class_names
-    results["stage1"]["early_cpa_epoch"] = int(module.early_cpa_epoch)
-    # The matrix itself: both CPA readings (and any later one) can be derived from it.
-    results["stage1"]["early_confusion"] = module.early_confusion.cpu().tolist()
-    if hasattr(datamodule, "class_pixel_counts"):
-        counts = datamodule.class_pixel_counts()
-        results["class_pixel_counts"] = dict(zip(names, (int(c) for c in counts), strict=True))
-        regions = datamodule.class_region_counts()
-        results["class_region_counts"] = dict(zip(names, (int(c) for c in regions), strict=True))
-    if cfg.train:
-        results["checkpoints"] = checkpoint_paths(trainer)
+    results.update(stage2_statistics(module, datamodule, results["stage1"]))
+    results["checkpoints"] = checkpoint_paths(trainer)
     # Stage 2's own W&B run ends with its evaluation (stage 1 and the baseline ended theirs).
     finish_wandb(trainer.loggers, results["val"])
     print_comparison(results)
     return results
+
+
+def evaluate_stage2(cfg: DictConfig, out_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """``train=false``: scores the given stage-2 (or any rimlab) checkpoint, trains nothing."""
+    evaluated = evaluated_checkpoint(cfg, cfg.get("ckpt_path"))
+    ckpt = evaluated["checkpoint"]
+    datamodule = build_datamodule(cfg)
+    writer = prediction_writer(cfg, datamodule, out_dir)
+    module = build_module(cfg, stage2_overrides(cfg), prediction_writer=writer)
+    module.load_init_weights(str(ckpt))
+    trainer = build_trainer(cfg, out_dir / "eval", max_epochs=1)
+    results["checkpoint"] = str(ckpt)
+    results["evaluated"] = evaluated
+    results["eval_protocol"] = eval_protocol(cfg)
+    results["val"] = scored(trainer, module, datamodule, "val", f"evaluation of {ckpt}")
+    if cfg.get("test") and datamodule.has_test_labels:
+        results["test"] = scored(trainer, module, datamodule, "test", f"test evaluation of {ckpt}")
+    return results
+
+
+def stage2_statistics(
+    module: pl.LightningModule, datamodule: pl.LightningDataModule, stage1: dict[str, Any]
+) -> dict[str, Any]:
+    """The results.json entries that say what stage 2 sampled from: the sampler's report, the
+    stage-1 confusion matrix it read (into ``stage1``), the class pixel and region counts."""
+    out: dict[str, Any] = {}
+    sampling = module.sampling_report()
+    if sampling is not None:
+        out["sampling"] = sampling
+    names = module.class_names
+    stage1["early_cpa_epoch"] = int(module.early_cpa_epoch)
+    # The matrix itself: both CPA readings (and any later one) can be derived from it.
+    stage1["early_confusion"] = module.early_confusion.cpu().tolist()
+    counts = datamodule.class_pixel_counts()
+    out["class_pixel_counts"] = dict(zip(names, (int(c) for c in counts), strict=True))
+    regions = datamodule.class_region_counts()
+    out["class_region_counts"] = dict(zip(names, (int(c) for c in regions), strict=True))
+    return out
 
 
 def print_comparison(results: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """What a job is, read from its resolved config: network, sampler, loss and switches, and its name.
 
-One table (:data:`SWITCHES`) lists the keys that make one RIM variant differ from another; the W&B
+:data:`SWITCHES` are the keys that make one RIM variant differ from another, read from the table
+of config keys (:data:`experiments.keys.KEYS`, field ``variant``); the W&B
 loggers (config columns, run names) and the sweep report (grouping, pairing, table rows) both read it
 through :func:`describe`, so a run is called the same thing everywhere:
 
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from experiments.keys import KEYS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NOT_RECORDED = "not recorded"
@@ -56,28 +59,18 @@ class Switch:
     needs: tuple[str, ...] = ()
 
 
-SWITCHES: tuple[Switch, ...] = (
-    Switch("backbone", "model.backbone"),
-    Switch("cpa", "sampler.cpa", "sampler/{source}.yaml", ("sampler",)),
-    Switch("eta", "sampler.eta", "sampler/{source}.yaml", ("sampler",)),
-    Switch("nrbs_count", "sampler.nrbs_count", "sampler/{source}.yaml", ("sampler",)),
-    Switch("min_prob", "sampler.min_prob", "sampler/{source}.yaml", ("sampler",)),
-    Switch("main_loss", "loss.main._target_", "loss/ce_ilm.yaml"),
-    Switch("ilm_weight", "loss.ilm_weight", "loss/ce_ilm.yaml", ("ilm",)),
-    Switch("margin", "loss.ilm.margin", "loss/ce_ilm.yaml", ("ilm",)),
-    Switch("ilm_region", "loss.ilm_region", "loss/ce_ilm.yaml", ("ilm",)),
-    Switch("main_normalizer", "loss.main_normalizer", "loss/ce_ilm.yaml", ("stage2",)),
-    Switch("side_target", "loss.side_target", "loss/ce_ilm.yaml", ("stage2",)),
-    Switch("cpa_epoch", "schedule.cpa_epoch", None, ("sampler",)),
-    Switch("stage1_epochs", "schedule.stage1_epochs"),
-    Switch("total_epochs", "schedule.total_epochs"),
-    Switch("base_size", "data.base_size"),
-    Switch("augmentation", "data.augmentation"),
-    Switch("flip_prob", "data.flip_prob"),
+SWITCHES: tuple[Switch, ...] = tuple(
+    Switch(k.variant, dotted, k.variant_default, k.variant_needs)
+    for dotted, k in KEYS.items()
+    if k.variant is not None and not k.variant_info
 )
 # Recorded as W&B columns and in the report's settings table, never part of a name: both MPA
 # readings are always reported, whatever MPA itself averages.
-INFO_SWITCHES: tuple[Switch, ...] = (Switch("mpa", "metrics.mpa", "run.yaml"),)
+INFO_SWITCHES: tuple[Switch, ...] = tuple(
+    Switch(k.variant, dotted, k.variant_default, k.variant_needs)
+    for dotted, k in KEYS.items()
+    if k.variant is not None and k.variant_info
+)
 
 
 def select(cfg: Any, key: str) -> Any:

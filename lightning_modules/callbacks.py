@@ -8,16 +8,47 @@ import random
 import signal as signal_module
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from datamodules.files import write_json
+from datamodules.files import json_safe, write_json
+from lightning_modules.metrics import scores_to_json
+from samplers.regional import class_pixel_accuracy
 from samplers.seeding import mix_seed
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Reseeded(Protocol):
+    """A module with random draws of its own generator (the regional sampler's)."""
+
+    def reseed(self, seed: int) -> None: ...
+
+
+@runtime_checkable
+class Scored(Protocol):
+    """A module that keeps its last evaluation's scores per split (``"val"``, ``"test"``)."""
+
+    last_scores: dict[str, Any]
+    class_names: list[str]
+
+
+class EarlyConfusion(Protocol):
+    """A module that records the confusion matrix of an early epoch's training batches (ARBS)."""
+
+    #: the 1-based epoch recorded (0: none yet)
+    early_cpa_epoch: torch.Tensor
+
+    def measure_train_confusion(self, on: bool) -> None:
+        """Accumulates the training confusion matrix in this epoch (``on``) or as configured."""
+
+    def record_early_confusion(self, epoch: int) -> torch.Tensor:
+        """Stores this epoch's training confusion matrix as that of ``epoch``; returns it
+        ``(C, C)``."""
 
 
 class EpochSeed(pl.Callback):
@@ -42,9 +73,8 @@ class EpochSeed(pl.Callback):
         torch.manual_seed(s)  # all devices
         np.random.seed(s % 2**32)
         random.seed(s)
-        reseed = getattr(pl_module, "reseed", None)
-        if callable(reseed):
-            reseed(mix_seed(s, 1))
+        if isinstance(pl_module, Reseeded):
+            pl_module.reseed(mix_seed(s, 1))
 
 
 class Interruption(pl.Callback):
@@ -118,7 +148,7 @@ class CPASnapshot(pl.Callback):
             raise ValueError(f"CPASnapshot epoch must be >= 1 or 'stage_end', got {epoch!r}")
         self.epoch = epoch if epoch == "stage_end" else int(epoch)
 
-    def _is_target(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    def _is_target(self, trainer: pl.Trainer, pl_module: EarlyConfusion) -> bool:
         # A later fit (stage 2, the baseline continued) counts epochs from 0 again and must not
         # overwrite the stage-1 snapshot its weights came with.
         if int(pl_module.early_cpa_epoch) > 0:
@@ -126,12 +156,12 @@ class CPASnapshot(pl.Callback):
         target = trainer.max_epochs if self.epoch == "stage_end" else self.epoch
         return trainer.current_epoch + 1 == target
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: EarlyConfusion) -> None:
         # The confusion matrix costs an argmax and a bincount per step: only pay for it when needed.
         if self._is_target(trainer, pl_module):
-            pl_module.force_train_confusion = True
+            pl_module.measure_train_confusion(True)
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: EarlyConfusion) -> None:
         # The end-of-epoch validation precedes on_train_epoch_end and writes last.ckpt: take the
         # snapshot before it, or a run resumed from that checkpoint would have lost it.
         end_of_epoch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
@@ -139,15 +169,10 @@ class CPASnapshot(pl.Callback):
             return
         self.on_train_epoch_end(trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: EarlyConfusion) -> None:
         if not self._is_target(trainer, pl_module):
             return
-        from samplers.regional import class_pixel_accuracy
-
-        confusion = pl_module.train_confmat.compute()
-        pl_module.early_confusion.copy_(confusion.to(pl_module.early_confusion))
-        pl_module.early_cpa_epoch.fill_(trainer.current_epoch + 1)
-        pl_module.force_train_confusion = False
+        confusion = pl_module.record_early_confusion(trainer.current_epoch + 1)
         recall = class_pixel_accuracy(confusion, "recall")
         precision = class_pixel_accuracy(confusion, "precision")
         log.info(
@@ -194,24 +219,22 @@ class StageEnd(pl.Callback):
         self._write_scores(trainer, pl_module)
 
     def _write_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_modules.metrics import scores_to_json
-
         if not trainer.is_global_zero:
             return
-        last = getattr(pl_module, "last_scores", {})
+        last = pl_module.last_scores if isinstance(pl_module, Scored) else {}
 
         def entry(split: str) -> dict | None:
             scores = last.get(split)
             return scores_to_json(scores, pl_module.class_names) if scores is not None else None
 
         payload = {
-            "val": entry("val"),
+            "val": json_safe(entry("val")),
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
         }
         if last.get("test") is not None:
-            payload["test"] = entry("test")
-        write_json(self.scores_path, payload)  # non-finite scores become null
+            payload["test"] = json_safe(entry("test"))
+        write_json(self.scores_path, payload)
 
 
 class SlurmRequeue(pl.Callback):

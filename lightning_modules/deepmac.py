@@ -48,6 +48,8 @@ class DeepMACLitModule(pl.LightningModule):
             checkpoint monitor never reads the reported split).
         val_groups: the class groups scored by that loop (None: seen, unseen and all; ``[seen]``
             keeps the masks of unseen classes out of model selection altogether).
+        build_config: plain ``{"model", "data": {"image_size"}}`` saved in every checkpoint
+            (``build_config``), from which the box-prompt command rebuilds the net.
     """
 
     def __init__(
@@ -62,11 +64,14 @@ class DeepMACLitModule(pl.LightningModule):
         centre_loss: nn.Module | None = None,
         val_prefix: str = "val",
         val_groups: Sequence[str] | None = None,
+        build_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            logger=False, ignore=["net", "loss", "optimizer", "scheduler", "centre_loss"]
+            logger=False,
+            ignore=["net", "loss", "optimizer", "scheduler", "centre_loss", "build_config"],
         )
+        self.build_config = build_config
         self.net, self.loss, self.centre_loss = net, loss, centre_loss
         self.val_prefix = str(val_prefix)
         self.val_groups = None if val_groups is None else [str(g) for g in val_groups]
@@ -233,8 +238,8 @@ class DeepMACLitModule(pl.LightningModule):
         message = nonfinite_weights_message(self)
         if message is not None:
             raise NonFiniteWeightsError(message)
-        # Plain values only (set by the driver): the box-prompt command rebuilds the net from them.
-        if getattr(self, "build_config", None) is not None:
+        # Plain values only: the box-prompt command rebuilds the net from them.
+        if self.build_config is not None:
             checkpoint["build_config"] = self.build_config
 
     # ------------------------------------------------------------------ optimisation

@@ -39,8 +39,8 @@ from lightning_modules.nets.heads import logits_align_corners
 log = logging.getLogger("rimlab.predict")
 
 #: The data keys of the inference config: what a checkpoint's ``rimlab_config["data"]`` holds
-#: besides ``full_resolution_eval`` and ``datamodule`` (``experiments.train.checkpoint_build_config``
-#: writes them), and what :func:`conf_build_config` keeps of a conf/data config.
+#: besides ``full_resolution_eval`` and ``datamodule`` (``experiments.keys.inference_config``
+#: writes them), and what :func:`conf_build_config` keeps of a conf/data config: the one list.
 INFERENCE_DATA_KEYS = (
     "num_classes",
     "class_names",

@@ -153,6 +153,11 @@ class ParsingLitModule(pl.LightningModule):
             forward pass.
         mpa: what the logged and reported MPA averages, ``"recall"`` or ``"precision"``
             (``metrics.mpa``); both are logged as ``mRecall`` and ``mPrecision`` anyway.
+        build_config: plain ``{"model", "eval", "data"}`` saved in every checkpoint as
+            ``rimlab_config``, from which predict/export rebuild the net
+            (:func:`experiments.keys.inference_config`); None: taken from a loaded checkpoint.
+        prediction_writer: ``(stage, name, (H, W) uint8 ids) -> None``, handed every evaluated
+            image's prediction at its original size (``save_predictions=true``); None: none.
     """
 
     def __init__(
@@ -172,6 +177,8 @@ class ParsingLitModule(pl.LightningModule):
         nonfinite: str = "stop",
         inference: Callable[..., Tensor] | None = None,
         mpa: str = "recall",
+        build_config: dict[str, Any] | None = None,
+        prediction_writer: Callable[[str, str, Any], None] | None = None,
     ) -> None:
         super().__init__()
         self.mpa = check_mpa_definition(mpa, "module.mpa")
@@ -181,7 +188,16 @@ class ParsingLitModule(pl.LightningModule):
         # under torch.load(weights_only=True).
         self.save_hyperparameters(
             logger=False,
-            ignore=["net", "loss", "sampler", "optimizer", "scheduler", "inference"],
+            ignore=[
+                "net",
+                "loss",
+                "sampler",
+                "optimizer",
+                "scheduler",
+                "inference",
+                "build_config",
+                "prediction_writer",
+            ],
         )
         self.optimizer_factory = optimizer
         self.inference = inference
@@ -229,9 +245,8 @@ class ParsingLitModule(pl.LightningModule):
         self._step_log = StepLog()
         self._trained_parameters: list[nn.Parameter] = []
         self._sampler_generator: torch.Generator | None = None
-        # (stage, name, (H, W) uint8 ids) -> None: evaluation hands it every prediction at the
-        # image's original size (``save_predictions=true`` writes PNGs with it).
-        self.prediction_writer: Callable[[str, str, Any], None] | None = None
+        self.prediction_writer = prediction_writer
+        self.build_config = build_config
         # Kept out of the module tree so the compiled wrapper adds no duplicate state_dict keys.
         object.__setattr__(self, "_net_forward", torch.compile(net) if compile else net)
 
@@ -281,6 +296,20 @@ class ParsingLitModule(pl.LightningModule):
         """Restarts the regional sampler's draws from ``seed`` (called by the EpochSeed callback)."""
         if self._sampler_generator is not None:
             self._sampler_generator.manual_seed(seed)
+
+    def measure_train_confusion(self, on: bool) -> None:
+        """Accumulates the training confusion matrix in this epoch (``on``) whatever
+        ``track_train_confusion`` says (the ``CPASnapshot`` callback)."""
+        self.force_train_confusion = on
+
+    def record_early_confusion(self, epoch: int) -> Tensor:
+        """Stores the training confusion matrix accumulated so far as that of ``epoch`` (1-based)
+        in the checkpointed buffers ARBS reads; returns it ``(C, C)``."""
+        confusion = self.train_confmat.compute()
+        self.early_confusion.copy_(confusion.to(self.early_confusion))
+        self.early_cpa_epoch.fill_(epoch)
+        self.force_train_confusion = False
+        return confusion
 
     def _init_sampler(self) -> None:
         sampler = self.sampler
@@ -749,16 +778,15 @@ class ParsingLitModule(pl.LightningModule):
         self._check_weights_finite()
         # The net is not a hyper-parameter (see save_hyperparameters above): its resolved config
         # travels under its own key so that predict/export can rebuild it from the file alone.
-        build_config = getattr(self, "build_config", None)
-        if build_config is not None:
-            checkpoint["rimlab_config"] = build_config
+        if self.build_config is not None:
+            checkpoint["rimlab_config"] = self.build_config
         checkpoint["rimlab_augmentation"] = AUGMENTATION_VERSION
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
             self._upgrade_legacy_state(state)
-        if getattr(self, "build_config", None) is None:
+        if self.build_config is None:
             self.build_config = checkpoint.get("rimlab_config")
         version = checkpoint.get("rimlab_augmentation", 1)
         if version != AUGMENTATION_VERSION:

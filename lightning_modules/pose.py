@@ -112,7 +112,7 @@ class PoseRegressionLitModule(pl.LightningModule):
         self.joint_names = list(joint_names)
         self.val_metric = PoseMetric(num_joints, self.joint_names)
         self.val_scores: dict[str, Any] | None = None
-        # Read by the shared StageEnd callback (experiments.train.build_trainer); pose scores are
+        # Read by the shared StageEnd callback (experiments.build.build_trainer); pose scores are
         # written by the cascade driver instead.
         self.last_scores: dict[str, Any] = {}
         self.class_names: list[str] = self.joint_names

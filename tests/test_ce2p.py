@@ -367,7 +367,7 @@ def test_ce2p_r101_config_builds_schp_shapes(tmp_path):
 
 def test_ce2p_lite_training_steps_through_parsing_module(tmp_path):
     """model=ce2p_lite loss=ce2p: the named terms reach the LightningModule and training runs."""
-    from experiments.train import build_module
+    from experiments.build import build_module
 
     cfg = compose_cfg(
         ["experiment=quickstart", *TINY, *SINGLE, "model=ce2p_lite", "loss=ce2p"], tmp_path

@@ -9,9 +9,9 @@ import pytest
 import torch
 from cfg_utils import SINGLE, TINY, compose_cfg
 
-from experiments.train import run
 from lightning_modules.checkpoint_io import AtomicCheckpointIO
 from lightning_modules.parsing import NonFiniteLossError, NonFiniteWeightsError
+from run import run
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -48,12 +48,12 @@ class _PoisonLoss(torch.nn.Module):
 
 
 def _poisoned_run(tmp_path: Path, policy: str, monkeypatch) -> dict:
-    import experiments.train as train
+    import experiments.single as train
 
     real_build = train.build_module
 
-    def build(cfg, stage_overrides=None):
-        module = real_build(cfg, stage_overrides)
+    def build(cfg, stage_overrides=None, **kwargs):
+        module = real_build(cfg, stage_overrides, **kwargs)
         module.loss = _PoisonLoss(module.loss, at=6)  # epoch 2 (4 steps per epoch), step 6
         return module
 
@@ -117,7 +117,7 @@ def test_nonfinite_weights_are_never_checkpointed_nor_called_good(tmp_path, monk
     """A finite loss whose optimizer step (NaN learning rate) makes the weights NaN in the last step
     of epoch 2: the end-of-epoch save is refused, and the message names epoch 1's checkpoint, which
     holds finite weights; no file on disk holds a non-finite weight."""
-    import experiments.train as train
+    import experiments.build as train
 
     real_callbacks = train.build_callbacks
 

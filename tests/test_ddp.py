@@ -12,7 +12,7 @@ import pytest
 import torch
 from cfg_utils import SINGLE, SMALL_IMAGES, TINY, compose_cfg
 
-from experiments.train import build_module
+from experiments.build import build_module
 from lightning_modules import ParsingLitModule
 from lightning_modules.parsing import NonFiniteLossError
 
@@ -101,7 +101,7 @@ def test_ddp_spawn_counts_every_image_once_parsing_and_schp(tmp_path):
 def test_ddp_spawn_train_false_scores_7_images_once(tmp_path):
     """``train=false`` under ``trainer=ddp_cpu`` on 7 images writes the val scores (it wrote
     ``null``) and they equal the single-process evaluation of the same checkpoint."""
-    from experiments.train import run
+    from run import run
 
     base = ["experiment=quickstart", *TINY, *SINGLE, "data.synthetic.num_val=7"]
     cfg = compose_cfg(base, tmp_path)
@@ -290,7 +290,7 @@ def test_ddp_spawn_cpa_statistics_and_keep_probabilities(tmp_path):
 @pytest.mark.slow
 def test_ddp_spawn_shared_stage1_continues_exactly(tmp_path):
     """Under ddp_spawn the shared stage 1 hands its full state to the baseline's continuation."""
-    from experiments.train import run
+    from run import run
 
     cfg = compose_cfg(
         [

@@ -142,7 +142,7 @@ QUICK = [
 
 def test_run_deepmac_end_to_end_and_box_prompt(tmp_path):
     from experiments.box_prompt import box_prompt
-    from experiments.train import run
+    from run import run
 
     cfg = compose_cfg(QUICK, tmp_path)
     results = run(cfg)
@@ -216,7 +216,7 @@ def test_deepmac_experiments_compose_and_instantiate(name, tmp_path):
     import hydra
 
     from experiments.deepmac import build_deepmac_module, validate_deepmac
-    from experiments.train import validate_config
+    from run import check_config as validate_config
 
     cfg = compose_cfg(
         [f"experiment={name}", "model.pretrained=false", "model.backbone=lite", "trainer=cpu"],
@@ -293,8 +293,8 @@ def test_holdout_is_a_fixed_disjoint_part_of_the_training_split(tmp_path):
 def test_selection_keys_must_match_the_holdout(tmp_path):
     from omegaconf import OmegaConf
 
+    from datamodules.errors import ConfigError
     from experiments.deepmac import validate_deepmac
-    from experiments.train import ConfigError
 
     cfg = compose_cfg(["experiment=deepmac_quick", "model.backbone=lite"], tmp_path)
     validate_deepmac(cfg)

@@ -94,9 +94,9 @@ def restore_determinism():
 
 
 def test_resumed_deepmac_run_equals_uninterrupted_run(tmp_path, restore_determinism, caplog):
-    from experiments.train import run
+    from run import run
 
-    caplog.set_level(logging.INFO, logger="experiments.train")
+    caplog.set_level(logging.INFO, logger="experiments.checkpoints")
 
     data = tmp_path / "data"
     expected = run(compose_cfg(RUN, tmp_path / "ref", data))

@@ -117,8 +117,8 @@ def test_cascade_evaluates_mmpose_weights_as_the_reference_does(mmpose_file, tmp
     equal the reference's r * S on the same crops, un-cropped through the crop's pixel map."""
     from datamodules.mpii import MPIIDataset
     from datamodules.pose_transforms import PersonCrop, pixel_affine
-    from experiments.pose import LAUNCH_ENV
-    from experiments.train import run
+    from experiments.ranks import LAUNCH_ENV
+    from run import run
 
     path, ref, _ = mmpose_file
     over = [

@@ -13,9 +13,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from datamodules.batch import DatasetError
-from datamodules.errors import FixableError, run_command
+from datamodules.errors import ConfigError, FixableError, run_command
 from experiments.predict import PredictError
-from experiments.train import ConfigError
 from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
 from lightning_modules.official_weights import OfficialCheckpointError, load_official_state
 from lightning_modules.parsing import ParsingLitModule
@@ -153,7 +152,7 @@ def test_a_missing_optional_package_names_its_extra(package, call, tmp_path, mon
         "cityscapes": cityscapes.cityscapes_labels,
         "coco": lambda: coco_instances._coco(tmp_path / "instances.json"),
         "nyudv2": lambda: nyudv2._open_h5(tmp_path / "nyu_depth_v2_labeled.mat"),
-        "tensorboard": lambda: __import__("experiments.train").train.build_loggers(
+        "tensorboard": lambda: __import__("experiments.build").build.build_loggers(
             OmegaConf.create(
                 {
                     "paths": {"output_dir": str(tmp_path)},

@@ -353,8 +353,8 @@ def test_quickstart_validation_with_keep_ratio_and_predict(tmp_path):
     from cfg_utils import SINGLE, TINY, compose_cfg
 
     from datamodules.mhp import MHPv2Dataset
+    from experiments.build import build_datamodule, build_module
     from experiments.predict import load_parser
-    from experiments.train import build_datamodule, build_module
 
     cfg = compose_cfg(
         [

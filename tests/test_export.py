@@ -10,8 +10,8 @@ import torch
 from cfg_utils import SINGLE, TINY, compose_cfg
 from torch import nn
 
+from experiments.build import build_module
 from experiments.export import MatrixAdaptiveAvgPool2d, main
-from experiments.train import build_module
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

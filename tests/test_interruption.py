@@ -16,7 +16,7 @@ import pytest
 import torch
 from cfg_utils import ROOT, SINGLE, SMALL_IMAGES, TINY, compose_cfg
 
-from experiments.train import run
+from run import run
 
 QUICKSTART = ["experiment=quickstart", *TINY, *SINGLE]
 RUN = [*QUICKSTART, "schedule.total_epochs=3"]

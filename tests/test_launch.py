@@ -6,6 +6,7 @@ import pytest
 import torch
 from cfg_utils import SINGLE, TINY, compose_cfg
 
+from datamodules.errors import ConfigError
 from experiments.launch import (
     check_launch,
     cluster_plugins,
@@ -14,7 +15,6 @@ from experiments.launch import (
     slurm_restart,
     uses_subprocess_launcher,
 )
-from experiments.train import ConfigError
 
 BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -61,7 +61,7 @@ def test_multirun_with_the_ddp_launcher_is_refused(tmp_path, monkeypatch):
 def test_deterministic_true_is_lightnings_warn_without_autotuning(tmp_path):
     """deterministic=true: deterministic algorithms on, warn_only (CUDA kernels without a
     deterministic version warn instead of failing at the first backward), cuDNN benchmark off."""
-    from experiments.train import build_trainer
+    from experiments.build import build_trainer
 
     assert determinism({"deterministic": False}) == {}
     cfg = compose_cfg(
@@ -169,26 +169,26 @@ def test_shared_runs_refuse_a_filesystem_without_working_flock(tmp_path, monkeyp
     import fcntl
 
     from datamodules.errors import FixableError
-    from experiments import stages
+    from experiments import ranks
 
     lock = tmp_path / "shared" / "abc.lock"
     lock.parent.mkdir()
     with open(lock, "w") as handle:
-        stages.exclusive_lock(handle, lock)  # a local filesystem: works
+        ranks.exclusive_lock(handle, lock)  # a local filesystem: works
     real = fcntl.flock
 
     def enolck(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(stages.fcntl, "flock", enolck)
-    with open(lock, "w") as handle, pytest.raises(stages.LockError) as err:
-        stages.exclusive_lock(handle, lock)
+    monkeypatch.setattr(ranks.fcntl, "flock", enolck)
+    with open(lock, "w") as handle, pytest.raises(ranks.LockError) as err:
+        ranks.exclusive_lock(handle, lock)
     assert isinstance(err.value, FixableError)
     assert str(lock.parent) in str(err.value) and "schedule.stage1_dir" in str(err.value)
     assert "No locks available" in str(err.value)
 
     # A flock that accepts without locking: the second process gets the lock too.
-    monkeypatch.setattr(stages.fcntl, "flock", lambda fd, op: None)
-    with open(lock, "w") as handle, pytest.raises(stages.LockError, match="second process"):
-        stages.exclusive_lock(handle, lock)
-    monkeypatch.setattr(stages.fcntl, "flock", real)
+    monkeypatch.setattr(ranks.fcntl, "flock", lambda fd, op: None)
+    with open(lock, "w") as handle, pytest.raises(ranks.LockError, match="second process"):
+        ranks.exclusive_lock(handle, lock)
+    monkeypatch.setattr(ranks.fcntl, "flock", real)

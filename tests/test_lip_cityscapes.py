@@ -373,21 +373,18 @@ def test_cityscapes_miou_agrees_with_the_official_evaluation(tmp_path):
     """Our loader + confusion-matrix mIoU on trainIds equals cityscapesscripts' own pixel-level
     evaluation (evalPixelLevelSemanticLabeling) of the same predictions, written as labelIds by
     save_predictions=true prediction_format=dataset_ids."""
-    from types import SimpleNamespace
-
     from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
     from cityscapesscripts.helpers.labels import trainId2label
     from omegaconf import OmegaConf
 
-    from experiments.train import enable_prediction_pngs
+    from experiments.results import prediction_writer
     from lightning_modules.metrics import ConfusionMatrix, segmentation_scores
 
     rng = np.random.default_rng(3)
     root, h, w = tmp_path / "cityscapes", 24, 40
-    module = SimpleNamespace(prediction_writer=None)
     cfg = OmegaConf.create({"save_predictions": True, "prediction_format": "dataset_ids"})
     dm = cs_mod.CityscapesDataModule(root=str(root), num_workers=0)
-    enable_prediction_pngs(cfg, module, dm, tmp_path / "run")
+    write = prediction_writer(cfg, dm, tmp_path / "run")
     stems = [f"frankfurt_000000_{i:06d}" for i in range(3)]
     preds_train, pred_files, gt_files = {}, [], []
     for stem in stems:
@@ -403,7 +400,7 @@ def test_cityscapes_miou_agrees_with_the_official_evaluation(tmp_path):
         guess = rng.integers(0, 19, size=(h, w))
         pred = np.where((rng.random((h, w)) < 0.5) & (truth != 255), truth, guess).astype(np.uint8)
         preds_train[stem] = pred
-        module.prediction_writer("val", stem, pred)
+        write("val", stem, pred)
         written = tmp_path / "run" / "predictions" / "val" / f"{stem}.png"
         to_label_id = np.array([trainId2label[t].id for t in range(19)], dtype=np.uint8)
         np.testing.assert_array_equal(np.array(Image.open(written)), to_label_id[pred])
@@ -430,19 +427,18 @@ def test_cityscapes_miou_agrees_with_the_official_evaluation(tmp_path):
 
 
 def test_dataset_ids_need_a_dataset_with_its_own_ids(tmp_path):
-    from types import SimpleNamespace
-
     from omegaconf import OmegaConf
 
-    from experiments.train import ConfigError, enable_prediction_pngs
+    from datamodules.errors import ConfigError
+    from experiments.results import prediction_writer
 
     cfg = OmegaConf.create({"save_predictions": True, "prediction_format": "dataset_ids"})
     lip = LIPDataModule(root=str(tmp_path), num_workers=0)
     with pytest.raises(ConfigError, match="LIPDataModule has no ids of its own"):
-        enable_prediction_pngs(cfg, SimpleNamespace(prediction_writer=None), lip, tmp_path)
+        prediction_writer(cfg, lip, tmp_path)
     cfg.prediction_format = "labelIds"
     with pytest.raises(ConfigError, match="prediction_format=labelIds: use class_ids or"):
-        enable_prediction_pngs(cfg, SimpleNamespace(prediction_writer=None), lip, tmp_path)
+        prediction_writer(cfg, lip, tmp_path)
     # The official colours come with the labelIds: road (7) is purple, car (26) dark blue.
     ids, colours = cs_mod.CityscapesDataModule(root=str(tmp_path)).to_dataset_ids(
         np.array([[0, 13], [255, 18]], dtype=np.uint8)

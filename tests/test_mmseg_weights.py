@@ -487,18 +487,20 @@ def test_evaluation_resizes_with_the_nets_align_corners():
 def test_eval_record_and_checkpoint_config_carry_align_corners(tmp_path):
     """results.json's protocol says align_corners for a _769 net (absent for the others, whose
     records stay as they were), and the checkpoint's build config rebuilds it with the switch."""
-    from experiments.train import checkpoint_build_config, eval_protocol
+    from experiments.keys import inference_config
+    from experiments.results import eval_protocol
 
     cfg = compose_cfg(["model=pspnet_r50_mmseg_769", "eval=mmseg_slide_769"], tmp_path)
     protocol = eval_protocol(cfg)
     assert protocol["align_corners"] is True
     assert protocol["pad_to_crop"] is False and protocol["input"]["eval_size"] == [1025, 2049]
-    assert checkpoint_build_config(cfg)["model"]["align_corners"] is True
+    assert inference_config(cfg)["model"]["align_corners"] is True
     assert "align_corners" not in eval_protocol(compose_cfg(["model=pspnet_r50_mmseg"], tmp_path))
 
 
 def test_resuming_training_from_an_mmseg_checkpoint_is_refused(tmp_path):
-    from experiments.train import ConfigError, refuse_weights_only_resume
+    from datamodules.errors import ConfigError
+    from experiments.checkpoints import refuse_weights_only_resume
 
     path = save_mmseg(small_state("psp", 3, seed=8), tmp_path / "psp.pth")
     with pytest.raises(ConfigError, match=rf"mmsegmentation checkpoint.*init_from={path}"):
@@ -512,7 +514,7 @@ def test_resuming_training_from_an_mmseg_checkpoint_is_refused(tmp_path):
 def test_fine_tune_and_evaluate_an_mmseg_checkpoint(tmp_path):
     """run.py's paths end to end on the synthetic set (59 classes): init_from=<mmseg file> trains
     from it, train=false ckpt_path=<mmseg file> scores it."""
-    from experiments.train import run
+    from run import run
 
     path = save_mmseg(small_state("aspp", 59, seed=7), tmp_path / "deeplabv3plus.pth")
     base = [

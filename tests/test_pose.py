@@ -18,8 +18,9 @@ from cfg_utils import compose_cfg
 from torch import nn
 
 import experiments.pose as pose
+import experiments.ranks as ranks
+from datamodules.errors import ConfigError
 from datamodules.pose_transforms import crop_affine, invert_affine
-from experiments.train import ConfigError
 from lightning_modules.nets.deeppose import DeepPoseAlexNet, DeepPoseResNet
 from lightning_modules.pose import PoseRegressionLitModule, uncrop
 from lightning_modules.pose_metrics import (
@@ -277,8 +278,8 @@ TINY_POSE = [
 @pytest.fixture(scope="module")
 def cascade_run(tmp_path_factory):
     """The tiny 2-stage cascade trained once (rank 0); the driver tests work on copies of it."""
-    from experiments.pose import LAUNCH_ENV
-    from experiments.train import run
+    from experiments.ranks import LAUNCH_ENV
+    from run import run
 
     tmp_path = tmp_path_factory.mktemp("cascade")
     with pytest.MonkeyPatch.context() as mp:
@@ -289,7 +290,7 @@ def cascade_run(tmp_path_factory):
 
 def test_two_stage_cascade_trains_and_reports_per_stage_pckh(cascade_run):
     from experiments.pose import stage_config
-    from experiments.train import run
+    from run import run
 
     tmp_path, results = cascade_run
     cfg = compose_cfg(TINY_POSE, tmp_path)
@@ -414,7 +415,7 @@ def test_other_ranks_write_nothing_and_use_rank0s_numbers(cascade_run, tmp_path,
     launch = handoffs[1]["launch"]
     assert launch and handoffs[2]["launch"] == launch
     _as_rank(monkeypatch, 1)
-    monkeypatch.setenv(pose.LAUNCH_ENV, launch)  # what Lightning's ddp launcher hands down
+    monkeypatch.setenv(ranks.LAUNCH_ENV, launch)  # what Lightning's ddp launcher hands down
 
     def no_predictions(*args, **kwargs):
         raise AssertionError("a non-zero rank ran the cascade")
@@ -455,7 +456,7 @@ def test_handoff_of_another_launch_is_not_taken(tmp_path):
 
     thread = threading.Thread(target=publish)
     thread.start()
-    got = pose.await_handoff(stage_dir, "h", "new", poll_s=0.02)
+    got = ranks.await_handoff(stage_dir, "h", "new", poll_s=0.02)
     thread.join()
     assert got["v"] == 2
 
@@ -708,7 +709,7 @@ def test_other_ranks_stop_when_rank0_reports_a_failure(tmp_path):
     """A failure in rank 0's between-stage work reaches the waiting ranks instead of a hang."""
     import json
 
-    from experiments.pose import await_handoff
+    from experiments.ranks import await_handoff
 
     (tmp_path / "handoff.json").write_text(
         json.dumps({"hash": "abc", "launch": "L1", "error": "OSError: disk full"})

@@ -11,8 +11,8 @@ from cfg_utils import SINGLE, TINY, compose_cfg
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
+from experiments.build import build_module
 from experiments.predict import PredictError, load_parser, main
-from experiments.train import build_module
 from lightning_modules.checkpoint_io import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -77,7 +77,7 @@ def test_checkpoint_carries_build_config(trained):
 def test_predict_runs_full_resolution_datasets_at_their_own_size(trained, tmp_path):
     """eval_size null: the crop size for most datasets, each image's own size for Cityscapes and
     NYUDv2, as their validation does; the checkpoint says which."""
-    from experiments.train import checkpoint_build_config
+    from experiments.keys import inference_config as checkpoint_build_config
 
     cs = checkpoint_build_config(compose_cfg(["experiment=pspnet_cityscapes"], tmp_path / "c"))
     assert cs["data"]["eval_size"] is None and cs["data"]["full_resolution_eval"] is True

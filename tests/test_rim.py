@@ -9,7 +9,7 @@ import pytest
 import torch
 from cfg_utils import TINY, compose_cfg
 
-from experiments.train import run
+from run import run
 
 RIM = [
     *TINY,

@@ -12,8 +12,8 @@ import torch.distributed as dist
 from cfg_utils import TINY, compose_cfg
 from torch.nn.parallel import DistributedDataParallel
 
+from experiments.build import build_module
 from experiments.rim import stage2_overrides
-from experiments.train import build_module
 from lightning_modules import ParsingLitModule
 
 NETS = ["pspnet", "deeplabv3plus", "danet"]

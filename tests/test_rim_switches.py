@@ -10,9 +10,11 @@ import pytest
 import torch
 from cfg_utils import TINY, compose_cfg
 
+from datamodules.errors import ConfigError
+from experiments.build import build_module
+from experiments.keys import stage1_key
 from experiments.rim import stage2_overrides
-from experiments.stages import stage1_key
-from experiments.train import ConfigError, build_module, validate_config
+from run import check_config as validate_config
 
 RIM = [*TINY, "schedule=rim", "sampler=arbs", "loss=ce_ilm"]
 

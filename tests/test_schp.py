@@ -223,7 +223,7 @@ SCHP_TINY = [
 
 def test_schp_cycles_switch_to_soft_targets_and_survive_resume(tmp_path):
     from experiments.predict import load_parser
-    from experiments.train import run
+    from run import run
 
     data = tmp_path / "data"
     # Uninterrupted: 3 epochs, averages at the ends of epochs 1, 2 and 3.
@@ -278,7 +278,7 @@ class _FixedAverage(nn.Module):
 def test_refined_labels_are_mixed_in_probability_space_by_hand(tmp_path):
     """soft_target = (1 - a) p_schp + a one_hot(y) and soft_edge = (1 - a) q_schp + a edge(y),
     a = 1 / (n + 1), on a 1 x 5 image with 3 classes, n = 3 models averaged (a = 1/4)."""
-    from experiments.train import build_module
+    from experiments.build import build_module
 
     module = build_module(compose_cfg([*SCHP_TINY, "schedule.total_epochs=2"], tmp_path))
     # Per pixel (columns): the averaged model's class probabilities and edge probability.
@@ -315,7 +315,7 @@ def test_refined_labels_are_mixed_in_probability_space_by_hand(tmp_path):
 def test_refined_labels_upsample_the_average_without_align_corners(tmp_path):
     """The averaged model's scores reach the label size by bilinear interpolation with
     align_corners=False (SCHP: True), before the softmax: 2 columns -> 4 columns by hand."""
-    from experiments.train import build_module
+    from experiments.build import build_module
 
     module = build_module(compose_cfg([*SCHP_TINY, "schedule.total_epochs=2"], tmp_path))
     probs = torch.tensor([[0.8, 0.1], [0.1, 0.3], [0.1, 0.6]]).reshape(1, 3, 1, 2)
@@ -375,7 +375,7 @@ def test_edge_targets_width_3_and_ignored_pixels_excluded():
 
 
 def test_schp_update_counters_and_evaluation_with_the_average(tmp_path):
-    from experiments.train import build_module
+    from experiments.build import build_module
 
     cfg = compose_cfg([*SCHP_TINY, "schedule.total_epochs=2"], tmp_path)
     torch.manual_seed(0)
@@ -405,7 +405,7 @@ def test_schp_update_counters_and_evaluation_with_the_average(tmp_path):
 def test_schp_cycle_under_ddp_spawn(tmp_path):
     """2 gloo processes: the cycle end (average, BatchNorm re-estimation, statistics all-reduced)
     runs on every rank and the checkpoint holds the averaged model."""
-    from experiments.train import run
+    from run import run
 
     cfg = compose_cfg(
         [*SCHP_TINY, "trainer=ddp_cpu", "trainer.deterministic=false", "schedule.total_epochs=2"],

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from cfg_utils import TINY, compose_cfg
 
+import experiments.keys as keys
+import experiments.ranks as ranks
 import experiments.stages as stages
 
 TORCHRUN = {
@@ -47,13 +49,13 @@ def _decision(lock: Path, token: str, call: int = 0) -> Path:
 
 def _publish(path: Path, reuse: bool, started: float | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    start = stages._PROCESS_START if started is None else started
+    start = ranks._PROCESS_START if started is None else started
     path.write_text(json.dumps({"reuse": reuse, "started": start}))
 
 
 def _launch(monkeypatch, rank: int, env: dict[str, str] | None) -> None:
     # Each test is one fresh launch: its coordinated calls count from 0.
-    monkeypatch.setattr(stages, "_CALLS", itertools.count())
+    monkeypatch.setattr(ranks, "_CALLS", itertools.count())
     for key in (
         "RANK",
         "LOCAL_RANK",
@@ -87,7 +89,7 @@ def test_other_ranks_follow_rank0_not_the_directory(cfg, trained, monkeypatch):
     """Rank 1 starts while stage 1 is unfinished; its rank 0 then finds it finished (another sweep
     job completed it) and reuses it. Rank 1 must reuse it too instead of entering a stage-1 fit."""
     _launch(monkeypatch, 1, TORCHRUN)
-    directory = Path(cfg.schedule.stage1_dir) / stages.stage1_key(cfg)
+    directory = Path(cfg.schedule.stage1_dir) / keys.stage1_key(cfg)
     lock = directory.with_suffix(".lock")
     assert not (directory / "done.json").exists()
 
@@ -108,7 +110,7 @@ def test_other_ranks_follow_rank0_not_the_directory(cfg, trained, monkeypatch):
 
 def test_other_ranks_train_when_rank0_trains(cfg, trained, monkeypatch):
     _launch(monkeypatch, 1, {"SLURM_JOB_ID": "812", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"})
-    directory = Path(cfg.schedule.stage1_dir) / stages.stage1_key(cfg)
+    directory = Path(cfg.schedule.stage1_dir) / keys.stage1_key(cfg)
     lock = directory.with_suffix(".lock")
     _publish(_decision(lock, "slurm-812-0-"), False)
     stages.shared_stage1(cfg)
@@ -121,8 +123,8 @@ def test_other_ranks_train_when_rank0_trains(cfg, trained, monkeypatch):
 def test_ddp_launcher_children_decide_from_the_directory(cfg, trained, monkeypatch):
     """Lightning's own launcher starts rank 1 after rank 0 decided: no token, no waiting."""
     _launch(monkeypatch, 1, None)
-    assert stages.launch_token() is None
-    directory = Path(cfg.schedule.stage1_dir) / stages.stage1_key(cfg)
+    assert ranks.launch_token() is None
+    directory = Path(cfg.schedule.stage1_dir) / keys.stage1_key(cfg)
     (directory / "checkpoints").mkdir(parents=True)
     (directory / "checkpoints" / "stage1.ckpt").write_bytes(b"ckpt")
     (directory / "done.json").write_text(json.dumps({"val": {"mIoU": 3.0}}))
@@ -136,10 +138,10 @@ def test_a_decision_left_by_an_earlier_launch_with_the_same_token_is_not_taken(
     """torchrun with a fixed port and no rendezvous id repeats its token across launches: an old
     'train' decision on disk must not send rank 1 into a stage-1 fit its rank 0 will skip."""
     _launch(monkeypatch, 1, TORCHRUN)
-    directory = Path(cfg.schedule.stage1_dir) / stages.stage1_key(cfg)
+    directory = Path(cfg.schedule.stage1_dir) / keys.stage1_key(cfg)
     lock = directory.with_suffix(".lock")
     path = _decision(lock, "torchrun-sweep7-node1-29500-")
-    _publish(path, False, started=stages._PROCESS_START - 7200)  # the earlier launch
+    _publish(path, False, started=ranks._PROCESS_START - 7200)  # the earlier launch
 
     def rank0_of_this_launch() -> None:
         time.sleep(0.5)
@@ -158,9 +160,9 @@ def test_a_decision_left_by_an_earlier_launch_with_the_same_token_is_not_taken(
 def test_stage1_key_ignores_plot_colours_but_not_the_augmentation_version(cfg, monkeypatch):
     """A palette only colours plots: stage 1 is shared across it. Another version of the
     augmentation draws trains another stage 1: it must not be reused."""
-    key = stages.stage1_key(cfg)
+    key = keys.stage1_key(cfg)
     recoloured = cfg.copy()
     recoloured.data.palette = [[i, i, i] for i in range(int(cfg.data.num_classes))]
-    assert stages.stage1_key(recoloured) == key
-    monkeypatch.setattr(stages, "AUGMENTATION_VERSION", stages.AUGMENTATION_VERSION + 1)
-    assert stages.stage1_key(cfg) != key
+    assert keys.stage1_key(recoloured) == key
+    monkeypatch.setattr(keys, "AUGMENTATION_VERSION", keys.AUGMENTATION_VERSION + 1)
+    assert keys.stage1_key(cfg) != key

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from cfg_utils import SINGLE, TINY, compose_cfg
 
-from experiments.train import ConfigError, run
+from datamodules.errors import ConfigError
 from lightning_modules import ParsingLitModule
 from lightning_modules.schedulers import cosine_factor, poly_schedule
+from run import run
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def data_dir(tmp_path_factory):
 def _independent_val_confusion(ckpt_path, cfg) -> np.ndarray:
     """Confusion of the checkpoint on the val split, scored image by image at original size."""
     from datamodules.batch import network_batch
-    from experiments.train import build_module
+    from experiments.build import build_module
 
     module = build_module(cfg)
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
@@ -171,7 +172,7 @@ def test_wandb_without_network_logs_offline_dashboard(tmp_path, data_dir, monkey
     names the run after its ablation, logs the resolved config and the dashboard's panels."""
     import time
 
-    import experiments.train as train
+    import experiments.build as train
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
@@ -291,7 +292,7 @@ def test_evaluate_without_checkpoint_is_a_config_error(tmp_path, data_dir):
 
 def test_evaluate_records_init_from_and_multiscale_protocol(tmp_path, data_dir):
     """train=false init_from=... eval=ms_flip: results.json names the weights and the scales."""
-    import experiments.train as train
+    import experiments.build as train
 
     module = train.build_module(
         compose_cfg(["experiment=quickstart", *TINY, *SINGLE], tmp_path / "m", data_dir)
@@ -328,7 +329,7 @@ def test_evaluate_records_init_from_and_multiscale_protocol(tmp_path, data_dir):
 
 def test_rim_evaluation_records_the_checkpoint_and_protocol(tmp_path, data_dir):
     """schedule=rim train=false scores the given weights and says so, like schedule=single."""
-    import experiments.train as train
+    import experiments.build as train
 
     base = ["experiment=quickstart", *TINY]
     module = train.build_module(compose_cfg(base, tmp_path / "m", data_dir))
