@@ -198,6 +198,19 @@ def time_rimlab(
     return (timer.end - timer.start) / args.steps - sum(hand_s.values()), hand_s, timer.first_loss
 
 
+def _next_batch(batches: list[dict], state: dict, channels_last: bool) -> tuple[dict, torch.Tensor]:
+    """The step's next batch (cycling) and its image, in channels-last layout when asked.
+
+    Advances ``state["i"]``, the step counter both step functions read.
+    """
+    batch = batches[state["i"] % len(batches)]
+    state["i"] += 1
+    image = batch["image"]
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    return batch, image
+
+
 def hand_step_fn(net, batches, args, device, aux_weight: float, sampler=None, ilm=None):
     """A plain training step over ``net``: the yardstick rimlab's step is compared with.
 
@@ -210,11 +223,7 @@ def hand_step_fn(net, batches, args, device, aux_weight: float, sampler=None, il
     state = {"i": 0}
 
     def step() -> float:
-        batch = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        image = batch["image"]
-        if args.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        batch, image = _next_batch(batches, state, args.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(image)
             target = batch["mask"]
@@ -260,11 +269,7 @@ def same_maths_step_fn(module, net, batches, args, device):
     state = {"i": 0}
 
     def step() -> float:
-        batch = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        image = batch["image"]
-        if args.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        batch, image = _next_batch(batches, state, args.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = net(image)
             target = batch["mask"]

@@ -225,12 +225,18 @@ def _read_image_pil(source: Any, path: Path) -> np.ndarray:
         raise DatasetError(path, f"unreadable image ({e})") from e
 
 
-def read_index_png(path: Path, what: str = "label") -> np.ndarray:
-    """Read an 8-bit single-channel label PNG as raw indices (mode ``L``, or ``P`` without palette
-    conversion: converting would turn ids into colours or luminance).
+def read_raw_png(
+    path: Path, what: str, mode_ok: Callable[[str], bool], expected: str
+) -> np.ndarray:
+    """Read a single-channel PNG as stored, without any mode conversion.
+
+    Args:
+        what: the file's kind in error messages (``label``, ``instanceIds``).
+        mode_ok: whether a Pillow mode is one this kind of file may have.
+        expected: the accepted modes in words, for the error message.
 
     Returns:
-        (H, W) uint8.
+        (H, W) array of Pillow's dtype for the mode.
     """
     try:
         with Image.open(path) as im:
@@ -239,10 +245,19 @@ def read_index_png(path: Path, what: str = "label") -> np.ndarray:
             arr = np.array(im)
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(path, f"unreadable {what} PNG ({e})") from e
-    if mode not in ("L", "P") or arr.ndim != 2:
-        raise DatasetError(
-            path, f"{what} PNG has mode {mode} {arr.shape}; expected 8-bit single-channel (L or P)"
-        )
+    if not mode_ok(mode) or arr.ndim != 2:
+        raise DatasetError(path, f"{what} PNG has mode {mode} {arr.shape}; expected {expected}")
+    return arr
+
+
+def read_index_png(path: Path, what: str = "label") -> np.ndarray:
+    """Read an 8-bit single-channel label PNG as raw indices (mode ``L``, or ``P`` without palette
+    conversion: converting would turn ids into colours or luminance).
+
+    Returns:
+        (H, W) uint8.
+    """
+    arr = read_raw_png(path, what, lambda mode: mode in ("L", "P"), "8-bit single-channel (L or P)")
     return arr.astype(np.uint8, copy=False)
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from datamodules.base import (
     ParsingDataModule,
@@ -31,6 +30,7 @@ from datamodules.base import (
     check_same_size,
     read_image,
     read_index_png,
+    read_raw_png,
 )
 from datamodules.batch import IGNORE_INDEX, DatasetError
 from datamodules.errors import require
@@ -161,19 +161,11 @@ def read_instance_ids(path: Path) -> np.ndarray:
     Returns:
         (H, W) int32.
     """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            # Pillow gives mode I;16 (uint16) or I (int32) depending on its version; never
-            # convert("L") (clips) or cast to uint8 (wraps 26001 to 145).
-            arr = np.array(im)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(path, f"unreadable instanceIds PNG ({e})") from e
-    if not mode.startswith("I") or arr.ndim != 2:
-        raise DatasetError(
-            path, f"instanceIds PNG has mode {mode} {arr.shape}; expected 16-bit single-channel"
-        )
+    # Pillow gives mode I;16 (uint16) or I (int32) depending on its version; never
+    # convert("L") (clips) or cast to uint8 (wraps 26001 to 145).
+    arr = read_raw_png(
+        path, "instanceIds", lambda mode: mode.startswith("I"), "16-bit single-channel"
+    )
     inst = arr.astype(np.int32)
     if inst.size:
         semantic = np.where(inst >= 1000, inst // 1000, inst)

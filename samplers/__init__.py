@@ -1,24 +1,12 @@
 """Samplers that decide which pixels enter the loss (RIM's regionally balanced sampling).
 
 Only torch is imported here, so the samplers can be unit-tested and reused outside Lightning.
+The package re-exports exactly the public names of :mod:`samplers.regional` (its ``__all__``).
 """
 
 from __future__ import annotations
 
-from samplers.regional import (
-    RegionalBalancedSampler,
-    class_pixel_accuracy,
-    class_region_counts,
-    expected_kept_share,
-    keep_probabilities,
-    sampling_statistics,
-)
+from samplers import regional
+from samplers.regional import *  # noqa: F403
 
-__all__ = [
-    "RegionalBalancedSampler",
-    "class_pixel_accuracy",
-    "class_region_counts",
-    "expected_kept_share",
-    "keep_probabilities",
-    "sampling_statistics",
-]
+__all__ = list(regional.__all__)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from assertions import raises_naming
 from fixtures.images import write_jpg
 from fixtures.mhp import write_list, write_mhp_sample, write_person_png
 from PIL import Image
@@ -100,32 +101,23 @@ def test_image_colour_is_rgb(tmp_path):
 # -- loader: bad data --------------------------------------------------------------------------
 
 
-def _raises_naming(fn, fragment: str, problem: str) -> DatasetError:
-    with pytest.raises(DatasetError) as info:
-        fn()
-    msg = str(info.value)
-    assert fragment in msg, msg
-    assert re.search(problem, msg), msg
-    return info.value
-
-
 def test_missing_root_and_list(tmp_path, mhp_root):
-    _raises_naming(lambda: MHPv2Dataset(tmp_path / "nope", "train"), "nope", "not found")
+    raises_naming(lambda: MHPv2Dataset(tmp_path / "nope", "train"), "nope", "not found")
     (mhp_root / "list" / "val.txt").unlink()
-    _raises_naming(lambda: MHPv2Dataset(mhp_root, "val"), "val.txt", "not found")
+    raises_naming(lambda: MHPv2Dataset(mhp_root, "val"), "val.txt", "not found")
 
 
 def test_empty_split(mhp_root):
     write_list(mhp_root, "train.txt", [])
-    _raises_naming(lambda: MHPv2Dataset(mhp_root, "train"), "train.txt", "empty")
+    raises_naming(lambda: MHPv2Dataset(mhp_root, "train"), "train.txt", "empty")
 
 
 def test_image_without_annotations_and_missing_image(mhp_root):
     write_mhp_sample(mhp_root, "train", "9", None)
     write_list(mhp_root, "train.txt", ["7", "9"])
-    _raises_naming(lambda: MHPv2Dataset(mhp_root, "train"), "9.jpg", "no annotation files")
+    raises_naming(lambda: MHPv2Dataset(mhp_root, "train"), "9.jpg", "no annotation files")
     write_list(mhp_root, "train.txt", ["7", "11"])
-    _raises_naming(lambda: MHPv2Dataset(mhp_root, "train"), "11.jpg", "not found")
+    raises_naming(lambda: MHPv2Dataset(mhp_root, "train"), "11.jpg", "not found")
 
 
 def test_truncated_jpeg(mhp_root):
@@ -133,33 +125,33 @@ def test_truncated_jpeg(mhp_root):
     write_jpg(path, np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     ds = MHPv2Dataset(mhp_root, "train")
-    _raises_naming(lambda: ds[1], "70.jpg", "unreadable image")
+    raises_naming(lambda: ds[1], "70.jpg", "unreadable image")
 
 
 def test_zero_byte_png(mhp_root):
     (mhp_root / "train/parsing_annos/7_03_02.png").write_bytes(b"")
     ds = MHPv2Dataset(mhp_root, "train")
-    _raises_naming(lambda: ds[0], "7_03_02.png", "unreadable annotation")
+    raises_naming(lambda: ds[0], "7_03_02.png", "unreadable annotation")
 
 
 def test_label_out_of_range(mhp_root):
     write_person_png(mhp_root / "train/parsing_annos/70_01_01.png", np.full((8, 10), 59))
     ds = MHPv2Dataset(mhp_root, "train")
-    _raises_naming(lambda: ds[1], "70_01_01.png", r"label value 59 outside 0\.\.58")
+    raises_naming(lambda: ds[1], "70_01_01.png", r"label value 59 outside 0\.\.58")
 
 
 def test_size_mismatch_image_and_between_persons(mhp_root):
     write_person_png(mhp_root / "train/parsing_annos/70_01_01.png", np.ones((8, 9)))
     ds = MHPv2Dataset(mhp_root, "train")
-    _raises_naming(lambda: ds[1], "70_01_01.png", "does not match image size")
+    raises_naming(lambda: ds[1], "70_01_01.png", "does not match image size")
     write_person_png(mhp_root / "train/parsing_annos/7_03_03.png", np.zeros((7, 10)))
-    _raises_naming(lambda: ds[0], "7_03_03.png", "differs from")
+    raises_naming(lambda: ds[0], "7_03_03.png", "differs from")
 
 
 def test_mixed_person_counts(mhp_root):
     write_person_png(mhp_root / "train/parsing_annos/70_02_01.png", np.zeros((8, 10)))
     ds = MHPv2Dataset(mhp_root, "train")
-    _raises_naming(lambda: ds[1], "70_", "inconsistent person files")
+    raises_naming(lambda: ds[1], "70_", "inconsistent person files")
 
 
 def test_skip_bad_counts_and_substitutes(mhp_root):

@@ -369,16 +369,11 @@ def test_ddp_launcher_pose_cascade_writes_once(tmp_path):
     assert (run_dir / "stage1" / "errors.json").is_file()
 
 
-class _NonFiniteOnRank1(torch.nn.Module):
-    """The 1x1 convolution of ``_PixelNet``, whose logits are NaN on rank 1 only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.conv = torch.nn.Conv2d(3, 4, 1)
+class _NonFiniteOnRank1(_PixelNet):
+    """``_PixelNet`` whose logits are NaN on rank 1 only."""
 
     def forward(self, x):
-        out = self.conv(x)
+        out = super().forward(x)["out"]
         if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
             out = out * float("nan")
         return {"out": out}

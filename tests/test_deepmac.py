@@ -25,6 +25,23 @@ from losses.mask import COCO_CATEGORY_IDS, COCO_NONVOC_IDS, COCO_VOC_IDS, MaskLo
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def _tiny_deepmac(**overrides: object) -> DeepMAC:
+    """A Deep-MAC small enough for CPU tests: lite backbone, 8-channel FPN, ResNet-4 head.
+
+    ``embedding_hidden`` only sizes the embedding / centre nets, so it is inert where
+    ``overrides`` switch them all off.
+    """
+    kwargs = dict(
+        backbone="lite",
+        fpn_channels=8,
+        head="resnet4",
+        head_channels=4,
+        mask_size=8,
+        embedding_hidden=8,
+    )
+    return DeepMAC(**(kwargs | overrides))
+
+
 # ---------------------------------------------------------------------- crops and paste-back
 
 
@@ -94,14 +111,7 @@ def test_paste_into_a_half_pixel_box():
 
 
 def test_forward_without_any_box():
-    net = DeepMAC(
-        backbone="lite",
-        fpn_channels=8,
-        head="resnet4",
-        head_channels=8,
-        mask_size=8,
-        embedding_hidden=8,
-    )
+    net = _tiny_deepmac(head_channels=8)
     out = net.eval()(torch.zeros(1, 3, 32, 32), [torch.zeros(0, 4)])
     assert out["mask_logits"].shape == (0, 8, 8)
 
@@ -146,15 +156,7 @@ def test_proposal_boxes_iou_is_uniform_over_the_foreground_range():
 
 
 def test_proposal_mode_crops_targets_with_the_proposals():
-    net = DeepMAC(
-        backbone="lite",
-        fpn_channels=8,
-        head="resnet4",
-        head_channels=4,
-        mask_size=8,
-        embedding_hidden=8,
-        box_jitter_mode="proposal",
-    )
+    net = _tiny_deepmac(box_jitter_mode="proposal")
     boxes = [torch.tensor([[8.0, 8.0, 40.0, 30.0]])]
     torch.manual_seed(0)
     used = net.train()(torch.zeros(1, 3, 48, 48), boxes)["boxes"]
@@ -174,14 +176,7 @@ def test_crop_geometry_stays_fp32_under_bf16_autocast():
     assert abs(crop.float().item() - 0.7) < 0.01  # bf16 keeps 0.7 to 0.004
     rounded = crop_and_resize(feats, [box.bfloat16().float()], 1, 1.0, 1)
     assert abs(rounded.item() - 0.5) < 1e-6  # what the bf16 box read
-    net = DeepMAC(
-        backbone="lite",
-        fpn_channels=8,
-        head="resnet4",
-        head_channels=4,
-        mask_size=8,
-        embedding_hidden=8,
-    ).eval()
+    net = _tiny_deepmac().eval()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         out = net(torch.randn(1, 3, 64, 64), [torch.tensor([[3.3, 5.1, 60.7, 41.9]])])
     assert out["mask_logits"].shape == (1, 8, 8) and torch.isfinite(out["mask_logits"]).all()
@@ -277,47 +272,22 @@ def test_resnet8_parameters_match_the_release_layout_by_hand():
 
 
 def test_head_input_is_xy_pixel_embedding_and_instance_embedding():
-    net = DeepMAC(
-        backbone="lite",
-        fpn_channels=8,
-        head="resnet4",
-        head_channels=4,
-        mask_size=8,
-        pixel_embedding_dim=16,
-        embedding_dim=32,
-        embedding_hidden=8,
-    )
+    net = _tiny_deepmac(pixel_embedding_dim=16, embedding_dim=32)
     assert net.head.stem.in_channels == 2 + 16 + 32
     assert net.pixel_embedding[0].out_channels == 8 and net.pixel_embedding[-1].out_channels == 16
-    raw = DeepMAC(
-        backbone="lite",
-        fpn_channels=8,
-        head="maskrcnn",
-        head_channels=4,
-        mask_size=8,
-        use_xy=False,
-        pixel_embedding_dim=0,
-        embedding_dim=0,
-    )
+    raw = _tiny_deepmac(head="maskrcnn", use_xy=False, pixel_embedding_dim=0, embedding_dim=0)
     assert raw.head.convs[0].in_channels == 8 and raw.pixel_embedding is None
 
 
 def test_deepmac_forward_masks_per_box():
     torch.manual_seed(0)
-    net = DeepMAC(
-        backbone="lite",
-        fpn_channels=16,
-        head="hourglass10",
-        head_channels=8,
-        mask_size=16,
-        embedding_dim=4,
-        embedding_hidden=8,
+    net = _tiny_deepmac(
+        fpn_channels=16, head="hourglass10", head_channels=8, mask_size=16, embedding_dim=4
     )
     boxes = [torch.tensor([[0.0, 0.0, 16.0, 20.0], [8.0, 8.0, 40.0, 40.0]]), torch.zeros(0, 4)]
     out = net.eval()(torch.randn(2, 3, 48, 48), boxes)
     assert out["mask_logits"].shape == (2, 16, 16)
-    net_rcnn = DeepMAC(
-        backbone="lite",
+    net_rcnn = _tiny_deepmac(
         fpn_channels=16,
         head="maskrcnn",
         head_channels=8,
@@ -510,15 +480,7 @@ def test_centre_loss_trains_the_backbone_from_every_class():
     from losses.centernet import CentreHeatmapLoss
 
     torch.manual_seed(0)
-    net = DeepMAC(
-        backbone="lite",
-        fpn_channels=8,
-        head="resnet4",
-        head_channels=4,
-        mask_size=8,
-        embedding_hidden=8,
-        num_centre_classes=2,
-    ).train()
+    net = _tiny_deepmac(num_centre_classes=2).train()
     out = net(torch.randn(1, 3, 32, 32), [torch.zeros(0, 4)])
     # CenterNet's prior: every cell starts at p = 0.1
     torch.testing.assert_close(

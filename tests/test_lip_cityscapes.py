@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from assertions import raises_naming
 from fixtures.cityscapes import (
     INSTANCE_IDS,
     LABEL_IDS,
@@ -31,14 +31,6 @@ from datamodules.mhp import MHPv2DataModule
 from datamodules.transforms import build_train_transform
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
-
-
-def _raises_naming(fn, fragment: str, problem: str) -> DatasetError:
-    with pytest.raises(DatasetError) as info:
-        fn()
-    msg = str(info.value)
-    assert fragment in msg and re.search(problem, msg), msg
-    return info.value
 
 
 # -- LIP ---------------------------------------------------------------------------------------
@@ -85,7 +77,7 @@ def test_lip_id_list_crlf_blank_lines_and_spaces(lip_root):
     )
     assert LIPDataset(lip_root, "train").ids == LIP_IDS["train"]
     (lip_root / "train_id.txt").write_bytes(b"\n\n  \n")
-    _raises_naming(lambda: LIPDataset(lip_root, "train"), "train_id.txt", "empty")
+    raises_naming(lambda: LIPDataset(lip_root, "train"), "train_id.txt", "empty")
 
 
 def test_lip_grayscale_jpeg_becomes_rgb(lip_root):
@@ -105,16 +97,16 @@ def test_lip_bad_data(lip_root):
     label[2, 3] = 20
     write_png(lip_root / "train_segmentations/77_471474.png", label, mode="L")
     ds = LIPDataset(lip_root, "train")
-    _raises_naming(lambda: ds[0], "77_471474.png", r"label value 20 outside 0\.\.19")
+    raises_naming(lambda: ds[0], "77_471474.png", r"label value 20 outside 0\.\.19")
     # RGB labels (palette or luminance conversions) are refused, not guessed at.
     write_png(lip_root / "train_segmentations/77_471474.png", np.zeros((9, 7, 3), np.uint8))
-    _raises_naming(lambda: ds[0], "77_471474.png", "mode RGB")
+    raises_naming(lambda: ds[0], "77_471474.png", "mode RGB")
     write_png(lip_root / "train_segmentations/77_471474.png", np.zeros((8, 7), np.uint8), "L")
-    _raises_naming(lambda: ds[0], "77_471474.png", "does not match image size")
+    raises_naming(lambda: ds[0], "77_471474.png", "does not match image size")
     (lip_root / "val_segmentations/100034_483681.png").unlink()
-    _raises_naming(lambda: LIPDataset(lip_root, "val"), "100034_483681.png", "not found")
+    raises_naming(lambda: LIPDataset(lip_root, "val"), "100034_483681.png", "not found")
     (lip_root / "val_id.txt").unlink()
-    _raises_naming(lambda: LIPDataset(lip_root, "val"), "val_id.txt", "not found")
+    raises_naming(lambda: LIPDataset(lip_root, "val"), "val_id.txt", "not found")
     with pytest.raises(ValueError, match="unknown LIP split"):
         LIPDataset(lip_root, "trainval")
 
@@ -240,16 +232,16 @@ def test_cityscapes_disagreeing_train_ids(cs_root):
     write_png(cs_root / f"gtFine/val/frankfurt/{stem}_gtFine_labelTrainIds.png", wrong, mode="L")
     ds = CityscapesDataset(cs_root, "val")
     np.testing.assert_array_equal(ds[1]["mask"], TRAIN_IDS)  # the other file still agrees
-    err = _raises_naming(lambda: ds[0], f"{stem}_gtFine_labelTrainIds.png", "1 pixels disagree")
+    err = raises_naming(lambda: ds[0], f"{stem}_gtFine_labelTrainIds.png", "1 pixels disagree")
     assert "y=1, x=4" in str(err) and "file has 14" in str(err)
     bad = TRAIN_IDS.copy()
     bad[0, 0] = 19
     write_png(cs_root / f"gtFine/val/frankfurt/{stem}_gtFine_labelTrainIds.png", bad, mode="L")
-    _raises_naming(lambda: ds[0], "labelTrainIds.png", r"trainId 19 outside")
+    raises_naming(lambda: ds[0], "labelTrainIds.png", r"trainId 19 outside")
     ids = LABEL_IDS.copy()
     ids[0, 0] = 34
     write_png(cs_root / f"gtFine/val/frankfurt/{stem}_gtFine_labelIds.png", ids, mode="L")
-    _raises_naming(lambda: ds[0], f"{stem}_gtFine_labelIds.png", "labelId 34 is not in")
+    raises_naming(lambda: ds[0], f"{stem}_gtFine_labelIds.png", "labelId 34 is not in")
 
 
 def test_cityscapes_16bit_instances_decoded_exactly(cs_root):
@@ -268,9 +260,9 @@ def test_cityscapes_16bit_instances_decoded_exactly(cs_root):
     assert "instances" not in CityscapesDataset(cs_root, "train")[0]
     # An 8-bit "instance" map cannot hold id*1000+k: refused.
     write_png(path, LABEL_IDS, mode="L")
-    _raises_naming(lambda: ds[0], "instanceIds.png", "expected 16-bit")
+    raises_naming(lambda: ds[0], "instanceIds.png", "expected 16-bit")
     path.unlink()
-    _raises_naming(lambda: CityscapesDataset(cs_root, "train", instances=True),
+    raises_naming(lambda: CityscapesDataset(cs_root, "train", instances=True),
                    "instanceIds.png", "not found")  # fmt: skip
 
 
@@ -283,7 +275,7 @@ def test_cityscapes_test_split_has_images_only(cs_root):
 def test_cityscapes_missing_files(cs_root):
     for f in (cs_root / "gtFine/val/frankfurt").glob("frankfurt_000000_000019_gtFine_label*"):
         f.unlink()
-    _raises_naming(lambda: CityscapesDataset(cs_root, "val"), "000019_gtFine_labelIds.png",
+    raises_naming(lambda: CityscapesDataset(cs_root, "val"), "000019_gtFine_labelIds.png",
                    "not found")  # fmt: skip
     ds = CityscapesDataset(cs_root, "val", skip_bad=True)
     assert ds.ids == ["frankfurt_000000_000000"] and ds.num_skipped == 1
@@ -292,7 +284,7 @@ def test_cityscapes_missing_files(cs_root):
     np.testing.assert_array_equal(
         CityscapesDataset(cs_root, "val", skip_bad=True)[0]["mask"], TRAIN_IDS
     )
-    _raises_naming(lambda: CityscapesDataset(cs_root / "nope", "val"), "nope", "not found")
+    raises_naming(lambda: CityscapesDataset(cs_root / "nope", "val"), "nope", "not found")
 
 
 def test_cityscapes_without_package_says_pip_install(monkeypatch):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 from importlib import resources
 from pathlib import Path
 
@@ -18,11 +17,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from assertions import raises_naming
 from scipy.io import savemat
 from torch.utils.data import DataLoader
 
 from datamodules.base import ParsingDataModule, ParsingDataset
-from datamodules.batch import DatasetError
 from datamodules.nyudv2 import (
     NYU13_CLASSES,
     NYU40_CLASSES,
@@ -113,14 +112,6 @@ def nyu_root(tmp_path) -> Path:
     return root
 
 
-def _raises_naming(fn, fragment: str, problem: str) -> DatasetError:
-    with pytest.raises(DatasetError) as info:
-        fn()
-    msg = str(info.value)
-    assert fragment in msg and re.search(problem, msg), msg
-    return info.value
-
-
 # -- the shipped tables ------------------------------------------------------------------------
 
 
@@ -208,10 +199,10 @@ def test_splits_are_one_based(nyu_root):
         NYUDv2Dataset(nyu_root, "trainval")
     # A 0-based list (or a frame past the end) is refused, naming splits.mat.
     write_splits(nyu_root / "splits.mat", train=[0, 1, 2], test=[3, 6])
-    _raises_naming(
+    raises_naming(
         lambda: NYUDv2Dataset(nyu_root, "train"), "splits.mat", r"frame 0, outside 1\.\.5"
     )
-    _raises_naming(lambda: NYUDv2Dataset(nyu_root, "test"), "splits.mat", r"frame 6, outside")
+    raises_naming(lambda: NYUDv2Dataset(nyu_root, "test"), "splits.mat", r"frame 6, outside")
     skipped = NYUDv2Dataset(nyu_root, "test", skip_bad=True)
     assert skipped.ids == ["00003"] and skipped.bad_ids == ["00006"]
 
@@ -224,7 +215,7 @@ def test_raw_id_above_894_is_an_error(tmp_path):
     write_splits(root / "splits.mat")
     ds = NYUDv2Dataset(root, "train")
     np.testing.assert_array_equal(ds[0]["mask"], TO40(frame_raw(1)))  # other frames still load
-    err = _raises_naming(
+    err = raises_naming(
         lambda: ds[1],
         "nyu_depth_v2_labeled.mat",
         r"frame 00004 .*raw label id 895 outside 0\.\.894",
@@ -256,14 +247,14 @@ def test_user_mapping_file_overrides_the_package_map(nyu_root, tmp_path):
     np.testing.assert_array_equal(mask13, expected13)
     # A table of the wrong size or range is refused, naming the file.
     savemat(path, {"mapClass": mapping[:100].reshape(1, -1)})
-    _raises_naming(
+    raises_naming(
         lambda: NYUDv2Dataset(nyu_root, "test", mapping_file=path),
         "classMapping40.mat",
         "100 entries",
     )
     savemat(path, {"other": np.ones(3)})
-    _raises_naming(lambda: load_mapping(path), "classMapping40.mat", "no variable 'mapClass'")
-    _raises_naming(lambda: load_mapping(tmp_path / "missing.mat"), "missing.mat", "not found")
+    raises_naming(lambda: load_mapping(path), "classMapping40.mat", "no variable 'mapClass'")
+    raises_naming(lambda: load_mapping(tmp_path / "missing.mat"), "missing.mat", "not found")
 
 
 def test_pickles_without_the_h5_handle_and_works_in_workers(nyu_root):
@@ -294,29 +285,29 @@ def test_pickles_without_the_h5_handle_and_works_in_workers(nyu_root):
 def test_missing_and_malformed_files(nyu_root, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    _raises_naming(lambda: NYUDv2Dataset(empty, "train"), "nyu_depth_v2_labeled.mat", "not found")
+    raises_naming(lambda: NYUDv2Dataset(empty, "train"), "nyu_depth_v2_labeled.mat", "not found")
     (nyu_root / "splits.mat").unlink()
-    _raises_naming(lambda: NYUDv2Dataset(nyu_root, "train"), "splits.mat", "not found")
+    raises_naming(lambda: NYUDv2Dataset(nyu_root, "train"), "splits.mat", "not found")
     savemat(nyu_root / "splits.mat", {"trainNdxs": np.array([[1.0]])})
-    _raises_naming(lambda: NYUDv2Dataset(nyu_root, "test"), "splits.mat", "no variable 'testNdxs'")
+    raises_naming(lambda: NYUDv2Dataset(nyu_root, "test"), "splits.mat", "no variable 'testNdxs'")
     # A MAT v5 file where the v7.3 (HDF5) one belongs.
     bad = tmp_path / "v5" / "nyu_depth_v2_labeled.mat"
     bad.parent.mkdir()
     savemat(bad, {"images": np.zeros((2, 2))})
     write_splits(bad.parent / "splits.mat")
-    _raises_naming(lambda: NYUDv2Dataset(bad.parent, "train"), "nyu_depth_v2_labeled.mat", "HDF5")
+    raises_naming(lambda: NYUDv2Dataset(bad.parent, "train"), "nyu_depth_v2_labeled.mat", "HDF5")
     # Shapes that do not follow the (N, 3, W, H) / (N, W, H) layout.
     with h5py.File(bad, "w") as f:
         f["images"] = np.zeros((N, 3, W, H), np.uint8)
         f["labels"] = np.zeros((N, H, W), np.uint16)
         f["depths"] = np.zeros((N, W, H), np.float32)
-    _raises_naming(
+    raises_naming(
         lambda: NYUDv2Dataset(bad.parent, "train"), "nyu_depth_v2_labeled.mat", "'labels' has shape"
     )
     del_depth = bad.parent / "nyu_depth_v2_labeled.mat"
     with h5py.File(del_depth, "a") as f:
         del f["depths"]
-    _raises_naming(
+    raises_naming(
         lambda: NYUDv2Dataset(bad.parent, "train"),
         "nyu_depth_v2_labeled.mat",
         "no dataset 'depths'",

@@ -168,10 +168,6 @@ class CE2P(EncoderDecoderNet):
         self.classifier = nn.Conv2d(fusion_channels, num_classes, kernel_size=1)
         init_decoder_weights(self, exclude=self.encoder_modules())
 
-    def encoder_modules(self) -> list[nn.Module]:
-        """The backbone."""
-        return [self.backbone]
-
     def forward(self, x: torch.Tensor, side_outputs: bool | None = None) -> dict[str, torch.Tensor]:
         """Parse a batch of images.
 

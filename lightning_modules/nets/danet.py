@@ -190,10 +190,6 @@ class DANet(EncoderDecoderNet):
         # Only the new layers are initialised (gamma stays 0); the backbone keeps its weights.
         init_decoder_weights(self, exclude=self.encoder_modules())
 
-    def encoder_modules(self) -> list[nn.Module]:
-        """The backbone."""
-        return [self.backbone]
-
     def side_heads(self) -> dict[str, nn.Module]:
         """The per-branch classifiers behind the side outputs `pam` and `cam`."""
         return {"pam": self.pam_head, "cam": self.cam_head}
@@ -226,10 +222,5 @@ class DANet(EncoderDecoderNet):
                 outputs[name] = F.interpolate(
                     logits, size=size, mode="bilinear", align_corners=self.align_corners
                 )
-        if self.training and self.aux and self.use_aux:
-            aux = self.aux_head(feats["c3"])  # (B, num_classes, H/os3, W/os3)
-            # (B, num_classes, H/os3, W/os3) -> (B, num_classes, H, W)
-            outputs["aux"] = F.interpolate(
-                aux, size=size, mode="bilinear", align_corners=self.align_corners
-            )
+        self.add_aux_output(outputs, feats["c3"], size)
         return outputs

@@ -256,10 +256,6 @@ class DeepLabV3Plus(EncoderDecoderNet):
         # Only the new layers are initialised; the backbone keeps torchvision's (or ImageNet) init.
         init_decoder_weights(self, exclude=self.encoder_modules())
 
-    def encoder_modules(self) -> list[nn.Module]:
-        """The backbone."""
-        return [self.backbone]
-
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Segment a batch of images.
 
@@ -284,10 +280,5 @@ class DeepLabV3Plus(EncoderDecoderNet):
         outputs = {
             "out": F.interpolate(out, size=size, mode="bilinear", align_corners=self.align_corners)
         }
-        if self.training and self.aux and self.use_aux:
-            aux = self.aux_head(feats["c3"])  # (B, num_classes, H/os3, W/os3)
-            # (B, num_classes, H/os3, W/os3) -> (B, num_classes, H, W)
-            outputs["aux"] = F.interpolate(
-                aux, size=size, mode="bilinear", align_corners=self.align_corners
-            )
+        self.add_aux_output(outputs, feats["c3"], size)
         return outputs

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -115,7 +116,8 @@ def init_decoder_weights(
 class EncoderDecoderNet(nn.Module):
     """Base class of the parsing nets: explicit encoder/decoder split and encoder freezing.
 
-    Subclasses implement `encoder_modules()` (the pretrained feature extractor) and `forward`.
+    Subclasses implement `forward` and, where the encoder (the pretrained feature extractor) is
+    more than `self.backbone`, `encoder_modules()`.
     Everything that is not in the encoder (pyramid pooling, bottleneck, classifiers, auxiliary
     heads) is the decoder. Stage 2 of RIM fine-tunes only the decoder: `freeze_encoder()` stops
     gradients into the encoder and keeps it in eval mode even when the trainer calls `.train()`.
@@ -147,6 +149,8 @@ class EncoderDecoderNet(nn.Module):
         self.align_corners = False
         self.use_aux = True
         self.use_side: bool | None = None
+        # The auxiliary FCN head on layer3; subclasses that have one replace the None.
+        self.aux_head: nn.Module | None = None
         self._frozen_encoder = False
 
     @property
@@ -172,8 +176,25 @@ class EncoderDecoderNet(nn.Module):
         return heads
 
     def encoder_modules(self) -> list[nn.Module]:
-        """The modules that make up the encoder (usually the ImageNet-initialised backbone)."""
-        raise NotImplementedError
+        """The modules that make up the encoder: ``self.backbone`` (the ImageNet-initialised
+        feature extractor) unless a subclass says otherwise."""
+        return [self.backbone]
+
+    def add_aux_output(
+        self, outputs: dict[str, torch.Tensor], c3: torch.Tensor, size: Sequence[int]
+    ) -> None:
+        """Put `"aux"` into ``outputs`` when training with the auxiliary head built and on.
+
+        Args:
+            outputs: the net's outputs, completed in place.
+            c3: `(B, C3, h, w)` layer3 features, the head's input.
+            size: `(H, W)` of the input image; the `(B, num_classes, h, w)` logits are resized
+                to it bilinearly with the net's `align_corners`.
+        """
+        if self.training and self.aux_head is not None and self.use_aux:
+            outputs["aux"] = F.interpolate(
+                self.aux_head(c3), size=size, mode="bilinear", align_corners=self.align_corners
+            )
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """All parameters of the encoder modules, each once."""

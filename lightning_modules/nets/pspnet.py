@@ -117,10 +117,6 @@ class PSPNet(EncoderDecoderNet):
         # Only the new layers are initialised; the backbone keeps torchvision's (or ImageNet) init.
         init_decoder_weights(self, exclude=self.encoder_modules())
 
-    def encoder_modules(self) -> list[nn.Module]:
-        """The backbone."""
-        return [self.backbone]
-
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Segment a batch of images.
 
@@ -140,10 +136,5 @@ class PSPNet(EncoderDecoderNet):
         outputs = {
             "out": F.interpolate(out, size=size, mode="bilinear", align_corners=self.align_corners)
         }
-        if self.training and self.aux and self.use_aux:
-            aux = self.aux_head(feats["c3"])  # (B, num_classes, H/8, W/8)
-            # (B, num_classes, H/8, W/8) -> (B, num_classes, H, W)
-            outputs["aux"] = F.interpolate(
-                aux, size=size, mode="bilinear", align_corners=self.align_corners
-            )
+        self.add_aux_output(outputs, feats["c3"], size)
         return outputs

@@ -260,10 +260,6 @@ class SCHPCE2P(EncoderDecoderNet):
             nn.Conv2d(256, self.num_classes, 1, bias=True),
         )
 
-    def encoder_modules(self) -> list[nn.Module]:
-        """The backbone."""
-        return [self.backbone]
-
     def to_net_input(self, x: Tensor) -> Tensor:
         """rimlab-normalised RGB ``(B, 3, H, W)`` -> the weights' convention (BGR, SCHP's
         mean / std by default)."""
