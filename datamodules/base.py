@@ -1111,13 +1111,15 @@ class ParsingDataModule(LightningDataModule, ABC):
 
     def class_pixel_counts(self) -> np.ndarray:
         """(C,) int64 label pixel histogram of the train split (cached by the dataset)."""
-        return self._train_counts()[0]
+        return self.train_class_counts()[0]
 
     def class_region_counts(self) -> np.ndarray:
         """(C,) int64 number of training images containing each class (cached by the dataset)."""
-        return self._train_counts()[1]
+        return self.train_class_counts()[1]
 
-    def _train_counts(self) -> tuple[np.ndarray, np.ndarray]:
+    def train_class_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(pixel counts, region counts)`` of the train split, each (C,) int64, from one pass
+        (cached by the dataset); what the regional sampler's statistics are drawn from."""
         dataset = self.train_set
         if dataset is None:
             self.prepare_data()

@@ -48,6 +48,7 @@ def build_module(
     cfg: DictConfig,
     stage_overrides: dict[str, Any] | None = None,
     prediction_writer: Callable[[str, str, Any], None] | None = None,
+    class_counts: Callable[[], tuple[Any, Any]] | None = None,
 ) -> pl.LightningModule:
     """The parsing LightningModule of ``cfg``; ``stage_overrides`` patch ``module``/``loss``/
     ``sampler`` keys.
@@ -57,6 +58,8 @@ def build_module(
         stage_overrides: e.g. ``{"module.freeze_encoder": True, "sampler": None}``.
         prediction_writer: receives every evaluated image's predicted ids (see
             :func:`experiments.results.prediction_writer`).
+        class_counts: the training set's ``() -> (pixel counts, region counts)`` for the
+            regional sampler (``datamodule.train_class_counts``); None without a sampler.
     """
     cfg = with_overrides(cfg, stage_overrides)
     net = hydra.utils.instantiate(cfg.model)
@@ -78,6 +81,7 @@ def build_module(
         # Saved in every checkpoint: predict/export rebuild the net from it.
         build_config=inference_config(cfg),
         prediction_writer=prediction_writer,
+        class_counts=class_counts,
     )
 
 

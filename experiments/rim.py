@@ -90,7 +90,7 @@ def run_rim(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     stage2_seed = cfg.seed + int(schedule.stage1_epochs)
     pl.seed_everything(stage2_seed, workers=True)
     datamodule = build_datamodule(cfg)
-    module = build_module(cfg, stage2_overrides(cfg))
+    module = build_module(cfg, stage2_overrides(cfg), class_counts=datamodule.train_class_counts)
     module.load_init_weights(str(init))
     stage_dir = out_dir / "stage2"
     trainer = build_trainer(
@@ -149,9 +149,8 @@ def stage2_statistics(
     stage1["early_cpa_epoch"] = int(module.early_cpa_epoch)
     # The matrix itself: both CPA readings (and any later one) can be derived from it.
     stage1["early_confusion"] = module.early_confusion.cpu().tolist()
-    counts = datamodule.class_pixel_counts()
+    counts, regions = datamodule.train_class_counts()
     out["class_pixel_counts"] = dict(zip(names, (int(c) for c in counts), strict=True))
-    regions = datamodule.class_region_counts()
     out["class_region_counts"] = dict(zip(names, (int(c) for c in regions), strict=True))
     return out
 

@@ -124,7 +124,7 @@ def run_single(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     writer = None if cfg.train else prediction_writer(cfg, datamodule, out_dir)
-    module = build_module(cfg, prediction_writer=writer)
+    module = build_module(cfg, prediction_writer=writer, class_counts=datamodule.train_class_counts)
     if cfg.get("init_from"):
         module.load_init_weights(cfg.init_from)
     results: dict[str, Any] = {"task_name": cfg.task_name, "schedule": "single"}

@@ -32,7 +32,7 @@ from lightning_modules.metrics import (
 from lightning_modules.nets.heads import logits_align_corners
 from lightning_modules.schedulers import per_step_optimization
 from lightning_modules.step_state import LOSS, NonFinite, StepLog, gradient_norm, stack_terms
-from samplers.regional import sampling_statistics
+from samplers.regional import RegionalBalancedSampler, sampling_statistics
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,10 @@ class ParsingLitModule(pl.LightningModule):
             (:func:`experiments.keys.inference_config`); None: taken from a loaded checkpoint.
         prediction_writer: ``(stage, name, (H, W) uint8 ids) -> None``, handed every evaluated
             image's prediction at its original size (``save_predictions=true``); None: none.
+        class_counts: ``() -> (pixel counts, region counts)``, each ``(C,)``, of the training
+            set (e.g. ``datamodule.train_class_counts``), called once when the sampler gets its
+            statistics at the start of fit: NRBS draws from them, and the expected kept share is
+            reported from the pixel counts. None: no counts (NRBS then refuses to start).
     """
 
     def __init__(
@@ -166,7 +170,7 @@ class ParsingLitModule(pl.LightningModule):
         loss: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
-        sampler: nn.Module | None = None,
+        sampler: RegionalBalancedSampler | None = None,
         num_classes: int = 59,
         class_names: Sequence[str] | None = None,
         ignore_index: int = 255,
@@ -179,6 +183,7 @@ class ParsingLitModule(pl.LightningModule):
         mpa: str = "recall",
         build_config: dict[str, Any] | None = None,
         prediction_writer: Callable[[str, str, Any], None] | None = None,
+        class_counts: Callable[[], tuple[Any, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.mpa = check_mpa_definition(mpa, "module.mpa")
@@ -197,6 +202,7 @@ class ParsingLitModule(pl.LightningModule):
                 "inference",
                 "build_config",
                 "prediction_writer",
+                "class_counts",
             ],
         )
         self.optimizer_factory = optimizer
@@ -247,6 +253,7 @@ class ParsingLitModule(pl.LightningModule):
         self._sampler_generator: torch.Generator | None = None
         self.prediction_writer = prediction_writer
         self.build_config = build_config
+        self.class_counts = class_counts
         # Kept out of the module tree so the compiled wrapper adds no duplicate state_dict keys.
         object.__setattr__(self, "_net_forward", torch.compile(net) if compile else net)
 
@@ -313,32 +320,30 @@ class ParsingLitModule(pl.LightningModule):
 
     def _init_sampler(self) -> None:
         sampler = self.sampler
-        source = getattr(sampler, "source", "arbs")
-        datamodule = self.trainer.datamodule
+        assert sampler is not None
         pixel_counts = region_counts = None
-        if datamodule is not None and hasattr(datamodule, "class_pixel_counts"):
-            pixel_counts = torch.as_tensor(datamodule.class_pixel_counts(), dtype=torch.float64)
-            if source == "nrbs" and getattr(sampler, "nrbs_count", "regions") == "regions":
-                region_counts = torch.as_tensor(
-                    datamodule.class_region_counts(), dtype=torch.float64
-                )
-        if source == "arbs":
+        if self.class_counts is not None:
+            pixels, regions = self.class_counts()
+            pixel_counts = torch.as_tensor(pixels, dtype=torch.float64)
+            region_counts = torch.as_tensor(regions, dtype=torch.float64)
+        if sampler.source == "arbs":
             confusion = self.early_confusion.detach().cpu()
             if int(confusion.sum()) == 0:
                 raise RuntimeError(self._no_confusion_message())
-        elif source == "nrbs":
-            if pixel_counts is None:
-                raise RuntimeError("sampler=nrbs needs a datamodule with class_pixel_counts()")
-            confusion = None
         else:
-            raise ValueError(f"unknown sampler source {source!r} (expected 'arbs' or 'nrbs')")
+            if pixel_counts is None:
+                raise RuntimeError(
+                    "sampler=nrbs needs the training set's class counts: build the module with "
+                    "class_counts=datamodule.train_class_counts"
+                )
+            confusion = None
         stats = sampling_statistics(
-            source,
+            sampler.source,
             confusion=confusion,
-            cpa=getattr(sampler, "cpa", "recall"),
+            cpa=sampler.cpa,
             region_counts=region_counts,
             pixel_counts=pixel_counts,
-            nrbs_count=getattr(sampler, "nrbs_count", "regions"),
+            nrbs_count=sampler.nrbs_count,
         )
         sampler.set_statistics(stats.to(self.device), pixel_counts=pixel_counts)
         self._report_sampling()

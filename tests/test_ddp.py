@@ -183,12 +183,11 @@ class _FixedData(pl.LightningDataModule):
     def train_dataloader(self):
         return torch.utils.data.DataLoader(_FixedSet(), batch_size=2)
 
-    def class_pixel_counts(self):
-        return torch.bincount(_FixedSet().masks[_FixedSet().masks != 255], minlength=4).numpy()
-
-    def class_region_counts(self):
+    def train_class_counts(self):
         masks = _FixedSet().masks
-        return torch.stack([(masks == c).flatten(1).any(1).sum() for c in range(4)]).numpy()
+        pixels = torch.bincount(masks[masks != 255], minlength=4)
+        regions = torch.stack([(masks == c).flatten(1).any(1).sum() for c in range(4)])
+        return pixels.numpy(), regions.numpy()
 
 
 class _PixelNet(torch.nn.Module):
@@ -223,12 +222,14 @@ def _fit_stats(devices: int, path: Path, sampler_source: str | None, early_confu
     from samplers import RegionalBalancedSampler
 
     sampler = RegionalBalancedSampler(4, source=sampler_source) if sampler_source else None
+    data = _FixedData()
     module = ParsingLitModule(
         net=_PixelNet(),
         loss=ParsingLoss(CrossEntropyLoss()),
         optimizer=partial(torch.optim.SGD, lr=0.0),  # weights fixed: predictions are comparable
         sampler=sampler,
         num_classes=4,
+        class_counts=data.train_class_counts,
     )
     if early_confusion is not None:
         module.early_confusion.copy_(early_confusion)
@@ -245,7 +246,7 @@ def _fit_stats(devices: int, path: Path, sampler_source: str | None, early_confu
         limit_val_batches=0,
         callbacks=[CPASnapshot(epoch=1), DumpStats(str(path))],
     )
-    trainer.fit(module, datamodule=_FixedData())
+    trainer.fit(module, datamodule=data)
     return [torch.load(f"{path}.{r}") for r in range(devices)]
 
 

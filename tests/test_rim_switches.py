@@ -4,8 +4,6 @@ the stage-1 key that ignores every stage-2 switch."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from cfg_utils import TINY, compose_cfg
@@ -19,27 +17,13 @@ from run import check_config as validate_config
 RIM = [*TINY, "schedule=rim", "sampler=arbs", "loss=ce_ilm"]
 
 
-class _Counts:
-    """The two count methods of a parsing datamodule, with fixed numbers."""
-
-    def __init__(self, pixels: list[int], regions: list[int]) -> None:
-        self.pixels, self.regions = pixels, regions
-
-    def class_pixel_counts(self):
-        return torch.tensor(self.pixels)
-
-    def class_region_counts(self):
-        return torch.tensor(self.regions)
-
-
-def _stage2(tmp_path, *overrides: str):
+def _stage2(tmp_path, *overrides: str, counts=None):
+    """The stage-2 module of RIM with ``overrides``; ``counts(C)`` gives the training set's
+    ``(pixel counts, region counts)`` the sampler reads."""
     cfg = compose_cfg([*RIM, *overrides], tmp_path)
-    return cfg, build_module(cfg, stage2_overrides(cfg))
-
-
-def _attach(module, datamodule) -> None:
-    # _init_sampler reads the training set's counts through the trainer's datamodule.
-    module._trainer = SimpleNamespace(datamodule=datamodule, loggers=[], global_step=0)
+    c = int(cfg.data.num_classes)
+    class_counts = None if counts is None else (lambda: tuple(map(torch.tensor, counts(c))))
+    return cfg, build_module(cfg, stage2_overrides(cfg), class_counts=class_counts)
 
 
 # (reading, keep probabilities of classes 0-2 by hand, expected kept share by hand). Recall: 0.8,
@@ -53,7 +37,11 @@ HAND = [
 
 @pytest.mark.parametrize("reading,probs,share", HAND)
 def test_stage2_chooses_the_cpa_reading_from_the_stored_matrix(tmp_path, reading, probs, share):
-    _, module = _stage2(tmp_path, f"sampler.cpa={reading}")
+    _, module = _stage2(
+        tmp_path,
+        f"sampler.cpa={reading}",
+        counts=lambda c: ([1000, 100, 10] + [0] * (c - 3), [5] * c),
+    )
     c = module.num_classes
     confusion = torch.zeros(c, c, dtype=torch.int64)
     # rows = ground truth: class 0 [80, 20, 0] (recall 0.8), class 1 [0, 30, 0] (1.0), class 2
@@ -63,8 +51,6 @@ def test_stage2_chooses_the_cpa_reading_from_the_stored_matrix(tmp_path, reading
     confusion[2, 1], confusion[2, 2] = 30, 10
     module.early_confusion.copy_(confusion)
     module.early_cpa_epoch.fill_(3)
-    pixels = [1000, 100, 10] + [0] * (c - 3)
-    _attach(module, _Counts(pixels, [5] * c))
     module._init_sampler()
     got = module.sampler.probs.double()
     torch.testing.assert_close(got[:3], torch.tensor(probs, dtype=torch.float64))
@@ -119,9 +105,8 @@ def test_old_stage1_checkpoint_with_only_a_cpa_vector_is_refused(tmp_path):
     state["early_cpa"] = torch.linspace(0.1, 0.9, c, dtype=torch.float64)
     path = tmp_path / "old_stage1.ckpt"
     torch.save({"state_dict": state}, path)
-    _, fresh = _stage2(tmp_path)
+    _, fresh = _stage2(tmp_path, counts=lambda c: ([1] * c, [1] * c))
     fresh.load_init_weights(str(path))  # the weights still load
-    _attach(fresh, _Counts([1] * c, [1] * c))
     with pytest.raises(RuntimeError, match="older rimlab .* Retrain stage 1"):
         fresh._init_sampler()
     # resuming such a checkpoint through Lightning's strict load works too
@@ -131,10 +116,13 @@ def test_old_stage1_checkpoint_with_only_a_cpa_vector_is_refused(tmp_path):
 
 
 def test_low_expected_kept_share_warns_loudly(tmp_path, caplog):
-    _, module = _stage2(tmp_path, "sampler=nrbs", "sampler.nrbs_count=pixels")
-    c = module.num_classes
-    pixels = [10_000_000] + [1] * (c - 1)  # one huge class: eta = 1 pixel keeps ~nothing of it
-    _attach(module, _Counts(pixels, [1] * c))
+    # one huge class: eta = 1 pixel keeps ~nothing of it
+    _, module = _stage2(
+        tmp_path,
+        "sampler=nrbs",
+        "sampler.nrbs_count=pixels",
+        counts=lambda c: ([10_000_000] + [1] * (c - 1), [1] * c),
+    )
     with caplog.at_level("WARNING"):
         module._init_sampler()
     assert module.sampling_report()["expected_kept_share"] < 0.01
@@ -170,13 +158,19 @@ def test_bad_switch_values_name_the_key(tmp_path, override, key):
 
 def test_a_sampler_that_keeps_everything_warns(tmp_path, caplog):
     # an early model that recalls only the background: every class is kept with probability 1
-    _, module = _stage2(tmp_path)
+    _, module = _stage2(tmp_path, counts=lambda c: ([10] * c, [1] * c))
     c = module.num_classes
     confusion = torch.zeros(c, c, dtype=torch.int64)
     confusion[:, 0] = 10
     module.early_confusion.copy_(confusion)
-    _attach(module, _Counts([10] * c, [1] * c))
     with caplog.at_level("WARNING"):
         module._init_sampler()
     assert float(module.sampler.probs.min()) == 1.0
     assert "rebalances nothing" in caplog.text
+
+
+def test_nrbs_without_the_training_counts_refuses_with_the_fix(tmp_path):
+    _, module = _stage2(tmp_path, "sampler=nrbs")
+    with pytest.raises(RuntimeError, match="class_counts=datamodule.train_class_counts"):
+        module._init_sampler()
+    assert not module.sampler.is_ready
