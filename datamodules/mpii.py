@@ -308,27 +308,23 @@ class MPIIDataModule(LightningDataModule):
     ) -> None:
         """Loader and augmentation settings of one cascade stage (the constructor's meaning;
         None keeps the current value, an ``eval_batch_size`` of None follows ``batch_size``)."""
-        if batch_size is not None:
-            self.batch_size = int(batch_size)
+        given = {
+            "batch_size": (batch_size, int),
+            "num_workers": (num_workers, int),
+            "scale_jitter": (scale_jitter, float),
+            "rotate": (rotate, float),
+            "rotate_prob": (rotate_prob, float),
+            "min_diam": (min_diam, float),
+            "translate": (translate, float),
+            "noise": (noise, float),
+            "jitter": (jitter, str),
+        }
+        for name, (value, kind) in given.items():
+            if value is not None:
+                setattr(self, name, kind(value))
         self.eval_batch_size = int(eval_batch_size or self.batch_size)
-        if num_workers is not None:
-            self.num_workers = int(num_workers)
-        if scale_jitter is not None:
-            self.scale_jitter = float(scale_jitter)
-        if rotate is not None:
-            self.rotate = float(rotate)
-        if rotate_prob is not None:
-            self.rotate_prob = float(rotate_prob)
         if flip is not None:
             self.flip_pairs = list(self.all_flip_pairs) if flip else []
-        if min_diam is not None:
-            self.min_diam = float(min_diam)
-        if translate is not None:
-            self.translate = float(translate)
-        if noise is not None:
-            self.noise = float(noise)
-        if jitter is not None:
-            self.jitter = str(jitter)
 
     def configure_stage(
         self,

@@ -56,13 +56,23 @@ def _process_count(trainer: Mapping[str, Any]) -> int:
         return 1
 
 
-def _is_ddp(target: Any) -> bool:
-    """Whether a strategy's ``_target_`` names Lightning's ``DDPStrategy`` or a subclass."""
+#: The ``_target_`` of Hydra's own ``hydra/launcher=basic``, which runs a sweep's jobs one by one
+#: in this process.
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def _names_subclass(target: Any, base: type | str) -> bool:
+    """Whether a ``_target_`` names the class ``base`` (a class or its dotted path) or a subclass.
+
+    Compared by dotted path along the class's MRO: Hydra's plugin discovery imports its launcher
+    modules afresh, so the class a ``_target_`` resolves to need not be the one imported here.
+    """
     try:
         cls = hydra.utils.get_class(str(target))
-    except Exception:  # noqa: BLE001 - no such class: not DDP
+    except Exception:  # noqa: BLE001 - no such class: not one of them
         return False
-    return isinstance(cls, type) and issubclass(cls, DDPStrategy)
+    name = base if isinstance(base, str) else f"{base.__module__}.{base.__qualname__}"
+    return any(f"{k.__module__}.{k.__qualname__}" == name for k in cls.__mro__)
 
 
 def uses_subprocess_launcher(trainer: Mapping[str, Any]) -> bool:
@@ -72,7 +82,7 @@ def uses_subprocess_launcher(trainer: Mapping[str, Any]) -> bool:
     if isinstance(strategy, str):
         subprocess = strategy in SUBPROCESS_STRATEGIES
     elif isinstance(strategy, Mapping):
-        subprocess = _is_ddp(strategy.get("_target_")) and strategy.get(
+        subprocess = _names_subclass(strategy.get("_target_"), DDPStrategy) and strategy.get(
             "start_method", "popen"
         ) in (None, "popen")
     else:
@@ -97,7 +107,7 @@ def check_launch(cfg: DictConfig, multirun: bool, launcher_target: str | None) -
         return
     if any(os.environ.get(k) for k in EXTERNAL_LAUNCH_ENV):
         return  # torchrun or srun started every rank: each runs the same sweep in lockstep
-    if launcher_target and not launcher_target.endswith("BasicLauncher"):
+    if launcher_target and not _names_subclass(launcher_target, BASIC_LAUNCHER):
         return  # e.g. hydra/launcher=rimlab_slurm: every job is its own SLURM job
     raise ConfigError(
         "python run.py -m with trainer=ddp on one machine cannot work: Lightning's ddp launcher "

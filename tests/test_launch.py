@@ -192,3 +192,22 @@ def test_shared_runs_refuse_a_filesystem_without_working_flock(tmp_path, monkeyp
     with open(lock, "w") as handle, pytest.raises(ranks.LockError, match="second process"):
         ranks.exclusive_lock(handle, lock)
     monkeypatch.setattr(ranks.fcntl, "flock", real)
+
+
+def test_a_subclass_of_the_basic_launcher_is_refused_like_it(tmp_path, monkeypatch):
+    for key in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = compose_cfg(["experiment=quickstart", *TINY, *SINGLE, "trainer=ddp"], tmp_path)
+    with pytest.raises(ConfigError, match="hydra/launcher=rimlab_slurm"):
+        check_launch(cfg, multirun=True, launcher_target=f"{__name__}._OwnBasicLauncher")
+    # a name that does not resolve is some external launcher: not refused
+    check_launch(cfg, multirun=True, launcher_target="no.such.module.BasicLauncher")
+
+
+def _own_basic_launcher() -> type:
+    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+    return type("_OwnBasicLauncher", (BasicLauncher,), {"__module__": __name__})
+
+
+_OwnBasicLauncher = _own_basic_launcher()
