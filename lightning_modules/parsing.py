@@ -6,7 +6,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
@@ -82,40 +82,43 @@ def _event_row(event: NonFinite | None, names: tuple[str, ...]) -> Tensor:
     return torch.tensor([2.0 * event.step + event.kind, *terms], dtype=torch.float64)
 
 
+@runtime_checkable
+class ScoresOutputs(Protocol):
+    """A loss that names the training-only outputs it scores (``losses.ParsingLoss``,
+    ``losses.CE2PLoss``)."""
+
+    def scored_outputs(self) -> set[str]:
+        """The names of the training-only outputs with a non-zero weight, e.g. ``{"aux"}``."""
+        ...
+
+
+@runtime_checkable
+class SwitchableOutputs(Protocol):
+    """A net whose training-only outputs can be switched off
+    (``lightning_modules.nets.heads.EncoderDecoderNet``)."""
+
+    def score_outputs(self, scored: set[str]) -> list[str]:
+        """Keeps the outputs in ``scored`` on, switches the others off, freezes their heads and
+        returns their names."""
+        ...
+
+
 def match_outputs_to_loss(net: nn.Module, loss: nn.Module) -> list[str]:
     """Switches off the net's training-only outputs that ``loss`` does not score; freezes their heads.
 
-    ``aux`` stays on when ``loss.aux_weight > 0`` (``net.use_aux``); the side outputs (DANet's
-    ``pam``/``cam``, ``net.use_side``) when ``loss.side_weight > 0``, ``loss.side_target`` is not
-    ``"off"`` and ``loss.side_outputs`` names them. The head of every output that is switched off, or computed but not scored, would
-    get no gradient: DDP without ``find_unused_parameters`` would wait for it forever (and the
-    optimizer would decay it for nothing), so its parameters get ``requires_grad=False``.
-
-    Args:
-        net: the parsing net; nets without the switches (plain modules) are left alone.
-        loss: the training loss; missing weights count as 0.
+    The head of every output that is switched off, or computed but not scored, would get no
+    gradient: DDP without ``find_unused_parameters`` would wait for it forever (and the optimizer
+    would decay it for nothing), so its parameters get ``requires_grad=False``. A loss that does not
+    name its scored outputs (:class:`ScoresOutputs`) scores none of them; a net without switches
+    (:class:`SwitchableOutputs`) is left alone.
 
     Returns:
         The names of the outputs whose heads were frozen (e.g. ``["aux"]`` in RIM stage 2).
     """
-    scored: set[str] = set()
-    if float(getattr(loss, "aux_weight", 0.0)) > 0.0:
-        scored.add("aux")
-    side_on = getattr(loss, "side_target", "full") != "off"
-    if side_on and float(getattr(loss, "side_weight", 0.0)) > 0.0:
-        scored.update(getattr(loss, "side_outputs", ()))
-    if hasattr(net, "output_heads"):
-        heads = dict(net.output_heads())
-    else:
-        aux_head = getattr(net, "aux_head", None)
-        heads = {"aux": aux_head} if aux_head is not None else {}
-    if hasattr(net, "use_aux"):
-        net.use_aux = "aux" in scored
-    if hasattr(net, "use_side"):
-        net.use_side = bool((set(heads) - {"aux"}) & scored)
-    frozen = [name for name in heads if name not in scored]
-    for name in frozen:
-        heads[name].requires_grad_(False)
+    if not isinstance(net, SwitchableOutputs):
+        return []
+    scored = loss.scored_outputs() if isinstance(loss, ScoresOutputs) else set()
+    frozen = net.score_outputs(scored)
     if frozen:
         log.info("outputs not weighted by the loss, heads frozen: %s", ", ".join(frozen))
     return frozen

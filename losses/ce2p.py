@@ -175,6 +175,10 @@ class CE2PLoss(nn.Module):
             total = total + self.aux_weight * terms["loss/aux"]
         return {"loss": total, **terms}
 
+    def scored_outputs(self) -> set[str]:
+        """The training-only outputs this loss weights: ``"aux"`` when ``aux_weight > 0``."""
+        return {"aux"} if self.aux_weight > 0 else set()
+
     def extra_repr(self) -> str:
         return (
             f"ce_weight={self.ce_weight}, lovasz_weight={self.lovasz_weight}, "

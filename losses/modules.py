@@ -196,6 +196,14 @@ class ParsingLoss(nn.Module):
         self.main_normalizer = main_normalizer
         self.side_target = side_target
 
+    def scored_outputs(self) -> set[str]:
+        """The training-only outputs this loss weights: ``"aux"`` when ``aux_weight > 0``, the
+        ``side_outputs`` when ``side_weight > 0`` and ``side_target`` is not ``"off"``."""
+        scored = {"aux"} if self.aux_weight > 0 else set()
+        if self.side_weight > 0 and self.side_target != "off":
+            scored.update(self.side_outputs)
+        return scored
+
     def forward(
         self,
         outputs: Mapping[str, Tensor],

@@ -430,3 +430,21 @@ def test_side_target_sampled_scores_side_outputs_like_the_main_term():
         outputs, target
     )
     assert plain["loss/pam"].item() == pytest.approx(full["loss/pam"].item(), rel=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs,scored",
+    [
+        ({}, {"aux", "pam", "cam"}),
+        ({"aux_weight": 0.0}, {"pam", "cam"}),
+        ({"side_target": "off"}, {"aux"}),
+        ({"side_weight": 0.0, "aux_weight": 0.0}, set()),
+        ({"side_outputs": ("pam",), "side_target": "full"}, {"aux", "pam"}),
+    ],
+)
+def test_parsing_loss_names_the_outputs_it_weights(kwargs, scored):
+    from losses import CE2PLoss
+
+    assert ParsingLoss(CrossEntropyLoss(), **kwargs).scored_outputs() == scored
+    assert CE2PLoss().scored_outputs() == set()
+    assert CE2PLoss(aux_weight=0.4).scored_outputs() == {"aux"}

@@ -35,6 +35,11 @@ class _TinyNet(torch.nn.Module):
     def freeze_encoder(self) -> None:
         self.encoder.requires_grad_(False)
 
+    def score_outputs(self, scored: set[str]) -> list[str]:
+        self.use_aux = "aux" in scored
+        self.aux_head.requires_grad_(self.use_aux)
+        return [] if self.use_aux else ["aux"]
+
     def forward(self, x):
         feats = self.encoder(x)
         size = x.shape[-2:]

@@ -169,11 +169,28 @@ class EncoderDecoderNet(nn.Module):
         head are used only for its output, so they get a gradient only when the loss scores it.
         """
         heads: dict[str, nn.Module] = {}
-        aux_head = getattr(self, "aux_head", None)
-        if aux_head is not None:
-            heads["aux"] = aux_head
+        if self.aux_head is not None:
+            heads["aux"] = self.aux_head
         heads.update(self.side_heads())
         return heads
+
+    def score_outputs(self, scored: set[str]) -> list[str]:
+        """Keeps the training-only outputs named in ``scored`` on and switches the others off.
+
+        `use_aux` and `use_side` follow ``scored``; the head of every output not in it gets
+        `requires_grad=False`, whether the output is switched off or still computed (the side
+        outputs are switched together).
+
+        Returns:
+            The names of the outputs whose heads were frozen, in `output_heads()` order.
+        """
+        heads = self.output_heads()
+        self.use_aux = "aux" in scored
+        self.use_side = bool((set(heads) - {"aux"}) & scored)
+        frozen = [name for name in heads if name not in scored]
+        for name in frozen:
+            heads[name].requires_grad_(False)
+        return frozen
 
     def encoder_modules(self) -> list[nn.Module]:
         """The modules that make up the encoder: ``self.backbone`` (the ImageNet-initialised
