@@ -232,8 +232,8 @@ def _fit_stats(devices: int, path: Path, sampler_source: str | None, early_confu
         class_counts=data.train_class_counts,
     )
     if early_confusion is not None:
+        # ARBS draws from it; early_cpa_epoch stays 0, so CPASnapshot records epoch 1 over it.
         module.early_confusion.copy_(early_confusion)
-        module.early_cpa_epoch.fill_(1)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -255,9 +255,7 @@ def test_ddp_spawn_cpa_statistics_and_keep_probabilities(tmp_path):
     """The early confusion matrix is summed over ranks; every rank derives the same probabilities."""
     from samplers.regional import class_pixel_accuracy, keep_probabilities
 
-    single = _fit_stats(1, tmp_path / "one", None)[0]
-    double = _fit_stats(2, tmp_path / "two", None)
-    # Independent derivation: the CPA of the fixed net over all 8 images.
+    # Independent derivation: the confusion matrix of the fixed net over all 8 images.
     data = _FixedSet()
     with torch.no_grad():
         pred = _PixelNet()(data.images)["out"].argmax(1)
@@ -268,24 +266,23 @@ def test_ddp_spawn_cpa_statistics_and_keep_probabilities(tmp_path):
         torch.ones(int(keep.sum()), dtype=torch.long),
         accumulate=True,
     )
-    torch.testing.assert_close(single["early_confusion"], confusion)
-    for rank in double:
-        torch.testing.assert_close(rank["early_confusion"], confusion)
-
-    # ARBS from that matrix (recall CPA, the default), and NRBS from the region counts (images
-    # containing each class, the default): identical probabilities on every rank.
+    regions = torch.stack([(data.masks == c).flatten(1).any(1).sum() for c in range(4)])
+    # ARBS starts from twice that matrix (the same recall CPA, the default reading), and the
+    # CPASnapshot of epoch 1 then records the matrix of the training batches over both ranks in
+    # its place; NRBS draws from the region counts (images containing each class, the default).
     for source in ("arbs", "nrbs"):
-        ranks = _fit_stats(2, tmp_path / source, source, early_confusion=confusion)
-        one = _fit_stats(1, tmp_path / f"{source}1", source, early_confusion=confusion)[0]
+        ranks = _fit_stats(2, tmp_path / source, source, early_confusion=2 * confusion)
+        one = _fit_stats(1, tmp_path / f"{source}1", source, early_confusion=2 * confusion)[0]
+        for stats in (one, *ranks):
+            torch.testing.assert_close(stats["early_confusion"], confusion)
         assert torch.equal(ranks[0]["probs"], ranks[1]["probs"])
         torch.testing.assert_close(ranks[0]["probs"], one["probs"])
-        regions = torch.stack([(data.masks == c).flatten(1).any(1).sum() for c in range(4)])
-        stats = (
+        x = (
             class_pixel_accuracy(confusion, "recall")
             if source == "arbs"
             else regions.double() / regions.sum()
         )
-        torch.testing.assert_close(one["probs"].double(), keep_probabilities(stats).double())
+        torch.testing.assert_close(one["probs"].double(), keep_probabilities(x).double())
 
 
 @pytest.mark.slow
