@@ -222,7 +222,8 @@ def options(cfg: DictConfig, required: tuple[str, ...]) -> dict[str, Any]:
     ``+eval.<key>=<value>`` values for the checkpoint's own protocol.
 
     Raises:
-        PredictError: a required key without a value.
+        PredictError: a required key without a value, or ``+model.<key>=`` / ``+data.<key>=``
+            without ``model=`` / ``data=``.
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -236,6 +237,15 @@ def options(cfg: DictConfig, required: tuple[str, ...]) -> dict[str, Any]:
         value = None if OmegaConf.is_missing(cfg, key) else cfg[key]
         args[key] = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
     chosen = {g: cfg.get(g) if HydraConfig.get().runtime.choices.get(g) else None for g in groups}
+    for group in ("model", "data"):
+        given = cfg.get(group)
+        if chosen[group] is None and given:
+            # Without a chosen group the keys would have nothing to override and be dropped.
+            keys = ", ".join(f"{group}.{k}" for k in given)
+            raise PredictError(
+                f"{keys} given without {group}=<conf/{group} name>: name the group whose keys "
+                f"they override (e.g. {group}=<name> {group}.<key>=<value>)"
+            )
     args |= {"model": chosen["model"], "data": chosen["data"], "eval_config": chosen["eval"]}
     unchosen_eval = chosen["eval"] is None and cfg.get("eval") is not None
     args["eval_overrides"] = OmegaConf.to_container(cfg.eval) if unchosen_eval else None

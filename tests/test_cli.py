@@ -105,6 +105,16 @@ def test_compose_inside_another_hydra_context_restores_it():
         ),
         ("experiments.box_prompt", ["ckpt=c", "image=i", "output=o"], "ConfigError: give boxes="),
         ("experiments.predict", ["input=0", "output=o"], "PredictError: missing ckpt=..."),
+        (
+            "experiments.export",
+            ["ckpt=c", "output=o.onnx", "+model.layers=[1,1,1,1]"],
+            "PredictError: model.layers given without model=<conf/model name>",
+        ),
+        (
+            "experiments.predict",
+            ["ckpt=c", "input=i", "output=o", "+data.num_classes=20", "+data.eval_size=[9,9]"],
+            "PredictError: data.num_classes, data.eval_size given without data=<conf/data name>",
+        ),
     ],
 )
 def test_fixable_errors_are_one_paragraph(module, args, message, monkeypatch, tmp_path, capsys):
