@@ -44,7 +44,16 @@ def test_ctrl_c_saves_state_and_prints_the_resume_command(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     cmd = [sys.executable, str(ROOT / "run.py"), *base, *ctrl_c]
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    # A job started in the background of a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: the child gets the default disposition.
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert "run interrupted in epoch 1 at global step 6 by Ctrl-C" in out, out[-3000:]
