@@ -84,10 +84,8 @@ def test_checkpoint_readers_raise_checkpoint_errors_naming_the_file(tmp_path):
         module.load_init_weights(tmp_path / "other.ckpt")
 
 
-def _command(args: list[str], full_error: bool = False) -> subprocess.CompletedProcess:
+def _command(args: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    if full_error:
-        env["HYDRA_FULL_ERROR"] = "1"
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=ROOT,
@@ -104,30 +102,57 @@ def _last_paragraph(proc: subprocess.CompletedProcess) -> str:
     return proc.stderr.strip().splitlines()[-1]
 
 
-def test_predict_missing_checkpoint_is_one_paragraph(tmp_path):
+def test_predict_missing_checkpoint_is_one_paragraph(tmp_path, monkeypatch):
+    from experiments import predict
+
     ckpt = tmp_path / "x.ckpt"
-    args = ["experiments.predict", f"ckpt={ckpt}", f"input={tmp_path}", f"output={tmp_path / 'o'}"]
-    assert _last_paragraph(_command(args)) == f"CheckpointError: checkpoint not found: {ckpt}"
+    args = [f"ckpt={ckpt}", f"input={tmp_path}", f"output={tmp_path / 'o'}"]
+    paragraph = _last_paragraph(_command(["experiments.predict", *args]))
+    assert paragraph == f"CheckpointError: checkpoint not found: {ckpt}"
     assert not (tmp_path / "o").exists()  # stopped before anything was written
-    full = _command(args, full_error=True)
-    assert full.returncode == 1 and "Traceback" in full.stderr  # HYDRA_FULL_ERROR=1 shows it
-    assert full.stderr.strip().endswith(f"checkpoint not found: {ckpt}")
+    # HYDRA_FULL_ERROR=1 lets the error through, traceback and all (the same command line in
+    # this process: raised instead of the paragraph and exit status 1)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["predict", *args])
+    with pytest.raises(CheckpointError, match=f"checkpoint not found: {ckpt}"):
+        predict.main()
 
 
-def test_export_unreadable_checkpoint_is_one_paragraph(tmp_path):
+def _in_process(main, args: list[str], monkeypatch, tmp_path, capsys) -> str:
+    """The last stderr line of ``python -m <command> *args`` for a fixable error (exit status 1),
+    run in this process as the command line (Hydra reads ``sys.argv``) from ``tmp_path``: the
+    commands share ``datamodules.cli.command`` with predict, whose own test starts a process."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["command", *args])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    return captured.err.strip().splitlines()[-1]
+
+
+def test_export_unreadable_checkpoint_is_one_paragraph(tmp_path, monkeypatch, capsys):
+    from experiments import export
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     ckpt = tmp_path / "junk.ckpt"
     ckpt.write_bytes(b"PK\x03\x04 half a zip")  # a checkpoint cut short by a kill
-    paragraph = _last_paragraph(
-        _command(["experiments.export", f"ckpt={ckpt}", f"output={tmp_path / 'm.onnx'}"])
-    )
+    args = [f"ckpt={ckpt}", f"output={tmp_path / 'm.onnx'}"]
+    paragraph = _in_process(export.main, args, monkeypatch, tmp_path, capsys)
     assert paragraph.startswith(f"CheckpointError: {ckpt}: cannot be read as a torch checkpoint")
 
 
-def test_check_missing_dataset_folder_exits_1_without_traceback(tmp_path):
+def test_check_missing_dataset_folder_exits_1_without_traceback(tmp_path, monkeypatch, capsys):
+    from datamodules import check
+
     root = tmp_path / "LIP"
-    proc = _command(["datamodules.check", "data=lip", f"data.root={root}", "split=val"])
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    out = proc.stdout + proc.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["check", "data=lip", f"data.root={root}", "split=val"])
+    assert check.main() == 1  # the exit status of python -m datamodules.check
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
     assert "Traceback" not in out and str(root) in " ".join(out.split())
 
 
