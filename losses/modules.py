@@ -240,15 +240,15 @@ class ParsingLoss(nn.Module):
             terms[f"loss/{self.main_name}"] = main
         total = main
 
+        scored = self.scored_outputs()
         aux_logits = outputs.get("aux")
-        if aux_logits is not None and self.aux_weight > 0:
+        if aux_logits is not None and "aux" in scored:
             aux = self.main(aux_logits, target)
             terms["loss/aux"] = aux
             total = total + self.aux_weight * aux
 
-        side_on = self.side_weight > 0 and self.side_target != "off"
-        for key in self.side_outputs if side_on else ():
-            if key in outputs:
+        for key in self.side_outputs:
+            if key in scored and key in outputs:
                 if self.side_target == "sampled":
                     side = self._score(outputs[key], main_target, scale)
                 else:
