@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from datamodules.files import json_safe, write_json
 from lightning_modules.metrics import scores_to_json
@@ -49,6 +50,30 @@ class EarlyConfusion(Protocol):
     def record_early_confusion(self, epoch: int) -> torch.Tensor:
         """Stores this epoch's training confusion matrix as that of ``epoch``; returns it
         ``(C, C)``."""
+
+
+@runtime_checkable
+class StepMetrics(Protocol):
+    """A module whose step values reach the host every few steps, not through ``self.log``."""
+
+    def progress_metrics(self) -> dict[str, float]:
+        """``{name: value}`` of the last step the host has read (empty before the first read)."""
+
+
+class StepMetricsProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar, also showing a :class:`StepMetrics` module's last read step
+    values (``train/loss_step``).
+
+    A value logged with ``self.log(..., prog_bar=True)`` stays in Lightning's results and is
+    converted to a number (``.item()``: a device sync on an accelerator) every time the bar or a
+    callback asks for the metrics, at every step; these values are host floats already.
+    """
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        if isinstance(pl_module, StepMetrics) and pl_module.training:
+            items.update(pl_module.progress_metrics())
+        return items
 
 
 class EpochSeed(pl.Callback):

@@ -254,6 +254,7 @@ class ParsingLitModule(pl.LightningModule):
         self._step_log = StepLog()
         self._trained_parameters: list[nn.Parameter] = []
         self._sampler_generator: torch.Generator | None = None
+        self._progress: dict[str, float] = {}
         self.prediction_writer = prediction_writer
         self.build_config = build_config
         self.class_counts = class_counts
@@ -528,20 +529,18 @@ class ParsingLitModule(pl.LightningModule):
             self._raise_if_nonfinite(names, records)
         if log:
             last = step_log.last
-            # One self.log (the progress bar's loss; Lightning's log call costs about a millisecond
-            # on a CPU) and one row for the loggers, as Lightning writes step metrics.
-            self.log(
-                "train/loss_step",
-                torch.tensor(last["loss"]),
-                on_step=True,
-                on_epoch=False,
-                prog_bar=True,
-                logger=False,
-                batch_size=1,
-            )
+            # The progress bar gets its loss as a host float (progress_metrics) and the loggers
+            # one row, as Lightning writes step metrics: a value given to self.log would stay in
+            # Lightning's results and be converted again at every later step.
+            self._progress = {"train/loss_step": last["loss"]}
             self.trainer._logger_connector.log_metrics(
                 {f"train/{name}_step": value for name, value in last.items()}
             )
+
+    def progress_metrics(self) -> dict[str, float]:
+        """The progress bar's ``{"train/loss_step": loss}`` of the last logged step (empty before
+        it), read by :class:`~lightning_modules.callbacks.StepMetricsProgressBar`."""
+        return dict(self._progress)
 
     def _raise_if_nonfinite(self, names: tuple[str, ...], records: Tensor) -> None:
         """Raises if a process found a non-finite step; ``records`` ``(W, 1 + T)`` holds each

@@ -103,14 +103,16 @@ def cross_entropy(
     Returns:
         Scalar float32 loss.
     """
-    per_pixel = F.cross_entropy(
+    # The kernel's own sum skips ignored pixels (it never reads their scores), so one reduction
+    # replaces a (B, H, W) loss map, a masked sum and their backward passes.
+    total = F.cross_entropy(
         logits.float(),
         target,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
-        reduction="none",
-    )  # (B, H, W), zero on ignored pixels
-    return _masked_mean(per_pixel, target != ignore_index)
+        reduction="sum",
+    )
+    return total / (target != ignore_index).sum().clamp(min=1)
 
 
 def focal_loss(

@@ -212,6 +212,46 @@ def test_logged_step_and_epoch_values_match_lightnings_layout(tmp_path):
     assert "train/loss/ce_step" in rows[0] and "train/loss/main_step" not in rows[0]
 
 
+def test_progress_bar_shows_each_read_loss_without_a_host_sync(tmp_path, no_host_sync):
+    """log_every_n_steps=1: the bar shows each step's loss from the next step on, and from a
+    step's start to the bar's update nothing is converted on the host (a loss given to
+    self.log(prog_bar=True) would be converted at every later step by Lightning's metrics)."""
+    from lightning_modules.callbacks import StepMetricsProgressBar
+
+    module, losses, bar = _module(1), _Losses(), StepMetricsProgressBar()
+    shown: list[float | None] = []
+
+    class Guard(pl.Callback):
+        def __init__(self, enter: bool) -> None:
+            self.enter = enter
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if self.enter:
+                shown.append(bar.get_metrics(trainer, pl_module).get("train/loss_step"))
+                self.guard = no_host_sync()
+                self.guard.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if not self.enter:
+                first.guard.__exit__(None, None, None)
+
+    first = Guard(True)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        log_every_n_steps=1,
+        logger=pl.loggers.CSVLogger(tmp_path, name="csv"),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[first, bar, Guard(False), losses],
+    )
+    loader = torch.utils.data.DataLoader(_Batches(), batch_size=2)
+    trainer.fit(module, train_dataloaders=loader)
+    assert shown[0] is None
+    assert shown[1:] == [pytest.approx(v, rel=1e-6) for v in losses.losses[:-1]]
+    assert all(isinstance(v, float) for v in shown[1:])
+
+
 def test_validation_scores_float32_logits_under_bf16_autocast():
     """Under bf16 autocast the net's logits are bf16; they are resized and arg-maxed in float32,
     as predict does. The bf16 resize would decide other pixels (checked, so the test can fail)."""
