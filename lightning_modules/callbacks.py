@@ -7,6 +7,7 @@ import os
 import random
 import signal as signal_module
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -67,13 +68,38 @@ class StepMetricsProgressBar(RichProgressBar):
     A value logged with ``self.log(..., prog_bar=True)`` stays in Lightning's results and is
     converted to a number (``.item()``: a device sync on an accelerator) every time the bar or a
     callback asks for the metrics, at every step; these values are host floats already.
+
+    The training bar is redrawn at most every ``min_interval`` seconds (and always at an epoch's
+    last batch): Lightning's bar redraws and gathers its metrics after every batch, which costs
+    about 0.2 ms of host time per step, more than a display at 10 redraws per second needs.
     """
+
+    def __init__(self, min_interval: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.min_interval = float(min_interval)
+        self._last_draw = float("-inf")
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         if isinstance(pl_module, StepMetrics) and pl_module.training:
             items.update(pl_module.progress_metrics())
         return items
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        now = time.monotonic()
+        last = batch_idx + 1 >= trainer.num_training_batches
+        started = self.train_progress_bar_id is not None
+        if started and not last and now - self._last_draw < self.min_interval:
+            return
+        self._last_draw = now
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class EpochSeed(pl.Callback):

@@ -252,6 +252,29 @@ def test_progress_bar_shows_each_read_loss_without_a_host_sync(tmp_path, no_host
     assert all(isinstance(v, float) for v in shown[1:])
 
 
+def test_progress_bar_redraws_at_most_every_min_interval_and_at_the_last_batch(monkeypatch):
+    """Batches end at 0, 0.05, 0.12, 0.15 and 0.16 s of 5: redrawn after batches 0 and 2 (0.1 s
+    apart or more) and after the last one."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    import lightning_modules.callbacks as callbacks
+
+    drawn: list[int] = []
+    monkeypatch.setattr(
+        RichProgressBar, "on_train_batch_end", lambda self, t, m, o, b, i: drawn.append(i)
+    )
+    clock = iter([0.0, 0.05, 0.12, 0.15, 0.16])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    bar = callbacks.StepMetricsProgressBar(min_interval=0.1)
+    bar.train_progress_bar_id = 0  # the bar of a started epoch
+    trainer = SimpleNamespace(num_training_batches=5)
+    for i in range(5):
+        bar.on_train_batch_end(trainer, None, None, None, i)
+    assert drawn == [0, 2, 4]
+
+
 def test_validation_scores_float32_logits_under_bf16_autocast():
     """Under bf16 autocast the net's logits are bf16; they are resized and arg-maxed in float32,
     as predict does. The bf16 resize would decide other pixels (checked, so the test can fail)."""
