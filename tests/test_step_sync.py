@@ -184,24 +184,30 @@ class _Losses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+def _fit(module, tmp_path: Path, log_every: int, callbacks: list) -> None:
+    """One epoch over :class:`_Batches` in batches of 2 (2, 2, 1), a CSV logger in ``tmp_path``;
+    a progress bar only when ``callbacks`` holds one."""
+    bar = any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        log_every_n_steps=log_every,
+        logger=pl.loggers.CSVLogger(tmp_path, name="csv"),
+        enable_checkpointing=False,
+        enable_progress_bar=bar,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Batches(), batch_size=2))
+
+
 def test_logged_step_and_epoch_values_match_lightnings_layout(tmp_path):
     """Batches of 2, 2, 1 and log_every_n_steps=2: train/loss_step is written at step 1 with that
     step's loss, train/loss_epoch is the batch-size-weighted mean, as self.log(on_step=True,
     on_epoch=True) wrote them."""
     module = _module(1)
     losses = _Losses()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        log_every_n_steps=2,
-        logger=pl.loggers.CSVLogger(tmp_path, name="csv"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[losses],
-    )
-    loader = torch.utils.data.DataLoader(_Batches(), batch_size=2)
-    trainer.fit(module, train_dataloaders=loader)
+    _fit(module, tmp_path, 2, [losses])
     with open(next(tmp_path.rglob("metrics.csv"))) as handle:
         rows = list(csv.DictReader(handle))
     steps = [(int(r["step"]), float(r["train/loss_step"])) for r in rows if r["train/loss_step"]]
@@ -236,17 +242,7 @@ def test_progress_bar_shows_each_read_loss_without_a_host_sync(tmp_path, no_host
                 first.guard.__exit__(None, None, None)
 
     first = Guard(True)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        log_every_n_steps=1,
-        logger=pl.loggers.CSVLogger(tmp_path, name="csv"),
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=[first, bar, Guard(False), losses],
-    )
-    loader = torch.utils.data.DataLoader(_Batches(), batch_size=2)
-    trainer.fit(module, train_dataloaders=loader)
+    _fit(module, tmp_path, 1, [first, bar, Guard(False), losses])
     assert shown[0] is None
     assert shown[1:] == [pytest.approx(v, rel=1e-6) for v in losses.losses[:-1]]
     assert all(isinstance(v, float) for v in shown[1:])
