@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 
 from datamodules.files import json_safe, write_json
 from lightning_modules.metrics import scores_to_json
+from lightning_modules.step_state import is_last_train_batch
 from samplers.regional import class_pixel_accuracy
 from samplers.seeding import mix_seed
 
@@ -94,9 +95,9 @@ class StepMetricsProgressBar(RichProgressBar):
         batch_idx: int,
     ) -> None:
         now = time.monotonic()
-        last = batch_idx + 1 >= trainer.num_training_batches
         started = self.train_progress_bar_id is not None
-        if started and not last and now - self._last_draw < self.min_interval:
+        due = now - self._last_draw >= self.min_interval
+        if started and not due and not is_last_train_batch(trainer, batch_idx):
             return
         self._last_draw = now
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -31,7 +31,14 @@ from lightning_modules.metrics import (
 )
 from lightning_modules.nets.heads import logits_align_corners
 from lightning_modules.schedulers import per_step_optimization
-from lightning_modules.step_state import LOSS, NonFinite, StepLog, gradient_norm, stack_terms
+from lightning_modules.step_state import (
+    LOSS,
+    NonFinite,
+    StepLog,
+    gradient_norm,
+    is_last_train_batch,
+    stack_terms,
+)
 from samplers.regional import RegionalBalancedSampler, sampling_statistics
 
 log = logging.getLogger(__name__)
@@ -500,9 +507,7 @@ class ParsingLitModule(pl.LightningModule):
         log_now = trainer._logger_connector.should_update_logs
         # Also at an epoch's last batch: validation and checkpoints come next, and must never see
         # weights that a non-finite step produced.
-        last = batch_idx + 1 == trainer.num_training_batches
-        last = last or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        if log_now or last:
+        if log_now or is_last_train_batch(trainer, batch_idx):
             self._read_step_state(log=log_now)
 
     def _read_step_state(self, log: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,13 @@ def gradient_norm(grads: list[Tensor]) -> Tensor:
     tensor costs about 10x more on a CPU, the max-norm about 2x.
     """
     return torch.stack(torch._foreach_norm(grads)).float().sum()
+
+
+def is_last_train_batch(trainer: Any, batch_idx: int) -> bool:
+    """Whether ``batch_idx`` is the last training batch of the epoch: the count Lightning plans
+    (``limit_train_batches`` included) or, for a loader without a length, its fetcher's end."""
+    last = batch_idx + 1 >= trainer.num_training_batches
+    return bool(last or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
 @dataclass(frozen=True)

@@ -250,7 +250,7 @@ def test_progress_bar_shows_each_read_loss_without_a_host_sync(tmp_path, no_host
 
 def test_progress_bar_redraws_at_most_every_min_interval_and_at_the_last_batch(monkeypatch):
     """Batches end at 0, 0.05, 0.12, 0.15 and 0.16 s of 5: redrawn after batches 0 and 2 (0.1 s
-    apart or more) and after the last one."""
+    apart or more) and after the last one, also when the loader has no length."""
     from types import SimpleNamespace
 
     from lightning.pytorch.callbacks import RichProgressBar
@@ -265,8 +265,20 @@ def test_progress_bar_redraws_at_most_every_min_interval_and_at_the_last_batch(m
     monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
     bar = callbacks.StepMetricsProgressBar(min_interval=0.1)
     bar.train_progress_bar_id = 0  # the bar of a started epoch
-    trainer = SimpleNamespace(num_training_batches=5)
+    progress = SimpleNamespace(is_last_batch=False)
+    trainer = SimpleNamespace(
+        num_training_batches=5,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+    )
     for i in range(5):
+        bar.on_train_batch_end(trainer, None, None, None, i)
+    assert drawn == [0, 2, 4]
+    # A loader without a length: the last batch is the one after which the fetcher is done.
+    drawn.clear()
+    clock = iter([1.0, 1.05, 1.12, 1.15, 1.16])
+    trainer.num_training_batches = float("inf")
+    for i in range(5):
+        progress.is_last_batch = i == 4
         bar.on_train_batch_end(trainer, None, None, None, i)
     assert drawn == [0, 2, 4]
 
