@@ -211,11 +211,12 @@ def _next_batch(batches: list[dict], state: dict, channels_last: bool) -> tuple[
     return batch, image
 
 
-def hand_step_fn(net, batches, args, device, aux_weight: float, sampler=None, ilm=None):
+def hand_step_fn(net, batches, args, device, aux_weight: float, sampler=None, ilm=None, mark=None):
     """A plain training step over ``net``: the yardstick rimlab's step is compared with.
 
     Stage 2 passes the regional ``sampler`` (its pixels outside the mask become 255 for the main
     term) and the inter-class loss ``ilm`` (added with weight 1), as RIM's stage 2 computes them.
+    ``mark(name)`` (``bench/step_phases.py``) is called at the start of each phase and at the end.
     """
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
@@ -223,9 +224,13 @@ def hand_step_fn(net, batches, args, device, aux_weight: float, sampler=None, il
     state = {"i": 0}
 
     def step() -> float:
+        if mark is not None:
+            mark("forward")
         batch, image = _next_batch(batches, state, args.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(image)
+            if mark is not None:
+                mark("loss")
             target = batch["mask"]
             if sampler is not None:
                 target = target.masked_fill(~sampler(target), 255)
@@ -236,12 +241,32 @@ def hand_step_fn(net, batches, args, device, aux_weight: float, sampler=None, il
                 loss = loss + aux_weight * F.cross_entropy(
                     out["aux"], batch["mask"], ignore_index=255
                 )
+        if mark is not None:
+            mark("zero_grad")
         opt.zero_grad(set_to_none=True)
+        if mark is not None:
+            mark("backward")
         loss.backward()
+        if mark is not None:
+            mark("optimizer")
         opt.step()
+        if mark is not None:
+            mark("end")
         return float(loss.detach()) if state["i"] == 1 else 0.0
 
     return step
+
+
+def stage_hand_step(args, cfg, module, net, batches, device, aux_weight: float, mark=None):
+    """:func:`hand_step_fn` for ``args.stage``: stage 2 adds a copy of the module's regional
+    sampler and the inter-class loss with the configured margin."""
+    sampler = ilm = None
+    if args.stage == 2:
+        from losses import InterClassLoss
+
+        sampler = copy.deepcopy(module.sampler).to(device)
+        ilm = InterClassLoss(margin=float(cfg.loss.ilm.margin)).to(device)
+    return hand_step_fn(net, batches, args, device, aux_weight, sampler, ilm, mark)
 
 
 def same_maths_step_fn(module, net, batches, args, device):
@@ -338,6 +363,51 @@ def data_images_per_s(cfg: DictConfig, batches: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def build_bench(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[DictConfig, pl.LightningModule, torch.nn.Module, list[dict], float]:
+    """The benchmark's run config, ``ParsingLitModule``, a copy of its net for the hand loop (same
+    initial weights; stage 2: encoder frozen), four ready batches on ``device`` and the hand
+    loop's aux-loss weight. Stage 2 gets a long-tailed early confusion matrix for ARBS.
+    """
+    gpu = device.type == "cuda"
+    overrides = ["experiment=pspnet_mhp", "data=synthetic_mhp", "model.pretrained=false"]
+    overrides += ["optimizer=sgd", f"optimizer.lr={args.lr}", "data.num_workers=" + str(
+        min(16, os.cpu_count() or 1) if gpu else 0)]  # fmt: skip
+    if args.stage == 2:
+        overrides += ["sampler=arbs", "loss=ce_ilm", "schedule=rim"]
+    cfg = compose_config([*overrides, *args.override], args.size, args.batch, args.data_dir)
+    with open_dict(cfg):
+        cfg.module.channels_last = bool(args.channels_last)
+    torch.manual_seed(0)
+    stage_overrides = None
+    if args.stage == 2:
+        from experiments.rim import stage2_overrides
+
+        stage_overrides = stage2_overrides(cfg)
+    module = build_module(cfg, stage_overrides)
+    if args.stage == 2:
+        classes = int(cfg.data.num_classes)
+        # A long-tailed early confusion matrix, as stage 1 would have recorded: class i is
+        # recalled at a rate falling from 0.9 to 0.05, its misses predicted as background.
+        recall = torch.linspace(0.9, 0.05, classes, dtype=torch.float64)
+        confusion = torch.zeros(classes, classes, dtype=torch.int64)
+        confusion[:, 0] = (1000 * (1 - recall)).long()
+        confusion += torch.diag((1000 * recall).long())
+        module.early_confusion.copy_(confusion)
+        module.early_cpa_epoch.fill_(3)
+    net_copy = copy.deepcopy(module.net).to(device)
+    if args.channels_last:
+        net_copy = net_copy.to(memory_format=torch.channels_last)
+    net_copy.train()
+    if args.stage == 2:
+        net_copy.freeze_encoder()
+    batches = make_batches(4, args.batch, args.size, int(cfg.data.num_classes), device)
+
+    aux_weight = 0.0 if args.stage == 2 else float(cfg.loss.get("aux_weight", 0.0))
+    return cfg, module, net_copy, batches, aux_weight
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -401,49 +471,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.interleave == "steps" and gpu:
         parser.error("--interleave steps times both variants on the host: CPU runs only")
 
-    overrides = ["experiment=pspnet_mhp", "data=synthetic_mhp", "model.pretrained=false"]
-    overrides += ["optimizer=sgd", f"optimizer.lr={args.lr}", "data.num_workers=" + str(
-        min(16, os.cpu_count() or 1) if gpu else 0)]  # fmt: skip
-    if args.stage == 2:
-        overrides += ["sampler=arbs", "loss=ce_ilm", "schedule=rim"]
-    cfg = compose_config([*overrides, *args.override], args.size, args.batch, args.data_dir)
-    with open_dict(cfg):
-        cfg.module.channels_last = bool(args.channels_last)
-    torch.manual_seed(0)
-    stage_overrides = None
-    if args.stage == 2:
-        from experiments.rim import stage2_overrides
-
-        stage_overrides = stage2_overrides(cfg)
-    module = build_module(cfg, stage_overrides)
-    if args.stage == 2:
-        classes = int(cfg.data.num_classes)
-        # A long-tailed early confusion matrix, as stage 1 would have recorded: class i is
-        # recalled at a rate falling from 0.9 to 0.05, its misses predicted as background.
-        recall = torch.linspace(0.9, 0.05, classes, dtype=torch.float64)
-        confusion = torch.zeros(classes, classes, dtype=torch.int64)
-        confusion[:, 0] = (1000 * (1 - recall)).long()
-        confusion += torch.diag((1000 * recall).long())
-        module.early_confusion.copy_(confusion)
-        module.early_cpa_epoch.fill_(3)
-    net_copy = copy.deepcopy(module.net).to(device)
-    if args.channels_last:
-        net_copy = net_copy.to(memory_format=torch.channels_last)
-    net_copy.train()
-    if args.stage == 2:
-        net_copy.freeze_encoder()
-    batches = make_batches(4, args.batch, args.size, int(cfg.data.num_classes), device)
-
-    aux_weight = 0.0 if args.stage == 2 else float(cfg.loss.get("aux_weight", 0.0))
+    cfg, module, net_copy, batches, aux_weight = build_bench(args, device)
 
     def make_hand_step():
-        sampler = ilm = None
-        if args.stage == 2:
-            from losses import InterClassLoss
-
-            sampler = copy.deepcopy(module.sampler).to(device)
-            ilm = InterClassLoss(margin=float(cfg.loss.ilm.margin)).to(device)
-        return hand_step_fn(net_copy, batches, args, device, aux_weight, sampler, ilm)
+        return stage_hand_step(args, cfg, module, net_copy, batches, device, aux_weight)
 
     def make_same_maths_step():
         return same_maths_step_fn(module, same_net, batches, args, device)

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import pytest  # noqa: E402
 import rim_overhead  # noqa: E402
+import step_phases  # noqa: E402
 import train_step  # noqa: E402
 
 
@@ -61,3 +62,37 @@ def test_train_step_bench_compares_identical_work(tmp_path):
         tflops = result["gflop_per_image"] * 1e9 * 2 / (ms / 1000) / 1e12
         assert result["tflops_achieved"][k] == pytest.approx(tflops)
     assert result["gflop_per_image"] > 0 and result["data_images_per_s"] > 0
+
+
+def test_phase_times_split_each_step_at_its_marks():
+    """A hand-made record: phases run mark to mark, the last to the next step's first mark (or
+    from ``resume`` on, or up to ``end``), and a step's phases add up to its total."""
+    by_step = {
+        0: {"a": 0.0, "b": 1.0, "c": 3.0, "other": 4.0, "done": 9.0},
+        1: {"a": 10.0, "b": 12.0, "c": 15.0, "other": 16.0, "done": 20.0},
+        2: {"a": 21.0},
+    }
+    phases, totals = step_phases.phase_times(by_step, ["a", "b", "c"], range(2))
+    assert phases == {"a": [1.0, 2.0], "b": [2.0, 3.0], "c": [7.0, 6.0]}
+    assert totals == [10.0, 11.0]
+    phases, totals = step_phases.phase_times(by_step, ["a", "b", "c"], range(2), resume="done")
+    assert phases["c"] == [1.0, 1.0] and totals == [4.0, 6.0]  # 9 -> 10 and 20 -> 21
+    phases, totals = step_phases.phase_times(by_step, ["a", "b"], range(2), end="c")
+    assert phases == {"a": [1.0, 2.0], "b": [2.0, 3.0]} and totals == [3.0, 5.0]
+
+
+def test_step_phases_add_up_to_the_step(tmp_path):
+    """Every phase of both variants is measured, and their means add up to the step's mean."""
+    out = tmp_path / "p.json"
+    args = ["--size", "16", "--batch", "2", "--steps", "3", "--warmup", "1", "--no-as-run"]
+    args += ["--override", "model=pspnet_lite", "--data-dir", str(tmp_path / "data")]
+    result = step_phases.main([*args, "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert list(result["rimlab"]) == list(step_phases.RIMLAB_PHASES)
+    assert list(result["hand"]) == list(step_phases.HAND_PHASES)
+    for variant in ("rimlab", "hand"):
+        rows = result[variant].values()
+        assert all(row["mean_ms"] >= 0 for row in rows)
+        total = sum(row["mean_ms"] for row in rows)
+        assert total == pytest.approx(result["total_ms"][variant]["mean"], rel=1e-9)
+    assert result["rimlab"]["net"]["mean_ms"] > 0 and result["hand"]["backward"]["mean_ms"] > 0
