@@ -191,7 +191,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg, module, net_copy, batches, aux_weight = build_bench(args, device)
     marks, hand_marks = _Marks(), _Marks()
     instrument(module, marks)
-    hand = stage_hand_step(args, cfg, module, net_copy, batches, device, aux_weight, hand_marks)
+    built: list[Any] = []
+
+    def hand() -> None:
+        if not built:  # inside the fit: stage 2's sampler copy needs the statistics of fit start
+            built.append(
+                stage_hand_step(
+                    args, cfg, module, net_copy, batches, device, aux_weight, hand_marks
+                )
+            )
+        built[0]()
+
     callback = _PhaseCallback(marks, hand_marks, hand)
     total = args.warmup + args.steps + 1  # the last step's phases end at the next step's start
     if args.as_run:
