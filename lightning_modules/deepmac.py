@@ -22,6 +22,7 @@ from lightning_modules.deepmac_metrics import MaskAPAccumulator, flat_scores, ga
 from lightning_modules.nets.deepmac import crop_instance_masks, paste_masks
 from lightning_modules.parsing import NonFiniteWeightsError
 from lightning_modules.schedulers import per_step_optimization
+from lightning_modules.step_state import StepLog, is_last_train_batch, stack_terms
 from losses.mask import resolve_classes
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class DeepMACLitModule(pl.LightningModule):
         # Deep-MAC driver writes its own scores, so this stays empty.
         self.last_scores: dict[str, Any] = {}
         self.class_names: list[str] = []
+        # Each step's loss terms, kept on the device and read every trainer.log_every_n_steps
+        # steps (_check_finite): a check in the step would make the host wait for it each step.
+        self._step_log = StepLog()
 
     def groups(self, present: Sequence[int]) -> dict[str, list[int] | None]:
         """``{"seen", "unseen", "all"}`` class lists for evaluation given the classes present."""
@@ -167,13 +171,42 @@ class DeepMACLitModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses, n = self._loss(batch)
-        if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(f"non-finite mask loss at step {self.global_step}")
+        self._step_log.add_terms(self.global_step, tuple(losses), stack_terms(losses), max(n, 1))
         for name, value in losses.items():
             self.log(
                 f"train/{name}", value.float(), on_step=True, on_epoch=True, batch_size=max(n, 1)
             )
         return losses["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trainer = self.trainer
+        # Also at an epoch's last batch: validation and checkpoints come next.
+        if trainer._logger_connector.should_update_logs or is_last_train_batch(trainer, batch_idx):
+            self._check_finite()
+
+    def on_train_epoch_end(self) -> None:
+        self._check_finite()
+        self._step_log.reset()
+
+    def _check_finite(self) -> None:
+        """Reads the loss terms kept since the last read (one host transfer) and raises on the
+        first non-finite one. Under DDP the finding is summed over the ranks (they read at the
+        same steps), so that every rank stops together.
+
+        Raises:
+            FloatingPointError: naming the step and its loss terms.
+        """
+        event = self._step_log.read()
+        found = event is not None
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flag = torch.tensor(float(found), device=self.device)
+            found = float(self.trainer.strategy.reduce(flag, reduce_op="sum")) > 0
+        if not found:
+            return
+        if event is None:
+            raise FloatingPointError("non-finite mask loss on another rank")
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in event.terms.items())
+        raise FloatingPointError(f"non-finite mask loss at step {event.step}: {terms}")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # One forward pass serves the loss and the pasted masks (eval mode: boxes not jittered).

@@ -494,3 +494,45 @@ def test_centre_loss_trains_the_backbone_from_every_class():
     terms["loss"].backward()
     grads = [p.grad for p in net.features.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+# ---------------------------------------------------------------------- training step
+
+
+def _stub_lit_module(steps: list[dict[str, float]]):
+    """A Deep-MAC LightningModule whose ``_loss`` returns ``steps[i]`` at its i-th call (and
+    whose ``global_step`` counts those calls), with instance counts 3, 4, 5, ..."""
+    from lightning_modules.deepmac import DeepMACLitModule
+
+    class Stub(DeepMACLitModule):
+        calls = 0
+
+        @property
+        def global_step(self) -> int:
+            return self.calls - 1
+
+        def _loss(self, batch, out=None):
+            values = steps[self.calls]
+            type(self).calls += 1
+            return {k: torch.tensor(v) for k, v in values.items()}, self.calls + 2
+
+    return Stub(net=torch.nn.Identity(), loss=torch.nn.Identity(), optimizer=None)
+
+
+def test_training_step_keeps_the_finite_check_on_the_device(no_host_sync):
+    """No host transfer in a step (a check in the step would sync each step); the read names the
+    first non-finite step and its terms, and a later finite step hides nothing."""
+    bad = {"loss": float("nan"), "loss/mask": float("inf")}
+    steps = [{"loss": 1.0, "loss/mask": 1.0}, {"loss": 2.0, "loss/mask": 2.0}, bad, bad]
+    module = _stub_lit_module([*steps[:3], {"loss": 1.0, "loss/mask": 1.0}])
+    with no_host_sync():
+        for _ in range(2):
+            module.training_step({}, 0)
+    module._check_finite()  # two finite steps: nothing raised
+    # Their terms were read, weighted by the steps' instance counts 3 and 4.
+    assert module._step_log.epoch_means()["loss"] == pytest.approx((3 * 1.0 + 4 * 2.0) / 7)
+    with no_host_sync():
+        for _ in range(2):
+            module.training_step({}, 0)
+    with pytest.raises(FloatingPointError, match=r"at step 2: loss=nan, loss/mask=inf"):
+        module._check_finite()
