@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning.pytorch as pl  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
-from train_step import ROOT, _Batches, build_bench, stage_hand_step  # noqa: E402
+from train_step import ROOT, _Batches, bench_trainer, build_bench, stage_hand_step  # noqa: E402
 
 # rimlab's marks in step order; a phase runs from a mark to the next (the last to the next step's
 # first) and is named by its start mark.
@@ -204,37 +204,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     callback = _PhaseCallback(marks, hand_marks, hand)
     total = args.warmup + args.steps + 1  # the last step's phases end at the next step's start
+    run_cfg = None
     if args.as_run:
-        from experiments.build import build_trainer
-
-        with open_dict(cfg):
-            cfg.trainer.update(
-                accelerator="cpu",
-                devices=1,
-                precision="32",
-                limit_train_batches=total,
-                limit_val_batches=0,
-                num_sanity_val_steps=0,
-                strategy="auto",
-            )
-            cfg.paths.output_dir = str(args.data_dir / "step_phases_run")
-        trainer = build_trainer(cfg, Path(cfg.paths.output_dir), max_epochs=1)
-        trainer.callbacks.insert(0, callback)
-    else:
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision="32",
-            max_epochs=1,
-            limit_train_batches=total,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[callback],
-        )
+        run_cfg = cfg.copy()
+        with open_dict(run_cfg):
+            run_cfg.paths.output_dir = str(args.data_dir / "step_phases_run")
+    trainer = bench_trainer(run_cfg, device, "32", total, callback, first=True)
     loader = _Batches([batches[i % len(batches)] for i in range(total)])
     trainer.fit(module, train_dataloaders=loader)
 

@@ -149,6 +149,52 @@ class _StepTimer(pl.Callback):
             self.hand_seconds[name] += CLOCK[0]() - start
 
 
+def bench_trainer(
+    cfg: DictConfig | None,
+    device: torch.device,
+    precision: str,
+    steps: int,
+    callback: pl.Callback,
+    first: bool = False,
+) -> pl.Trainer:
+    """A one-epoch Trainer of ``steps`` training batches without validation, with ``callback``
+    added (first with ``first``, else last). With ``cfg`` the one ``run.py`` builds
+    (``experiments.build.build_trainer``: the configured callbacks, progress bar, CSV logger,
+    checkpoint callbacks, epoch seeding); without it a bare Trainer (no logger, checkpoints,
+    progress bar or model summary)."""
+    gpu = device.type == "cuda"
+    if cfg is None:
+        return pl.Trainer(
+            accelerator="gpu" if gpu else "cpu",
+            devices=1,
+            precision=precision,
+            max_epochs=1,
+            limit_train_batches=steps,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[callback],
+            benchmark=gpu,
+        )
+    from experiments.build import build_trainer
+
+    with open_dict(cfg):
+        cfg.trainer.accelerator = "gpu" if gpu else "cpu"
+        cfg.trainer.devices = 1
+        cfg.trainer.precision = precision
+        cfg.trainer.limit_train_batches = steps
+        cfg.trainer.limit_val_batches = 0
+        cfg.trainer.num_sanity_val_steps = 0
+        cfg.trainer.benchmark = gpu
+        cfg.trainer.strategy = "auto"
+    trainer = build_trainer(cfg, Path(cfg.paths.output_dir), max_epochs=1)
+    trainer.callbacks.insert(0 if first else len(trainer.callbacks), callback)
+    return trainer
+
+
 def time_rimlab(
     module, batches, args, device, cfg=None, hand=None, profiler=None
 ) -> tuple[float, dict[str, float], float]:
@@ -162,36 +208,7 @@ def time_rimlab(
     steps = args.warmup + args.steps
     timer = _StepTimer(args.warmup, steps, hand, profiler)
     steps += 1  # the timing ends at the start of one more step
-    if cfg is not None:
-        from experiments.build import build_trainer
-
-        with open_dict(cfg):
-            cfg.trainer.accelerator = "gpu" if device.type == "cuda" else "cpu"
-            cfg.trainer.devices = 1
-            cfg.trainer.precision = args.precision
-            cfg.trainer.limit_train_batches = steps
-            cfg.trainer.limit_val_batches = 0
-            cfg.trainer.num_sanity_val_steps = 0
-            cfg.trainer.benchmark = device.type == "cuda"
-            cfg.trainer.strategy = "auto"
-        trainer = build_trainer(cfg, Path(cfg.paths.output_dir), max_epochs=1)
-        trainer.callbacks.append(timer)
-    else:
-        trainer = pl.Trainer(
-            accelerator="gpu" if device.type == "cuda" else "cpu",
-            devices=1,
-            precision=args.precision,
-            max_epochs=1,
-            limit_train_batches=steps,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timer],
-            benchmark=device.type == "cuda",
-        )
+    trainer = bench_trainer(cfg, device, args.precision, steps, timer)
     loader = _Batches([batches[i % len(batches)] for i in range(steps)])
     trainer.fit(module, train_dataloaders=loader)
     hand_s = {name: t / args.steps for name, t in timer.hand_seconds.items()}
