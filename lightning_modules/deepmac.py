@@ -22,7 +22,13 @@ from lightning_modules.deepmac_metrics import MaskAPAccumulator, flat_scores, ga
 from lightning_modules.nets.deepmac import crop_instance_masks, paste_masks
 from lightning_modules.parsing import NonFiniteWeightsError
 from lightning_modules.schedulers import per_step_optimization
-from lightning_modules.step_state import StepLog, is_last_train_batch, stack_terms
+from lightning_modules.step_state import (
+    StepLog,
+    is_last_train_batch,
+    log_epoch_means,
+    read_step_log,
+    stack_terms,
+)
 from losses.mask import resolve_classes
 
 log = logging.getLogger(__name__)
@@ -89,7 +95,8 @@ class DeepMACLitModule(pl.LightningModule):
         self.last_scores: dict[str, Any] = {}
         self.class_names: list[str] = []
         # Each step's loss terms, kept on the device and read every trainer.log_every_n_steps
-        # steps (_check_finite): a check in the step would make the host wait for it each step.
+        # steps (_check_finite): a check in the step would make the host wait for it each step,
+        # and a self.log would add Lightning's bookkeeping (kernels, Python) to every step.
         self._step_log = StepLog()
 
     def groups(self, present: Sequence[int]) -> dict[str, list[int] | None]:
@@ -171,42 +178,38 @@ class DeepMACLitModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses, n = self._loss(batch)
+        # Weighted by the instances (the loss is a mean over them); a batch without any counts 1.
         self._step_log.add_terms(self.global_step, tuple(losses), stack_terms(losses), max(n, 1))
-        for name, value in losses.items():
-            self.log(
-                f"train/{name}", value.float(), on_step=True, on_epoch=True, batch_size=max(n, 1)
-            )
         return losses["loss"]
+
+    def on_fit_start(self) -> None:
+        self._step_log = StepLog()  # nothing of an interrupted earlier fit
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         trainer = self.trainer
-        # Also at an epoch's last batch: validation and checkpoints come next.
-        if trainer._logger_connector.should_update_logs or is_last_train_batch(trainer, batch_idx):
-            self._check_finite()
+        # The steps at which Lightning writes step metrics (log_every_n_steps); also an epoch's
+        # last batch: validation and checkpoints come next.
+        log_now = trainer._logger_connector.should_update_logs
+        if log_now or is_last_train_batch(trainer, batch_idx):
+            self._check_finite(log=log_now)
 
     def on_train_epoch_end(self) -> None:
         self._check_finite()
-        self._step_log.reset()
+        log_epoch_means(self, self._step_log)
 
-    def _check_finite(self) -> None:
-        """Reads the loss terms kept since the last read (one host transfer) and raises on the
-        first non-finite one. Under DDP the finding is summed over the ranks (they read at the
-        same steps), so that every rank stops together.
+    def _check_finite(self, log: bool = False) -> None:
+        """Reads the loss terms kept since the last read (one host transfer), raises on the
+        first non-finite one, and with ``log`` writes the last step's terms as
+        ``train/<term>_step``. Under DDP the findings of every rank are gathered (they read at
+        the same steps), so that every rank stops together.
 
         Raises:
             FloatingPointError: naming the step and its loss terms.
         """
-        event = self._step_log.read()
-        found = event is not None
-        if self._trainer is not None and self.trainer.world_size > 1:
-            flag = torch.tensor(float(found), device=self.device)
-            found = float(self.trainer.strategy.reduce(flag, reduce_op="sum")) > 0
-        if not found:
-            return
-        if event is None:
-            raise FloatingPointError("non-finite mask loss on another rank")
-        terms = ", ".join(f"{k}={v:.4g}" for k, v in event.terms.items())
-        raise FloatingPointError(f"non-finite mask loss at step {event.step}: {terms}")
+        found = read_step_log(self, self._step_log, log=log)
+        if found is not None:
+            event, terms = found
+            raise FloatingPointError(f"non-finite mask loss at step {event.step}: {terms}")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # One forward pass serves the loss and the pasted masks (eval mode: boxes not jittered).
@@ -267,7 +270,9 @@ class DeepMACLitModule(pl.LightningModule):
             self.log(f"{self.val_prefix}/{key}", value)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Before anything is written, on every rank: no checkpoint file holds non-finite weights.
+        # Before anything is written, on every rank: no checkpoint file holds non-finite weights,
+        # nor those of a non-finite step not read yet (a save between two reads).
+        self._check_finite()
         message = nonfinite_weights_message(self)
         if message is not None:
             raise NonFiniteWeightsError(message)

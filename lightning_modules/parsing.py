@@ -33,10 +33,12 @@ from lightning_modules.nets.heads import logits_align_corners
 from lightning_modules.schedulers import per_step_optimization
 from lightning_modules.step_state import (
     LOSS,
-    NonFinite,
     StepLog,
+    format_terms,
     gradient_norm,
     is_last_train_batch,
+    log_epoch_means,
+    read_step_log,
     stack_terms,
 )
 from samplers.regional import RegionalBalancedSampler, sampling_statistics
@@ -58,12 +60,6 @@ class NonFiniteWeightsError(NonFiniteLossError):
     """Non-finite weights after finite losses and gradients: the checkpoint was refused."""
 
 
-def _terms(losses: dict[str, Tensor] | dict[str, float]) -> str:
-    return ", ".join(
-        f"{k}={float(v.detach() if isinstance(v, Tensor) else v):.4g}" for k, v in losses.items()
-    )
-
-
 def _host_values(*values: Tensor | None) -> list[list | None]:
     """``values`` (integer tensors or None) as nested lists, read in one device transfer."""
     tensors = [v for v in values if isinstance(v, Tensor)]
@@ -79,14 +75,6 @@ def _host_values(*values: Tensor | None) -> list[list | None]:
         out.append(torch.tensor(flat[offset : offset + n]).reshape(v.shape).tolist())
         offset += n
     return out
-
-
-def _event_row(event: NonFinite | None, names: tuple[str, ...]) -> Tensor:
-    """``(1 + T,)`` float64 ``[2 * step + kind, *terms]`` of a read's finding; -1 first for none."""
-    if event is None:
-        return torch.full((1 + len(names),), -1.0, dtype=torch.float64)
-    terms = [event.terms.get(name, math.nan) for name in names]
-    return torch.tensor([2.0 * event.step + event.kind, *terms], dtype=torch.float64)
 
 
 @runtime_checkable
@@ -488,7 +476,7 @@ class ParsingLitModule(pl.LightningModule):
                 "step %d: non-finite loss, batch skipped (%d so far): %s",
                 self.global_step,
                 self.skipped_nonfinite,
-                _terms(losses),
+                format_terms({k: float(v) for k, v in losses.items()}),
             )
             return None
         self._last_losses = {k: v.detach() for k, v in losses.items()}
@@ -513,8 +501,9 @@ class ParsingLitModule(pl.LightningModule):
     def _read_step_state(self, log: bool) -> None:
         """Reads the loss terms and gradient norms since the last read in one host transfer,
         raises on a non-finite loss or gradient (under DDP after one ``all_gather`` of each rank's
-        finding, so that every rank stops in the same step with the same message), and logs the
-        last step's terms as ``train/<term>_step``.
+        finding, so that every rank stops in the same step with the same message;
+        :func:`~lightning_modules.step_state.read_step_log`), and with ``log`` writes the last
+        step's terms as ``train/<term>_step``.
 
         Raises:
             NonFiniteLossError: naming the first non-finite step, its loss terms (those of the
@@ -523,53 +512,19 @@ class ParsingLitModule(pl.LightningModule):
         step_log = self._step_log
         if not step_log.pending:
             return  # no training step in this process since the last read
-        names = step_log.names
-        event = step_log.read()
-        if self.nonfinite != "off":
-            world_size = self.trainer.world_size if self._trainer is not None else 1
-            records = _event_row(event, names)[None]  # (1, 1 + T)
-            if world_size > 1:
-                own = records.to(self.device)
-                records = self.all_gather(own).reshape(-1, own.numel()).cpu()  # (W, 1 + T)
-            self._raise_if_nonfinite(names, records)
+        found = read_step_log(self, step_log, log=log, check=self.nonfinite != "off")
+        if found is not None:
+            event, text = found
+            what = "loss" if event.kind == LOSS else "gradient"
+            raise NonFiniteLossError(self._nonfinite_message(what, event.step, text))
         if log:
-            last = step_log.last
-            # The progress bar gets its loss as a host float (progress_metrics) and the loggers
-            # one row, as Lightning writes step metrics: a value given to self.log would stay in
-            # Lightning's results and be converted again at every later step.
-            self._progress = {"train/loss_step": last["loss"]}
-            self.trainer._logger_connector.log_metrics(
-                {f"train/{name}_step": value for name, value in last.items()}
-            )
+            # The progress bar gets its loss as a host float (see progress_metrics).
+            self._progress = {"train/loss_step": step_log.last["loss"]}
 
     def progress_metrics(self) -> dict[str, float]:
         """The progress bar's ``{"train/loss_step": loss}`` of the last logged step (empty before
         it), read by :class:`~lightning_modules.callbacks.StepMetricsProgressBar`."""
         return dict(self._progress)
-
-    def _raise_if_nonfinite(self, names: tuple[str, ...], records: Tensor) -> None:
-        """Raises if a process found a non-finite step; ``records`` ``(W, 1 + T)`` holds each
-        process's :func:`_event_row`. Every rank decides from the same rows."""
-        found = []
-        for rank, row in enumerate(records.tolist()):
-            if row[0] >= 0:
-                event = (int(row[0]) // 2, int(row[0]) % 2)
-                found.append((event, rank, dict(zip(names, row[1:], strict=True))))
-        if not found:
-            return
-        step = min(event[0] for event, _, _ in found)
-        kind = min(event[1] for event, _, _ in found if event[0] == step)  # a loss before its grad
-        rows = [(rank, terms) for event, rank, terms in found if event == (step, kind)]
-        if len(records) == 1:
-            text = _terms(rows[0][1])
-        elif kind == LOSS:
-            text = "; ".join(f"rank {r}: {_terms(terms)}" for r, terms in rows[:4])
-        else:
-            mean = {n: sum(t[n] for _, t in rows) / len(rows) for n in names}
-            text = f"{_terms(mean)} (mean over {len(rows)} processes)"
-        raise NonFiniteLossError(
-            self._nonfinite_message("loss" if kind == LOSS else "gradient", step, text)
-        )
 
     def extra_loss_inputs(
         self, batch: dict[str, Any], outputs: dict[str, Tensor]
@@ -618,16 +573,7 @@ class ParsingLitModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._read_step_state(log=False)
-        for name, mean in self._step_log.epoch_means().items():
-            self.log(
-                f"train/{name}_epoch",
-                torch.tensor(mean),
-                on_step=False,
-                on_epoch=True,
-                prog_bar=name == "loss",
-                batch_size=1,
-            )
-        self._step_log.reset()
+        log_epoch_means(self, self._step_log, prog_bar=("loss",))
         if self.skipped_nonfinite:
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
         if self.track_train_confusion:

@@ -49,6 +49,13 @@ from lightning_modules.metrics import make_process_private
 from lightning_modules.parsing import NonFiniteWeightsError
 from lightning_modules.pose_metrics import PoseMetric
 from lightning_modules.schedulers import per_step_optimization
+from lightning_modules.step_state import (
+    StepLog,
+    is_last_train_batch,
+    log_epoch_means,
+    read_step_log,
+    stack_terms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +123,9 @@ class PoseRegressionLitModule(pl.LightningModule):
         # written by the cascade driver instead.
         self.last_scores: dict[str, Any] = {}
         self.class_names: list[str] = self.joint_names
-        # First non-finite training step and its loss terms, kept on the device (see
-        # _record_nonfinite); None until the first step.
-        self._nonfinite: dict[str, Tensor] | None = None
-        self._nonfinite_names: list[str] = []
+        # Each step's loss terms, kept on the device and read every trainer.log_every_n_steps
+        # steps (check_finite): a check or a self.log in the step would cost the host each step.
+        self._step_log = StepLog()
 
     def setup(self, stage: str) -> None:
         make_process_private(self)  # ddp_spawn shares the pickled tensors between processes
@@ -200,72 +206,49 @@ class PoseRegressionLitModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         pred = self.predict_normalised(batch)
         losses = self.loss(pred, batch["target"], batch["labelled"])
-        self._record_nonfinite(losses)
         bs = batch["target"].shape[0]
-        for name, value in losses.items():
-            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=bs)
+        self._step_log.add_terms(self.global_step, tuple(losses), stack_terms(losses), bs)
         return losses["loss"]
 
-    def _record_nonfinite(self, losses: dict[str, Tensor]) -> None:
-        """Remembers, on the device, the first step with a non-finite loss and its terms.
+    def on_fit_start(self) -> None:
+        self._step_log = StepLog()  # nothing of an interrupted earlier fit
 
-        Device-side only (``torch.where``, no ``bool(tensor)``): checking every step would make the
-        host wait for the GPU each step. :meth:`check_finite` reads it every
-        ``trainer.log_every_n_steps`` steps and at the end of each epoch.
-        """
-        loss = losses["loss"].detach()
-        terms = torch.stack([v.detach().float().reshape(()) for v in losses.values()])  # (T,)
-        if self._nonfinite is None or self._nonfinite["step"].device != loss.device:
-            self._nonfinite = {
-                "step": torch.full((), -1, dtype=torch.long, device=loss.device),
-                "terms": torch.zeros_like(terms),
-            }
-        state = self._nonfinite
-        first = ~torch.isfinite(loss) & (state["step"] < 0)
-        state["step"] = torch.where(
-            first, torch.full_like(state["step"], self.global_step), state["step"]
-        )
-        state["terms"] = torch.where(first, terms, state["terms"])
-        self._nonfinite_names = list(losses)
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trainer = self.trainer
+        # The steps at which Lightning writes step metrics (log_every_n_steps); also an epoch's
+        # last batch: validation and last.ckpt come before on_train_epoch_end, and must never
+        # see weights a non-finite step produced.
+        log_now = trainer._logger_connector.should_update_logs
+        if log_now or is_last_train_batch(trainer, batch_idx):
+            self.check_finite(log=log_now)
 
-    def check_finite(self) -> None:
-        """Raises FloatingPointError naming the first step whose loss was NaN/Inf (one host sync).
+    def check_finite(self, log: bool = False) -> None:
+        """Reads the loss terms kept since the last read (one host transfer), raises on the
+        first non-finite one, and with ``log`` writes the last step's terms as
+        ``train/<term>_step``.
 
-        Under DDP every rank calls it at the same step and the flag is summed over the ranks, so
-        all of them stop together (a rank stopping alone would leave the others waiting).
+        Under DDP every rank calls it at the same step and the findings are gathered
+        (:func:`~lightning_modules.step_state.gather_nonfinite`), so all of them stop together
+        (a rank stopping alone would leave the others waiting).
 
         Raises:
             FloatingPointError: with the step and the loss terms of that step.
         """
-        state = self._nonfinite
-        step = state["step"] if state is not None else torch.full((), -1, device=self.device)
-        bad = (step >= 0).float()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if not bad.item() > 0:
-            return
-        first = int(step.item())
-        if first < 0:
-            raise FloatingPointError(f"stage {self.stage}: non-finite loss on another rank")
-        terms = state["terms"].tolist()
-        raise FloatingPointError(
-            f"stage {self.stage}: non-finite loss at step {first}: "
-            + ", ".join(f"{k}={v:.4g}" for k, v in zip(self._nonfinite_names, terms, strict=True))
-        )
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
-        # Also at an epoch's last batch: validation and last.ckpt come before on_train_epoch_end,
-        # and must never see weights a non-finite step produced.
-        last = batch_idx + 1 == getattr(self.trainer, "num_training_batches", -1)
-        if (batch_idx + 1) % every == 0 or last:
-            self.check_finite()
+        found = read_step_log(self, self._step_log, log=log)
+        if found is not None:
+            event, terms = found
+            raise FloatingPointError(
+                f"stage {self.stage}: non-finite loss at step {event.step}: {terms}"
+            )
 
     def on_train_epoch_end(self) -> None:
         self.check_finite()
+        log_epoch_means(self, self._step_log)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Before anything is written, on every rank: no checkpoint file holds non-finite weights.
+        # Before anything is written, on every rank: no checkpoint file holds non-finite weights,
+        # nor those of a non-finite step not read yet (a save between two reads).
+        self.check_finite()
         message = nonfinite_weights_message(self)
         if message is not None:
             raise NonFiniteWeightsError(f"stage {self.stage}: {message}")

@@ -124,3 +124,118 @@ class StepLog:
     def reset(self) -> None:
         """Forgets the epoch sums (and anything not read yet)."""
         self._terms, self._norms, self._sums = [], [], {}
+
+
+# ---------------------------------------------------------------------- reading a StepLog in a module
+
+
+def format_terms(terms: dict[str, float]) -> str:
+    """``{name: value}`` as ``"loss=nan, loss/l2=inf"`` (4 significant digits)."""
+    return ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
+
+
+def gather_nonfinite(
+    module: Any, event: NonFinite | None, names: tuple[str, ...]
+) -> list[tuple[int, NonFinite]]:
+    """Every process's finding of one :meth:`StepLog.read`, the same list on every rank.
+
+    Under DDP each rank's ``(2 + T,)`` float64 row ``[step, kind, *terms]`` (``-1`` first for
+    "all finite"; the terms in ``names``' order, NaN where the step lacked one) is gathered with
+    one ``module.all_gather``, so that every rank stops in the same read with the same message
+    (a rank stopping alone would leave the others waiting in the next collective). Every rank
+    must call it at the same read.
+
+    Args:
+        module: the LightningModule (its ``trainer.world_size``, ``device``, ``all_gather``).
+        event: this process's finding (None: all finite).
+        names: the ``T`` term names of the rows.
+
+    Returns:
+        ``[(rank, finding)]`` of the ranks that found a non-finite step (empty: none did).
+    """
+    trainer = getattr(module, "_trainer", None)
+    world_size = trainer.world_size if trainer is not None else 1
+    if world_size <= 1:
+        return [] if event is None else [(0, event)]
+    if event is None:
+        row = torch.full((2 + len(names),), -1.0, dtype=torch.float64)
+    else:
+        terms = [event.terms.get(name, math.nan) for name in names]
+        row = torch.tensor([float(event.step), float(event.kind), *terms], dtype=torch.float64)
+    rows = module.all_gather(row.to(module.device)).reshape(world_size, -1).cpu().tolist()
+    return [
+        (rank, NonFinite(int(r[0]), int(r[1]), dict(zip(names, r[2:], strict=True))))
+        for rank, r in enumerate(rows)
+        if r[0] >= 0
+    ]
+
+
+def first_nonfinite(found: list[tuple[int, NonFinite]], world_size: int) -> tuple[NonFinite, str]:
+    """The first finding of :func:`gather_nonfinite` (earliest step, a loss before a gradient)
+    and its loss terms as text: the terms alone in one process; under DDP those of each rank
+    that found it (4 at most) for a loss, their mean for a gradient (all-reduced: the same on
+    every rank)."""
+    step, kind = min((e.step, e.kind) for _, e in found)
+    rows = [(rank, e.terms) for rank, e in found if (e.step, e.kind) == (step, kind)]
+    if world_size <= 1:
+        text = format_terms(rows[0][1])
+    elif kind == LOSS:
+        text = "; ".join(f"rank {rank}: {format_terms(terms)}" for rank, terms in rows[:4])
+    else:
+        names = list(rows[0][1])
+        mean = {n: sum(t.get(n, math.nan) for _, t in rows) / len(rows) for n in names}
+        text = f"{format_terms(mean)} (mean over {len(rows)} processes)"
+    return NonFinite(step, kind, dict(rows[0][1])), text
+
+
+def log_step_terms(trainer: Any, terms: dict[str, float], prefix: str = "train/") -> None:
+    """Writes one logger row ``{prefix}<name>_step`` of ``terms`` at the trainer's logging step,
+    as Lightning writes ``self.log(..., on_step=True, on_epoch=True)`` values. Host floats go
+    straight to the loggers: a tensor given to ``self.log`` would stay in Lightning's results,
+    updated with small kernels every step."""
+    trainer._logger_connector.log_metrics({f"{prefix}{k}_step": v for k, v in terms.items()})
+
+
+def read_step_log(
+    module: Any, step_log: StepLog, log: bool, prefix: str = "train/", check: bool = True
+) -> tuple[NonFinite, str] | None:
+    """Reads ``step_log`` (one host transfer; under DDP one ``all_gather`` more), and either
+    returns the first non-finite step of any rank with its terms as text (:func:`first_nonfinite`,
+    for the module to raise its own error; nothing is logged then), or, with ``log``, writes the
+    last step's terms as ``{prefix}<name>_step`` (:func:`log_step_terms`). ``check=False`` reads
+    and logs without looking for a non-finite step (and without the gather).
+
+    Call it on every rank at the same points (every ``log_every_n_steps`` steps, an epoch's last
+    batch, its end, a checkpoint); a read with nothing kept since the last one does nothing (the
+    ranks keep their steps together).
+    """
+    if not step_log.pending:
+        return None
+    names = step_log.names
+    event = step_log.read()
+    found = gather_nonfinite(module, event, names) if check else []
+    if found:
+        trainer = getattr(module, "_trainer", None)
+        return first_nonfinite(found, trainer.world_size if trainer is not None else 1)
+    if log:
+        log_step_terms(module.trainer, step_log.last, prefix)
+    return None
+
+
+def log_epoch_means(
+    module: Any, step_log: StepLog, prefix: str = "train/", prog_bar: tuple[str, ...] = ()
+) -> None:
+    """Logs each term's batch-weighted epoch mean (:meth:`StepLog.epoch_means`) as
+    ``{prefix}<name>_epoch`` through ``module.log`` (from ``on_train_epoch_end``: written with
+    Lightning's other epoch metrics, seen by checkpoint monitors), then resets the sums; the
+    terms named in ``prog_bar`` go to the progress bar too."""
+    for name, mean in step_log.epoch_means().items():
+        module.log(
+            f"{prefix}{name}_epoch",
+            torch.tensor(mean),  # float32, as Lightning's own epoch mean
+            on_step=False,
+            on_epoch=True,
+            prog_bar=name in prog_bar,
+            batch_size=1,
+        )
+    step_log.reset()

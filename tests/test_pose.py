@@ -646,15 +646,23 @@ def test_pose_metric_counts_on_device_and_skips_nan_head_sizes(no_host_sync):
 
 
 def test_nonfinite_loss_is_caught_without_a_sync_per_step(no_host_sync):
-    module = PoseRegressionLitModule(_Fixed(), JointL2Loss(), torch.optim.SGD)
     good = {"loss": torch.tensor(1.0), "loss/l2": torch.tensor(1.0)}
     bad = {"loss": torch.tensor(float("nan")), "loss/l2": torch.tensor(float("inf"))}
+    steps = iter([good, bad, good])
+
+    class Terms(nn.Module):
+        def forward(self, pred, target, labelled):
+            return next(steps)
+
+    module = PoseRegressionLitModule(_Fixed(), Terms(), torch.optim.SGD)
+    batch = {"image": torch.zeros(2, 3, 8, 8), "target": torch.zeros(2, 16, 2)}
+    batch["labelled"] = torch.ones(2, 16)
     with no_host_sync():
-        module._record_nonfinite(good)
-    module.check_finite()  # nothing recorded yet: no error
+        module.training_step(batch, 0)
+    module.check_finite()  # one finite step: no error
     with no_host_sync():
-        module._record_nonfinite(bad)
-        module._record_nonfinite(good)  # a later finite step does not hide the first bad one
+        module.training_step(batch, 1)
+        module.training_step(batch, 2)  # a later finite step does not hide the first bad one
     with pytest.raises(
         FloatingPointError, match=r"non-finite loss at step 0: loss=nan, loss/l2=inf"
     ):
