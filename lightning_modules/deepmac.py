@@ -24,8 +24,8 @@ from lightning_modules.parsing import NonFiniteWeightsError
 from lightning_modules.schedulers import per_step_optimization
 from lightning_modules.step_state import (
     StepLog,
-    is_last_train_batch,
     log_epoch_means,
+    read_points,
     read_step_log,
     stack_terms,
 )
@@ -186,11 +186,8 @@ class DeepMACLitModule(pl.LightningModule):
         self._step_log = StepLog()  # nothing of an interrupted earlier fit
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        trainer = self.trainer
-        # The steps at which Lightning writes step metrics (log_every_n_steps); also an epoch's
-        # last batch: validation and checkpoints come next.
-        log_now = trainer._logger_connector.should_update_logs
-        if log_now or is_last_train_batch(trainer, batch_idx):
+        read, log_now = read_points(self.trainer, batch_idx)
+        if read:
             self._check_finite(log=log_now)
 
     def on_train_epoch_end(self) -> None:

@@ -36,8 +36,8 @@ from lightning_modules.step_state import (
     StepLog,
     format_terms,
     gradient_norm,
-    is_last_train_batch,
     log_epoch_means,
+    read_points,
     read_step_log,
     stack_terms,
 )
@@ -489,13 +489,8 @@ class ParsingLitModule(pl.LightningModule):
         return losses["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        trainer = self.trainer
-        # The steps at which Lightning writes step metrics (log_every_n_steps): a value logged at
-        # another step would be written late, as if it belonged to the next logging step.
-        log_now = trainer._logger_connector.should_update_logs
-        # Also at an epoch's last batch: validation and checkpoints come next, and must never see
-        # weights that a non-finite step produced.
-        if log_now or is_last_train_batch(trainer, batch_idx):
+        read, log_now = read_points(self.trainer, batch_idx)
+        if read:
             self._read_step_state(log=log_now)
 
     def _read_step_state(self, log: bool) -> None:

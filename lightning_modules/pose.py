@@ -51,8 +51,8 @@ from lightning_modules.pose_metrics import PoseMetric
 from lightning_modules.schedulers import per_step_optimization
 from lightning_modules.step_state import (
     StepLog,
-    is_last_train_batch,
     log_epoch_means,
+    read_points,
     read_step_log,
     stack_terms,
 )
@@ -214,12 +214,8 @@ class PoseRegressionLitModule(pl.LightningModule):
         self._step_log = StepLog()  # nothing of an interrupted earlier fit
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        trainer = self.trainer
-        # The steps at which Lightning writes step metrics (log_every_n_steps); also an epoch's
-        # last batch: validation and last.ckpt come before on_train_epoch_end, and must never
-        # see weights a non-finite step produced.
-        log_now = trainer._logger_connector.should_update_logs
-        if log_now or is_last_train_batch(trainer, batch_idx):
+        read, log_now = read_points(self.trainer, batch_idx)
+        if read:
             self.check_finite(log=log_now)
 
     def check_finite(self, log: bool = False) -> None:

@@ -45,6 +45,16 @@ def is_last_train_batch(trainer: Any, batch_idx: int) -> bool:
     return bool(last or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
+def read_points(trainer: Any, batch_idx: int) -> tuple[bool, bool]:
+    """``(read, log)`` for a module's ``on_train_batch_end`` at ``batch_idx``: ``log`` at the
+    steps where Lightning writes step metrics (``log_every_n_steps``; a value logged at another
+    step would be written as if it belonged to the next logging step), ``read`` then and at an
+    epoch's last batch too (validation and checkpoints come next, and must never see weights
+    that a non-finite step produced)."""
+    log = bool(trainer._logger_connector.should_update_logs)
+    return log or is_last_train_batch(trainer, batch_idx), log
+
+
 @dataclass(frozen=True)
 class NonFinite:
     """The first non-finite step of a read: its global step, kind (``LOSS``/``GRADIENT``) and
