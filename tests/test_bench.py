@@ -96,3 +96,19 @@ def test_step_phases_add_up_to_the_step(tmp_path):
         total = sum(row["mean_ms"] for row in rows)
         assert total == pytest.approx(result["total_ms"][variant]["mean"], rel=1e-9)
     assert result["rimlab"]["net"]["mean_ms"] > 0 and result["hand"]["backward"]["mean_ms"] > 0
+
+
+def test_opencv_warps_sample_labels_at_the_exact_nearest_pixel(tmp_path):
+    """The pinned OpenCV's nearest warp picks the exact float64 nearest source pixel except at
+    ties (a source point within 1e-4 px of a half-pixel), and its bilinear warp is the exact
+    value rounded (max error 0.5 plus its weights' rounding). OpenCV 4.14 fails both (1/1024 px
+    nearest coordinates, 6.4 grey levels off): the augmentation fingerprints pin a release."""
+    import opencv_warp
+
+    out = tmp_path / "warp.json"
+    result = opencv_warp.main(["--trials", "20", "--json", str(out)])
+    assert json.loads(out.read_text())["nearest_mismatches"] == result["nearest_mismatches"]
+    assert result["pixels"] > 100_000
+    assert result["nearest_max_tie_distance"] < 1e-4
+    assert result["nearest_mismatches"] <= result["pixels"] * 1e-5
+    assert 0.45 < result["bilinear_max_error"] < 0.55
