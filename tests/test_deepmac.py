@@ -183,6 +183,31 @@ def test_crop_geometry_stays_fp32_under_bf16_autocast():
     assert out["boxes"][0].dtype == torch.float32
 
 
+def test_pasted_masks_keep_exact_boxes_and_fp32_probabilities_under_bf16_autocast():
+    """Validation and predict paste bf16 mask logits (the head under bf16-mixed) with the exact
+    original-image boxes and an fp32 sigmoid: the same masks as from the logits cast to fp32
+    first. A box cast to bf16 moves 300.7 to 300 and 801.3 to 800 (245,000 pixels, not 245,500)."""
+    from lightning_modules.deepmac import DeepMACLitModule
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 8).bfloat16()
+    boxes = [torch.tensor([[300.7, 10.3, 801.3, 500.9]]), torch.tensor([[2.5, 3.25, 40.75, 30.5]])]
+    sizes = [(512, 1024), (48, 64)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = DeepMACLitModule._paste(logits, boxes, sizes)
+    want = [
+        paste_masks(logits[i : i + 1].float(), boxes[i], sizes[i]) for i in range(2)
+    ]  # fp32 throughout
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    # The support is the pixels whose centres lie in the exact box: columns 301..800, rows 10..500
+    # (the bf16 box [300, 10.31, 800, 500] would give 300..799 and 10..499).
+    support = got[0][0] > 0
+    assert support.any(1).nonzero().flatten()[[0, -1]].tolist() == [10, 500]
+    assert support.any(0).nonzero().flatten()[[0, -1]].tolist() == [301, 800]
+
+
 def test_coordinate_channels():
     xy = coordinate_channels(1, 4, torch.device("cpu"), torch.float32)
     torch.testing.assert_close(xy[0, 0, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))
