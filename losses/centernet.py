@@ -16,7 +16,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from losses.mask import resolve_classes
 
@@ -54,46 +54,100 @@ def overlap_radius(height: float, width: float, min_overlap: float = 0.7, rule: 
     return max(0.0, min(offset, inside, around))
 
 
+def _smallest_positive_roots(a: float, b: Tensor, c: Tensor, rule: str) -> Tensor:
+    """:func:`_smallest_positive_root` of each ``(b, c)`` (float64 tensors, one per box)."""
+    disc = (b * b - 4 * a * c).clamp(min=0).sqrt()
+    if rule == "centernet":
+        return (-b + disc) / 2
+    lo, hi = (-b - disc) / (2 * a), (-b + disc) / (2 * a)
+    inf = torch.full_like(lo, math.inf)
+    best = torch.minimum(torch.where(lo >= 0, lo, inf), torch.where(hi >= 0, hi, inf))
+    return torch.where(torch.isinf(best), torch.zeros_like(best), best)
+
+
+def overlap_radii(height: Tensor, width: Tensor, min_overlap: float = 0.7, rule: str = "centernet"):
+    """:func:`overlap_radius` of ``(N,)`` box heights and widths, on their device (float64)."""
+    if rule not in ("centernet", "exact"):
+        raise ValueError(f"rule={rule!r}: expected 'centernet' or 'exact'")
+    h, w, o = height.double(), width.double(), float(min_overlap)
+    offset = _smallest_positive_roots(1.0, -(h + w), w * h * (1 - o) / (1 + o), rule)
+    inside = _smallest_positive_roots(4.0, -2 * (h + w), (1 - o) * w * h, rule)
+    around = _smallest_positive_roots(4 * o, 2 * o * (h + w), (o - 1) * w * h, rule)
+    return torch.minimum(torch.minimum(offset, inside), around).clamp(min=0)
+
+
+def centre_heatmap_batch(
+    boxes: Sequence[Tensor],
+    labels: Sequence[Tensor],
+    class_ids: Sequence[int] | Tensor,
+    size: tuple[int, int],
+    stride: float,
+    min_overlap: float = 0.7,
+    rule: str = "centernet",
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A batch's Gaussian centre heatmaps, built on ``device`` without a host transfer.
+
+    Args:
+        boxes: per image ``(N_i, 4)`` xyxy in input pixels.
+        labels: per image ``(N_i,)`` class ids; classes outside ``class_ids`` are left out.
+        class_ids: the heatmap's channels, in order (a ``(K,)`` tensor already on ``device``
+            avoids a host-to-device copy).
+        size: ``(h, w)`` of the heatmap (input size / stride).
+        stride: input pixels per heatmap cell.
+        min_overlap, rule: see :func:`overlap_radius`.
+        device: where to build them (default: the first image's boxes').
+
+    Returns:
+        ``(B, K, h, w)`` float targets in ``[0, 1]``: exactly 1 at each object's centre cell
+        ``floor(centre / stride)``, ``exp(-d^2 / (2 sigma^2))`` around it (the maximum where
+        objects of a class overlap).
+    """
+    h, w = size
+    k = len(class_ids)
+    device = torch.device(device) if device is not None else boxes[0].device
+    out = torch.zeros(len(boxes) * k + 1, h * w, device=device)  # the last row takes the others
+    counts = [len(b) for b in boxes]  # host metadata (shapes), no transfer
+    if sum(counts):
+        box = torch.cat([b.detach().to(device).float().reshape(-1, 4) for b in boxes])  # (N, 4)
+        lab = torch.cat([x.to(device).reshape(-1).long() for x in labels])  # (N,)
+        # Fills, not copies from host lists: a host-to-device copy would wait for the device.
+        image = torch.cat(
+            [torch.full((n,), i, device=device, dtype=torch.long) for i, n in enumerate(counts)]
+        )
+        ids = (
+            class_ids.to(device)
+            if isinstance(class_ids, Tensor)
+            else torch.tensor([int(c) for c in class_ids], device=device)
+        )
+        match = lab[:, None] == ids[None, :]  # (N, K)
+        channel = match.long().argmax(1)
+        row = torch.where(match.any(1), image * k + channel, len(boxes) * k)  # (N,)
+        x1, y1, x2, y2 = (box / stride).double().unbind(1)  # (N,) each, float32 / stride
+        cx = torch.floor((x1 + x2) / 2).clamp(0, w - 1)
+        cy = torch.floor((y1 + y2) / 2).clamp(0, h - 1)
+        sigma = (2 * overlap_radii(y2 - y1, x2 - x1, min_overlap, rule) + 1) / 6
+        ys = torch.arange(h, device=device, dtype=torch.float32)
+        xs = torch.arange(w, device=device, dtype=torch.float32)
+        d2 = (xs[None, None, :] - cx.float()[:, None, None]) ** 2 + (
+            ys[None, :, None] - cy.float()[:, None, None]
+        ) ** 2  # (N, h, w)
+        g = torch.exp(-d2 / (2 * sigma * sigma).float()[:, None, None])
+        out.scatter_reduce_(0, row[:, None].expand(-1, h * w), g.reshape(-1, h * w), "amax")
+    return out[:-1].reshape(len(boxes), k, h, w)
+
+
 def centre_heatmap_targets(
-    boxes: torch.Tensor,
-    labels: torch.Tensor,
+    boxes: Tensor,
+    labels: Tensor,
     class_ids: Sequence[int],
     size: tuple[int, int],
     stride: float,
     min_overlap: float = 0.7,
     rule: str = "centernet",
-) -> torch.Tensor:
-    """One image's Gaussian centre heatmap.
-
-    Args:
-        boxes: ``(N, 4)`` xyxy in input pixels.
-        labels: ``(N,)`` class ids; classes outside ``class_ids`` are left out.
-        class_ids: the heatmap's channels, in order.
-        size: ``(h, w)`` of the heatmap (input size / stride).
-        stride: input pixels per heatmap cell.
-        min_overlap, rule: see :func:`overlap_radius`.
-
-    Returns:
-        ``(K, h, w)`` float targets in ``[0, 1]``: exactly 1 at each object's centre cell
-        ``floor(centre / stride)``, ``exp(-d^2 / (2 sigma^2))`` around it (the maximum where
-        objects of a class overlap).
-    """
-    h, w = size
-    channel = {int(c): k for k, c in enumerate(class_ids)}
-    out = torch.zeros(len(channel), h, w)
-    ys = torch.arange(h, dtype=torch.float32)[:, None]
-    xs = torch.arange(w, dtype=torch.float32)[None, :]
-    for box, lab in zip(boxes.detach().float().cpu(), labels.cpu().tolist(), strict=True):
-        if int(lab) not in channel:
-            continue
-        x1, y1, x2, y2 = (box / stride).tolist()
-        cx = min(max(math.floor((x1 + x2) / 2), 0), w - 1)
-        cy = min(max(math.floor((y1 + y2) / 2), 0), h - 1)
-        sigma = (2 * overlap_radius(y2 - y1, x2 - x1, min_overlap, rule) + 1) / 6
-        g = torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma * sigma))  # (h, w)
-        k = channel[int(lab)]
-        out[k] = torch.maximum(out[k], g)
-    return out
+) -> Tensor:
+    """One image's ``(K, h, w)`` centre heatmap (:func:`centre_heatmap_batch` of one image)."""
+    return centre_heatmap_batch([boxes], [labels], class_ids, size, stride, min_overlap, rule)[0]
 
 
 def penalty_reduced_focal_loss(
@@ -147,6 +201,8 @@ class CentreHeatmapLoss(nn.Module):
         if not resolved:
             raise ValueError("class_ids: the centre heatmap needs at least one class")
         self.class_ids = tuple(resolved)
+        # On the module's device with it, for centre_heatmap_batch.
+        self.register_buffer("_ids", torch.tensor(self.class_ids), persistent=False)
         self.weight, self.min_overlap, self.rule = float(weight), float(min_overlap), rule
         self.alpha, self.beta = float(alpha), float(beta)
 
@@ -166,13 +222,8 @@ class CentreHeatmapLoss(nn.Module):
             ``{"loss": weight * focal, "loss/centre": focal}``.
         """
         size = tuple(logits.shape[-2:])
-        targets = torch.stack(
-            [
-                centre_heatmap_targets(
-                    b, lab, self.class_ids, size, stride, self.min_overlap, self.rule
-                )
-                for b, lab in zip(boxes, labels, strict=True)
-            ]
-        ).to(logits.device)  # (B, K, h, w)
+        targets = centre_heatmap_batch(
+            boxes, labels, self._ids, size, stride, self.min_overlap, self.rule, logits.device
+        )  # (B, K, h, w), built on the device: no host transfer in a training step
         focal = penalty_reduced_focal_loss(logits, targets, self.alpha, self.beta)
         return {"loss": self.weight * focal, "loss/centre": focal.detach()}

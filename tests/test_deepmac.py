@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -487,6 +489,66 @@ def test_centre_heatmap_targets_by_hand():
     assert hm[1, 5, 6].item() == pytest.approx(np.exp(-8 / (2 * sigma**2)), rel=1e-5)
     assert hm[0, 1, 1] == 1  # class 3 at cell (1, 1)
     assert (hm == 1).sum() == 2  # class 99 left out
+
+
+def _heatmap_by_loop(boxes, labels, class_ids, size, stride, min_overlap, rule):
+    """One image's heatmap object by object on the host, from :func:`overlap_radius` (a second,
+    plain implementation of CenterNet's target assigner)."""
+    from losses.centernet import overlap_radius
+
+    h, w = size
+    out = torch.zeros(len(class_ids), h, w)
+    ys, xs = torch.arange(h, dtype=torch.float32)[:, None], torch.arange(w, dtype=torch.float32)
+    for box, lab in zip(boxes.float(), labels.tolist(), strict=True):
+        if lab not in class_ids:
+            continue
+        x1, y1, x2, y2 = (box / stride).tolist()
+        cx = min(max(math.floor((x1 + x2) / 2), 0), w - 1)
+        cy = min(max(math.floor((y1 + y2) / 2), 0), h - 1)
+        sigma = (2 * overlap_radius(y2 - y1, x2 - x1, min_overlap, rule) + 1) / 6
+        g = torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma * sigma))
+        k = class_ids.index(lab)
+        out[k] = torch.maximum(out[k], g)
+    return out
+
+
+@pytest.mark.parametrize("rule", ["centernet", "exact"])
+def test_centre_heatmap_batch_equals_an_object_by_object_loop(rule, no_host_sync):
+    """The batched, on-device targets equal a per-object loop over every image of a batch:
+    overlapping objects of one class (the maximum), a class outside the heatmap, boxes whose
+    centre lies outside the map (clamped), an image without objects; and they are built without
+    a host transfer."""
+    from losses.centernet import CentreHeatmapLoss, centre_heatmap_batch
+
+    g = torch.Generator().manual_seed(3)
+    boxes, labels = [], []
+    for n in (5, 0, 7, 1):
+        xy = torch.rand(n, 2, generator=g) * 60 - 8
+        boxes.append(torch.cat([xy, xy + 2 + torch.rand(n, 2, generator=g) * 30], 1))
+        labels.append(torch.randint(0, 5, (n,), generator=g))
+    boxes[0][1] = boxes[0][0] + 1.5  # overlaps box 0
+    labels[0][1] = labels[0][0]
+    class_ids = [1, 3, 4]  # 0 and 2 are not heatmap classes
+    size, stride = (12, 15), 4.0
+    with no_host_sync():
+        got = centre_heatmap_batch(boxes, labels, class_ids, size, stride, 0.7, rule)
+    want = torch.stack(
+        [
+            _heatmap_by_loop(b, lab, class_ids, size, stride, 0.7, rule)
+            for b, lab in zip(boxes, labels, strict=True)
+        ]
+    )
+    assert got.shape == (4, 3, 12, 15) and (want == 1).sum() > 5
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(got == 1, want == 1)  # the peaks exactly
+    assert not got[1].any()
+    loss = CentreHeatmapLoss(class_ids=class_ids, rule=rule)
+    logits = torch.randn(4, 3, *size)
+    with no_host_sync():
+        terms = loss(logits, boxes, labels, stride)
+    from losses.centernet import penalty_reduced_focal_loss
+
+    torch.testing.assert_close(terms["loss/centre"], penalty_reduced_focal_loss(logits, want))
 
 
 def test_penalty_reduced_focal_loss_by_hand():

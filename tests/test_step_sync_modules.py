@@ -21,6 +21,7 @@ from torch import nn
 from lightning_modules.deepmac import DeepMACLitModule
 from lightning_modules.pose import PoseRegressionLitModule
 from lightning_modules.step_state import LOSS, StepLog, read_step_log
+from losses.centernet import CentreHeatmapLoss
 from losses.mask import MaskLoss
 from losses.pose import JointL2Loss
 
@@ -184,11 +185,24 @@ class _StepGuard(pl.Callback):
             self.stack = None
 
 
-@pytest.mark.parametrize("kind", ["pose", "deepmac"])
+@pytest.mark.parametrize("kind", ["pose", "deepmac", "deepmac_centre"])
 def test_training_step_makes_no_host_transfer(kind, tmp_path, no_host_sync):
     """One epoch, log_every_n_steps=2: every step (logging steps included) runs without a
-    tensor -> host conversion and without self.log; the terms still reach the logger."""
-    module, guard = _module(kind), _StepGuard(no_host_sync)
+    tensor -> host conversion and without self.log; the terms still reach the logger.
+    ``deepmac_centre``: with the all-class centre-heatmap loss every Deep-MAC config trains with
+    (its targets are built on the device)."""
+    if kind == "deepmac_centre":
+        torch.manual_seed(0)
+        module = DeepMACLitModule(
+            _tiny_deepmac(num_centre_classes=2),
+            MaskLoss(None, 0.5),
+            partial(torch.optim.SGD, lr=0.01),
+            centre_loss=CentreHeatmapLoss(class_ids=[1, 2]),
+        )
+        kind = "deepmac"
+    else:
+        module = _module(kind)
+    guard = _StepGuard(no_host_sync)
     try:
         _trainer(tmp_path, 2, [guard]).fit(module, train_dataloaders=_loader(kind))
     finally:
