@@ -12,6 +12,7 @@ from torch import nn
 
 from experiments.build import build_module
 from experiments.export import MatrixAdaptiveAvgPool2d, main
+from lightning_modules.parser import PredictError
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -75,3 +76,34 @@ def test_onnx_export_parity_two_sizes(model, tmp_path):
     assert json.loads(meta["rimlab.eval_size"]) == [48, 64]
     assert json.loads(meta["rimlab.eval_keep_ratio"]) is False
     assert len(json.loads(meta["rimlab.class_names"])) == 59
+
+
+def test_parity_check_bounds_each_provider_by_its_own_tolerance(monkeypatch, tmp_path):
+    """With a GPU provider the check runs twice; the CUDA difference is held to cuda_tolerance
+    (cuDNN sums in other orders), the CPU one to tolerance, and the message names the bound."""
+    from experiments import export as export_mod
+
+    diffs = {"CPUExecutionProvider": [5e-5, 8e-5], "CUDAExecutionProvider": [4e-4, 6e-4]}
+    calls = []
+
+    def fake_parity(net, path, sizes, seed=0, provider="CPUExecutionProvider"):
+        calls.append(provider)
+        return diffs[provider]
+
+    monkeypatch.setattr(export_mod, "onnx_parity", fake_parity)
+    monkeypatch.setattr(export_mod, "cuda_provider_available", lambda: True)
+    net, path, sizes = nn.Identity(), tmp_path / "m.onnx", [(8, 8), (9, 9)]
+    got = export_mod.check_parity(net, path, sizes, 1e-4, 1e-3)
+    assert got == {"parity": [5e-5, 8e-5], "parity_cuda": [4e-4, 6e-4]}
+    assert calls == ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    with pytest.raises(PredictError, match=r"6\.00e-04 \(parity_cuda\) > tolerance=0\.0001"):
+        export_mod.check_parity(net, path, sizes, 1e-4)  # no CUDA bound: the CPU one
+    diffs["CUDAExecutionProvider"] = [2e-3, 1e-4]
+    with pytest.raises(PredictError, match=r"2\.00e-03 \(parity_cuda\) > cuda_tolerance=0\.001"):
+        export_mod.check_parity(net, path, sizes, 1e-4, 1e-3)
+    diffs["CPUExecutionProvider"] = [2e-4, 0.0]
+    with pytest.raises(PredictError, match=r"\(parity\) > tolerance=0\.0001"):
+        export_mod.check_parity(net, path, sizes, 1e-4, 1e-3)
+    monkeypatch.setattr(export_mod, "cuda_provider_available", lambda: False)
+    diffs["CPUExecutionProvider"] = [5e-5, 8e-5]
+    assert export_mod.check_parity(net, path, sizes, 1e-4, 1e-3) == {"parity": [5e-5, 8e-5]}
