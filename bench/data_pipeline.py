@@ -188,7 +188,9 @@ def compose_data(overrides: list[str], data_dir: Path):
 
 def rimlab_loader(cfg, batch: int, workers: int) -> DataLoader:
     """rimlab's training loader as ``run.py`` builds it (prepare_data, setup, train_dataloader)."""
-    dm = instantiate(cfg, batch_size=batch, num_workers=workers, persistent_workers=False)
+    # Persistent workers (run.py's default): each round's epoch reuses them, so the rounds time
+    # loading, not the start of `workers` processes.
+    dm = instantiate(cfg, batch_size=batch, num_workers=workers, persistent_workers=workers > 0)
     dm.prepare_data()
     dm.setup("fit")
     return dm.train_dataloader()
@@ -203,6 +205,7 @@ def peer_loader(root: Path, cfg, batch: int, workers: int) -> DataLoader:
         shuffle=True,
         drop_last=True,
         num_workers=workers,
+        persistent_workers=workers > 0,
         collate_fn=default_collate,
         generator=torch.Generator().manual_seed(0),
     )
@@ -312,8 +315,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loaders[name] = rimlab_loader(ref, args.batch, args.workers)
             else:
                 loaders[name] = peer_loader(root, cfg, args.batch, args.workers)
-        for loader in loaders.values():  # warm-up: worker start, first decodes, the cache
-            time_loader(loader, 1)
+        for loader in loaders.values():  # warm-up: every worker's start, first decodes, the cache
+            time_loader(loader, max(1, args.workers))
         stages = {
             name: stage_profile(loaders[name], args.stages)
             for name in ("rimlab", "rimlab_pixel_cache")

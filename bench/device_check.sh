@@ -29,7 +29,8 @@ else
   TESTS=(tests/test_gpu.py -q -m gpu)
   STEP=(--size 400 --batch 16 --steps 30 --warmup 10 --repeats 3 --data-batches 0
         --no-same-maths)  # the caps below were sized for two variants
-  DATA=(--workers 14 --repeats 2)
+  # 448 images: 2 batches of 16 per worker and epoch (the workers persist across the rounds)
+  DATA=(--workers 14 --repeats 2 --images 448 --batches 40)
 fi
 
 part() {  # part NAME SECONDS_LIMIT COMMAND...: runs it, records status and time

@@ -112,3 +112,35 @@ def test_opencv_warps_sample_labels_at_the_exact_nearest_pixel(tmp_path):
     assert result["nearest_max_tie_distance"] < 1e-4
     assert result["nearest_mismatches"] <= result["pixels"] * 1e-5
     assert 0.45 < result["bilinear_max_error"] < 0.55
+
+
+@pytest.mark.slow
+def test_device_check_script_runs_every_part_on_the_cpu(tmp_path):
+    """``RIMLAB_DEVICE_CHECK_CPU=1 bash bench/device_check.sh``: every part (the CPU half of
+    tests/test_gpu.py, both train-step stages, the data pipeline) runs and lands in one JSON."""
+    import os
+    import subprocess
+    import xml.etree.ElementTree as ET
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RIMLAB_DEVICE_CHECK_CPU": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(root / "bench" / "device_check.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    parts = report["parts"]
+    assert set(parts) == {"gpu_tests", "train_step_stage1", "train_step_stage2", "data_pipeline"}
+    assert all(p["rc"] == 0 for p in parts.values()), {k: p["log_tail"] for k, p in parts.items()}
+    suite = ET.parse(tmp_path / "gpu_tests.xml").getroot().find("testsuite")
+    assert int(suite.get("tests")) > 0 and int(suite.get("failures")) == 0
+    for stage in ("train_step_stage1", "train_step_stage2"):
+        result = parts[stage]["result"]
+        assert result["ms_per_step"]["rimlab"] > 0 and "rimlab_minus_hand_ms" in result
+    speeds = parts["data_pipeline"]["result"]["images_per_s"]
+    assert set(speeds) == {"rimlab", "rimlab_pixel_cache", "rimlab_reference", "albumentations"}
+    assert all(v > 0 for v in speeds.values())
