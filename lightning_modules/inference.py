@@ -160,9 +160,13 @@ def slide_inference(
         # (B, 3, ch, cw) -> (B, C, h', w')
         logits = net_forward(image[:, :, y1:y2, x1:x2])
         if logits.shape[-2:] != (ch, cw):
-            # (B, C, h', w') -> (B, C, ch, cw)
+            # (B, C, h', w') -> (B, C, ch, cw), in float32 at least: a bf16 resize rounds the
+            # class differences the arg-max decides between.
             logits = F.interpolate(
-                logits, size=(ch, cw), mode="bilinear", align_corners=align_corners
+                logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                size=(ch, cw),
+                mode="bilinear",
+                align_corners=align_corners,
             )
         if scores is None:
             if num_classes is not None and logits.shape[1] != num_classes:
@@ -397,9 +401,12 @@ class InferenceProtocol:
                     net_forward, scaled.flip(-1) if mirrored else scaled, align_corners
                 )
                 if logits.shape[-2:] != (height, width):
-                    # (B, C, h*s, w*s) -> (B, C, h, w)
+                    # (B, C, h*s, w*s) -> (B, C, h, w), in float32 at least (as above)
                     logits = F.interpolate(
-                        logits, size=(height, width), mode="bilinear", align_corners=align_corners
+                        logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                        size=(height, width),
+                        mode="bilinear",
+                        align_corners=align_corners,
                     )
                 if mirrored:
                     logits = flip_logits(logits, self.flip_pairs)

@@ -311,6 +311,61 @@ def test_validation_scores_float32_logits_under_bf16_autocast():
     assert not torch.equal(got, confusion(low))  # bf16 resizing changes the decisions
 
 
+@pytest.mark.parametrize("model", ["pspnet_lite", "danet_lite", "deeplabv3plus_lite", "ce2p_lite"])
+def test_nets_resize_their_eval_logits_in_float32_under_bf16_autocast(model):
+    """In eval mode a net's last resize (its classifier's 1/8 or 1/4 logits to the input) runs
+    in float32 under bf16 autocast: the output equals the classifier's bf16 logits resized in
+    float32, and differs from a bf16 resize (checked, so the test can fail). Training keeps the
+    logits' dtype (the loss upcasts)."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"{model}.yaml")
+    cfg.num_classes = 20
+    torch.manual_seed(0)
+    net = hydra.utils.instantiate(cfg).eval()
+    low = {}
+    net.classifier.register_forward_hook(lambda m, i, o: low.__setitem__("out", o))
+    x = torch.randn(2, 3, 64, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = net(x)["out"]
+    assert low["out"].dtype == torch.bfloat16 and low["out"].shape[-2:] != (64, 48)
+    assert out.dtype == torch.float32
+    corners = bool(net.align_corners) and model != "ce2p_lite"
+    want = F.interpolate(low["out"].float(), size=(64, 48), mode="bilinear", align_corners=corners)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    in_bf16 = F.interpolate(low["out"], size=(64, 48), mode="bilinear", align_corners=corners)
+    assert not torch.equal(out, in_bf16.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net.train()(x)["out"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mode", ["flip", "slide"])
+def test_flip_and_slide_resize_bf16_logits_in_float32(mode):
+    """The inference protocols resize a net's bf16 logits (a net that returns them below the
+    input size) in float32: the same scores as from the logits cast to float32 first."""
+    from lightning_modules.inference import InferenceProtocol
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 6, 1)
+
+    def low_res(x):  # (B, 3, H, W) -> (B, 6, H/4, W/4) bf16 logits
+        return conv(F.avg_pool2d(x, 4)).bfloat16()
+
+    if mode == "flip":
+        protocol = InferenceProtocol(flip=True)
+    else:
+        protocol = InferenceProtocol(
+            mode="slide", crop_size=(32, 32), stride=(16, 16), num_classes=6
+        )
+    image = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        got = protocol(low_res, image)
+        want = protocol(lambda x: low_res(x).float(), image)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_channels_last_converts_the_weights():
     module = _module(1, channels_last=True)
     convs = [p for p in module.net.parameters() if p.dim() == 4]

@@ -187,7 +187,7 @@ class CE2P(EncoderDecoderNet):
         fused = self.fusion(torch.cat([parsing_feat, edge_feat], dim=1))  # (B, fusion, H/4, W/4)
         out = self.classifier(self.dropout(fused))  # (B, C, H/4, W/4)
         # (B, C, H/4, W/4) -> (B, C, H, W)
-        outputs = {"out": _up(out, size)}
+        outputs = {"out": self.upsample_logits(out, size, align_corners=False)}
         if self.training if side_outputs is None else side_outputs:
             outputs["parsing"] = _up(parsing, size)  # (B, C, H, W)
             outputs["edge"] = _up(edge, size)  # (B, edge_classes, H, W)

@@ -212,9 +212,7 @@ class DANet(EncoderDecoderNet):
         cam = self.cam_out(self.cam(self.cam_in(c4)))  # (B, inter, H/os, W/os)
         out = self.classifier(self.dropout(pam + cam))  # (B, num_classes, H/os, W/os)
         # (B, num_classes, H/os, W/os) -> (B, num_classes, H, W)
-        outputs = {
-            "out": F.interpolate(out, size=size, mode="bilinear", align_corners=self.align_corners)
-        }
+        outputs = {"out": self.upsample_logits(out, size)}
         if self.training and self.side_enabled:
             for name, feat, head in (("pam", pam, self.pam_head), ("cam", cam, self.cam_head)):
                 logits = head(feat)  # (B, num_classes, H/os, W/os)

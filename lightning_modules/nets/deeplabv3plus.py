@@ -277,8 +277,6 @@ class DeepLabV3Plus(EncoderDecoderNet):
         out = self.decoder(torch.cat([high, low], dim=1))  # (B, decoder, H/4, W/4)
         out = self.classifier(self.classifier_dropout(out))  # (B, num_classes, H/4, W/4)
         # (B, num_classes, H/4, W/4) -> (B, num_classes, H, W)
-        outputs = {
-            "out": F.interpolate(out, size=size, mode="bilinear", align_corners=self.align_corners)
-        }
+        outputs = {"out": self.upsample_logits(out, size)}
         self.add_aux_output(outputs, feats["c3"], size)
         return outputs

@@ -197,6 +197,22 @@ class EncoderDecoderNet(nn.Module):
         feature extractor) unless a subclass says otherwise."""
         return [self.backbone]
 
+    def upsample_logits(
+        self, logits: torch.Tensor, size: Sequence[int], align_corners: bool | None = None
+    ) -> torch.Tensor:
+        """`(B, C, h, w)` logits -> `(B, C, H, W)`, bilinear with the net's `align_corners`.
+
+        Outside training the result is float32 whatever the logits' dtype: under bf16 autocast
+        a bf16 resize rounds the differences between classes that the arg-max of validation and
+        predict decides between (bf16 keeps 8 bits). In training it keeps the logits' dtype: the
+        loss upcasts anyway, and this resize and its backward are a training step's largest
+        memory traffic.
+        """
+        corners = self.align_corners if align_corners is None else align_corners
+        if not self.training:
+            logits = logits.float()
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=corners)
+
     def add_aux_output(
         self, outputs: dict[str, torch.Tensor], c3: torch.Tensor, size: Sequence[int]
     ) -> None:

@@ -133,8 +133,6 @@ class PSPNet(EncoderDecoderNet):
         out = self.bottleneck(out)  # (B, bottleneck, H/8, W/8)
         out = self.classifier(self.dropout(out))  # (B, num_classes, H/8, W/8)
         # (B, num_classes, H/8, W/8) -> (B, num_classes, H, W)
-        outputs = {
-            "out": F.interpolate(out, size=size, mode="bilinear", align_corners=self.align_corners)
-        }
+        outputs = {"out": self.upsample_logits(out, size)}
         self.add_aux_output(outputs, feats["c3"], size)
         return outputs
