@@ -37,7 +37,14 @@ from lightning import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datamodules.base import evaluation_order, read_image, training_order
+from datamodules.base import (
+    _local_ranks,
+    default_num_workers,
+    evaluation_order,
+    loader_worker_init,
+    read_image,
+    training_order,
+)
 from datamodules.batch import DatasetError
 
 log = logging.getLogger(__name__)
@@ -177,9 +184,10 @@ class InstanceDataModule(LightningDataModule, ABC):
 
     Args:
         batch_size: images per batch (each brings all its instances).
-        num_workers: loader processes.
+        num_workers: loader processes (None: :func:`~datamodules.base.default_num_workers` for
+            the trainer's devices); each runs OpenCV single-threaded.
         image_size: network-frame side S.
-        pin_memory: DataLoader's.
+        pin_memory: DataLoader's (with CUDA only).
         max_instances: keep at most this many instances per training image (largest first; None =
             all): bounds the memory of crowded images.
         holdout: training images held out for model selection (an int count or a fraction of the
@@ -193,7 +201,7 @@ class InstanceDataModule(LightningDataModule, ABC):
     def __init__(
         self,
         batch_size: int = 8,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         image_size: int = 512,
         pin_memory: bool = False,
         max_instances: int | None = None,
@@ -204,7 +212,8 @@ class InstanceDataModule(LightningDataModule, ABC):
         if holdout < 0 or (isinstance(holdout, float) and holdout >= 1):
             raise ValueError(f"holdout={holdout}: a count >= 0 or a fraction in [0, 1)")
         self.holdout, self.holdout_seed = holdout, int(holdout_seed)
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.batch_size = int(batch_size)
+        self.num_workers = None if num_workers is None else int(num_workers)
         self.image_size, self.pin_memory = int(image_size), bool(pin_memory)
         self.max_instances = max_instances
         self._sets: dict[str, Dataset] = {}
@@ -252,16 +261,20 @@ class InstanceDataModule(LightningDataModule, ABC):
             if train
             else (evaluation_order(data, self.trainer), None)
         )
+        workers = self.num_workers
+        if workers is None:
+            workers = default_num_workers(_local_ranks(self.trainer))
         return DataLoader(
             data,
             batch_size=self.batch_size if train else 1,
             sampler=sampler,
             generator=generator,
-            num_workers=self.num_workers,
+            num_workers=workers,
             collate_fn=collate_instances,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=False,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
+            worker_init_fn=loader_worker_init if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -67,6 +67,30 @@ def test_coco_polygon_and_rle_decode_to_the_drawn_masks(tmp_path):
     np.testing.assert_array_equal(batch["orig_masks"][0][1].numpy(), ell)
 
 
+def test_instance_loaders_size_their_workers_like_the_parsing_loaders(tmp_path, monkeypatch):
+    """num_workers unset: the CPUs per device less one (default_num_workers), each worker with
+    one OpenCV thread; pinned memory only with CUDA; a given count is kept."""
+    import cv2
+
+    import datamodules.instances as instances
+    from datamodules.coco_instances import CocoInstancesDataModule
+
+    _write_coco(tmp_path / "coco")
+    asked = []
+    monkeypatch.setattr(instances, "default_num_workers", lambda ranks: asked.append(ranks) or 1)
+    dm = CocoInstancesDataModule(str(tmp_path / "coco"), image_size=40, pin_memory=True)
+    loader = dm.val_dataloader()
+    assert asked == [1] and loader.num_workers == 1 and loader.persistent_workers
+    assert loader.pin_memory == torch.cuda.is_available()
+    cv2.setNumThreads(4)
+    loader.worker_init_fn(0)
+    assert cv2.getNumThreads() == 1
+    kept = CocoInstancesDataModule(str(tmp_path / "coco"), image_size=40, num_workers=0)
+    loader = kept.val_dataloader()
+    assert loader.num_workers == 0 and loader.worker_init_fn is None
+    assert len(next(iter(loader))["boxes"][0]) == 2
+
+
 def test_train_flip_mirrors_boxes_and_masks():
     from datamodules.instances import InstanceTransform, masks_to_boxes
 
