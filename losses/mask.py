@@ -54,13 +54,17 @@ def resolve_classes(spec: str | Sequence[int] | None) -> tuple[int, ...] | None:
     return tuple(int(c) for c in spec)
 
 
-def allowed_mask(labels: torch.Tensor, allowed: Sequence[int] | None) -> torch.Tensor:
-    """``(N,)`` bool: which instances may train the mask head (all when ``allowed`` is None)."""
+def allowed_mask(
+    labels: torch.Tensor, allowed: Sequence[int] | torch.Tensor | None
+) -> torch.Tensor:
+    """``(N,)`` bool: which instances may train the mask head (all when ``allowed`` is None).
+
+    ``allowed`` as a tensor on the labels' device saves a host-to-device copy per call."""
     if allowed is None:
         return torch.ones_like(labels, dtype=torch.bool)
-    return torch.isin(
-        labels, torch.as_tensor(list(allowed), device=labels.device, dtype=labels.dtype)
-    )
+    if not isinstance(allowed, torch.Tensor):
+        allowed = torch.as_tensor(list(allowed), device=labels.device)
+    return torch.isin(labels, allowed.to(device=labels.device, dtype=labels.dtype))
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -74,7 +78,7 @@ def mask_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     labels: torch.Tensor,
-    allowed: Sequence[int] | None = None,
+    allowed: Sequence[int] | torch.Tensor | None = None,
     dice_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Sigmoid BCE (mean over the pixels of a box, then over allowed boxes) plus optional dice.
@@ -90,19 +94,24 @@ def mask_loss(
         ``{"loss", "loss/bce", "loss/dice", "num_supervised"}``; the loss is a graph-connected zero
         when no box is allowed.
     """
-    keep = allowed_mask(labels, allowed)
-    # Indexing (not multiplying by a 0 weight) keeps the others out of the graph entirely.
-    lg, tg = logits[keep], targets[keep].to(logits.dtype)
-    if lg.shape[0] == 0:
-        zero = logits.sum() * 0.0
-        return {"loss": zero, "loss/bce": zero, "loss/dice": zero, "num_supervised": keep.sum()}
-    bce = F.binary_cross_entropy_with_logits(lg, tg, reduction="none").flatten(1).mean(1).mean()
-    dice = dice_loss(lg, tg).mean() if dice_weight > 0 else bce.new_zeros(())
+    keep = allowed_mask(labels, allowed)  # (N,)
+    count = keep.sum()
+    # Selecting with torch.where, not by boolean indexing: indexing would read the number of
+    # kept boxes to the host (a device sync each step); the other boxes get zero gradient.
+    tg = targets.to(logits.dtype)
+    per_box = F.binary_cross_entropy_with_logits(logits, tg, reduction="none").flatten(1).mean(1)
+    zero = per_box.new_zeros(())
+    bce = torch.where(keep, per_box, zero).sum() / count.clamp(min=1)
+    dice = (
+        torch.where(keep, dice_loss(logits, tg), zero).sum() / count.clamp(min=1)
+        if dice_weight > 0
+        else zero
+    )
     return {
         "loss": bce + dice_weight * dice,
         "loss/bce": bce,
         "loss/dice": dice,
-        "num_supervised": keep.sum(),
+        "num_supervised": count,
     }
 
 
@@ -120,8 +129,12 @@ class MaskLoss(nn.Module):
         super().__init__()
         self.allowed = resolve_classes(allowed_mask_classes)
         self.dice_weight = float(dice_weight)
+        # On the module's device with it: no host-to-device copy of the class ids per step.
+        allowed = torch.tensor(self.allowed if self.allowed is not None else [], dtype=torch.long)
+        self.register_buffer("_allowed", allowed, persistent=False)
 
     def forward(
         self, logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        return mask_loss(logits, targets, labels, self.allowed, self.dice_weight)
+        allowed = self._allowed if self.allowed is not None else None
+        return mask_loss(logits, targets, labels, allowed, self.dice_weight)

@@ -66,20 +66,45 @@ def one_torch_thread():
 @pytest.fixture
 def no_host_sync():
     """Inside ``with no_host_sync():`` any tensor -> host conversion raises (``.item()``,
-    ``.cpu()``, ``.tolist()``, ``bool(t)``, ...): on an accelerator each is a device sync."""
+    ``.cpu()``, ``.tolist()``, ``bool(t)``, ...), and so does every operation whose output size
+    depends on the values (``nonzero``, ``torch.where(cond)``, boolean-mask indexing,
+    ``masked_select``, ``unique``): on an accelerator each is a device sync."""
     import contextlib
 
     import torch
 
+    def refuse_call(name):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"host sync: {name}")
+
+        return refuse
+
+    def is_mask(index) -> bool:
+        parts = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
     @contextlib.contextmanager
     def guard():
+        getitem, where = torch.Tensor.__getitem__, torch.where
+
+        def checked_getitem(self, index):
+            if is_mask(index):
+                raise AssertionError("host sync: boolean-mask indexing")
+            return getitem(self, index)
+
+        def checked_where(condition, *args, **kwargs):
+            if not args and not kwargs:
+                raise AssertionError("host sync: torch.where(condition)")
+            return where(condition, *args, **kwargs)
+
         with pytest.MonkeyPatch.context() as mp:
             for name in ("cpu", "numpy", "item", "tolist", "__bool__", "__float__", "__int__"):
-
-                def refuse(self, *args, _name=name, **kwargs):
-                    raise AssertionError(f"host sync: Tensor.{_name}")
-
-                mp.setattr(torch.Tensor, name, refuse)
+                mp.setattr(torch.Tensor, name, refuse_call(f"Tensor.{name}"))
+            for name in ("nonzero", "masked_select", "unique"):
+                mp.setattr(torch.Tensor, name, refuse_call(f"Tensor.{name}"))
+                mp.setattr(torch, name, refuse_call(f"torch.{name}"))
+            mp.setattr(torch.Tensor, "__getitem__", checked_getitem)
+            mp.setattr(torch, "where", checked_where)
             yield
 
     return guard

@@ -180,3 +180,86 @@ def test_gpu_metrics_equal_cpu_metrics_on_the_same_logits():
         results.append(metric.compute().cpu())
     assert torch.equal(results[0], results[1])
     assert segmentation_scores(results[0])["mIoU"] == segmentation_scores(results[1])["mIoU"]
+
+
+def _sync_free_steps(module, batch, steps: int = 3) -> None:
+    """One warm-up training step (allocator, cuDNN), then ``steps`` more under CUDA's
+    synchronisation debug mode "error": forward, loss, backward, the module's gradient check and
+    the optimizer step may not make the host wait for the device."""
+    module = module.cuda().train()
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        module.on_before_optimizer_step(optimizer)
+        optimizer.step()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@gpu
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gpu_parsing_training_step_never_waits_for_the_device(tmp_path, stage):
+    overrides = ["experiment=pspnet_mhp", "data=synthetic_mhp", "model=pspnet_lite"]
+    if stage == 2:
+        overrides += ["sampler=arbs", "loss=ce_ilm", "schedule=rim"]
+    cfg = train_step.compose_config(overrides, 64, 2, tmp_path / "data")
+    stage_overrides = None
+    if stage == 2:
+        from experiments.rim import stage2_overrides
+
+        stage_overrides = stage2_overrides(cfg)
+    module = train_step.build_module(cfg, stage_overrides)
+    if stage == 2:
+        classes = int(cfg.data.num_classes)
+        recall = torch.linspace(0.9, 0.05, classes, dtype=torch.float64)
+        confusion = torch.diag((1000 * recall).long())
+        confusion[:, 0] += (1000 * (1 - recall)).long()
+        module.early_confusion.copy_(confusion)
+        module.early_cpa_epoch.fill_(3)
+    module = module.cuda()
+    # What on_fit_start does without a trainer: the gradient check's parameters, ARBS's table.
+    module._trained_parameters = [p for p in module.net.parameters() if p.requires_grad]
+    if module.sampler is not None:
+        module._init_sampler()
+    batch = train_step.make_batches(1, 2, 64, int(cfg.data.num_classes), torch.device("cuda"))[0]
+    _sync_free_steps(module, batch)
+
+
+@gpu
+def test_gpu_deepmac_training_step_never_waits_for_the_device():
+    """With Gaussian box jitter (drawn on the CPU, copied from pinned memory) and the all-class
+    centre loss (targets built on the device)."""
+    from test_deepmac import _tiny_deepmac
+
+    from lightning_modules.deepmac import DeepMACLitModule
+    from losses.centernet import CentreHeatmapLoss
+    from losses.mask import MaskLoss
+
+    torch.manual_seed(0)
+    module = DeepMACLitModule(
+        _tiny_deepmac(num_centre_classes=2, box_jitter=0.05),
+        MaskLoss([1], dice_weight=0.5),
+        lambda params: torch.optim.SGD(params, lr=1e-3),
+        centre_loss=CentreHeatmapLoss(class_ids=[1, 2]),
+    )
+    g = torch.Generator().manual_seed(1)
+    boxes = [torch.tensor([[2.0, 3.0, 20.0, 25.0], [10.0, 4.0, 30.0, 30.0]]), torch.zeros(0, 4)]
+    batch = {
+        "image": torch.randn(2, 3, 32, 32, generator=g).cuda(),
+        "boxes": [b.cuda() for b in boxes],
+        "masks": [(torch.rand(len(b), 32, 32, generator=g) > 0.5).float().cuda() for b in boxes],
+        "labels": [torch.tensor([1, 2]).cuda(), torch.zeros(0, dtype=torch.long).cuda()],
+    }
+    _sync_free_steps(module, batch)

@@ -165,7 +165,12 @@ def jitter_boxes(
     if amount <= 0 or len(boxes) == 0:
         return boxes
     wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # (N, 4): w, h, w, h
-    noise = torch.randn(boxes.shape, generator=generator, device="cpu").to(boxes)
+    # Drawn on the CPU (the same boxes on every device for a seed), then copied: from pinned
+    # memory without blocking, as a copy from pageable memory waits for the device's queue.
+    noise = torch.randn(boxes.shape, generator=generator, device="cpu")
+    if boxes.is_cuda:
+        noise = noise.pin_memory().to(boxes.device, non_blocking=True)
+    noise = noise.to(boxes)
     out = boxes + noise * amount * wh
     h, w = image_size
     out[:, 0::2] = out[:, 0::2].clamp(0, w)
