@@ -424,6 +424,35 @@ def test_danet_attention_keeps_bf16_and_channels_last(module_name):
     assert torch.allclose(nchw.float(), reference, atol=0.1, rtol=0.05)
 
 
+def test_danet_channel_attention_is_accurate_under_bf16_at_a_realistic_size():
+    """The channel affinity sums N = h * w products: at 1/8 of a 256x512 crop (N = 2048, 256
+    channels) its entries are in the hundreds to thousands, where bf16 steps by 2-16 while the
+    softmax weighs differences of a few units. Computed in float32 inside, the module's output
+    under bf16 autocast is within bf16's own rounding of the float32 output (a bf16 affinity was
+    off by about 30%, checked below so the test can fail)."""
+    from lightning_modules.nets.danet import ChannelAttentionModule
+
+    torch.manual_seed(0)
+    cam = ChannelAttentionModule()
+    with torch.no_grad():
+        cam.gamma.fill_(1.0)
+    x = torch.relu(torch.randn(1, 256, 32, 64))  # post-ReLU features, as DANet's cam_in gives
+    with torch.no_grad():
+        reference = cam(x) - x  # the attention's part in float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = cam(x.bfloat16()).float() - x
+        flat = x.bfloat16().flatten(2)
+        energy = torch.bmm(flat, flat.transpose(1, 2))  # (1, C, C) in bf16, the failure mode
+        attention = (energy.amax(-1, keepdim=True) - energy).float().softmax(-1)
+        in_bf16 = torch.bmm(attention, x.flatten(2)).reshape_as(x)
+
+    def error(y):
+        return float((y - reference).norm() / reference.norm())
+
+    assert error(got) < 0.02  # 0.9%: bf16 input and context product
+    assert error(in_bf16) > 0.1
+
+
 def test_compiled_net_compiles_once_across_train_eval_switches(monkeypatch):
     """module.compile=true: training steps, validation at two sizes and training again capture
     the training graph once and run evaluation eagerly (dynamo's eager backend: no codegen)."""

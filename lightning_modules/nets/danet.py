@@ -7,6 +7,7 @@ its own classifier for deep supervision, and an auxiliary FCN head sits on layer
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -95,9 +96,20 @@ class ChannelAttentionModule(nn.Module):
         """Args: x: `(B, C, h, w)`. Returns `(B, C, h, w)`."""
         b, c, h, w = x.shape
         flat = x.flatten(2)  # (B, C, h, w) -> (B, C, N)
-        energy = torch.bmm(flat, flat.transpose(1, 2))  # (B, C, C)
-        energy = energy.amax(dim=-1, keepdim=True) - energy  # (B, C, C), the authors' trick
-        attention = energy.softmax(dim=-1)  # over the attended channels k
+        # The affinity and its softmax in float32 whatever the autocast: E sums N products (N =
+        # 8192 at 1/8 of 512x1024), so its entries reach thousands, where bf16 steps by 16-32
+        # while the softmax weighs differences of a few units (bf16 here moved the module's
+        # output by 40%). Its cost is one (C, N) x (N, C) product.
+        exact = (
+            torch.autocast(x.device.type, enabled=False)
+            if x.device.type in ("cpu", "cuda")
+            else contextlib.nullcontext()  # e.g. meta tensors
+        )
+        with exact:
+            flat32 = flat.to(torch.promote_types(flat.dtype, torch.float32))
+            energy = torch.bmm(flat32, flat32.transpose(1, 2))  # (B, C, C)
+            energy = energy.amax(dim=-1, keepdim=True) - energy  # (B, C, C), the authors' trick
+            attention = energy.softmax(dim=-1).to(flat.dtype)  # over the attended channels k
         if _is_channels_last(x):
             # (B, N, C) @ (B, C, C)^T = (B, N, C), whose (B, C, h, w) view is channels-last
             context = torch.bmm(flat.transpose(1, 2), attention.transpose(1, 2)).transpose(1, 2)
