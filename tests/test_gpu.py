@@ -75,29 +75,38 @@ class _Losses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _gpu_losses(tmp_path, stage: int, model: str, steps: int = 8, compile: bool = False) -> list:
-    """Losses of ``steps`` bf16 + channels_last steps on one synthetic batch, repeated."""
-    overrides = ["experiment=pspnet_mhp", "data=synthetic_mhp", f"model={model}"]
-    overrides += ["model.pretrained=false", "optimizer=sgd", "optimizer.lr=0.01"]
+def _stage_module(tmp_path, stage: int, model: str, size: int, batch: int, extra=(), **module):
+    """``(cfg, module)`` of a stage-1 or stage-2 (ARBS + ILM, with an early confusion matrix
+    whose recall falls from 0.9 to 0.05 over the classes) run on ``size`` crops; ``module``
+    sets ``cfg.module`` keys."""
+    overrides = ["experiment=pspnet_mhp", "data=synthetic_mhp", f"model={model}", *extra]
     if stage == 2:
         overrides += ["sampler=arbs", "loss=ce_ilm", "schedule=rim"]
-    cfg = train_step.compose_config(overrides, 128, 4, tmp_path / "data")
+    cfg = train_step.compose_config(overrides, size, batch, tmp_path / "data")
     with open_dict(cfg):
-        cfg.module.channels_last = True
-        cfg.module.compile = compile
+        cfg.module.update(module)
     stage_overrides = None
     if stage == 2:
         from experiments.rim import stage2_overrides
 
         stage_overrides = stage2_overrides(cfg)
-    module = train_step.build_module(cfg, stage_overrides)
+    built = train_step.build_module(cfg, stage_overrides)
     if stage == 2:
         classes = int(cfg.data.num_classes)
         recall = torch.linspace(0.9, 0.05, classes, dtype=torch.float64)
         confusion = torch.diag((1000 * recall).long())
         confusion[:, 0] += (1000 * (1 - recall)).long()
-        module.early_confusion.copy_(confusion)
-        module.early_cpa_epoch.fill_(3)
+        built.early_confusion.copy_(confusion)
+        built.early_cpa_epoch.fill_(3)
+    return cfg, built
+
+
+def _gpu_losses(tmp_path, stage: int, model: str, steps: int = 8, compile: bool = False) -> list:
+    """Losses of ``steps`` bf16 + channels_last steps on one synthetic batch, repeated."""
+    extra = ["model.pretrained=false", "optimizer=sgd", "optimizer.lr=0.01"]
+    cfg, module = _stage_module(
+        tmp_path, stage, model, 128, 4, extra, channels_last=True, compile=compile
+    )
     batch = train_step.make_batches(1, 4, 128, int(cfg.data.num_classes), torch.device("cpu"))[0]
     losses = _Losses()
     trainer = pl.Trainer(
@@ -211,23 +220,7 @@ def _sync_free_steps(module, batch, steps: int = 3) -> None:
 @gpu
 @pytest.mark.parametrize("stage", [1, 2])
 def test_gpu_parsing_training_step_never_waits_for_the_device(tmp_path, stage):
-    overrides = ["experiment=pspnet_mhp", "data=synthetic_mhp", "model=pspnet_lite"]
-    if stage == 2:
-        overrides += ["sampler=arbs", "loss=ce_ilm", "schedule=rim"]
-    cfg = train_step.compose_config(overrides, 64, 2, tmp_path / "data")
-    stage_overrides = None
-    if stage == 2:
-        from experiments.rim import stage2_overrides
-
-        stage_overrides = stage2_overrides(cfg)
-    module = train_step.build_module(cfg, stage_overrides)
-    if stage == 2:
-        classes = int(cfg.data.num_classes)
-        recall = torch.linspace(0.9, 0.05, classes, dtype=torch.float64)
-        confusion = torch.diag((1000 * recall).long())
-        confusion[:, 0] += (1000 * (1 - recall)).long()
-        module.early_confusion.copy_(confusion)
-        module.early_cpa_epoch.fill_(3)
+    cfg, module = _stage_module(tmp_path, stage, "pspnet_lite", 64, 2)
     module = module.cuda()
     # What on_fit_start does without a trainer: the gradient check's parameters, ARBS's table.
     module._trained_parameters = [p for p in module.net.parameters() if p.requires_grad]
