@@ -210,6 +210,27 @@ def test_pasted_masks_keep_exact_boxes_and_fp32_probabilities_under_bf16_autocas
     assert support.any(0).nonzero().flatten()[[0, -1]].tolist() == [301, 800]
 
 
+def test_paste_masks_reads_all_boxes_in_one_transfer(monkeypatch):
+    """Evaluation pastes N boxes with one device-to-host read of their corners (not one per box),
+    and the same masks as pasting each box on its own."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 8, 8)
+    boxes = torch.tensor(
+        [[1.5, 2.0, 20.0, 18.5], [0.0, 0.0, 8.0, 8.0], [10.2, 3.3, 31.9, 23.9], [5, 5, 5, 9],
+         [-4.0, 2.0, 6.0, 30.0]]
+    )  # fmt: skip
+    separately = torch.cat(
+        [paste_masks(logits[i : i + 1], boxes[i : i + 1], (24, 32)) for i in range(5)]
+    )
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real(t))
+    together = paste_masks(logits, boxes, (24, 32))
+    assert reads == [torch.Size([5, 4])]
+    torch.testing.assert_close(together, separately, rtol=0, atol=0)
+    assert together[3].sum() == 0 and together[0].sum() > 0  # the empty box pastes nothing
+
+
 def test_coordinate_channels():
     xy = coordinate_channels(1, 4, torch.device("cpu"), torch.float32)
     torch.testing.assert_close(xy[0, 0, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))

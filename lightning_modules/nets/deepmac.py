@@ -119,9 +119,11 @@ def paste_masks(
     probs = probs.sigmoid() if apply_sigmoid else probs
     boxes = boxes.to(out.dtype)
     # Box by box over the pixels the box touches only: a full-image grid per box would need
-    # N x H x W x 2 floats (gigabytes on a 1024x2048 Cityscapes frame).
+    # N x H x W x 2 floats (gigabytes on a 1024x2048 Cityscapes frame). The pixel ranges are
+    # host integers: every box is read in one transfer, not one per box.
+    corners = boxes.tolist()  # N x [x1, y1, x2, y2]
     for i in range(n):
-        x1, y1, x2, y2 = boxes[i].tolist()
+        x1, y1, x2, y2 = corners[i]
         c0, c1 = max(0, math.floor(x1)), min(w, math.ceil(x2))
         r0, r1 = max(0, math.floor(y1)), min(h, math.ceil(y2))
         if c1 <= c0 or r1 <= r0:
