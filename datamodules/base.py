@@ -701,6 +701,14 @@ def _local_ranks(trainer: Any | None) -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+def loader_workers(num_workers: int | None, trainer: Any | None) -> int:
+    """A datamodule's ``num_workers``, or when None :func:`default_num_workers` for the
+    ``trainer``'s devices on this node (``LOCAL_WORLD_SIZE`` without a trainer)."""
+    if num_workers is None:
+        return default_num_workers(_local_ranks(trainer))
+    return int(num_workers)
+
+
 def loader_worker_init(worker_id: int) -> None:
     """One OpenCV thread per loader worker: the workers already use every core, and OpenCV's own
     pool (one thread per core in each worker) would oversubscribe them."""
@@ -723,8 +731,7 @@ def split_loader(
     sampler, generator = (
         training_order(dataset, trainer) if train else (evaluation_order(dataset, trainer), None)
     )
-    workers = datamodule.num_workers
-    workers = default_num_workers(_local_ranks(trainer)) if workers is None else int(workers)
+    workers = loader_workers(datamodule.num_workers, trainer)
     return DataLoader(
         dataset,
         batch_size=datamodule.batch_size if train else datamodule.eval_batch_size,

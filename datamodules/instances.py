@@ -38,10 +38,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules.base import (
-    _local_ranks,
-    default_num_workers,
     evaluation_order,
     loader_worker_init,
+    loader_workers,
     read_image,
     training_order,
 )
@@ -184,8 +183,8 @@ class InstanceDataModule(LightningDataModule, ABC):
 
     Args:
         batch_size: images per batch (each brings all its instances).
-        num_workers: loader processes (None: :func:`~datamodules.base.default_num_workers` for
-            the trainer's devices); each runs OpenCV single-threaded.
+        num_workers: loader processes (None: :func:`~datamodules.base.loader_workers` picks
+            them from the CPUs per device); each runs OpenCV single-threaded.
         image_size: network-frame side S.
         pin_memory: DataLoader's (with CUDA only).
         max_instances: keep at most this many instances per training image (largest first; None =
@@ -261,9 +260,7 @@ class InstanceDataModule(LightningDataModule, ABC):
             if train
             else (evaluation_order(data, self.trainer), None)
         )
-        workers = self.num_workers
-        if workers is None:
-            workers = default_num_workers(_local_ranks(self.trainer))
+        workers = loader_workers(self.num_workers, self.trainer)
         return DataLoader(
             data,
             batch_size=self.batch_size if train else 1,

@@ -21,43 +21,11 @@ from torch import Tensor, nn
 from losses.mask import resolve_classes
 
 
-def _smallest_positive_root(a: float, b: float, c: float, rule: str) -> float:
-    disc = math.sqrt(max(b * b - 4 * a * c, 0.0))
-    if rule == "centernet":
-        # The TF release keeps CenterNet's expression, which divides by 2 instead of 2a.
-        return (-b + disc) / 2
-    roots = [r for r in ((-b - disc) / (2 * a), (-b + disc) / (2 * a)) if r >= 0]
-    return min(roots) if roots else 0.0
-
-
-def overlap_radius(height: float, width: float, min_overlap: float = 0.7, rule: str = "centernet"):
-    """Corner displacement ``r`` that keeps IoU >= ``min_overlap`` (CenterNet's three cases).
-
-    Cases: both corners shifted the same way (neither box inside the other), the displaced box
-    shrunk inside the ground truth, and grown around it; ``r`` is the smallest of the three roots.
-
-    Args:
-        height, width: box size (feature cells).
-        min_overlap: IoU to keep.
-        rule: ``"centernet"`` (the release's expression, the default) or ``"exact"`` (the
-            quadratics' smallest non-negative roots, as fixed in CornerNet).
-
-    Returns:
-        ``r`` (float, >= 0).
-    """
-    if rule not in ("centernet", "exact"):
-        raise ValueError(f"rule={rule!r}: expected 'centernet' or 'exact'")
-    h, w, o = float(height), float(width), float(min_overlap)
-    offset = _smallest_positive_root(1.0, -(h + w), w * h * (1 - o) / (1 + o), rule)
-    inside = _smallest_positive_root(4.0, -2 * (h + w), (1 - o) * w * h, rule)
-    around = _smallest_positive_root(4 * o, 2 * o * (h + w), (o - 1) * w * h, rule)
-    return max(0.0, min(offset, inside, around))
-
-
 def _smallest_positive_roots(a: float, b: Tensor, c: Tensor, rule: str) -> Tensor:
-    """:func:`_smallest_positive_root` of each ``(b, c)`` (float64 tensors, one per box)."""
+    """The root of ``a r^2 + b r + c`` each rule keeps, per box (float64 ``(N,)`` tensors)."""
     disc = (b * b - 4 * a * c).clamp(min=0).sqrt()
     if rule == "centernet":
+        # The TF release keeps CenterNet's expression, which divides by 2 instead of 2a.
         return (-b + disc) / 2
     lo, hi = (-b - disc) / (2 * a), (-b + disc) / (2 * a)
     inf = torch.full_like(lo, math.inf)
@@ -65,8 +33,21 @@ def _smallest_positive_roots(a: float, b: Tensor, c: Tensor, rule: str) -> Tenso
     return torch.where(torch.isinf(best), torch.zeros_like(best), best)
 
 
-def overlap_radii(height: Tensor, width: Tensor, min_overlap: float = 0.7, rule: str = "centernet"):
-    """:func:`overlap_radius` of ``(N,)`` box heights and widths, on their device (float64)."""
+def overlap_radii(
+    height: Tensor, width: Tensor, min_overlap: float = 0.7, rule: str = "centernet"
+) -> Tensor:
+    """Corner displacement ``r`` that keeps IoU >= ``min_overlap`` (CenterNet's three cases),
+    for ``(N,)`` box heights and widths, on their device (float64).
+
+    Cases: both corners shifted the same way (neither box inside the other), the displaced box
+    shrunk inside the ground truth, and grown around it; ``r`` is the smallest of the three roots.
+
+    Args:
+        height, width: box sizes (feature cells).
+        min_overlap: IoU to keep.
+        rule: ``"centernet"`` (the release's expression, the default) or ``"exact"`` (the
+            quadratics' smallest non-negative roots, as fixed in CornerNet).
+    """
     if rule not in ("centernet", "exact"):
         raise ValueError(f"rule={rule!r}: expected 'centernet' or 'exact'")
     h, w, o = height.double(), width.double(), float(min_overlap)
@@ -74,6 +55,14 @@ def overlap_radii(height: Tensor, width: Tensor, min_overlap: float = 0.7, rule:
     inside = _smallest_positive_roots(4.0, -2 * (h + w), (1 - o) * w * h, rule)
     around = _smallest_positive_roots(4 * o, 2 * o * (h + w), (o - 1) * w * h, rule)
     return torch.minimum(torch.minimum(offset, inside), around).clamp(min=0)
+
+
+def overlap_radius(
+    height: float, width: float, min_overlap: float = 0.7, rule: str = "centernet"
+) -> float:
+    """:func:`overlap_radii` of one box: ``r`` (float, >= 0)."""
+    h, w = (torch.tensor([float(v)], dtype=torch.float64) for v in (height, width))
+    return float(overlap_radii(h, w, min_overlap, rule)[0])
 
 
 def centre_heatmap_batch(

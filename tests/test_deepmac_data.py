@@ -72,12 +72,12 @@ def test_instance_loaders_size_their_workers_like_the_parsing_loaders(tmp_path, 
     one OpenCV thread; pinned memory only with CUDA; a given count is kept."""
     import cv2
 
-    import datamodules.instances as instances
+    import datamodules.base as base
     from datamodules.coco_instances import CocoInstancesDataModule
 
     _write_coco(tmp_path / "coco")
     asked = []
-    monkeypatch.setattr(instances, "default_num_workers", lambda ranks: asked.append(ranks) or 1)
+    monkeypatch.setattr(base, "default_num_workers", lambda ranks: asked.append(ranks) or 1)
     dm = CocoInstancesDataModule(str(tmp_path / "coco"), image_size=40, pin_memory=True)
     loader = dm.val_dataloader()
     assert asked == [1] and loader.num_workers == 1 and loader.persistent_workers
