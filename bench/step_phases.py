@@ -44,11 +44,12 @@ RIMLAB_PHASES = {
     "loss_end": "module: step log (loss terms kept on the device)",
     "training_step_end": "Lightning: closure result, zero_grad",
     "backward": "backward",
-    "backward_end": "Lightning: after backward, callbacks' on_before_optimizer_step",
-    "gradient_check": "module: on_before_optimizer_step (gradient check)",
-    "gradient_check_end": "optimizer update (and Lightning's gradient clipping hook)",
-    "optimizer_step_end": "Lightning: after optimizer.step up to on_train_batch_end",
-    "batch_end": "Lightning: batch-end hooks, scheduler, logging, next batch",
+    "backward_end": "Lightning: after backward, on_before_optimizer_step hooks",
+    "optimizer_update": "optimizer update (and Lightning's gradient clipping hook)",
+    "optimizer_step_end": "Lightning: after optimizer.step, scheduler, up to on_train_batch_end",
+    "batch_end": "Lightning: callbacks' on_train_batch_end",
+    "read": "module: on_train_batch_end (a read every log_every_n_steps, weights check)",
+    "read_end": "Lightning: logging, next batch",
 }
 HAND_PHASES = {
     "forward": "net forward",
@@ -78,8 +79,9 @@ class _Marks:
 
 
 def instrument(module: pl.LightningModule, marks: _Marks) -> list[Any]:
-    """Wraps the module's ``training_step``, ``backward`` and ``on_before_optimizer_step`` and
-    hooks its net and loss so that each marks its start and end; returns the hook handles."""
+    """Wraps the module's ``training_step``, ``backward`` and ``on_train_batch_end`` (its reads
+    of the step log) and hooks its net and loss so that each marks its start and end, and its
+    ``on_before_optimizer_step`` to mark the update's start; returns the hook handles."""
     handles = [
         module.net.register_forward_pre_hook(lambda *a: marks("net")),
         module.net.register_forward_hook(lambda *a: marks("net_end")),
@@ -100,7 +102,15 @@ def instrument(module: pl.LightningModule, marks: _Marks) -> list[Any]:
 
     wrap("training_step", "training_step", "training_step_end")
     wrap("backward", "backward", "backward_end")
-    wrap("on_before_optimizer_step", "gradient_check", "gradient_check_end")
+    wrap("on_train_batch_end", "read", "read_end")
+    inner = module.on_before_optimizer_step
+
+    def before_update(*args: Any, **kwargs: Any) -> Any:
+        out = inner(*args, **kwargs)
+        marks("optimizer_update")  # Lightning's gradient clipping hook, then the update
+        return out
+
+    module.on_before_optimizer_step = before_update
     return handles
 
 
@@ -131,22 +141,21 @@ def phase_times(
     by_step: dict[int, dict[str, float]],
     order: list[str],
     steps: range,
-    resume: str | None = None,
+    resume: dict[str, str] | None = None,
     end: str | None = None,
 ) -> tuple[dict[str, list[float]], list[float]]:
     """Seconds of each phase (``order[i]`` up to ``order[i + 1]``; the last up to the step's
     ``end`` mark, or without one the next step's ``order[0]``) and each step's total, over
-    ``steps``. With ``resume`` the last phase starts at that mark instead of its own (the time in
-    between, the other variant's step, is left out)."""
+    ``steps``. ``resume`` (``{phase: mark}``) starts those phases at that later mark instead of
+    their own (the time in between, the other variant's step, is left out)."""
+    resume = resume or {}
     phases: dict[str, list[float]] = {name: [] for name in order}
     totals = []
     for s in steps:
         m = by_step[s]
         last = m[end] if end is not None else by_step[s + 1][order[0]]
         ends = [m[n] for n in order[1:]] + [last]
-        starts = [m[n] for n in order]
-        if resume is not None:
-            starts[-1] = m[resume]
+        starts = [m[resume.get(n, n)] for n in order]
         for name, a, b in zip(order, starts, ends, strict=True):
             phases[name].append(b - a)
         totals.append(sum(b - a for a, b in zip(starts, ends, strict=True)))
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     timed = range(args.warmup, args.warmup + args.steps)
     rimlab, rimlab_totals = phase_times(
-        marks.by_step(), list(RIMLAB_PHASES), timed, resume="hand_done"
+        marks.by_step(), list(RIMLAB_PHASES), timed, resume={"batch_end": "hand_done"}
     )
     hand, hand_totals = phase_times(hand_marks.by_step(), list(HAND_PHASES), timed, end="end")
     result = {

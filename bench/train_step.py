@@ -291,11 +291,11 @@ def same_maths_step_fn(module, net, batches, args, device):
     ``rimlab - same_maths`` is what Lightning and the module's glue cost.
 
     ``net`` (a copy of the module's) trains with the module's loss, a copy of its sampler (own
-    generator), its optimizer and per-step scheduler, and keeps the same loss terms and gradient
-    norms on the device (``lightning_modules.step_state.StepLog``), read as often as
+    generator), its optimizer and per-step scheduler, and keeps the same loss terms on the device
+    (``lightning_modules.step_state.StepLog``), read with the weights' norm as often as
     ``ParsingLitModule`` reads them, under the same precision and memory format.
     """
-    from lightning_modules.step_state import StepLog, gradient_norm, stack_terms
+    from lightning_modules.step_state import StepLog, norm_sum, stack_terms
 
     loss_fn = copy.deepcopy(module.loss).to(device)
     sampler = copy.deepcopy(module.sampler).to(device) if module.sampler is not None else None
@@ -322,13 +322,12 @@ def same_maths_step_fn(module, net, batches, args, device):
         step_log.add_terms(state["i"], names, terms, image.shape[0])
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        if module.nonfinite != "off":  # the module's gradient check
-            grads = [p.grad for p in params if p.grad is not None]
-            step_log.add_gradient_norm(state["i"], gradient_norm(grads))
         opt.step()
         if scheduler is not None:
             scheduler.step()
         if state["i"] % read_every == 0:
+            if module.nonfinite != "off":  # the module's weights check
+                step_log.add_weights_norm(state["i"], norm_sum([p.detach() for p in params]))
             step_log.read()  # the module's read (one transfer), without its logging
         return float(losses["loss"].detach()) if state["i"] == 1 else 0.0
 

@@ -73,14 +73,15 @@ def good_checkpoint(trainer: Any) -> str:
     return next((p for p in saved if p and Path(p).is_file()), "")
 
 
-def nonfinite_weights_message(module: Any) -> str | None:
-    """Why ``module`` (a LightningModule about to be checkpointed) must not be, or None.
+def nonfinite_weights_message(module: Any, at_checkpoint: bool = True) -> str | None:
+    """Why ``module``'s weights must not be trained on or checkpointed, or None (all finite).
 
-    One host sync: one flag per floating-point parameter, stacked on the device. The loss and
-    gradient checks run before the optimizer step, so they cannot see a step that turns finite
-    gradients into non-finite weights (a non-finite learning rate or optimizer state); those
-    weights would otherwise reach ``last.ckpt`` and be called good by the next message. Under DDP
-    the weights, and so the answer, are the same on every rank.
+    One host sync: one flag per floating-point parameter, stacked on the device. A step whose
+    loss is finite can still make the weights non-finite (a non-finite gradient, learning rate
+    or optimizer state); those weights must never reach ``last.ckpt`` and be called good by the
+    next message. ``at_checkpoint``: the message says the checkpoint about to be saved was not
+    written; otherwise that the run stopped after the step (a read of the training steps found
+    them). Under DDP the weights, and so the answer, are the same on every rank.
     """
     params = [(n, p) for n, p in module.named_parameters() if p.is_floating_point()]
     if not params:
@@ -90,12 +91,17 @@ def nonfinite_weights_message(module: Any) -> str | None:
         return None
     bad = [n for (n, _), ok in zip(params, finite.tolist(), strict=True) if not ok]
     good = good_checkpoint(module._trainer)
+    written = (
+        "This checkpoint was not written"
+        if at_checkpoint
+        else "The run stopped after this step and nothing was written after it"
+    )
     return (
         f"non-finite weights at global step {module.global_step} (epoch {module.current_epoch}) "
         f"in {len(bad)} of {len(params)} parameters (e.g. {', '.join(bad[:3])}), although "
-        "every loss and gradient was finite: an optimizer step since the last checkpoint made "
-        "them so (a non-finite learning rate or optimizer state; or the weights it started "
-        "from were not finite). This checkpoint was not written; the last good checkpoint "
-        f"(weights checked finite when it was written) is {good or 'not saved yet'}. Check "
-        "optimizer.lr and the scheduler."
+        "every loss before was finite: an optimizer step since the last check made them so (a "
+        "non-finite gradient, learning rate or optimizer state; or the weights it started from "
+        f"were not finite). {written}; the last good checkpoint (weights checked finite when it "
+        f"was written) is {good or 'not saved yet'}. Check optimizer.lr and the scheduler, or "
+        "clip the gradients (trainer.gradient_clip_val)."
     )

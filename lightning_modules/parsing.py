@@ -35,8 +35,8 @@ from lightning_modules.step_state import (
     LOSS,
     StepLog,
     format_terms,
-    gradient_norm,
     log_epoch_means,
+    norm_sum,
     read_points,
     read_step_log,
     stack_terms,
@@ -53,11 +53,12 @@ warnings.filterwarnings(
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A NaN or Inf loss or gradient stopped the run."""
+    """A NaN or Inf loss, or non-finite weights, stopped the run."""
 
 
 class NonFiniteWeightsError(NonFiniteLossError):
-    """Non-finite weights after finite losses and gradients: the checkpoint was refused."""
+    """Non-finite weights after finite losses: the run stopped, and no checkpoint of them was
+    written."""
 
 
 def _host_values(*values: Tensor | None) -> list[list | None]:
@@ -139,12 +140,13 @@ class ParsingLitModule(pl.LightningModule):
         compile: ``torch.compile`` the net's training forward (evaluation runs it eagerly).
         nonfinite: what a NaN/Inf loss does: ``stop`` the run with a message naming the step, the
             loss terms and the last good checkpoint; ``skip`` the batch and count it; ``off``.
-            A non-finite gradient always stops the run (its loss was finite, so the batch is not
-            the cause), and so do non-finite weights found when a checkpoint is saved (the
-            checkpoint is not written); ``off`` checks none of these. ``stop`` costs no host sync
-            per step: each step's loss terms and gradient norm stay on the device and are read
-            every ``trainer.log_every_n_steps`` steps, at each epoch's last batch and before every
-            checkpoint (the message names that step); ``skip`` syncs once per step.
+            Non-finite weights always stop the run (an update with a non-finite gradient, learning
+            rate or optimizer state made them: its loss was finite, so the batch is not the
+            cause; a step fp16's GradScaler skips leaves them finite), and a checkpoint of them
+            is never written; ``off`` checks none of these. ``stop`` costs no host sync per step:
+            each step's loss terms stay on the device and are read, with the norm of the
+            weights, every ``trainer.log_every_n_steps`` steps, at each epoch's last batch and
+            before every checkpoint (the message names the step); ``skip`` syncs once per step.
         inference: test-time protocol ``(net_forward, image, align_corners=...) -> scores`` for
             validation and test (flip / multi-scale / sliding window, see
             ``lightning_modules.inference``; ``align_corners`` is the net's); None = one plain
@@ -244,8 +246,8 @@ class ParsingLitModule(pl.LightningModule):
         self.nonfinite = nonfinite
         self.skipped_nonfinite = 0
         self._last_losses: dict[str, Tensor] = {}
-        # The per-step loss terms and gradient norms, kept on the device; the host reads them
-        # every trainer.log_every_n_steps steps (see _read_step_state).
+        # The per-step loss terms, kept on the device; the host reads them with the weights'
+        # norm every trainer.log_every_n_steps steps (see _read_step_state).
         self._step_log = StepLog()
         self._trained_parameters: list[nn.Parameter] = []
         self._sampler_generator: torch.Generator | None = None
@@ -285,7 +287,7 @@ class ParsingLitModule(pl.LightningModule):
                 "use module.nonfinite=stop"
             )
         self._step_log = StepLog()
-        # Listed once: walking the module tree every step costs more than the check itself.
+        # Listed once: walking the module tree at every read costs more than the check itself.
         self._trained_parameters = [p for p in self.net.parameters() if p.requires_grad]
         if self.sampler is not None:
             if not self.sampler.is_ready:
@@ -493,25 +495,37 @@ class ParsingLitModule(pl.LightningModule):
         if read:
             self._read_step_state(log=log_now)
 
-    def _read_step_state(self, log: bool) -> None:
-        """Reads the loss terms and gradient norms since the last read in one host transfer,
-        raises on a non-finite loss or gradient (under DDP after one ``all_gather`` of each rank's
-        finding, so that every rank stops in the same step with the same message;
-        :func:`~lightning_modules.step_state.read_step_log`), and with ``log`` writes the last
-        step's terms as ``train/<term>_step``.
+    def _read_step_state(self, log: bool, at_checkpoint: bool = False) -> None:
+        """Reads the loss terms since the last read and the norm of the weights after the last
+        update in one host transfer, raises on a non-finite loss or non-finite weights (under DDP
+        after one ``all_gather`` of each rank's finding, so that every rank stops in the same step
+        with the same message; :func:`~lightning_modules.step_state.read_step_log`), and with
+        ``log`` writes the last step's terms as ``train/<term>_step``. ``at_checkpoint``: the read
+        before a save (a message about the weights says that checkpoint was not written).
 
         Raises:
             NonFiniteLossError: naming the first non-finite step, its loss terms (those of the
                 ranks whose loss was non-finite, under DDP) and the last good checkpoint.
+            NonFiniteWeightsError: the losses were finite and the weights are not, naming the
+                first non-finite parameters and the last good checkpoint.
         """
         step_log = self._step_log
         if not step_log.pending:
             return  # no training step in this process since the last read
-        found = read_step_log(self, step_log, log=log, check=self.nonfinite != "off")
+        check = self.nonfinite != "off"
+        last = step_log.last_step
+        if check and last is not None and self._trained_parameters:
+            # The weights after the update of the last step kept: one fused read of each weight
+            # per read, where a gradient check would read every gradient in every step.
+            weights = [p.detach() for p in self._trained_parameters]
+            step_log.add_weights_norm(last, norm_sum(weights))
+        found = read_step_log(self, step_log, log=log, check=check)
         if found is not None:
             event, text = found
-            what = "loss" if event.kind == LOSS else "gradient"
-            raise NonFiniteLossError(self._nonfinite_message(what, event.step, text))
+            if event.kind == LOSS:
+                raise NonFiniteLossError(self._nonfinite_message(event.step, text))
+            message = nonfinite_weights_message(self, at_checkpoint=at_checkpoint)
+            raise NonFiniteWeightsError(message or f"non-finite weights after step {event.step}")
         if log:
             # The progress bar gets its loss as a host float (see progress_metrics).
             self._progress = {"train/loss_step": step_log.last["loss"]}
@@ -528,33 +542,26 @@ class ParsingLitModule(pl.LightningModule):
         refined ``soft_target`` / ``soft_edge``)."""
         return {}
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.nonfinite == "off":
-            return
-        grads = [p.grad for p in self._trained_parameters if p.grad is not None]
-        if grads:
-            self._step_log.add_gradient_norm(self.global_step, gradient_norm(grads))
-
     def _good_checkpoint(self) -> str:
         return good_checkpoint(self._trainer)
 
-    def _nonfinite_message(self, what: str, step: int, terms: str) -> str:
+    def _nonfinite_message(self, step: int, terms: str) -> str:
         good = self._good_checkpoint()
         return (
-            f"non-finite {what} at global step {step} (epoch {self.current_epoch}); "
+            f"non-finite loss at global step {step} (epoch {self.current_epoch}); "
             f"loss terms: {terms}. Nothing was written after this step; the "
             f"last good checkpoint (weights checked finite when it was written) is "
-            f"{good or 'not saved yet'}. Lower the learning rate or check the batch's data; "
-            "module.nonfinite=skip skips such batches instead."
+            f"{good or 'not saved yet'}. Lower the learning rate or check the batch's data (a "
+            "non-finite loss right after finite ones can also come from the update before it, "
+            "whose weights are checked at the next read); module.nonfinite=skip skips such "
+            "batches instead."
         )
 
     def _check_weights_finite(self) -> None:
         """Refuses to checkpoint non-finite weights (one host sync per checkpoint).
 
-        The loss and gradient checks run before the optimizer step, so they cannot see a step that
-        turns finite gradients into non-finite weights (a non-finite learning rate or optimizer
-        state); those weights would otherwise reach ``last.ckpt`` and be called good by the next
-        step's message.
+        The reads check the weights after their last step; a checkpoint between two reads, or
+        after a step that was not kept (a skipped batch), is checked here.
 
         Raises:
             NonFiniteWeightsError: naming the first non-finite parameters and the last good
@@ -727,7 +734,7 @@ class ParsingLitModule(pl.LightningModule):
         # Before anything is written (this hook runs inside every trainer.save_checkpoint, on
         # every rank), so that no checkpoint file ever holds non-finite weights: first the steps
         # since the last read, then the weights themselves.
-        self._read_step_state(log=False)
+        self._read_step_state(log=False, at_checkpoint=True)
         self._check_weights_finite()
         # The net is not a hyper-parameter (see save_hyperparameters above): its resolved config
         # travels under its own key so that predict/export can rebuild it from the file alone.

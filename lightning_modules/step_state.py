@@ -3,10 +3,18 @@
 A training step that converts a tensor to a Python value (``float(loss)``, ``bool(isfinite)``, a
 progress bar's ``.item()``) makes the host wait until the accelerator has finished every queued
 kernel: the host can no longer prepare the next step while the current one runs. A step here only
-appends its stacked loss terms and its gradient norm to :class:`StepLog` (no kernel beyond
-making them); :meth:`StepLog.read` hands the host everything since the last read in one
-transfer and finds there the first non-finite loss or gradient, which the module does every
-``trainer.log_every_n_steps`` steps, at the end of each epoch and before every checkpoint.
+appends its stacked loss terms to :class:`StepLog` (no kernel beyond making them); a read adds
+the norm of the weights after the last update (:func:`norm_sum`), and :meth:`StepLog.read` hands
+the host everything since the last read in one transfer and finds there the first non-finite
+loss, or non-finite weights, which the module does every ``trainer.log_every_n_steps`` steps, at
+the end of each epoch and before every checkpoint.
+
+The weights, not each step's gradients, are what is checked. An update with a non-finite gradient
+makes them non-finite (SGD, Adam, AdamW and clipping by norm all pass a NaN or inf on; clipping
+by value clamps an inf to its bound), and so the next step's loss too; a step that fp16's
+``GradScaler`` skips for its inf gradients (a normal event of ``precision=16-mixed``) leaves them
+finite and stops nothing; and the check reads every weight once per read instead of every
+gradient once per step.
 """
 
 from __future__ import annotations
@@ -18,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-#: What a :class:`StepLog` found first: a non-finite loss, or a non-finite gradient.
-LOSS, GRADIENT = 0, 1
+#: What a :class:`StepLog` found first: a non-finite loss, or non-finite weights.
+LOSS, WEIGHTS = 0, 1
 
 
 def stack_terms(losses: dict[str, Tensor]) -> Tensor:
@@ -27,15 +35,15 @@ def stack_terms(losses: dict[str, Tensor]) -> Tensor:
     return torch.stack([v.detach().float().reshape(()) for v in losses.values()])
 
 
-def gradient_norm(grads: list[Tensor]) -> Tensor:
-    """A ``()`` float32 tensor on the gradients' device, non-finite iff an entry of ``grads`` is.
+def norm_sum(tensors: list[Tensor]) -> Tensor:
+    """A ``()`` float32 tensor on the tensors' device, non-finite iff an entry of ``tensors`` is.
 
     The sum of the per-tensor 2-norms (NaN or inf when an entry is, or when its squares overflow
-    float32, |g| > 1e19, which no converging run produces): one multi-tensor reduction (a fused
+    float32, |w| > 1e19, which no converging run produces): one multi-tensor reduction (a fused
     kernel on GPUs, a C++ loop on CPUs) and one sum, no host sync. Element-wise ``isfinite`` per
     tensor costs about 10x more on a CPU, the max-norm about 2x.
     """
-    return torch.stack(torch._foreach_norm(grads)).float().sum()
+    return torch.stack(torch._foreach_norm(tensors)).float().sum()
 
 
 def is_last_train_batch(trainer: Any, batch_idx: int) -> bool:
@@ -57,8 +65,8 @@ def read_points(trainer: Any, batch_idx: int) -> tuple[bool, bool]:
 
 @dataclass(frozen=True)
 class NonFinite:
-    """The first non-finite step of a read: its global step, kind (``LOSS``/``GRADIENT``) and
-    the loss terms of that step, ``{name: value}``."""
+    """The first non-finite step of a read: its global step, kind (``LOSS``, or ``WEIGHTS``:
+    the weights after that step's update) and the loss terms of that step, ``{name: value}``."""
 
     step: int
     kind: int
@@ -66,7 +74,7 @@ class NonFinite:
 
 
 class StepLog:
-    """Each step's loss terms and gradient norm, on the device until :meth:`read`.
+    """Each step's loss terms and, at a read, the weights' norm, on the device until :meth:`read`.
 
     The epoch mean of a term is ``sum_s B_s x_s / sum_s B_s`` over the steps ``s`` that produced
     it, as Lightning's ``self.log(..., on_epoch=True, batch_size=B)`` computes it; it is summed on
@@ -78,7 +86,7 @@ class StepLog:
         self.names: tuple[str, ...] = ()
         # Since the last read: (global step, names, batch size, (T,) terms), (global step, ())
         self._terms: list[tuple[int, tuple[str, ...], int, Tensor]] = []
-        self._norms: list[tuple[int, Tensor]] = []
+        self._weights: list[tuple[int, Tensor]] = []
         self.last: dict[str, float] = {}  # the terms of the last step read
         self._sums: dict[str, list[float]] = {}  # name -> [sum of B * x, sum of B]
 
@@ -87,21 +95,26 @@ class StepLog:
         self.names = names
         self._terms.append((step, names, batch_size, terms))
 
-    def add_gradient_norm(self, step: int, norm: Tensor) -> None:
-        """Keeps the ``()`` :func:`gradient_norm` of the optimizer step at ``step``."""
-        self._norms.append((step, norm))
+    def add_weights_norm(self, step: int, norm: Tensor) -> None:
+        """Keeps the ``()`` :func:`norm_sum` of the weights after the update of ``step``."""
+        self._weights.append((step, norm))
 
     @property
     def pending(self) -> bool:
         """Whether a step was kept since the last :meth:`read`."""
-        return bool(self._terms or self._norms)
+        return bool(self._terms or self._weights)
+
+    @property
+    def last_step(self) -> int | None:
+        """The global step of the last terms kept since the last :meth:`read` (None: none)."""
+        return self._terms[-1][0] if self._terms else None
 
     def read(self) -> NonFinite | None:
         """Brings every kept value to the host in one transfer, adds the terms to the epoch sums,
-        sets :attr:`last`, and returns the first non-finite loss or gradient (None: all finite)."""
+        sets :attr:`last`, and returns the first non-finite loss or weights (None: all finite)."""
         if not self.pending:
             return None
-        parts = [t for _, _, _, t in self._terms] + [n.reshape(1) for _, n in self._norms]
+        parts = [t for _, _, _, t in self._terms] + [n.reshape(1) for _, n in self._weights]
         flat = torch.cat([p.to(torch.float64) for p in parts]).cpu().tolist()
         events: list[tuple[int, int, dict[str, float]]] = []
         offset, step_terms = 0, {}
@@ -116,15 +129,16 @@ class StepLog:
                 acc = self._sums.setdefault(name, [0.0, 0.0])
                 acc[0] += batch_size * value
                 acc[1] += batch_size
-        for (step, _), value in zip(self._norms, flat[offset:], strict=True):
+        for (step, _), value in zip(self._weights, flat[offset:], strict=True):
             if not math.isfinite(value):
-                events.append((step, GRADIENT, step_terms.get(step, {})))
+                events.append((step, WEIGHTS, step_terms.get(step, {})))
         if self._terms:
             self.last = dict(step_terms[self._terms[-1][0]])
-        self._terms, self._norms = [], []
+        self._terms, self._weights = [], []
         if not events:
             return None
-        step, kind, terms = min(events, key=lambda e: (e[0], e[1]))  # a loss before its gradient
+        # A loss before the weights its step's update made.
+        step, kind, terms = min(events, key=lambda e: (e[0], e[1]))
         return NonFinite(step, kind, terms)
 
     def epoch_means(self) -> dict[str, float]:
@@ -133,7 +147,7 @@ class StepLog:
 
     def reset(self) -> None:
         """Forgets the epoch sums (and anything not read yet)."""
-        self._terms, self._norms, self._sums = [], [], {}
+        self._terms, self._weights, self._sums = [], [], {}
 
 
 # ---------------------------------------------------------------------- reading a StepLog in a module
@@ -181,10 +195,10 @@ def gather_nonfinite(
 
 
 def first_nonfinite(found: list[tuple[int, NonFinite]], world_size: int) -> tuple[NonFinite, str]:
-    """The first finding of :func:`gather_nonfinite` (earliest step, a loss before a gradient)
+    """The first finding of :func:`gather_nonfinite` (earliest step, a loss before the weights)
     and its loss terms as text: the terms alone in one process; under DDP those of each rank
-    that found it (4 at most) for a loss, their mean for a gradient (all-reduced: the same on
-    every rank)."""
+    that found it (4 at most) for a loss, their mean for the weights (the same on every
+    rank)."""
     step, kind = min((e.step, e.kind) for _, e in found)
     rows = [(rank, e.terms) for rank, e in found if (e.step, e.kind) == (step, kind)]
     if world_size <= 1:

@@ -66,7 +66,7 @@ def test_train_step_bench_compares_identical_work(tmp_path):
 
 def test_phase_times_split_each_step_at_its_marks():
     """A hand-made record: phases run mark to mark, the last to the next step's first mark (or
-    from ``resume`` on, or up to ``end``), and a step's phases add up to its total."""
+    from a ``resume`` mark on, or up to ``end``), and a step's phases add up to its total."""
     by_step = {
         0: {"a": 0.0, "b": 1.0, "c": 3.0, "other": 4.0, "done": 9.0},
         1: {"a": 10.0, "b": 12.0, "c": 15.0, "other": 16.0, "done": 20.0},
@@ -75,8 +75,14 @@ def test_phase_times_split_each_step_at_its_marks():
     phases, totals = step_phases.phase_times(by_step, ["a", "b", "c"], range(2))
     assert phases == {"a": [1.0, 2.0], "b": [2.0, 3.0], "c": [7.0, 6.0]}
     assert totals == [10.0, 11.0]
-    phases, totals = step_phases.phase_times(by_step, ["a", "b", "c"], range(2), resume="done")
+    phases, totals = step_phases.phase_times(
+        by_step, ["a", "b", "c"], range(2), resume={"c": "done"}
+    )
     assert phases["c"] == [1.0, 1.0] and totals == [4.0, 6.0]  # 9 -> 10 and 20 -> 21
+    # A middle phase resumed: b runs from "skip" (2.5) to c (3), the 1.5 s before it left out.
+    one = {0: {"a": 0.0, "b": 1.0, "skip": 2.5, "c": 3.0}, 1: {"a": 5.0}}
+    phases, totals = step_phases.phase_times(one, ["a", "b", "c"], range(1), resume={"b": "skip"})
+    assert phases == {"a": [1.0], "b": [0.5], "c": [2.0]} and totals == [3.5]
     phases, totals = step_phases.phase_times(by_step, ["a", "b"], range(2), end="c")
     assert phases == {"a": [1.0, 2.0], "b": [2.0, 3.0]} and totals == [3.0, 5.0]
 

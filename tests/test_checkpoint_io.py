@@ -113,10 +113,13 @@ class _NonFiniteLearningRate(pl.Callback):
                 group["lr"] = float("nan")
 
 
-def test_nonfinite_weights_are_never_checkpointed_nor_called_good(tmp_path, monkeypatch):
+@pytest.mark.parametrize("found_by", ["read", "save"])
+def test_nonfinite_weights_are_never_checkpointed_nor_called_good(tmp_path, monkeypatch, found_by):
     """A finite loss whose optimizer step (NaN learning rate) makes the weights NaN in the last step
-    of epoch 2: the end-of-epoch save is refused, and the message names epoch 1's checkpoint, which
-    holds finite weights; no file on disk holds a non-finite weight."""
+    of epoch 2. ``read``: the read after that step (an epoch's last batch) stops the run before
+    the end-of-epoch save; ``save``: last.ckpt is saved after every step, by a callback that runs
+    before that read, and that save is refused. Either message names the newest checkpoint,
+    which holds finite weights; no file on disk holds a non-finite weight."""
     import experiments.build as train
 
     real_callbacks = train.build_callbacks
@@ -126,14 +129,21 @@ def test_nonfinite_weights_are_never_checkpointed_nor_called_good(tmp_path, monk
         return [*real_callbacks(cfg, out_dir), _NonFiniteLearningRate(at_step=7)]
 
     monkeypatch.setattr(train, "build_callbacks", callbacks)
-    cfg = compose_cfg(
-        ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=2"], tmp_path
-    )
+    overrides = ["experiment=quickstart", *TINY, *SINGLE, "schedule.total_epochs=2"]
+    if found_by == "save":
+        overrides += [
+            "callbacks.last_checkpoint.every_n_epochs=null",
+            "+callbacks.last_checkpoint.every_n_train_steps=1",
+        ]
+    cfg = compose_cfg(overrides, tmp_path)
     with pytest.raises(NonFiniteWeightsError) as err:
         run(cfg)
     message = str(err.value)
     assert "non-finite weights at global step 8 (epoch 1)" in message
-    assert "This checkpoint was not written" in message
+    if found_by == "save":
+        assert "This checkpoint was not written" in message
+    else:
+        assert "The run stopped after this step and nothing was written after it" in message
     folder = tmp_path / "run" / "checkpoints"
     files = sorted(folder.glob("*.ckpt"))
     assert files and [p for p in folder.iterdir() if p.suffix != ".ckpt"] == []
@@ -141,7 +151,9 @@ def test_nonfinite_weights_are_never_checkpointed_nor_called_good(tmp_path, monk
     assert named == [folder / "last.ckpt"]
     for path in files:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert ckpt["global_step"] == 4, path  # written at the end of epoch 1, never after
+        # the end of epoch 1, or (save) last.ckpt after step 6: never after the NaN step
+        expected = 7 if found_by == "save" and path.name == "last.ckpt" else 4
+        assert ckpt["global_step"] == expected, path
         weights = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
         assert weights and all(bool(torch.isfinite(v).all()) for v in weights), path
 

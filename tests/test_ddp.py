@@ -383,9 +383,9 @@ class _Recording(ParsingLitModule):
 
     record = ""
 
-    def _read_step_state(self, log):
+    def _read_step_state(self, log, at_checkpoint=False):
         try:
-            return super()._read_step_state(log)
+            return super()._read_step_state(log, at_checkpoint)
         except NonFiniteLossError as err:
             Path(f"{self.record}.{self.global_rank}").write_text(str(err))
             raise

@@ -193,8 +193,9 @@ def test_gpu_metrics_equal_cpu_metrics_on_the_same_logits():
 
 def _sync_free_steps(module, batch, steps: int = 3) -> None:
     """One warm-up training step (allocator, cuDNN), then ``steps`` more under CUDA's
-    synchronisation debug mode "error": forward, loss, backward, the module's gradient check and
-    the optimizer step may not make the host wait for the device."""
+    synchronisation debug mode "error": forward, loss, backward, the module's
+    ``on_before_optimizer_step`` and the optimizer step may not make the host wait for the
+    device."""
     module = module.cuda().train()
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-3)
 
@@ -222,7 +223,7 @@ def _sync_free_steps(module, batch, steps: int = 3) -> None:
 def test_gpu_parsing_training_step_never_waits_for_the_device(tmp_path, stage):
     cfg, module = _stage_module(tmp_path, stage, "pspnet_lite", 64, 2)
     module = module.cuda()
-    # What on_fit_start does without a trainer: the gradient check's parameters, ARBS's table.
+    # What on_fit_start does without a trainer: the weights check's parameters, ARBS's table.
     module._trained_parameters = [p for p in module.net.parameters() if p.requires_grad]
     if module.sampler is not None:
         module._init_sampler()

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.parsing import NonFiniteLossError, ParsingLitModule
-from lightning_modules.step_state import GRADIENT, LOSS, NonFinite, StepLog, gradient_norm
+from lightning_modules.parsing import NonFiniteLossError, NonFiniteWeightsError, ParsingLitModule
+from lightning_modules.step_state import LOSS, WEIGHTS, NonFinite, StepLog, norm_sum
 from losses import CrossEntropyLoss, InterClassLoss, ParsingLoss
 from samplers import RegionalBalancedSampler
 
@@ -77,15 +77,14 @@ def _batch(n: int = 2, size: int = 16, seed: int = 0) -> dict:
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_training_step_makes_no_host_transfer(stage, no_host_sync):
-    """Forward, loss (ARBS + ILM in stage 2), the loss and gradient records and the training
-    confusion matrix of the ARBS epoch run without one tensor -> host conversion."""
+    """Forward, loss (ARBS + ILM in stage 2), the loss records and the training confusion
+    matrix of the ARBS epoch run without one tensor -> host conversion."""
     module = _module(stage, track_train_confusion=True)
     module._trained_parameters = [p for p in module.net.parameters() if p.requires_grad]
     with no_host_sync():
         for seed in range(2):
             loss = module.training_step(_batch(seed=seed), 0)
             loss.backward()
-            module.on_before_optimizer_step(None)
     assert int(module.train_confmat.compute().sum()) == 2 * 2 * 14 * 16  # labelled pixels
     # Nothing non-finite was recorded; the record is read outside the guard.
     module._read_step_state(log=False)
@@ -97,7 +96,6 @@ def test_nonfinite_step_is_named_when_read():
     module = _module(1)
     module._trained_parameters = list(module.net.parameters())
     module.training_step(_batch(seed=0), 0).backward()
-    module.on_before_optimizer_step(None)
     module._read_step_state(log=False)  # finite so far
     poisoned = _batch(seed=1)
     poisoned["image"][0, 0, 5, 5] = math.nan
@@ -107,30 +105,67 @@ def test_nonfinite_step_is_named_when_read():
         module._read_step_state(log=False)
 
 
-def test_nonfinite_gradient_is_named_in_its_step():
-    """A finite loss whose gradient is NaN in step 0 is reported as a gradient of step 0 (not as
-    the next step's loss); a NaN loss and gradient in the same step are reported as the loss."""
+def test_nonfinite_gradient_stops_the_run_by_the_weights_it_makes():
+    """A finite loss whose gradient is NaN: the SGD update makes the weights NaN, and the read
+    right after stops with the weights' message, naming the parameter; a NaN loss and NaN
+    weights in the same step are reported as the loss; NaN weights made between two reads show
+    as the next step's loss."""
     module = _module(1)
     module._trained_parameters = list(module.net.parameters())
+    opt = torch.optim.SGD(module._trained_parameters, lr=0.1)
     module.training_step(_batch(seed=0), 0).backward()
     module.net.head.weight.grad[0, 0] = math.nan
-    module.on_before_optimizer_step(None)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient at global step 0 .*loss="):
+    opt.step()
+    with pytest.raises(
+        NonFiniteWeightsError,
+        match=r"non-finite weights at global step 0 .* 1 of 8 parameters "
+        r"\(e\.g\. net\.head\.weight\).*The run stopped after this step",
+    ):
         module._read_step_state(log=False)
 
     poisoned = _batch(seed=1)
     poisoned["image"][0, 0, 5, 5] = math.nan
-    module.training_step(poisoned, 1).backward()
-    module.on_before_optimizer_step(None)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 0 "):
+    module.training_step(poisoned, 1)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 0 ") as err:
         module._read_step_state(log=False)
+    assert not isinstance(err.value, NonFiniteWeightsError)
+
+    module = _module(1)
+    module._trained_parameters = list(module.net.parameters())
+    opt = torch.optim.SGD(module._trained_parameters, lr=0.1)
+    module.training_step(_batch(seed=0), 0).backward()
+    module.net.head.weight.grad[0, 0] = math.inf
+    opt.step()  # no read here: the next forward runs on the -inf weight
+    module.training_step(_batch(seed=1), 1)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 0 .*loss=nan"):
+        module._read_step_state(log=False)
+
+
+@pytest.mark.parametrize("update", ["sgd", "adam", "adamw", "clip_norm"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_an_update_with_a_nonfinite_gradient_makes_the_weights_nonfinite(update, bad):
+    """What the weights check relies on: SGD (momentum, weight decay), Adam, AdamW and SGD after
+    clipping by norm each turn one non-finite gradient entry into a non-finite weight."""
+    w = torch.nn.Parameter(torch.ones(4))
+    make = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4),
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3),
+        "clip_norm": lambda p: torch.optim.SGD(p, lr=0.1),
+    }
+    opt = make[update]([w])
+    w.grad = torch.tensor([0.5, bad, -0.5, 0.1])
+    if update == "clip_norm":
+        torch.nn.utils.clip_grad_norm_([w], max_norm=1.0)
+    opt.step()
+    assert not torch.isfinite(norm_sum([w.detach()]))
 
 
 def test_step_log_against_hand_values(no_host_sync):
     log = StepLog()
     with no_host_sync():  # keeping steps costs no transfer
         log.add_terms(3, ("loss", "loss/ce"), torch.tensor([1.0, 2.0]), 4)
-        log.add_gradient_norm(3, torch.tensor(0.5))
+        log.add_weights_norm(3, torch.tensor(0.5))
         log.add_terms(4, ("loss", "loss/ce"), torch.tensor([3.0, 5.0]), 1)
     assert log.read() is None and log.last == {"loss": 3.0, "loss/ce": 5.0}
     log.add_terms(5, ("loss", "loss/soft"), torch.tensor([10.0, 7.0]), 5)  # a term from then on
@@ -142,27 +177,29 @@ def test_step_log_against_hand_values(no_host_sync):
     log.reset()
     assert log.epoch_means() == {}
 
-    # The first bad step of a read wins; in one step a bad loss comes before its gradient.
+    # The first bad step of a read wins; in one step a bad loss comes before the weights its
+    # update made.
     log.add_terms(6, ("loss",), torch.tensor([1.0]), 1)
-    log.add_gradient_norm(6, torch.tensor(1.0))
+    log.add_weights_norm(6, torch.tensor(1.0))
     log.add_terms(7, ("loss",), torch.tensor([2.0]), 1)
-    log.add_gradient_norm(7, torch.tensor(math.inf))
+    assert log.last_step == 7
+    log.add_weights_norm(7, torch.tensor(math.inf))
     log.add_terms(8, ("loss",), torch.tensor([math.nan]), 1)
-    log.add_gradient_norm(8, torch.tensor(math.nan))
-    assert log.read() == NonFinite(7, GRADIENT, {"loss": 2.0})
+    assert log.read() == NonFinite(7, WEIGHTS, {"loss": 2.0})
+    assert log.last_step is None and not log.pending
     log.add_terms(9, ("loss",), torch.tensor([math.nan]), 1)
-    log.add_gradient_norm(9, torch.tensor(math.nan))
+    log.add_weights_norm(9, torch.tensor(math.nan))
     event = log.read()
     assert (event.step, event.kind) == (9, LOSS) and math.isnan(event.terms["loss"])
 
 
-def test_gradient_norm_is_the_sum_of_the_tensor_norms_and_catches_every_nonfinite():
+def test_norm_sum_is_the_sum_of_the_tensor_norms_and_catches_every_nonfinite():
     g = [torch.tensor([3.0, 4.0]), torch.ones(2, 2), torch.zeros(3)]
-    assert float(gradient_norm(g)) == pytest.approx(5.0 + 2.0)
+    assert float(norm_sum(g)) == pytest.approx(5.0 + 2.0)
     for bad in (math.nan, math.inf, -math.inf):
         poisoned = [t.clone() for t in g]
         poisoned[2][1] = bad
-        assert not torch.isfinite(gradient_norm(poisoned))
+        assert not torch.isfinite(norm_sum(poisoned))
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -199,6 +236,68 @@ def _fit(module, tmp_path: Path, log_every: int, callbacks: list) -> None:
         callbacks=callbacks,
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Batches(), batch_size=2))
+
+
+class _PoisonGradient(pl.Callback):
+    """Sets one gradient entry of the head to NaN before the optimizer step of ``at_step``."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.at_step:
+            pl_module.net.head.weight.grad[0, 0] = math.nan
+
+
+def _bare_fit(module, log_every: int, callbacks: list, plugins: list | None = None) -> None:
+    """One epoch over :class:`_Batches` in batches of 2 (3 steps), no logger or checkpoints."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        log_every_n_steps=log_every,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        plugins=plugins,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Batches(), batch_size=2))
+
+
+def test_a_nan_gradient_in_a_fit_stops_at_the_read_after_it():
+    """A NaN gradient in step 1 (its loss finite): read every step, the run stops at the read
+    after step 1's update with the weights' message; read only at the epoch's end, it stops
+    there, with step 2's loss, which the NaN weights made."""
+    losses = _Losses()
+    with pytest.raises(NonFiniteWeightsError, match=r"non-finite weights at global step 2 "):
+        _bare_fit(_module(1), 1, [_PoisonGradient(1), losses])
+    assert len(losses.losses) == 2 and all(math.isfinite(v) for v in losses.losses)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 2 .*loss=nan"):
+        _bare_fit(_module(1), 50, [_PoisonGradient(1)])
+
+
+def test_fp16_grad_scaler_steps_skipped_for_inf_gradients_do_not_stop_the_run():
+    """precision=16-mixed: a GradScaler whose scale makes step 0's gradients inf skips that update
+    (its normal start, forced here with a huge initial scale), lowers the scale (2^126 -> 2^6),
+    and the run trains on: steps 1 and 2 update the weights, which stay finite. A check of every
+    step's gradients stopped the run at step 0."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = _module(1)
+    before = [p.detach().clone() for p in module.net.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126, backoff_factor=2.0**-120)
+    seen: list[float] = []
+
+    class Scale(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            seen.append(scaler.get_scale())
+
+    _bare_fit(module, 1, [Scale()], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert seen == [2.0**126, 2.0**6, 2.0**6] and scaler.get_scale() == 2.0**6
+    after = list(module.net.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert not all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
 def test_logged_step_and_epoch_values_match_lightnings_layout(tmp_path):
