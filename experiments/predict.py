@@ -116,6 +116,37 @@ def _frames(capture: cv2.VideoCapture, max_frames: int | None) -> Iterator[np.nd
         yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
 
+def _batches(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    """``frames`` in lists of ``size`` (the last one shorter)."""
+    batch: list[np.ndarray] = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def frame_batch_size(batch_frames: int | str | None, device: torch.device, live: bool) -> int:
+    """Frames per network pass: ``batch_frames``, or for ``auto`` / None 8 on CUDA (one pass
+    over several frames keeps the GPU busy while the host decodes and writes) and 1 on a CPU or
+    for a live stream (a camera, a window: a batch would delay every frame by the others).
+
+    Raises:
+        PredictError: not a positive integer or ``auto``.
+    """
+    if batch_frames in (None, "auto"):
+        return 8 if device.type == "cuda" and not live else 1
+    try:
+        size = int(batch_frames)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1 or str(size) != str(batch_frames).strip():
+        raise PredictError(f"batch_frames={batch_frames!r}: expected a positive integer or auto")
+    return size
+
+
 def _video_writer(path: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
     """An mp4v writer of ``size`` ``(h, w)`` frames (the video grows frame by frame, so it is
     written in place: a stream stopped by Ctrl-C keeps what it parsed)."""
@@ -143,8 +174,9 @@ def predict_stream(
     max_frames: int | None = None,
     save_frames: bool = False,
     alpha: float = 0.5,
+    batch_frames: int = 1,
 ) -> dict[str, Any]:
-    """Parses a video file or camera stream frame by frame.
+    """Parses a video file or camera stream, ``batch_frames`` frames per network pass.
 
     Args:
         parser: the loaded parser.
@@ -156,6 +188,8 @@ def predict_stream(
         max_frames: stop after this many frames (None: until the stream ends or Ctrl-C).
         save_frames: also write the class-id PNG of every frame.
         alpha: overlay opacity.
+        batch_frames: frames per network pass (``Parser.predict_batch``: the same ids as one
+            frame at a time).
 
     Returns:
         ``{"frames": n, "fps": parsing frames per second, "video": path or None}``.
@@ -179,20 +213,24 @@ def predict_stream(
     frames = 0
     elapsed = 0.0
     try:
-        for frame in _frames(capture, max_frames):
+        stop = False
+        for batch in _batches(_frames(capture, max_frames), batch_frames):
             start = time.perf_counter()
-            ids, _ = parser.predict(frame, with_scores=False)
-            if parser.device.type == "cuda":
-                torch.cuda.synchronize(parser.device)
+            # the ids reach the host in one copy, which waits for the device: no sync is missing
+            batch_ids = parser.predict_batch(batch)
             elapsed += time.perf_counter() - start
-            frames += 1
-            overlay = cv2.cvtColor(parser.overlay(frame, ids, alpha), cv2.COLOR_RGB2BGR)
-            if save_frames:
-                parser.write_ids(output / name / f"{frames - 1:06d}.png", ids)
-            if video_path is not None:
-                writer = writer or _video_writer(video_path, source_fps, overlay.shape[:2])
-                writer.write(overlay)
-            if show and _show(overlay, name, frames / elapsed if elapsed > 0 else 0.0):
+            for frame, ids in zip(batch, batch_ids, strict=True):
+                frames += 1
+                overlay = cv2.cvtColor(parser.overlay(frame, ids, alpha), cv2.COLOR_RGB2BGR)
+                if save_frames:
+                    parser.write_ids(output / name / f"{frames - 1:06d}.png", ids)
+                if video_path is not None:
+                    writer = writer or _video_writer(video_path, source_fps, overlay.shape[:2])
+                    writer.write(overlay)
+                if show and _show(overlay, name, frames / elapsed if elapsed > 0 else 0.0):
+                    stop = True
+                    break
+            if stop:
                 break
     except KeyboardInterrupt:
         log.info("interrupted: closing the outputs")
@@ -280,12 +318,14 @@ def _predict_source(parser: Parser, source: str, output: Path, args: dict[str, A
         "save_frames": bool(args["save_frames"]),
         "alpha": float(args["alpha"]),
     }
+    batch_frames = args.get("batch_frames", "auto")
     show_arg = args["show"]
     if source.isdigit():  # a camera index
         show = has_display() if show_arg == "auto" else bool(show_arg)
         if not show:
             log.info("no display: writing the camera stream to %s instead of a window", output)
         name = f"camera{source}"
+        stream["batch_frames"] = frame_batch_size(batch_frames, parser.device, live=True)
         return predict_stream(parser, int(source), output, name, show, not show, **stream)
     path = Path(source)
     if not path.exists():
@@ -294,6 +334,7 @@ def _predict_source(parser: Parser, source: str, output: Path, args: dict[str, A
         return _predict_folder(parser, path, output, args)
     if path.suffix.lower() in VIDEO_SUFFIXES:
         show = bool(show_arg) if show_arg != "auto" else False
+        stream["batch_frames"] = frame_batch_size(batch_frames, parser.device, live=show)
         return predict_stream(parser, str(path), output, path.stem, show, True, **stream)
     image = read_rgb(path)
     predict_image(

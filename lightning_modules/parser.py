@@ -123,11 +123,31 @@ class Parser:
         """``(H, W, 3)`` uint8 RGB -> ``(1, 3, h, w)`` normalised float32 on ``device``, and the
         image's ``(top, left, height, width)`` inside it (None unless ``keep_ratio`` or
         ``base_size``)."""
-        item = self._transform({"image": image})
-        box = item.get("valid_box")
-        return normalize_image(item["image"].unsqueeze(0).to(self.device)), (
-            box.tolist() if box is not None else None
-        )
+        return self.prepare_batch([image])
+
+    def prepare_batch(self, images: Sequence[np.ndarray]) -> tuple[Tensor, list[int] | None]:
+        """``B`` ``(H, W, 3)`` uint8 RGB images of one size (a video's frames) -> ``(B, 3, h, w)``
+        normalised float32 on ``device``, and their common box inside it (see :meth:`prepare`).
+
+        On CUDA the uint8 batch is stacked into pinned host memory and copied without blocking
+        (a pageable copy waits for the device's queue); it is normalised on the device.
+
+        Raises:
+            PredictError: no images, or images of different sizes.
+        """
+        if not images:
+            raise PredictError("prepare_batch: no images")
+        shapes = sorted({tuple(im.shape) for im in images})
+        if len(shapes) > 1:
+            raise PredictError(f"a batch of frames must share one size, got {shapes}")
+        items = [self._transform({"image": im}) for im in images]
+        first = items[0]["image"]  # (3, h, w) uint8
+        pinned = self.device.type == "cuda"
+        host = torch.empty((len(items), *first.shape), dtype=first.dtype, pin_memory=pinned)
+        torch.stack([item["image"] for item in items], out=host)
+        box = items[0].get("valid_box")
+        x = normalize_image(host.to(self.device, non_blocking=pinned))
+        return x, (box.tolist() if box is not None else None)
 
     def preprocess(self, image: np.ndarray) -> Tensor:
         """``(H, W, 3)`` uint8 RGB -> ``(1, 3, h, w)`` normalised float32 on ``device``."""
@@ -158,7 +178,7 @@ class Parser:
         return out[0]
 
     def _network_scores(self, x: Tensor) -> Tensor:
-        """``(1, C, h, w)`` float32 scores of the prepared input ``x`` at the network's resolution.
+        """``(B, C, h, w)`` float32 scores of the prepared input ``x`` at the network's resolution.
 
         The network runs under bf16 autocast and in channels-last when ``bf16`` /
         ``channels_last`` are set (:func:`load_parser` sets both on CUDA); its scores are resized in
@@ -184,28 +204,35 @@ class Parser:
         the full-resolution scores are made ``argmax_chunk_elements // (H * W)`` classes at a
         time: a 4K frame's 59 classes would take 2 GB in float32 at once.
         """
-        x, box = self.prepare(image)
-        low = self._network_scores(x)  # (1, C, h, w)
-        height, width = image.shape[:2]
-        chunk = max(1, self.argmax_chunk_elements // (height * width))
+        return self.labels_batch([image])[0]
+
+    @torch.inference_mode()
+    def labels_batch(self, images: Sequence[np.ndarray]) -> Tensor:
+        """``(B, H, W)`` int64 class ids of ``B`` RGB images of one size, on ``device``: one
+        network pass over the batch, then :meth:`labels`' class-chunked arg-max
+        (``argmax_chunk_elements // (B * H * W)`` classes at a time)."""
+        x, box = self.prepare_batch(images)
+        low = self._network_scores(x)  # (B, C, h, w)
+        height, width = images[0].shape[:2]
+        chunk = max(1, self.argmax_chunk_elements // (len(images) * height * width))
         best_score = best_id = None
         for start in range(0, low.shape[1], chunk):
-            # (1, K, h, w) -> (K, H, W) for classes start .. start + K - 1
+            # (B, K, h, w) -> (B, K, H, W) for classes start .. start + K - 1
             up = scores_to_original(
                 low[:, start : start + chunk],
                 (height, width),
                 valid_box=box,
                 input_size=x.shape[-2:],
                 align_corners=logits_align_corners(self.net),
-            )[0]
-            ids = up.argmax(0, keepdim=True)  # (1, H, W)
-            score = up.gather(0, ids)[0]
+            )
+            ids = up.argmax(1, keepdim=True)  # (B, 1, H, W)
+            score = up.gather(1, ids)[:, 0]
             if best_score is None:
-                best_score, best_id = score, ids[0] + start
+                best_score, best_id = score, ids[:, 0] + start
                 continue
             better = score > best_score  # strictly: an earlier class keeps a tie
             best_score = torch.where(better, score, best_score)
-            best_id = torch.where(better, ids[0] + start, best_id)
+            best_id = torch.where(better, ids[:, 0] + start, best_id)
         return best_id
 
     def predict(
@@ -216,11 +243,28 @@ class Parser:
 
         The ids are uint8 for up to 256 classes, uint16 beyond (:func:`ids_dtype`).
         """
-        scores = self.scores(image) if with_scores else None
-        # argmax on the device, then the smallest integer type that holds every id
-        labels = scores.argmax(0) if scores is not None else self.labels(image)
-        ids = labels.to(torch.int32).cpu().numpy()
-        return ids.astype(ids_dtype(self.num_classes)), scores
+        if not with_scores:
+            return self.predict_batch([image])[0], None
+        scores = self.scores(image)
+        return self._host_ids(scores.argmax(0)[None])[0], scores
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The ``(H, W)`` class ids of each of ``B`` RGB images of one size (a video's frames),
+        from one network pass (:meth:`labels_batch`); the same ids as :meth:`predict` of each."""
+        return self._host_ids(self.labels_batch(images))
+
+    def _host_ids(self, labels: Tensor) -> list[np.ndarray]:
+        """``(B, H, W)`` ids on the device -> ``B`` host arrays of :func:`ids_dtype`: narrowed on
+        the device, then one copy (into pinned memory on CUDA)."""
+        dtype = ids_dtype(self.num_classes)
+        narrow = labels.to(torch.uint8 if dtype == np.uint8 else torch.int32)
+        if self.device.type == "cuda":
+            host = torch.empty(narrow.shape, dtype=narrow.dtype, pin_memory=True)
+            host.copy_(narrow, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        else:
+            host = narrow.cpu()
+        return [a.astype(dtype, copy=False) for a in host.numpy()]
 
     def colorize(self, ids: np.ndarray) -> np.ndarray:
         """``(H, W)`` class ids -> ``(H, W, 3)`` uint8 RGB colours."""

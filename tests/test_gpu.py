@@ -3,6 +3,7 @@ halves of what they compare."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import train_step  # noqa: E402
 
-from experiments.predict import Parser  # noqa: E402
+from experiments.predict import Parser, PredictError  # noqa: E402
 from lightning_modules.metrics import ConfusionMatrix, segmentation_scores  # noqa: E402
 
 gpu = pytest.mark.gpu
@@ -62,6 +63,31 @@ def test_chunked_argmax_equals_the_full_scores_argmax(chunk):
     assert (full == 2).any() and not (full == 3).any()
     ids, scores = parser.predict(image, with_scores=False)
     assert scores is None and np.array_equal(ids, full.numpy().astype(np.uint8))
+
+
+@pytest.mark.parametrize("keep_ratio", [False, True])
+def test_predict_batch_gives_each_frames_own_ids(keep_ratio):
+    """Three frames in one network pass (a small arg-max chunk: two classes at a time over the
+    batch) give the ids each frame gets alone, also letterboxed into a fixed input."""
+    parser = _parser(_PoolNet(), "cpu")
+    if keep_ratio:
+        parser = dataclasses.replace(parser, eval_size=(32, 32), keep_ratio=True)
+    parser.argmax_chunk_elements = 2 * 3 * 37 * 53
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (37, 53, 3), dtype=np.uint8) for _ in range(3)]
+    batch = parser.predict_batch(frames)
+    assert len(batch) == 3
+    for frame, ids in zip(frames, batch, strict=True):
+        alone = parser.scores(frame).argmax(0).numpy().astype(np.uint8)
+        assert ids.dtype == np.uint8 and np.array_equal(ids, alone)
+    assert not np.array_equal(batch[0], batch[1])
+
+
+def test_predict_batch_refuses_frames_of_different_sizes():
+    parser = _parser(_PoolNet(), "cpu")
+    frames = [np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)]
+    with pytest.raises(PredictError, match=r"one size, got \[\(8, 8, 3\), \(8, 9, 3\)\]"):
+        parser.predict_batch(frames)
 
 
 # ---------------------------------------------------------------------- on a GPU
@@ -160,6 +186,11 @@ def test_gpu_predict_matches_cpu_float32():
     ids_gpu, _ = fast.predict(image, with_scores=False)
     assert torch.equal(fast.labels(image), fast.scores(image).argmax(0))
     assert (ids_cpu == ids_gpu).mean() > 0.98  # bf16 network, float32 resizing
+    # Four frames in one pass (pinned host memory both ways) agree with each frame alone.
+    frames = [np.roll(image, 7 * k, axis=1) for k in range(4)]
+    batch = fast.predict_batch(frames)
+    alone = [fast.predict(f, with_scores=False)[0] for f in frames]
+    assert all((b == a).mean() > 0.999 for b, a in zip(batch, alone, strict=True))
 
 
 @gpu

@@ -200,6 +200,30 @@ def test_predict_video(trained, tmp_path):
     np.testing.assert_array_equal(
         first, _reference_ids(module, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
     )
+    # Two frames per network pass (the last pass has one): the same frame PNGs.
+    batched = tmp_path / "vid2"
+    main([f"ckpt={ckpt}", f"input={video}", f"output={batched}", "device=cpu", "save_frames=true",
+          "batch_frames=2"])  # fmt: skip
+    names = sorted(p.name for p in (out / "clip").glob("*.png"))
+    assert len(names) == 5 and names == sorted(p.name for p in (batched / "clip").glob("*.png"))
+    for name in names:
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(out / "clip" / name)),
+            np.asarray(Image.open(batched / "clip" / name)),
+        )
+
+
+def test_frame_batch_size_rules():
+    from experiments.predict import frame_batch_size
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert frame_batch_size("auto", cuda, live=False) == 8
+    assert frame_batch_size(None, cuda, live=True) == 1
+    assert frame_batch_size("auto", cpu, live=False) == 1
+    assert frame_batch_size(3, cpu, live=True) == 3
+    for bad in (0, -2, "many", 2.5):
+        with pytest.raises(PredictError, match="batch_frames=.*positive integer or auto"):
+            frame_batch_size(bad, cpu, live=False)
 
 
 def test_clear_errors(trained, tmp_path):
