@@ -117,9 +117,13 @@ def _frames(capture: cv2.VideoCapture, max_frames: int | None) -> Iterator[np.nd
 
 
 def _batches(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
-    """``frames`` in lists of ``size`` (the last one shorter)."""
+    """``frames`` in lists of up to ``size`` frames of one shape (a stream whose resolution
+    changes starts a new list there)."""
     batch: list[np.ndarray] = []
     for frame in frames:
+        if batch and frame.shape != batch[0].shape:
+            yield batch
+            batch = []
         batch.append(frame)
         if len(batch) == size:
             yield batch
@@ -128,16 +132,26 @@ def _batches(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarra
         yield batch
 
 
-def frame_batch_size(batch_frames: int | str | None, device: torch.device, live: bool) -> int:
-    """Frames per network pass: ``batch_frames``, or for ``auto`` / None 8 on CUDA (one pass
-    over several frames keeps the GPU busy while the host decodes and writes) and 1 on a CPU or
-    for a live stream (a camera, a window: a batch would delay every frame by the others).
+#: ``batch_frames=auto`` on CUDA: this many frames of up to 1920x1080 per pass, fewer when larger.
+AUTO_BATCH_FRAMES, AUTO_BATCH_PIXELS = 8, 8 * 1920 * 1080
+
+
+def frame_batch_size(
+    batch_frames: int | str | None, device: torch.device, live: bool, pixels: int = 0
+) -> int:
+    """Frames per network pass: ``batch_frames``, or for ``auto`` / None on CUDA 8 frames of up
+    to 1920x1080 (``pixels`` per frame; fewer for larger frames, whose activations grow with
+    them), and 1 on a CPU or for a live stream (a camera, a window: a batch would delay every
+    frame by the others). A batch spreads the per-pass launch and transfer overheads over its
+    frames.
 
     Raises:
         PredictError: not a positive integer or ``auto``.
     """
     if batch_frames in (None, "auto"):
-        return 8 if device.type == "cuda" and not live else 1
+        if device.type != "cuda" or live:
+            return 1
+        return max(1, min(AUTO_BATCH_FRAMES, AUTO_BATCH_PIXELS // max(1, pixels)))
     try:
         size = int(batch_frames)
     except (TypeError, ValueError):
@@ -174,7 +188,7 @@ def predict_stream(
     max_frames: int | None = None,
     save_frames: bool = False,
     alpha: float = 0.5,
-    batch_frames: int = 1,
+    batch_frames: int | str | None = 1,
 ) -> dict[str, Any]:
     """Parses a video file or camera stream, ``batch_frames`` frames per network pass.
 
@@ -188,8 +202,8 @@ def predict_stream(
         max_frames: stop after this many frames (None: until the stream ends or Ctrl-C).
         save_frames: also write the class-id PNG of every frame.
         alpha: overlay opacity.
-        batch_frames: frames per network pass (``Parser.predict_batch``: the same ids as one
-            frame at a time).
+        batch_frames: frames per network pass (``Parser.predict_batch``), or ``auto``
+            (:func:`frame_batch_size` from the device, ``show`` and the stream's frame size).
 
     Returns:
         ``{"frames": n, "fps": parsing frames per second, "video": path or None}``.
@@ -200,6 +214,13 @@ def predict_stream(
         raise PredictError(f"cannot open {what}")
     source_fps = capture.get(cv2.CAP_PROP_FPS)
     source_fps = source_fps if source_fps and np.isfinite(source_fps) and source_fps > 0 else 25.0
+    pixels = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH) * capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    live = show or isinstance(source, int)
+    try:
+        batch_frames = frame_batch_size(batch_frames, parser.device, live, pixels)
+    except PredictError:
+        capture.release()
+        raise
     output.mkdir(parents=True, exist_ok=True)
     if show and not gui_available():
         log.warning(
@@ -325,8 +346,9 @@ def _predict_source(parser: Parser, source: str, output: Path, args: dict[str, A
         if not show:
             log.info("no display: writing the camera stream to %s instead of a window", output)
         name = f"camera{source}"
-        stream["batch_frames"] = frame_batch_size(batch_frames, parser.device, live=True)
-        return predict_stream(parser, int(source), output, name, show, not show, **stream)
+        return predict_stream(
+            parser, int(source), output, name, show, not show, batch_frames=batch_frames, **stream
+        )
     path = Path(source)
     if not path.exists():
         raise PredictError(f"input not found: {path}")
@@ -334,8 +356,9 @@ def _predict_source(parser: Parser, source: str, output: Path, args: dict[str, A
         return _predict_folder(parser, path, output, args)
     if path.suffix.lower() in VIDEO_SUFFIXES:
         show = bool(show_arg) if show_arg != "auto" else False
-        stream["batch_frames"] = frame_batch_size(batch_frames, parser.device, live=show)
-        return predict_stream(parser, str(path), output, path.stem, show, True, **stream)
+        return predict_stream(
+            parser, str(path), output, path.stem, show, True, batch_frames=batch_frames, **stream
+        )
     image = read_rgb(path)
     predict_image(
         parser, image, output / path.stem, bool(args["save_logits"]), float(args["alpha"])

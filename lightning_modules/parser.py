@@ -250,7 +250,9 @@ class Parser:
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The ``(H, W)`` class ids of each of ``B`` RGB images of one size (a video's frames),
-        from one network pass (:meth:`labels_batch`); the same ids as :meth:`predict` of each."""
+        from one network pass (:meth:`labels_batch`): on a CPU the same ids as :meth:`predict` of
+        each (on CUDA, cuDNN may pick other kernels for another batch size: the last bits of
+        the scores, and so ids at near-ties, can differ)."""
         return self._host_ids(self.labels_batch(images))
 
     def _host_ids(self, labels: Tensor) -> list[np.ndarray]:
@@ -262,9 +264,9 @@ class Parser:
             host = torch.empty(narrow.shape, dtype=narrow.dtype, pin_memory=True)
             host.copy_(narrow, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
-        else:
-            host = narrow.cpu()
-        return [a.astype(dtype, copy=False) for a in host.numpy()]
+            # copies: an array kept by the caller must not hold page-locked memory
+            return [a.astype(dtype) for a in host.numpy()]
+        return [a.astype(dtype, copy=False) for a in narrow.cpu().numpy()]
 
     def colorize(self, ids: np.ndarray) -> np.ndarray:
         """``(H, W)`` class ids -> ``(H, W, 3)`` uint8 RGB colours."""

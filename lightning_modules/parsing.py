@@ -45,6 +45,9 @@ from samplers.regional import RegionalBalancedSampler, sampling_statistics
 
 log = logging.getLogger(__name__)
 
+#: fp16's smallest positive (subnormal) number: a GradScaler scale below it skipped every update.
+FP16_SMALLEST = 2.0**-24
+
 # The normalisation after the transfer belongs to the module (any loader of uint8 batches works,
 # with or without a datamodule); Lightning's hint to move the hook into the datamodule is moot.
 warnings.filterwarnings(
@@ -249,6 +252,7 @@ class ParsingLitModule(pl.LightningModule):
         # The per-step loss terms, kept on the device; the host reads them with the weights'
         # norm every trainer.log_every_n_steps steps (see _read_step_state).
         self._step_log = StepLog()
+        self._weights_read_at: int | None = None  # global step of the last weights read
         self._trained_parameters: list[nn.Parameter] = []
         self._sampler_generator: torch.Generator | None = None
         self._progress: dict[str, float] = {}
@@ -287,6 +291,7 @@ class ParsingLitModule(pl.LightningModule):
                 "use module.nonfinite=stop"
             )
         self._step_log = StepLog()
+        self._weights_read_at = None
         # Listed once: walking the module tree at every read costs more than the check itself.
         self._trained_parameters = [p for p in self.net.parameters() if p.requires_grad]
         if self.sampler is not None:
@@ -514,21 +519,67 @@ class ParsingLitModule(pl.LightningModule):
             return  # no training step in this process since the last read
         check = self.nonfinite != "off"
         last = step_log.last_step
-        if check and last is not None and self._trained_parameters:
+        # Optimizer updates so far (None without a trainer): the weights are read once per update
+        # (gradient accumulation reads several micro-batches of one update).
+        updates = self.global_step if self._trainer is not None else None
+        fresh = updates is None or updates != self._weights_read_at
+        if check and last is not None and self._trained_parameters and fresh:
             # The weights after the update of the last step kept: one fused read of each weight
             # per read, where a gradient check would read every gradient in every step.
             weights = [p.detach() for p in self._trained_parameters]
             step_log.add_weights_norm(last, norm_sum(weights))
+            self._weights_read_at = updates
         found = read_step_log(self, step_log, log=log, check=check)
         if found is not None:
             event, text = found
             if event.kind == LOSS:
-                raise NonFiniteLossError(self._nonfinite_message(event.step, text))
-            message = nonfinite_weights_message(self, at_checkpoint=at_checkpoint)
-            raise NonFiniteWeightsError(message or f"non-finite weights after step {event.step}")
+                weights_bad = step_log.weights_finite is False
+                raise NonFiniteLossError(self._nonfinite_message(event.step, text, weights_bad))
+            message = nonfinite_weights_message(self, at_checkpoint=at_checkpoint) or (
+                f"the weights' norm overflowed float32 at global step {self.global_step} (epoch "
+                f"{self.current_epoch}): the weights diverge. Lower optimizer.lr or clip the "
+                "gradients (trainer.gradient_clip_val)"
+            )
+            if self.skipped_nonfinite:
+                message += (
+                    f" ({self.skipped_nonfinite} batches with a non-finite loss were skipped "
+                    "before: the weights may have made those losses non-finite)"
+                )
+            raise NonFiniteWeightsError(message)
+        if check:
+            self._check_loss_scale()
         if log:
             # The progress bar gets its loss as a host float (see progress_metrics).
             self._progress = {"train/loss_step": step_log.last["loss"]}
+
+    def _check_loss_scale(self) -> None:
+        """Under fp16 mixed precision, stops a run whose ``GradScaler`` skips every update.
+
+        The scaler skips the update of a step with inf/NaN gradients and halves its scale, so the
+        weights stay finite; an occasional skip is its normal working, but gradients that are
+        non-finite at every step (a NaN from the backward pass itself) would skip every update
+        for ever. A scale below fp16's smallest number (2^-24: from 2^16, 40 skips in a row)
+        means that; read at a read point only (the queue is drained then).
+
+        Raises:
+            NonFiniteLossError: naming the scale and the last good checkpoint.
+        """
+        trainer = self._trainer
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return
+        scale = float(scaler.get_scale())
+        if scale >= FP16_SMALLEST:
+            return
+        good = self._good_checkpoint()
+        raise NonFiniteLossError(
+            f"fp16 loss scale {scale:.3g} at global step {self.global_step} (epoch "
+            f"{self.current_epoch}): the GradScaler has skipped every recent update for "
+            "non-finite gradients, so nothing trains (the losses were finite). The last good "
+            f"checkpoint is {good or 'not saved yet'}. Check the model for a backward pass "
+            "that gives NaN (e.g. sqrt or a norm at 0), or train with trainer.precision=bf16-mixed "
+            "or 32-true."
+        )
 
     def progress_metrics(self) -> dict[str, float]:
         """The progress bar's ``{"train/loss_step": loss}`` of the last logged step (empty before
@@ -545,23 +596,35 @@ class ParsingLitModule(pl.LightningModule):
     def _good_checkpoint(self) -> str:
         return good_checkpoint(self._trainer)
 
-    def _nonfinite_message(self, step: int, terms: str) -> str:
+    def _nonfinite_message(self, step: int, terms: str, weights_bad: bool = False) -> str:
+        """The message of a non-finite loss at ``step``; ``weights_bad``: the weights read with
+        it are non-finite too (then an earlier update, not this batch, is the likely cause)."""
         good = self._good_checkpoint()
+        if weights_bad:
+            cause = (
+                "The weights are non-finite too: an update before this step made them so (a "
+                "non-finite gradient, learning rate or optimizer state; the weights are read "
+                "every trainer.log_every_n_steps steps), and this batch's loss shows it. Lower "
+                "the learning rate or clip the gradients (trainer.gradient_clip_val)."
+            )
+        else:
+            cause = (
+                "The weights were finite at the read: check this batch's data, or lower the "
+                "learning rate; module.nonfinite=skip skips such batches instead."
+            )
         return (
             f"non-finite loss at global step {step} (epoch {self.current_epoch}); "
             f"loss terms: {terms}. Nothing was written after this step; the "
             f"last good checkpoint (weights checked finite when it was written) is "
-            f"{good or 'not saved yet'}. Lower the learning rate or check the batch's data (a "
-            "non-finite loss right after finite ones can also come from the update before it, "
-            "whose weights are checked at the next read); module.nonfinite=skip skips such "
-            "batches instead."
+            f"{good or 'not saved yet'}. {cause}"
         )
 
     def _check_weights_finite(self) -> None:
         """Refuses to checkpoint non-finite weights (one host sync per checkpoint).
 
-        The reads check the weights after their last step; a checkpoint between two reads, or
-        after a step that was not kept (a skipped batch), is checked here.
+        The read before it (``on_save_checkpoint``) checks the trained weights when a step was
+        kept since the last read; this checks every parameter (frozen ones too) at every save,
+        also when nothing was pending.
 
         Raises:
             NonFiniteWeightsError: naming the first non-finite parameters and the last good

@@ -88,6 +88,8 @@ class StepLog:
         self._terms: list[tuple[int, tuple[str, ...], int, Tensor]] = []
         self._weights: list[tuple[int, Tensor]] = []
         self.last: dict[str, float] = {}  # the terms of the last step read
+        # whether the weights' norm of the last read was finite (None: that read had none)
+        self.weights_finite: bool | None = None
         self._sums: dict[str, list[float]] = {}  # name -> [sum of B * x, sum of B]
 
     def add_terms(self, step: int, names: tuple[str, ...], terms: Tensor, batch_size: int) -> None:
@@ -129,8 +131,10 @@ class StepLog:
                 acc = self._sums.setdefault(name, [0.0, 0.0])
                 acc[0] += batch_size * value
                 acc[1] += batch_size
+        self.weights_finite = None
         for (step, _), value in zip(self._weights, flat[offset:], strict=True):
-            if not math.isfinite(value):
+            self.weights_finite = math.isfinite(value)
+            if not self.weights_finite:
                 events.append((step, WEIGHTS, step_terms.get(step, {})))
         if self._terms:
             self.last = dict(step_terms[self._terms[-1][0]])

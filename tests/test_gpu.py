@@ -83,6 +83,15 @@ def test_predict_batch_gives_each_frames_own_ids(keep_ratio):
     assert not np.array_equal(batch[0], batch[1])
 
 
+def test_stream_batches_split_where_the_frame_size_changes():
+    from experiments.predict import _batches
+
+    shapes = [(4, 4, 3)] * 3 + [(6, 4, 3)] * 2 + [(4, 4, 3)]
+    frames = iter(np.zeros(shape, np.uint8) for shape in shapes)
+    sizes = [[f.shape[0] for f in batch] for batch in _batches(frames, 2)]
+    assert sizes == [[4, 4], [4], [6, 6], [4]]
+
+
 def test_predict_batch_refuses_frames_of_different_sizes():
     parser = _parser(_PoolNet(), "cpu")
     frames = [np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)]

@@ -218,6 +218,9 @@ def test_frame_batch_size_rules():
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert frame_batch_size("auto", cuda, live=False) == 8
+    assert frame_batch_size("auto", cuda, live=False, pixels=1920 * 1080) == 8
+    assert frame_batch_size("auto", cuda, live=False, pixels=3840 * 2160) == 2
+    assert frame_batch_size("auto", cuda, live=False, pixels=8 * 3840 * 2160) == 1
     assert frame_batch_size(None, cuda, live=True) == 1
     assert frame_batch_size("auto", cpu, live=False) == 1
     assert frame_batch_size(3, cpu, live=True) == 3

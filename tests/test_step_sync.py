@@ -101,8 +101,11 @@ def test_nonfinite_step_is_named_when_read():
     poisoned["image"][0, 0, 5, 5] = math.nan
     module.training_step(poisoned, 1)
     module.training_step(_batch(seed=2), 2)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 0 .*loss=nan"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss at global step 0 .*loss=nan"
+    ) as e:
         module._read_step_state(log=False)
+    assert "The weights were finite at the read: check this batch's data" in str(e.value)
 
 
 def test_nonfinite_gradient_stops_the_run_by_the_weights_it_makes():
@@ -129,6 +132,7 @@ def test_nonfinite_gradient_stops_the_run_by_the_weights_it_makes():
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 0 ") as err:
         module._read_step_state(log=False)
     assert not isinstance(err.value, NonFiniteWeightsError)
+    assert "The weights are non-finite too" in str(err.value)
 
     module = _module(1)
     module._trained_parameters = list(module.net.parameters())
@@ -275,6 +279,9 @@ def test_a_nan_gradient_in_a_fit_stops_at_the_read_after_it():
     assert len(losses.losses) == 2 and all(math.isfinite(v) for v in losses.losses)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 2 .*loss=nan"):
         _bare_fit(_module(1), 50, [_PoisonGradient(1)])
+    # ... and says the weights, not the batch, are the likely cause
+    with pytest.raises(NonFiniteLossError, match=r"The weights are non-finite too: an update"):
+        _bare_fit(_module(1), 50, [_PoisonGradient(1)])
 
 
 def test_fp16_grad_scaler_steps_skipped_for_inf_gradients_do_not_stop_the_run():
@@ -298,6 +305,42 @@ def test_fp16_grad_scaler_steps_skipped_for_inf_gradients_do_not_stop_the_run():
     after = list(module.net.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert not all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_fp16_grad_scaler_skipping_every_update_stops_the_run():
+    """A NaN in every step's gradients (before the scaler unscales them): the GradScaler skips
+    every update, the weights stay finite, and the scale falls below fp16's range at the first
+    read (2^16 -> 2^-44), which stops the run."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class NanBackward(pl.Callback):
+        def on_after_backward(self, trainer, pl_module) -> None:
+            pl_module.net.head.weight.grad[0, 0] = math.nan
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, backoff_factor=2.0**-60)
+    module = _module(1)
+    with pytest.raises(NonFiniteLossError, match=r"fp16 loss scale 5\.68e-14 at global step 1 "):
+        _bare_fit(module, 1, [NanBackward()], [MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert all(torch.isfinite(p).all() for p in module.net.parameters())
+
+
+def test_weights_are_read_once_per_update_under_gradient_accumulation(monkeypatch):
+    """accumulate_grad_batches=2 over 5 batches of 1, a read at every batch: updates after
+    batches 1, 3 and 4 (the epoch's last); the weights' norm is taken once per update count
+    (batches 0: the initial weights, 1, 3, 4), not at batch 2, whose read follows no update."""
+    import lightning_modules.parsing as parsing
+
+    calls: list[int] = []
+    real = parsing.norm_sum
+    monkeypatch.setattr(parsing, "norm_sum", lambda t: calls.append(len(t)) or real(t))
+    module = _module(1)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, log_every_n_steps=1, accumulate_grad_batches=2,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Batches(), batch_size=1))
+    assert trainer.global_step == 3 and len(calls) == 4
 
 
 def test_logged_step_and_epoch_values_match_lightnings_layout(tmp_path):
