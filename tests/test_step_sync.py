@@ -6,6 +6,7 @@ import csv
 import math
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -225,21 +226,37 @@ class _Losses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _fit(module, tmp_path: Path, log_every: int, callbacks: list) -> None:
-    """One epoch over :class:`_Batches` in batches of 2 (2, 2, 1), a CSV logger in ``tmp_path``;
-    a progress bar only when ``callbacks`` holds one."""
-    bar = any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks)
+def _bare_fit(
+    module, log_every: int, callbacks: list, plugins: list | None = None, batch_size: int = 2,
+    **trainer: Any,
+) -> pl.Trainer:  # fmt: skip
+    """One epoch over :class:`_Batches` (batches of 2: 2, 2, 1), no logger, checkpoints or
+    progress bar unless ``trainer`` (more Trainer arguments) asks for them; returns the Trainer."""
     trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        log_every_n_steps=log_every,
-        logger=pl.loggers.CSVLogger(tmp_path, name="csv"),
-        enable_checkpointing=False,
-        enable_progress_bar=bar,
-        enable_model_summary=False,
-        callbacks=callbacks,
+        **{
+            "accelerator": "cpu",
+            "max_epochs": 1,
+            "log_every_n_steps": log_every,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": callbacks,
+            "plugins": plugins,
+            **trainer,
+        }
     )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Batches(), batch_size=2))
+    loader = torch.utils.data.DataLoader(_Batches(), batch_size=batch_size)
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+def _fit(module, tmp_path: Path, log_every: int, callbacks: list) -> None:
+    """:func:`_bare_fit` with a CSV logger in ``tmp_path``; a progress bar only when
+    ``callbacks`` holds one."""
+    bar = any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks)
+    logger = pl.loggers.CSVLogger(tmp_path, name="csv")
+    _bare_fit(module, log_every, callbacks, logger=logger, enable_progress_bar=bar)
 
 
 class _PoisonGradient(pl.Callback):
@@ -251,22 +268,6 @@ class _PoisonGradient(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == self.at_step:
             pl_module.net.head.weight.grad[0, 0] = math.nan
-
-
-def _bare_fit(module, log_every: int, callbacks: list, plugins: list | None = None) -> None:
-    """One epoch over :class:`_Batches` in batches of 2 (3 steps), no logger or checkpoints."""
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        log_every_n_steps=log_every,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        plugins=plugins,
-    )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Batches(), batch_size=2))
 
 
 def test_a_nan_gradient_in_a_fit_stops_at_the_read_after_it():
@@ -333,13 +334,7 @@ def test_weights_are_read_once_per_update_under_gradient_accumulation(monkeypatc
     calls: list[int] = []
     real = parsing.norm_sum
     monkeypatch.setattr(parsing, "norm_sum", lambda t: calls.append(len(t)) or real(t))
-    module = _module(1)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=1, log_every_n_steps=1, accumulate_grad_batches=2,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )  # fmt: skip
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Batches(), batch_size=1))
+    trainer = _bare_fit(_module(1), 1, [], batch_size=1, accumulate_grad_batches=2)
     assert trainer.global_step == 3 and len(calls) == 4
 
 
