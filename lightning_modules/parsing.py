@@ -598,14 +598,16 @@ class ParsingLitModule(pl.LightningModule):
 
     def _nonfinite_message(self, step: int, terms: str, weights_bad: bool = False) -> str:
         """The message of a non-finite loss at ``step``; ``weights_bad``: the weights read with
-        it are non-finite too (then an earlier update, not this batch, is the likely cause)."""
+        it are non-finite too (this loss's own update, or an update before it, made them so)."""
         good = self._good_checkpoint()
         if weights_bad:
             cause = (
-                "The weights are non-finite too: an update before this step made them so (a "
-                "non-finite gradient, learning rate or optimizer state; the weights are read "
-                "every trainer.log_every_n_steps steps), and this batch's loss shows it. Lower "
-                "the learning rate or clip the gradients (trainer.gradient_clip_val)."
+                "The weights are non-finite too at this read (they are read every "
+                "trainer.log_every_n_steps steps): either this step's update carried its "
+                "non-finite loss into them, or an update before it (a non-finite gradient, "
+                "learning rate or optimizer state) made them so and this loss shows it. Check "
+                "the batch's data, and lower the learning rate or clip the gradients "
+                "(trainer.gradient_clip_val)."
             )
         else:
             cause = (

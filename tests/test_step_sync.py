@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -278,11 +279,14 @@ def test_a_nan_gradient_in_a_fit_stops_at_the_read_after_it():
     with pytest.raises(NonFiniteWeightsError, match=r"non-finite weights at global step 2 "):
         _bare_fit(_module(1), 1, [_PoisonGradient(1), losses])
     assert len(losses.losses) == 2 and all(math.isfinite(v) for v in losses.losses)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at global step 2 .*loss=nan"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss at global step 2 .*loss=nan"
+    ) as e:
         _bare_fit(_module(1), 50, [_PoisonGradient(1)])
-    # ... and says the weights, not the batch, are the likely cause
-    with pytest.raises(NonFiniteLossError, match=r"The weights are non-finite too: an update"):
-        _bare_fit(_module(1), 50, [_PoisonGradient(1)])
+    # ... and says that the weights are non-finite too, with both possible causes
+    assert re.search(
+        r"The weights are non-finite too at this read .* or an update before", str(e.value)
+    )
 
 
 def test_fp16_grad_scaler_steps_skipped_for_inf_gradients_do_not_stop_the_run():
