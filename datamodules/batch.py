@@ -109,6 +109,14 @@ def normalize_image(image: torch.Tensor) -> torch.Tensor:
     """
     if image.is_floating_point():
         return image
+    return normalize_255(image)
+
+
+def normalize_255(image: torch.Tensor) -> torch.Tensor:
+    """``(..., 3, H, W)`` RGB values in [0, 255] of any dtype -> contiguous float32
+    ``(x / 255 - mean) / std`` on the tensor's device (:func:`normalize_image` without its
+    pass-through of floating-point tensors, for float crops in pixel units).
+    """
     mean, std = _mean_std_255(image.device)
     # channels-last training batches (collate_train) leave contiguous: the network sees one layout
     return (image.contiguous().float() - mean) / std

@@ -13,8 +13,11 @@ Raw item (what a dataset's ``load`` returns)::
     crowd_masks (K, H, W) uint8, crowd_labels (K,) int64: optional (COCO ``iscrowd=1`` regions of
            evaluation items): not instances; predictions matching them are ignored by mask AP
 
-Batch (:func:`collate_instances`): ``image`` (B, 3, S, S) normalised, the network frame being the
-image resized so that its longer side is S, then zero-padded to S x S; lists over images of
+Batch (:func:`collate_instances`): ``image`` (B, 3, S, S) uint8 RGB, the network frame being the
+image resized so that its longer side is S, then padded to S x S; ``size`` (B, 2) int64 ``(h, w)``
+of the resized image inside that frame (:func:`network_images`, the LightningModule's
+``on_after_batch_transfer``, normalises on the device and sets the padding to 0, the mean
+colour); lists over images of
 ``boxes`` (N_i, 4), ``masks`` (N_i, S, S) uint8 and ``labels`` (N_i,) in that frame; ``orig_boxes``
 and ``orig_masks`` (N_i, H, W) in the original image (for evaluation at full resolution), with
 ``orig_crowd_masks`` (K_i, H, W) and ``crowd_labels`` (K_i,) when the items have crowd regions;
@@ -44,12 +47,9 @@ from datamodules.base import (
     read_image,
     training_order,
 )
-from datamodules.batch import DatasetError
+from datamodules.batch import DatasetError, normalize_image
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Cityscapes labelIds of the 8 classes of the instance benchmark (caravan 29 and trailer 30 have
 # instance ids too but are not evaluated).
@@ -100,14 +100,12 @@ class InstanceTransform:
             boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
         scale = self.size / max(h, w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        img = (
-            torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
-        )  # (3, H, W)
+        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()  # (3, H, W)
         img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-        std = torch.tensor(IMAGENET_STD)[:, None, None]
-        canvas = torch.zeros(3, self.size, self.size)
-        canvas[:, :nh, :nw] = (img - mean) / std  # padding stays 0 = the mean colour
+        # Resized in float and rounded once (within 0.5 of the exact value); torch's uint8
+        # bilinear kernel is fixed-point and up to 1 off.
+        canvas = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        canvas[:, :nh, :nw] = img.round_().clamp_(0, 255).to(torch.uint8)
         m = torch.from_numpy(np.ascontiguousarray(masks))
         net_masks = torch.zeros(len(m), self.size, self.size, dtype=torch.uint8)
         if len(m):
@@ -125,6 +123,7 @@ class InstanceTransform:
             "masks": net_masks,
             "labels": torch.as_tensor(item["labels"], dtype=torch.int64),
             "scale": torch.tensor([sx, sy]),
+            "size": torch.tensor([nh, nw]),
             "name": item.get("name", ""),
         }
         if not self.train:
@@ -146,9 +145,36 @@ def collate_instances(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if key in items[0]:
             batch[key] = [it[key] for it in items]
     batch["scale"] = torch.stack([it["scale"] for it in items])
+    batch["size"] = torch.stack([it["size"] for it in items])
     if "index" in items[0]:
         batch["index"] = torch.tensor([int(it["index"]) for it in items])
     return batch
+
+
+def network_images(image: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    """The network input of an instance batch, on the images' device.
+
+    Args:
+        image: ``(B, 3, S, S)`` uint8 RGB from :func:`collate_instances` (a floating-point
+            tensor is taken as already normalised and returned unchanged).
+        size: ``(B, 2)`` ``(h, w)`` of each resized image in its frame; None: no padding.
+
+    Returns:
+        ``(B, 3, S, S)`` float32 normalised by :func:`~datamodules.batch.normalize_image`, 0 (the
+        mean colour) outside each image.
+    """
+    if image.is_floating_point():
+        return image
+    x = normalize_image(image)
+    if size is None:
+        return x
+    size = size.to(x.device)
+    rows = torch.arange(x.shape[-2], device=x.device)
+    cols = torch.arange(x.shape[-1], device=x.device)
+    inside = (rows[None, :, None] < size[:, 0, None, None]) & (
+        cols[None, None, :] < size[:, 1, None, None]
+    )  # (B, S, S)
+    return x * inside[:, None]
 
 
 class TransformedInstances(Dataset):

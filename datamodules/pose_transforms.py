@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.batch import normalize_255
 
 #: MPII joint order (DATASETS.md 5.2).
 MPII_JOINTS: tuple[str, ...] = (
@@ -248,10 +248,7 @@ def to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
 def normalise_images(images: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) uint8 -> float32 normalised with the ImageNet statistics, on the images'
     device (the model calls it on stage >= 2 batches, which travel as uint8)."""
-    x = images.float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
+    return normalize_255(images)
 
 
 def to_tensor_image(image: np.ndarray) -> torch.Tensor:

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from datamodules.cli import command
 from datamodules.errors import ConfigError
 from datamodules.files import atomic_path, write_json
-from datamodules.instances import InstanceTransform, save_mask_png
+from datamodules.instances import InstanceTransform, network_images, save_mask_png
 from experiments.predict import read_rgb
 from lightning_modules.checkpoint_io import CheckpointError, read_checkpoint
 from lightning_modules.nets.deepmac import paste_masks
@@ -112,7 +112,8 @@ def box_prompt(
         "labels": np.zeros(len(boxes)),
     }
     x = InstanceTransform(size, train=False)(item)
-    logits = net(x["image"][None].to(dev), [x["boxes"].to(dev)])["mask_logits"]  # (N, M, M)
+    image_in = network_images(x["image"][None].to(dev), x["size"][None])
+    logits = net(image_in, [x["boxes"].to(dev)])["mask_logits"]  # (N, M, M)
     probs = paste_masks(logits, torch.from_numpy(boxes).to(dev), (h, w))  # (N, H, W)
     masks = (probs >= threshold).to(torch.uint8).cpu().numpy()
     out = Path(output)

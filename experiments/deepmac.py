@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.errors import ConfigError
-from datamodules.instances import InstanceDataModule
+from datamodules.instances import InstanceDataModule, network_images
 from experiments.build import build_datamodule, build_trainer, trainer_device
 from experiments.checkpoints import load_module_weights, resume_checkpoint
 from experiments.results import checkpoint_paths
@@ -109,7 +109,7 @@ def evaluate(module: DeepMACLitModule, loader: Any, device: torch.device) -> dic
     module = module.to(device).eval()
     acc = MaskAPAccumulator()
     for batch in loader:
-        image = batch["image"].to(device)
+        image = network_images(batch["image"].to(device), batch["size"])
         boxes = [b.to(device) for b in batch["boxes"]]
         sizes = [tuple(m.shape[-2:]) for m in batch["orig_masks"]]
         probs = module.predict_masks(

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from datamodules.instances import network_images
 from lightning_modules.checkpoint_io import nonfinite_weights_message
 from lightning_modules.deepmac_metrics import MaskAPAccumulator, flat_scores, gather_accumulator
 from lightning_modules.nets.deepmac import crop_instance_masks, paste_masks
@@ -111,7 +112,19 @@ class DeepMACLitModule(pl.LightningModule):
     # ------------------------------------------------------------------ forward
 
     def forward(self, image: Tensor, boxes: list[Tensor]) -> dict[str, Any]:
+        """``image`` (B, 3, S, S) normalised float (:func:`~datamodules.instances.network_images`)."""
+        if not image.is_floating_point():
+            # Loader batches are uint8 with a padding that only their "size" locates.
+            raise TypeError(
+                "DeepMACLitModule takes normalised float images: pass a loader batch through "
+                "datamodules.instances.network_images(batch['image'], batch['size']) first"
+            )
         return self.net(image, boxes)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and isinstance(batch.get("image"), Tensor):
+            batch = {**batch, "image": network_images(batch["image"], batch.get("size"))}
+        return batch
 
     @torch.no_grad()
     def predict_masks(
@@ -124,7 +137,7 @@ class DeepMACLitModule(pl.LightningModule):
         """Mask probabilities pasted into each original image.
 
         Args:
-            image: ``(B, 3, S, S)`` network input.
+            image: ``(B, 3, S, S)`` network input, normalised (:meth:`forward`).
             boxes: B ``(N_i, 4)`` boxes in the network frame.
             orig_boxes: the same boxes in the original images' pixels.
             orig_sizes: ``(H, W)`` of each original image.

@@ -108,6 +108,65 @@ def test_train_flip_mirrors_boxes_and_masks():
     assert "orig_masks" not in out
 
 
+def test_instance_batches_travel_as_uint8_and_normalise_on_the_device_as_before():
+    """The loader sends the resized image as uint8 with its size; ``network_images`` gives the
+    float path's input (resize x / 255 bilinearly, ImageNet-normalise, 0 in the padding) to
+    within the uint8 rounding, and its padding is exactly 0."""
+    import torch.nn.functional as F
+
+    from datamodules.batch import IMAGENET_MEAN, IMAGENET_STD
+    from datamodules.instances import InstanceTransform, collate_instances, network_images
+
+    rng = np.random.default_rng(3)
+    items = [
+        {
+            "image": rng.integers(0, 256, (h, w, 3)).astype(np.uint8),
+            "masks": np.zeros((0, h, w), np.uint8),
+            "boxes": np.zeros((0, 4), np.float32),
+            "labels": np.zeros(0, np.int64),
+        }
+        for h, w in ((37, 53), (50, 29))
+    ]
+    batch = collate_instances([InstanceTransform(32)(it) for it in items])
+    assert batch["image"].dtype == torch.uint8
+    assert batch["size"].tolist() == [[22, 32], [32, 19]]  # round(37 * 32 / 53) = 22
+    x = network_images(batch["image"], batch["size"])
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for i, (it, (h, w)) in enumerate(zip(items, batch["size"].tolist(), strict=True)):
+        img = torch.from_numpy(it["image"]).permute(2, 0, 1).double()[None] / 255
+        ref = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False)[0]
+        ref = (ref - mean.double()) / std.double()
+        err = (x[i, :, :h, :w].double() - ref).abs().max().item()
+        assert err <= 0.5 / 255 / min(IMAGENET_STD) + 1e-6
+        assert err > 1e-4  # rounded to uint8, not the float path itself
+        assert x[i, :, h:].abs().sum() == 0 and x[i, :, :, w:].abs().sum() == 0
+    assert network_images(x, batch["size"]) is x  # already normalised: unchanged
+
+
+def test_deepmac_module_normalises_loader_batches_and_refuses_raw_images():
+    from datamodules.instances import network_images
+    from lightning_modules.deepmac import DeepMACLitModule
+
+    seen = []
+
+    class Net(torch.nn.Module):
+        def forward(self, image, boxes):
+            seen.append(image)
+            return {"mask_logits": torch.zeros(0, 4, 4), "boxes": boxes}
+
+    module = DeepMACLitModule(net=Net(), loss=None, optimizer=None)
+    image = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    size = torch.tensor([[8, 5], [6, 8]])
+    batch = module.on_after_batch_transfer({"image": image, "size": size, "boxes": []}, 0)
+    torch.testing.assert_close(batch["image"], network_images(image, size), rtol=0, atol=0)
+    assert batch["image"][0, :, :, 5:].abs().sum() == 0 and batch["image"][0, :, :, :5].abs().sum()
+    module(batch["image"], [])
+    assert seen[0] is batch["image"]
+    with pytest.raises(TypeError, match="network_images"):
+        module(image, [])
+
+
 # ---------------------------------------------------------------------- Cityscapes, MHPv2
 
 
