@@ -500,6 +500,14 @@ class ParsingLitModule(pl.LightningModule):
         if read:
             self._read_step_state(log=log_now)
 
+    def read_step_state_now(self, batch_idx: int) -> None:
+        """The read of :meth:`on_train_batch_end` at ``batch_idx``, made earlier by a callback
+        whose work must never see the weights of a non-finite step (SCHP's average at a cycle's
+        end: Lightning calls callbacks' batch-end hooks before the module's, whose read then
+        finds nothing pending). Every rank calls it at the same batch (it may all_gather)."""
+        _, log_now = read_points(self.trainer, batch_idx)
+        self._read_step_state(log=log_now)
+
     def _read_step_state(self, log: bool, at_checkpoint: bool = False) -> None:
         """Reads the loss terms since the last read and the norm of the weights after the last
         update in one host transfer, raises on a non-finite loss or non-finite weights (under DDP

@@ -556,7 +556,9 @@ class SCHPCycle(pl.Callback):
     ``schp_start + cycle_epochs``, ... (1-based) it calls :meth:`SCHPLitModule.schp_update`.
 
     The update runs before that epoch's validation, so the validation scores and the checkpoints
-    written then already contain the new average; ``schp_epoch`` keeps a resumed run from
+    written then already contain the new average, and after the module's read of the steps since
+    its last read (:meth:`~lightning_modules.parsing.ParsingLitModule.read_step_state_now`), so a
+    non-finite step stops the run before its weights are averaged in; ``schp_epoch`` keeps a resumed run from
     averaging the same epoch twice.
 
     Args:
@@ -594,6 +596,8 @@ class SCHPCycle(pl.Callback):
             return
         if not isinstance(pl_module, SCHPLitModule):
             raise TypeError("the SCHPCycle callback needs module=schp (SCHPLitModule)")
+        # A non-finite last step stops the run here, before its weights enter the average.
+        pl_module.read_step_state_now(batch_idx)
         pl_module.schp_update(self._images(trainer, pl_module), epoch)
 
     def _images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable[Tensor]:

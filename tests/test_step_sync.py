@@ -289,6 +289,30 @@ def test_a_nan_gradient_in_a_fit_stops_at_the_read_after_it():
     )
 
 
+def test_schp_cycle_end_reads_the_steps_before_averaging_the_weights_in():
+    """A NaN gradient in the last step of an epoch that ends an SCHP cycle: the run stops with
+    the weights' message before the average takes the NaN weights in (Lightning runs the
+    callback's batch-end hook before the module's read); a finite epoch averages at its end."""
+    from lightning_modules.schp import SCHPCycle, SCHPLitModule
+
+    def schp_module(updates: list[int]) -> SCHPLitModule:
+        module = SCHPLitModule(
+            net=_TinyNet(),
+            loss=ParsingLoss(CrossEntropyLoss(), aux_weight=0.4),
+            optimizer=partial(torch.optim.SGD, lr=0.1),
+            num_classes=C,
+        )
+        module.schp_update = lambda images, epoch: updates.append(epoch)
+        return module
+
+    updates: list[int] = []
+    with pytest.raises(NonFiniteWeightsError, match=r"non-finite weights at global step 3 "):
+        _bare_fit(schp_module(updates), 50, [SCHPCycle(1, 1), _PoisonGradient(2)])
+    assert updates == []
+    _bare_fit(schp_module(updates), 50, [SCHPCycle(1, 1)])
+    assert updates == [1]
+
+
 def test_fp16_grad_scaler_steps_skipped_for_inf_gradients_do_not_stop_the_run():
     """precision=16-mixed: a GradScaler whose scale makes step 0's gradients inf skips that update
     (its normal start, forced here with a huge initial scale), lowers the scale (2^126 -> 2^6),
