@@ -157,7 +157,8 @@ def network_images(image: torch.Tensor, size: torch.Tensor | None) -> torch.Tens
     Args:
         image: ``(B, 3, S, S)`` uint8 RGB from :func:`collate_instances` (a floating-point
             tensor is taken as already normalised and returned unchanged).
-        size: ``(B, 2)`` ``(h, w)`` of each resized image in its frame; None: no padding.
+        size: ``(B, 2)`` ``(h, w)`` of each resized image in its frame (the batch's ``size``),
+            needed for uint8 images: without it their padding would stay black, not 0.
 
     Returns:
         ``(B, 3, S, S)`` float32 normalised by :func:`~datamodules.batch.normalize_image`, 0 (the
@@ -165,9 +166,12 @@ def network_images(image: torch.Tensor, size: torch.Tensor | None) -> torch.Tens
     """
     if image.is_floating_point():
         return image
-    x = normalize_image(image)
     if size is None:
-        return x
+        raise ValueError(
+            "a uint8 instance batch needs its 'size' ((B, 2) (h, w) of each image in its "
+            "padded frame, as collate_instances makes it) to set the padding to the mean colour"
+        )
+    x = normalize_image(image)
     size = size.to(x.device)
     rows = torch.arange(x.shape[-2], device=x.device)
     cols = torch.arange(x.shape[-1], device=x.device)

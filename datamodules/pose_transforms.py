@@ -354,7 +354,7 @@ class PersonCrop:
         crop = crop_image(item["image"], affine, self.size)
         if rng is not None and self.noise > 0:
             noisy = crop + rng.normal(0.0, 255.0 * self.noise, crop.shape)
-            # (S, S, 3) float in [0, 255]: normalise_images divides by 255 whatever the dtype
+            # (S, S, 3) float in [0, 255]: normalise_images takes pixel units whatever the dtype
             crop = np.clip(noisy, 0.0, 255.0).astype(np.float32)
         return {
             "image": normalise_images(to_uint8_tensor(crop)),

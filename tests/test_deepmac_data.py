@@ -142,6 +142,8 @@ def test_instance_batches_travel_as_uint8_and_normalise_on_the_device_as_before(
         assert err > 1e-4  # rounded to uint8, not the float path itself
         assert x[i, :, h:].abs().sum() == 0 and x[i, :, :, w:].abs().sum() == 0
     assert network_images(x, batch["size"]) is x  # already normalised: unchanged
+    with pytest.raises(ValueError, match="'size'"):
+        network_images(batch["image"], None)
 
 
 def test_deepmac_module_normalises_loader_batches_and_refuses_raw_images():
